@@ -1,0 +1,1 @@
+"""vm-host workload: host topology, placement and hypervisor backends, without Juju."""

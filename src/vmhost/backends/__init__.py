@@ -1,0 +1,61 @@
+"""Hypervisor backends behind one protocol, so the charm and tests do not care which."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from vmhost.model import HostTopology, NicAttachment, Placement, VmRecord, VmSpec
+
+
+class BackendUnavailableError(Exception):
+    """The hypervisor cannot be reached right now (daemon down, socket missing)."""
+
+
+class Backend(Protocol):
+    """What the charm needs from a hypervisor.
+
+    Every method talks to the hypervisor itself; nothing is cached between calls, because the
+    hypervisor is the ledger (allocations are rebuilt from its metadata on every hook).
+    """
+
+    name: str
+    """"libvirt" or "lxd"."""
+
+    def version(self) -> str:
+        """Return the hypervisor version ("9.0.0"); BackendUnavailableError when unreachable."""
+        ...
+
+    def topology(self) -> HostTopology:
+        """Return NUMA nodes with free huge pages, host NICs and storage pools."""
+        ...
+
+    def list_vms(self) -> list[VmRecord]:
+        """Return every VM on the host; those vm-host did not create have managed=False."""
+        ...
+
+    def ensure_pool(self, name: str, path: str) -> None:
+        """Create and start a directory storage pool when it does not exist."""
+        ...
+
+    def compose(
+        self,
+        spec: VmSpec,
+        placement: Placement,
+        nics: Sequence[NicAttachment],
+        default_pool: str,
+    ) -> VmRecord:
+        """Create volumes, define and start the VM; on any failure leave nothing behind."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Destroy and undefine the VM and delete exactly the volumes vm-host created."""
+        ...
+
+    def start(self, name: str) -> None:
+        """Start a defined VM."""
+        ...
+
+    def stop(self, name: str) -> None:
+        """Stop a running VM (graceful shutdown, then destroy)."""
+        ...
