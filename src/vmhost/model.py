@@ -203,6 +203,9 @@ class InterfaceSpec:
     """Explicit host bridge to attach to."""
     parent: str | None = None
     """Explicit host interface for macvtap or SR-IOV."""
+    numa_strict: bool = False
+    """For an SR-IOV interface: place the VM only on the parent NIC's NUMA node (when the
+    kernel reports one), instead of merely preferring it."""
 
 
 @dataclass(frozen=True)
