@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Make this machine a libvirt/KVM host for vm-host's tests and quick start: install the packages
+# that are missing, make sure the libvirt group exists, and start virtlogd and libvirtd when they
+# are not running (virtlogd first: libvirtd needs its socket to start guests). Idempotent: a
+# second run changes nothing and only says what it found. Must run as root.
+#
+# libvirtd is started with the socket settings of templates/libvirtd.conf.j2 (group "libvirt",
+# rw 0770, no auth for that group) so non-root libvirt clients behave as on a charmed host; the
+# lines are taken from the template itself so the two cannot drift apart.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+uri="qemu:///system"
+conf_dir="/run/vm-host-test"
+conf="$conf_dir/libvirtd.conf"
+
+say() { printf 'ensure-libvirt: %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    say "must run as root (it installs packages and starts daemons)" >&2
+    exit 1
+fi
+
+case "$(uname -m)" in
+    aarch64 | arm64) qemu_pkg="qemu-system-arm" ;;
+    *) qemu_pkg="qemu-system-x86" ;;
+esac
+packages=(libvirt-daemon-system libvirt-clients "$qemu_pkg" qemu-utils libvirt-dev pkg-config
+    genisoimage iproute2)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    status="$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)"
+    if [ "$status" != "installed" ]; then
+        missing+=("$pkg")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+    say "packages already installed"
+fi
+
+if ! getent group libvirt >/dev/null; then
+    say "creating group libvirt"
+    groupadd --system libvirt
+fi
+
+if pgrep -x virtlogd >/dev/null; then
+    say "virtlogd already running"
+else
+    say "starting virtlogd"
+    /usr/sbin/virtlogd -d
+fi
+
+if pgrep -x libvirtd >/dev/null; then
+    say "libvirtd already running (used as it is)"
+else
+    mkdir -p "$conf_dir"
+    template="$repo/templates/libvirtd.conf.j2"
+    if [ -f "$template" ]; then
+        {
+            echo "# Written by tests/bin/ensure-libvirt.sh from templates/libvirtd.conf.j2"
+            grep -E '^(unix_sock_|auth_unix_)' "$template"
+        } >"$conf"
+        say "starting libvirtd with $conf"
+        /usr/sbin/libvirtd -d -f "$conf"
+    else
+        say "starting libvirtd with its default configuration"
+        /usr/sbin/libvirtd -d
+    fi
+fi
+
+for _ in $(seq 1 60); do
+    if version="$(/usr/bin/virsh -c "$uri" version 2>/dev/null)"; then
+        say "libvirtd answers on $uri: $(echo "$version" | grep -m1 'Running hypervisor' || true)"
+        exit 0
+    fi
+    sleep 0.5
+done
+say "libvirtd did not answer on $uri within 30 s" >&2
+exit 1
