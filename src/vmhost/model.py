@@ -111,6 +111,9 @@ class HostNic:
     vlan_id: int | None = None
     parent: str | None = None
     """Lower device of a VLAN or VF, or master bridge/bond of a port."""
+    master: str | None = None
+    """Bridge or bond this interface is a port of; kept apart from `parent` because a VLAN
+    sub-interface can have both a lower device and a master bridge."""
 
 
 @dataclass(frozen=True)
@@ -398,3 +401,5 @@ class NicAttachment:
     vlan: int | None = None
     ip: str | None = None
     """Static address with prefix ("10.0.5.9/24") to hand the guest through cloud-init."""
+    guest_name: str | None = None
+    """Interface name inside the guest (numeric labels become ethN, as MAAS named them)."""
