@@ -50,11 +50,41 @@ if ! getent group libvirt >/dev/null; then
     groupadd --system libvirt
 fi
 
+# QEMU backs guest memory with huge pages through hugetlbfs; libvirtd looks for the mounts when
+# it starts, so they must exist before it does (systemd mounts /dev/hugepages on a normal host).
+mounted_now=0
+ensure_hugetlbfs() {
+    local dir="$1" opts="$2"
+    if ! grep -qs " $dir hugetlbfs " /proc/mounts; then
+        mkdir -p "$dir"
+        mount -t hugetlbfs -o "$opts" hugetlbfs "$dir"
+        say "mounted hugetlbfs ($opts) on $dir"
+        mounted_now=1
+    fi
+}
+if [ -d /sys/kernel/mm/hugepages/hugepages-2048kB ]; then
+    ensure_hugetlbfs /dev/hugepages pagesize=2M
+fi
+if [ -d /sys/kernel/mm/hugepages/hugepages-1048576kB ]; then
+    ensure_hugetlbfs /dev/hugepages1G pagesize=1G
+fi
+
 if pgrep -x virtlogd >/dev/null; then
     say "virtlogd already running"
 else
     say "starting virtlogd"
     /usr/sbin/virtlogd -d
+fi
+
+if pgrep -x libvirtd >/dev/null && [ "$mounted_now" -eq 1 ] && [ -s /run/libvirtd.pid ]; then
+    # A daemon started before the mounts cannot give guests huge pages: restart it.
+    pid="$(cat /run/libvirtd.pid)"
+    say "restarting libvirtd (pid $pid) so it sees the hugetlbfs mounts"
+    kill "$pid"
+    for _ in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.2
+    done
 fi
 
 if pgrep -x libvirtd >/dev/null; then
