@@ -1,0 +1,864 @@
+"""Unit tests for vmhost.networks.
+
+Sysfs discovery on fake trees, iproute2 JSON parsing on captured samples, the `networks` config
+parser and every matching rule of resolve().
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vmhost import networks
+from vmhost.model import HostNic, NicKind, VmHostError
+from vmhost.networks import discover_nics, parse_ip_addr_json, parse_ip_link_json
+
+# ---------------------------------------------------------------------------------------------
+# Captured iproute2 6.1 output (Debian 12), re-indented only. HOST_*: this build machine's
+# `ip -j addr show`; NETNS_*: a namespace holding bridge vmhost-br-a (10.77.1.1/24) with port
+# vmhost-v1, its veth peer vmhost-v0 (10.77.2.1/24) and macvlan vmhost-mv0 on vmhost-v0.
+
+HOST_IP_ADDR_JSON = """\
+[
+ {
+  "ifindex": 1,
+  "ifname": "lo",
+  "flags": [
+   "LOOPBACK",
+   "UP",
+   "LOWER_UP"
+  ],
+  "mtu": 65536,
+  "qdisc": "noqueue",
+  "operstate": "UNKNOWN",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "loopback",
+  "address": "00:00:00:00:00:00",
+  "broadcast": "00:00:00:00:00:00",
+  "addr_info": [
+   {
+    "family": "inet",
+    "local": "127.0.0.1",
+    "prefixlen": 8,
+    "scope": "host",
+    "label": "lo",
+    "valid_life_time": 4294967295,
+    "preferred_life_time": 4294967295
+   },
+   {
+    "family": "inet6",
+    "local": "::1",
+    "prefixlen": 128,
+    "scope": "host",
+    "valid_life_time": 4294967295,
+    "preferred_life_time": 4294967295
+   }
+  ]
+ },
+ {
+  "ifindex": 2,
+  "ifname": "ifb0",
+  "flags": [
+   "BROADCAST",
+   "NOARP"
+  ],
+  "mtu": 1500,
+  "qdisc": "noop",
+  "operstate": "DOWN",
+  "group": "default",
+  "txqlen": 32,
+  "link_type": "ether",
+  "address": "1a:c6:9c:63:98:e0",
+  "broadcast": "ff:ff:ff:ff:ff:ff",
+  "addr_info": []
+ },
+ {
+  "ifindex": 3,
+  "ifname": "ifb1",
+  "flags": [
+   "BROADCAST",
+   "NOARP"
+  ],
+  "mtu": 1500,
+  "qdisc": "noop",
+  "operstate": "DOWN",
+  "group": "default",
+  "txqlen": 32,
+  "link_type": "ether",
+  "address": "4a:09:de:ab:f2:95",
+  "broadcast": "ff:ff:ff:ff:ff:ff",
+  "addr_info": []
+ },
+ {
+  "ifindex": 4,
+  "ifname": "eth0",
+  "flags": [
+   "BROADCAST",
+   "MULTICAST",
+   "UP",
+   "LOWER_UP"
+  ],
+  "mtu": 1400,
+  "qdisc": "pfifo_fast",
+  "operstate": "UP",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "ether",
+  "address": "02:fc:00:00:00:01",
+  "broadcast": "ff:ff:ff:ff:ff:ff",
+  "addr_info": [
+   {
+    "family": "inet",
+    "local": "192.0.2.2",
+    "prefixlen": 24,
+    "broadcast": "192.0.2.255",
+    "scope": "global",
+    "label": "eth0",
+    "valid_life_time": 4294967295,
+    "preferred_life_time": 4294967295
+   },
+   {
+    "family": "inet6",
+    "local": "fd00::2",
+    "prefixlen": 64,
+    "scope": "global",
+    "nodad": true,
+    "valid_life_time": 4294967295,
+    "preferred_life_time": 4294967295
+   },
+   {
+    "family": "inet6",
+    "local": "fe80::fc:ff:fe00:1",
+    "prefixlen": 64,
+    "scope": "link",
+    "valid_life_time": 4294967295,
+    "preferred_life_time": 4294967295
+   }
+  ]
+ }
+]
+"""
+
+
+NETNS_IP_ADDR_JSON = """\
+[
+ {
+  "ifindex": 1,
+  "ifname": "lo",
+  "flags": [
+   "LOOPBACK"
+  ],
+  "mtu": 65536,
+  "qdisc": "noop",
+  "operstate": "DOWN",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "loopback",
+  "address": "00:00:00:00:00:00",
+  "broadcast": "00:00:00:00:00:00",
+  "addr_info": []
+ },
+ {
+  "ifindex": 2,
+  "ifname": "vmhost-br-a",
+  "flags": [
+   "BROADCAST",
+   "MULTICAST",
+   "UP",
+   "LOWER_UP"
+  ],
+  "mtu": 1500,
+  "qdisc": "noqueue",
+  "operstate": "UP",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "ether",
+  "address": "2e:bc:45:e4:98:63",
+  "broadcast": "ff:ff:ff:ff:ff:ff",
+  "addr_info": [
+   {
+    "family": "inet",
+    "local": "10.77.1.1",
+    "prefixlen": 24,
+    "scope": "global",
+    "label": "vmhost-br-a",
+    "valid_life_time": 4294967295,
+    "preferred_life_time": 4294967295
+   },
+   {
+    "family": "inet6",
+    "local": "fe80::2cbc:45ff:fee4:9863",
+    "prefixlen": 64,
+    "scope": "link",
+    "valid_life_time": 4294967295,
+    "preferred_life_time": 4294967295
+   }
+  ]
+ },
+ {
+  "ifindex": 3,
+  "link": "vmhost-v0",
+  "ifname": "vmhost-v1",
+  "flags": [
+   "BROADCAST",
+   "MULTICAST",
+   "UP",
+   "LOWER_UP"
+  ],
+  "mtu": 1500,
+  "qdisc": "noqueue",
+  "master": "vmhost-br-a",
+  "operstate": "UP",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "ether",
+  "address": "2e:bc:45:e4:98:63",
+  "broadcast": "ff:ff:ff:ff:ff:ff",
+  "addr_info": [
+   {
+    "family": "inet6",
+    "local": "fe80::2cbc:45ff:fee4:9863",
+    "prefixlen": 64,
+    "scope": "link",
+    "valid_life_time": 4294967295,
+    "preferred_life_time": 4294967295
+   }
+  ]
+ },
+ {
+  "ifindex": 4,
+  "link": "vmhost-v1",
+  "ifname": "vmhost-v0",
+  "flags": [
+   "BROADCAST",
+   "MULTICAST",
+   "UP",
+   "LOWER_UP"
+  ],
+  "mtu": 1500,
+  "qdisc": "noqueue",
+  "operstate": "UP",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "ether",
+  "address": "0a:31:60:fd:ab:6f",
+  "broadcast": "ff:ff:ff:ff:ff:ff",
+  "addr_info": [
+   {
+    "family": "inet",
+    "local": "10.77.2.1",
+    "prefixlen": 24,
+    "scope": "global",
+    "label": "vmhost-v0",
+    "valid_life_time": 4294967295,
+    "preferred_life_time": 4294967295
+   },
+   {
+    "family": "inet6",
+    "local": "fe80::831:60ff:fefd:ab6f",
+    "prefixlen": 64,
+    "scope": "link",
+    "valid_life_time": 4294967295,
+    "preferred_life_time": 4294967295
+   }
+  ]
+ },
+ {
+  "ifindex": 5,
+  "link": "vmhost-v0",
+  "ifname": "vmhost-mv0",
+  "flags": [
+   "BROADCAST",
+   "MULTICAST"
+  ],
+  "mtu": 1500,
+  "qdisc": "noop",
+  "operstate": "DOWN",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "ether",
+  "address": "06:30:42:77:d9:a1",
+  "broadcast": "ff:ff:ff:ff:ff:ff",
+  "addr_info": []
+ }
+]
+"""
+
+
+NETNS_IP_LINK_JSON = """\
+[
+ {
+  "ifindex": 1,
+  "ifname": "lo",
+  "flags": [
+   "LOOPBACK"
+  ],
+  "mtu": 65536,
+  "qdisc": "noop",
+  "operstate": "DOWN",
+  "linkmode": "DEFAULT",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "loopback",
+  "address": "00:00:00:00:00:00",
+  "broadcast": "00:00:00:00:00:00",
+  "promiscuity": 0,
+  "allmulti": 0,
+  "min_mtu": 0,
+  "max_mtu": 0,
+  "inet6_addr_gen_mode": "eui64",
+  "num_tx_queues": 1,
+  "num_rx_queues": 1,
+  "gso_max_size": 65536,
+  "gso_max_segs": 65535,
+  "tso_max_size": 524280,
+  "tso_max_segs": 65535,
+  "gro_max_size": 65536
+ },
+ {
+  "ifindex": 2,
+  "ifname": "vmhost-br-a",
+  "flags": [
+   "BROADCAST",
+   "MULTICAST",
+   "UP",
+   "LOWER_UP"
+  ],
+  "mtu": 1500,
+  "qdisc": "noqueue",
+  "operstate": "UP",
+  "linkmode": "DEFAULT",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "ether",
+  "address": "2e:bc:45:e4:98:63",
+  "broadcast": "ff:ff:ff:ff:ff:ff",
+  "promiscuity": 0,
+  "allmulti": 0,
+  "min_mtu": 68,
+  "max_mtu": 65535,
+  "linkinfo": {
+   "info_kind": "bridge",
+   "info_data": {
+    "forward_delay": 1500,
+    "hello_time": 200,
+    "max_age": 2000,
+    "ageing_time": 30000,
+    "stp_state": 0,
+    "priority": 32768,
+    "vlan_filtering": 0,
+    "bridge_id": "8000.2e:bc:45:e4:98:63",
+    "root_id": "8000.2e:bc:45:e4:98:63",
+    "root_port": 0,
+    "root_path_cost": 0,
+    "topology_change": 0,
+    "topology_change_detected": 0,
+    "hello_timer": 0.0,
+    "tcn_timer": 0.0,
+    "topology_change_timer": 0.0,
+    "gc_timer": 0.08,
+    "group_fwd_mask": "0",
+    "group_addr": "01:80:c2:00:00:00",
+    "mcast_snooping": 1,
+    "no_linklocal_learn": 0,
+    "mcast_vlan_snooping": 0,
+    "mcast_router": 1,
+    "mcast_query_use_ifaddr": 0,
+    "mcast_querier": 0,
+    "mcast_hash_elasticity": 16,
+    "mcast_hash_max": 4096,
+    "mcast_last_member_cnt": 2,
+    "mcast_startup_query_cnt": 2,
+    "mcast_last_member_intvl": 100,
+    "mcast_membership_intvl": 26000,
+    "mcast_querier_intvl": 25500,
+    "mcast_query_intvl": 12500,
+    "mcast_query_response_intvl": 1000,
+    "mcast_startup_query_intvl": 3124,
+    "mcast_stats_enabled": 0,
+    "mcast_igmp_version": 2,
+    "mcast_mld_version": 1,
+    "nf_call_iptables": 0,
+    "nf_call_ip6tables": 0,
+    "nf_call_arptables": 0
+   }
+  },
+  "inet6_addr_gen_mode": "eui64",
+  "num_tx_queues": 1,
+  "num_rx_queues": 1,
+  "gso_max_size": 65536,
+  "gso_max_segs": 65535,
+  "tso_max_size": 524280,
+  "tso_max_segs": 65535,
+  "gro_max_size": 65536
+ },
+ {
+  "ifindex": 3,
+  "link": "vmhost-v0",
+  "ifname": "vmhost-v1",
+  "flags": [
+   "BROADCAST",
+   "MULTICAST",
+   "UP",
+   "LOWER_UP"
+  ],
+  "mtu": 1500,
+  "qdisc": "noqueue",
+  "master": "vmhost-br-a",
+  "operstate": "UP",
+  "linkmode": "DEFAULT",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "ether",
+  "address": "2e:bc:45:e4:98:63",
+  "broadcast": "ff:ff:ff:ff:ff:ff",
+  "promiscuity": 1,
+  "allmulti": 1,
+  "min_mtu": 68,
+  "max_mtu": 65535,
+  "linkinfo": {
+   "info_kind": "veth",
+   "info_slave_kind": "bridge",
+   "info_slave_data": {
+    "state": "forwarding",
+    "priority": 32,
+    "cost": 2,
+    "hairpin": false,
+    "guard": false,
+    "root_block": false,
+    "fastleave": false,
+    "learning": true,
+    "flood": true,
+    "id": "0x8001",
+    "no": "0x1",
+    "designated_port": 32769,
+    "designated_cost": 0,
+    "bridge_id": "8000.2e:bc:45:e4:98:63",
+    "root_id": "8000.2e:bc:45:e4:98:63",
+    "hold_timer": 0.0,
+    "message_age_timer": 0.0,
+    "forward_delay_timer": 14.98,
+    "topology_change_ack": 0,
+    "config_pending": 0,
+    "proxy_arp": false,
+    "proxy_arp_wifi": false,
+    "multicast_router": 1,
+    "mcast_flood": true,
+    "bcast_flood": true,
+    "mcast_to_unicast": false,
+    "neigh_suppress": false,
+    "group_fwd_mask": "0",
+    "group_fwd_mask_str": "0x0",
+    "vlan_tunnel": false,
+    "isolated": false,
+    "locked": false
+   }
+  },
+  "inet6_addr_gen_mode": "eui64",
+  "num_tx_queues": 2,
+  "num_rx_queues": 2,
+  "gso_max_size": 65536,
+  "gso_max_segs": 65535,
+  "tso_max_size": 524280,
+  "tso_max_segs": 65535,
+  "gro_max_size": 65536
+ },
+ {
+  "ifindex": 4,
+  "link": "vmhost-v1",
+  "ifname": "vmhost-v0",
+  "flags": [
+   "BROADCAST",
+   "MULTICAST",
+   "UP",
+   "LOWER_UP"
+  ],
+  "mtu": 1500,
+  "qdisc": "noqueue",
+  "operstate": "UP",
+  "linkmode": "DEFAULT",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "ether",
+  "address": "0a:31:60:fd:ab:6f",
+  "broadcast": "ff:ff:ff:ff:ff:ff",
+  "promiscuity": 0,
+  "allmulti": 0,
+  "min_mtu": 68,
+  "max_mtu": 65535,
+  "linkinfo": {
+   "info_kind": "veth"
+  },
+  "inet6_addr_gen_mode": "eui64",
+  "num_tx_queues": 2,
+  "num_rx_queues": 2,
+  "gso_max_size": 65536,
+  "gso_max_segs": 65535,
+  "tso_max_size": 524280,
+  "tso_max_segs": 65535,
+  "gro_max_size": 65536
+ },
+ {
+  "ifindex": 5,
+  "link": "vmhost-v0",
+  "ifname": "vmhost-mv0",
+  "flags": [
+   "BROADCAST",
+   "MULTICAST"
+  ],
+  "mtu": 1500,
+  "qdisc": "noop",
+  "operstate": "DOWN",
+  "linkmode": "DEFAULT",
+  "group": "default",
+  "txqlen": 1000,
+  "link_type": "ether",
+  "address": "06:30:42:77:d9:a1",
+  "broadcast": "ff:ff:ff:ff:ff:ff",
+  "promiscuity": 0,
+  "allmulti": 0,
+  "min_mtu": 68,
+  "max_mtu": 65535,
+  "linkinfo": {
+   "info_kind": "macvlan",
+   "info_data": {
+    "mode": "bridge",
+    "bcqueuelen": 1000,
+    "usedbcqueuelen": 1000
+   }
+  },
+  "inet6_addr_gen_mode": "eui64",
+  "num_tx_queues": 1,
+  "num_rx_queues": 1,
+  "gso_max_size": 65536,
+  "gso_max_segs": 65535,
+  "tso_max_size": 524280,
+  "tso_max_segs": 65535,
+  "gro_max_size": 65536
+ }
+]
+"""
+
+
+# Hand-written in the captured shape: what iproute2 prints for a VLAN and a bond (this kernel
+# cannot create either).
+VLAN_BOND_IP_LINK_JSON = """\
+[
+ {"ifindex": 2, "ifname": "eno1", "flags": ["BROADCAST", "MULTICAST", "SLAVE", "UP"],
+  "mtu": 1500, "master": "bond0", "link_type": "ether", "address": "52:54:00:aa:00:01",
+  "linkinfo": {"info_slave_kind": "bond",
+               "info_slave_data": {"state": "ACTIVE", "mii_status": "UP"}}},
+ {"ifindex": 3, "ifname": "bond0", "flags": ["BROADCAST", "MULTICAST", "MASTER", "UP"],
+  "mtu": 1500, "link_type": "ether", "address": "52:54:00:aa:00:01",
+  "linkinfo": {"info_kind": "bond", "info_data": {"mode": "802.3ad", "miimon": 100}}},
+ {"ifindex": 4, "link": "bond0", "ifname": "bond0.100",
+  "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1500, "master": "br100",
+  "link_type": "ether", "address": "52:54:00:aa:00:01",
+  "linkinfo": {"info_kind": "vlan",
+               "info_data": {"protocol": "802.1Q", "id": 100, "flags": ["REORDER_HDR"]},
+               "info_slave_kind": "bridge", "info_slave_data": {"state": "forwarding"}}},
+ {"ifindex": 5, "link": null, "ifname": "eth9.7", "flags": ["BROADCAST"], "mtu": 1500,
+  "link_type": "ether", "address": "52:54:00:aa:00:09",
+  "linkinfo": {"info_kind": "vlan", "info_data": {"protocol": "802.1ad", "id": 7}}}
+]
+"""
+
+VLAN_BOND_IP_ADDR_JSON = """\
+[
+ {"ifindex": 3, "ifname": "bond0", "flags": ["MASTER", "UP"], "mtu": 1500,
+  "address": "52:54:00:aa:00:01", "addr_info": []},
+ {"ifindex": 6, "ifname": "br100", "flags": ["UP"], "mtu": 1500,
+  "address": "52:54:00:aa:00:01",
+  "addr_info": [
+   {"family": "inet", "local": "10.0.100.2", "prefixlen": 24, "scope": "global",
+    "label": "br100"},
+   {"family": "inet", "local": "10.0.101.2", "prefixlen": 24, "scope": "global",
+    "secondary": true, "label": "br100"},
+   {"family": "inet6", "local": "2001:db8:100::2", "prefixlen": 64, "scope": "global"},
+   {"family": "inet6", "local": "fe80::5054:ff:feaa:1", "prefixlen": 64, "scope": "link"}]}
+]
+"""
+
+PROC_VLAN_TEXT = """\
+eth0.200  VID: 200\t REORDER_HDR: 1  dev->priv_flags: 1001
+         total frames received            0
+          total bytes received            0
+      Broadcast/Multicast Rcvd            0
+
+      total frames transmitted            0
+       total bytes transmitted            0
+Device: eth0
+INGRESS priority mappings: 0:0  1:0  2:0  3:0  4:0  5:0  6:0  7:0
+ EGRESS priority mappings:
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# iproute2 parsers
+
+
+def test_parse_ip_addr_host_sample():
+    addrs = parse_ip_addr_json(HOST_IP_ADDR_JSON)
+    assert addrs["eth0"] == ("192.0.2.2/24", "fd00::2/64")
+    assert addrs["ifb0"] == ()
+    assert addrs["lo"] == ()  # host scope only
+
+
+def test_parse_ip_addr_netns_sample_skips_link_local():
+    addrs = parse_ip_addr_json(NETNS_IP_ADDR_JSON)
+    assert addrs["vmhost-br-a"] == ("10.77.1.1/24",)
+    assert addrs["vmhost-v0"] == ("10.77.2.1/24",)
+    assert addrs["vmhost-v1"] == ()
+    assert set(addrs) == {"lo", "vmhost-br-a", "vmhost-v0", "vmhost-v1", "vmhost-mv0"}
+
+
+def test_parse_ip_addr_secondary_and_ipv6():
+    addrs = parse_ip_addr_json(VLAN_BOND_IP_ADDR_JSON)
+    assert addrs["br100"] == ("10.0.100.2/24", "10.0.101.2/24", "2001:db8:100::2/64")
+    assert addrs["bond0"] == ()
+
+
+@pytest.mark.parametrize("text", ["", "  \n"])
+def test_parse_ip_addr_empty(text):
+    assert parse_ip_addr_json(text) == {}
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"ifname": "x"}'])
+def test_parse_ip_addr_garbage_raises(text):
+    with pytest.raises(VmHostError, match="ip -j addr show"):
+        parse_ip_addr_json(text)
+
+
+def test_parse_ip_addr_skips_malformed_entries():
+    text = (
+        '[{"ifname": 3}, {"ifname": "a", "addr_info": [{"family": "inet", "local": "bad",'
+        ' "prefixlen": 24}, {"family": "inet", "local": "10.1.1.1"},'
+        ' {"family": "packet", "local": "x", "prefixlen": 1}, "junk"]}, 7]'
+    )
+    assert parse_ip_addr_json(text) == {"a": ()}
+
+
+def test_parse_ip_link_netns_sample_has_no_vlans():
+    assert parse_ip_link_json(NETNS_IP_LINK_JSON) == {}
+
+
+def test_parse_ip_link_vlans():
+    assert parse_ip_link_json(VLAN_BOND_IP_LINK_JSON) == {
+        "bond0.100": (100, "bond0"),
+        "eth9.7": (7, None),
+    }
+
+
+def test_parse_ip_link_garbage_raises():
+    with pytest.raises(VmHostError, match="ip -j -d link show"):
+        parse_ip_link_json("[")
+
+
+def test_find_ip_binary_is_absolute():
+    binary = networks.find_ip_binary()
+    assert binary is not None
+    assert os.path.isabs(binary)
+    assert os.access(binary, os.X_OK)
+
+
+def test_read_addresses_runs_real_ip():
+    addrs = networks.read_addresses()
+    assert "lo" in addrs
+    assert all("/" in a for values in addrs.values() for a in values)
+
+
+# ---------------------------------------------------------------------------------------------
+# sysfs discovery on fake trees
+
+
+class FakeSys:
+    """A minimal /sys (and /proc) tree with the files discover_nics reads."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.net = root / "sys" / "class" / "net"
+        self.devices = root / "sys" / "devices"
+        self.proc = root / "proc"
+        self.net.mkdir(parents=True)
+        self.devices.mkdir(parents=True)
+
+    def nic(
+        self,
+        name: str,
+        *,
+        mac: str | None = "52:54:00:00:00:01",
+        pci: bool = False,
+        numa: int | None = None,
+        total_vfs: int | None = None,
+        num_vfs: int | None = None,
+        devtype: str | None = None,
+        master: str | None = None,
+        lower: str | None = None,
+        bridge: bool = False,
+        bonding: bool = False,
+        physfn: str | None = None,
+    ) -> Path:
+        path = self.net / name
+        path.mkdir()
+        lines = [f"INTERFACE={name}", "IFINDEX=1"]
+        if devtype:
+            lines.insert(0, f"DEVTYPE={devtype}")
+        (path / "uevent").write_text("\n".join(lines) + "\n")
+        if mac is not None:
+            (path / "address").write_text(mac + "\n")
+        for flag, subdir in ((bridge, "bridge"), (bridge, "brif"), (bonding, "bonding")):
+            if flag:
+                (path / subdir).mkdir()
+        if master:
+            os.symlink(f"../{master}", path / "master")
+            os.symlink(f"../{master}", path / f"upper_{master}")
+        if lower:
+            os.symlink(f"../{lower}", path / f"lower_{lower}")
+        if pci or physfn:
+            values = {"numa_node": numa, "sriov_totalvfs": total_vfs, "sriov_numvfs": num_vfs}
+            self._device(path, values, physfn)
+        return path
+
+    def _device(self, path: Path, values: dict[str, int | None], physfn: str | None) -> None:
+        dev = self.devices / f"pci-{path.name}"
+        (dev / "net" / path.name).mkdir(parents=True)
+        for filename, value in values.items():
+            if value is not None:
+                (dev / filename).write_text(f"{value}\n")
+        if physfn:
+            os.symlink(self.devices / f"pci-{physfn}", dev / "physfn")
+        os.symlink(dev, path / "device")
+
+    def proc_vlan(self, name: str, text: str) -> None:
+        (self.proc / "net" / "vlan").mkdir(parents=True, exist_ok=True)
+        (self.proc / "net" / "vlan" / name).write_text(text)
+
+    def discover(self, addresses=None, vlan_links=None):
+        return discover_nics(
+            self.root / "sys",
+            {} if addresses is None else addresses,
+            proc_root=self.proc,
+            vlan_links={} if vlan_links is None else vlan_links,
+        )
+
+
+@pytest.fixture
+def fake_sys(tmp_path: Path) -> FakeSys:
+    return FakeSys(tmp_path)
+
+
+def by_name(nics: tuple[HostNic, ...]) -> dict[str, HostNic]:
+    return {n.name: n for n in nics}
+
+
+def test_discover_bridge_with_ports(fake_sys: FakeSys):
+    fake_sys.nic("lo", mac="00:00:00:00:00:00")
+    fake_sys.nic("br0", bridge=True, devtype="bridge", mac="52:54:00:00:00:aa")
+    fake_sys.nic("eno1", pci=True, numa=0, master="br0")
+    fake_sys.nic("tap0", master="br0")
+    nics = fake_sys.discover(addresses={"br0": ("10.0.0.2/24",)})
+    assert [n.name for n in nics] == ["br0", "eno1", "tap0"]
+    nic = by_name(nics)
+    assert nic["br0"].kind is NicKind.BRIDGE
+    assert nic["br0"].mac == "52:54:00:00:00:aa"
+    assert nic["br0"].addresses == ("10.0.0.2/24",)
+    assert nic["br0"].parent is None
+    assert nic["eno1"].kind is NicKind.PHYSICAL
+    assert (nic["eno1"].parent, nic["eno1"].master) == ("br0", "br0")
+    assert nic["eno1"].numa_node == 0
+    assert nic["tap0"].kind is NicKind.VIRTUAL
+    assert nic["tap0"].master == "br0"
+    assert nic["tap0"].numa_node is None
+
+
+def test_discover_bond_and_its_ports(fake_sys: FakeSys):
+    fake_sys.nic("bond0", bonding=True)
+    fake_sys.nic("eno1", pci=True, master="bond0")
+    fake_sys.nic("eno2", pci=True, master="bond0")
+    (fake_sys.net / "bonding_masters").write_text("bond0\n")
+    nic = by_name(fake_sys.discover())
+    assert set(nic) == {"bond0", "eno1", "eno2"}
+    assert nic["bond0"].kind is NicKind.BOND
+    assert nic["eno1"].parent == "bond0"
+    assert nic["eno2"].master == "bond0"
+
+
+def test_discover_pf_and_vf(fake_sys: FakeSys):
+    fake_sys.nic("enp1s0f0", pci=True, numa=1, total_vfs=63, num_vfs=4)
+    fake_sys.nic("enp1s0f0v0", pci=True, numa=1, physfn="enp1s0f0")
+    nic = by_name(fake_sys.discover())
+    pf, vf = nic["enp1s0f0"], nic["enp1s0f0v0"]
+    assert pf.kind is NicKind.PHYSICAL
+    assert (pf.sriov_total_vfs, pf.sriov_enabled_vfs, pf.numa_node) == (63, 4, 1)
+    assert vf.kind is NicKind.VF
+    assert vf.parent == "enp1s0f0"
+    assert (vf.sriov_total_vfs, vf.sriov_enabled_vfs) == (0, 0)
+
+
+def test_discover_numa_minus_one_is_none(fake_sys: FakeSys):
+    fake_sys.nic("eno1", pci=True, numa=-1)
+    assert fake_sys.discover()[0].numa_node is None
+
+
+def test_discover_virtio_numa_from_pci_parent(fake_sys: FakeSys):
+    # virtio-net: class/net/eth0/device is virtioN, whose parent PCI function holds numa_node.
+    pci = fake_sys.devices / "0000:00:03.0"
+    (pci / "virtio2").mkdir(parents=True)
+    (pci / "numa_node").write_text("1\n")
+    fake_sys.nic("eth0")
+    os.symlink(pci / "virtio2", fake_sys.net / "eth0" / "device")
+    nic = fake_sys.discover()[0]
+    assert (nic.kind, nic.numa_node) == (NicKind.PHYSICAL, 1)
+
+
+def test_discover_vlan_from_proc(fake_sys: FakeSys):
+    fake_sys.nic("eth0", pci=True)
+    fake_sys.nic("br200", bridge=True)
+    fake_sys.nic("eth0.200", devtype="vlan", master="br200")
+    fake_sys.proc_vlan("eth0.200", PROC_VLAN_TEXT)
+    vlan = by_name(fake_sys.discover())["eth0.200"]
+    assert vlan.kind is NicKind.VLAN
+    assert (vlan.vlan_id, vlan.parent, vlan.master) == (200, "eth0", "br200")
+
+
+def test_discover_vlan_from_ip_link_json(fake_sys: FakeSys):
+    fake_sys.nic("bond0", bonding=True)
+    fake_sys.nic("bond0.100", devtype="vlan", master="br100")
+    fake_sys.nic("br100", bridge=True)
+    nic = by_name(fake_sys.discover(vlan_links=parse_ip_link_json(VLAN_BOND_IP_LINK_JSON)))
+    assert (nic["bond0.100"].vlan_id, nic["bond0.100"].parent) == (100, "bond0")
+    assert nic["bond0.100"].master == "br100"
+
+
+def test_discover_vlan_lower_from_sysfs_link_when_nothing_else(fake_sys: FakeSys):
+    fake_sys.nic("eth0", pci=True)
+    fake_sys.nic("eth0.5", devtype="vlan", lower="eth0")
+    vlan = by_name(fake_sys.discover())["eth0.5"]
+    assert (vlan.kind, vlan.vlan_id, vlan.parent) == (NicKind.VLAN, None, "eth0")
+
+
+def test_discover_missing_mac_and_vanished_files(fake_sys: FakeSys):
+    fake_sys.nic("veth0", mac=None)
+    nic = fake_sys.discover()[0]
+    assert (nic.kind, nic.mac, nic.addresses) == (NicKind.VIRTUAL, None, ())
+
+
+def test_discover_missing_root_is_empty(tmp_path: Path):
+    assert discover_nics(tmp_path / "nothing", {}) == ()
+
+
+def test_discover_sorted_by_name(fake_sys: FakeSys):
+    for name in ("zz", "a1", "m"):
+        fake_sys.nic(name)
+    assert [n.name for n in fake_sys.discover()] == ["a1", "m", "zz"]
+
+
+def test_discover_real_sysfs_reads_this_host():
+    nics = discover_nics()
+    names = [n.name for n in nics]
+    assert names == sorted(names)
+    assert "lo" not in names
+    assert names == sorted(p.name for p in Path("/sys/class/net").iterdir() if p.name != "lo")
