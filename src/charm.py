@@ -1,0 +1,472 @@
+#!/usr/bin/env python3
+"""vm-host: a machine charm that turns its machine into a VM host and composes VMs.
+
+The charm translates; it does not decide. Events lead to one idempotent reconcile, actions to
+the workload in src/vmhost, and status is computed only in collect-status. The hypervisor is
+the ledger: allocations are read back from it on every hook, nothing is kept in unit state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import ops
+import pydantic
+
+from vmhost import constraints, host, networks, placement, report, settings
+from vmhost.backends import Backend, BackendUnavailableError
+from vmhost.model import (
+    HostTopology,
+    InvalidRequestError,
+    Placement,
+    Policy,
+    Rejection,
+    VmHostError,
+    VmRecord,
+)
+
+logger = logging.getLogger(__name__)
+
+CHARM_DIR = Path(__file__).resolve().parent.parent
+TEMPLATES_DIR = CHARM_DIR / "templates"
+LIBVIRTD_CONF = Path("/etc/libvirt/libvirtd.conf")
+ACTION_OWNER = "action"
+
+
+def _pydantic_message(exc: pydantic.ValidationError) -> str:
+    """Turn a pydantic error into "option: what is wrong (got X)" with hyphenated names."""
+    parts = []
+    for error in exc.errors():
+        name = "-".join(str(p) for p in error["loc"]).replace("_", "-") or "input"
+        message = error["msg"].removeprefix("Value error, ")
+        given = error.get("input")
+        if isinstance(given, (str, int, float, bool)) and not isinstance(given, dict):
+            message = f"{message} (got {given!r})"
+        parts.append(f"{name}: {message}")
+    return "; ".join(parts)
+
+
+class CharmConfig(pydantic.BaseModel):
+    """The charm's options (config.yaml), validated before anything on the host changes."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="ignore")
+
+    backend: Literal["libvirt", "lxd"] = "libvirt"
+    cpu_overcommit_ratio: float = 1.0
+    memory_overcommit_ratio: float = 1.0
+    reserved_cpus: str = ""
+    reserved_memory: int = pydantic.Field(1024, ge=0)
+    hugepages: str = ""
+    smt_policy: Literal["prefer", "isolate", "require"] = "prefer"
+    default_storage_pool: str = ""
+    default_root_disk_size: int = pydantic.Field(20, ge=1, le=65536)
+    networks: str = ""
+    release_policy: Literal["delete", "keep"] = "delete"
+    libvirt_user: str = "virsh"
+    ssh_authorized_keys: str = ""
+    lxd_project: str = "vm-host"
+    lxd_snap_channel: str = "5.21/stable"
+    https_port: int = pydantic.Field(8443, ge=1, le=65535)
+
+    @pydantic.field_validator("cpu_overcommit_ratio", "memory_overcommit_ratio")
+    @classmethod
+    def _ratio(cls, value: float) -> float:
+        if not 0 < value <= 10:
+            raise ValueError("must be greater than 0 and at most 10; 1.0 means no overcommit")
+        return value
+
+    @pydantic.field_validator("reserved_cpus")
+    @classmethod
+    def _reserved_cpus(cls, value: str) -> str:
+        settings.parse_reserved_cpus(value)
+        return value
+
+    @pydantic.field_validator("hugepages")
+    @classmethod
+    def _hugepages(cls, value: str) -> str:
+        settings.parse_hugepages_setting(value)
+        return value
+
+    @pydantic.field_validator("default_storage_pool")
+    @classmethod
+    def _pool(cls, value: str) -> str:
+        if value:
+            constraints.validate_name(value, "default-storage-pool")
+        return value
+
+    @pydantic.field_validator("networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        networks.parse_networks_config(value)
+        return value
+
+    @property
+    def policy(self) -> Policy:
+        """The placement rules these options describe."""
+        return settings.make_policy(
+            cpu_overcommit_ratio=self.cpu_overcommit_ratio,
+            memory_overcommit_ratio=self.memory_overcommit_ratio,
+            reserved_cpus=self.reserved_cpus,
+            reserved_memory_mib=self.reserved_memory,
+            smt_policy=self.smt_policy,
+        )
+
+    @property
+    def storage_pool(self) -> str:
+        """The pool for disks that name none."""
+        return self.default_storage_pool or host.DEFAULT_POOL_NAME
+
+
+class ComposeParams(pydantic.BaseModel):
+    """Parameters of the compose-vm action (actions.yaml)."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    memory: int
+    cores: int | None = None
+    pinned_cores: str | None = None
+    numa_nodes: int | None = None
+    hugepages: str | None = None
+    storage: str | None = None
+    interfaces: str | None = None
+    image: str | None = None
+    dry_run: bool = False
+
+
+class NameParams(pydantic.BaseModel):
+    """Parameters of actions that take a VM name."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+
+
+class _Snapshot:
+    """What the hypervisor says right now; read once per hook, refreshed after changes."""
+
+    def __init__(self, backend: Backend):
+        self.version = backend.version()
+        self.topology: HostTopology = backend.topology()
+        self.vms: list[VmRecord] = backend.list_vms()
+
+    @property
+    def allocations(self) -> list[Placement]:
+        return [vm.placement for vm in self.vms]
+
+
+def make_backend(config: CharmConfig) -> Backend:
+    """Build the backend the config names (replaced by a fake in unit tests)."""
+    from vmhost.backends.libvirt import LibvirtBackend
+
+    return LibvirtBackend(templates_dir=TEMPLATES_DIR)
+
+
+class VmHostCharm(ops.CharmBase):
+    """Turn this machine into a VM host and compose VMs on request."""
+
+    def __init__(self, framework: ops.Framework):
+        super().__init__(framework)
+        self._config: CharmConfig | None = None
+        self._config_error = ""
+        self._setup_problem = ""
+        self._backend_error = ""
+        self._snapshot_cache: _Snapshot | None = None
+        self._backend_cache: Backend | None = None
+
+        for event in (
+            self.on.install,
+            self.on.start,
+            self.on.config_changed,
+            self.on.upgrade_charm,
+            self.on.update_status,
+            self.on.leader_elected,
+            self.on.secret_changed,
+            self.on.vms_relation_changed,
+            self.on.vms_relation_broken,
+            self.on.access_relation_changed,
+            self.on.access_relation_broken,
+            self.on.hosts_relation_changed,
+            self.on.hosts_relation_departed,
+        ):
+            framework.observe(event, self._reconcile)
+        framework.observe(self.on.collect_unit_status, self._on_collect_status)
+        framework.observe(self.on.remove, self._on_remove)
+        framework.observe(self.on.compose_vm_action, self._on_compose_vm)
+        framework.observe(self.on.delete_vm_action, self._on_delete_vm)
+        framework.observe(self.on.list_vms_action, self._on_list_vms)
+        framework.observe(self.on.show_resources_action, self._on_show_resources)
+
+    # ----------------------------------------------------------------------------------------
+    # Inputs
+
+    def _load_config(self) -> CharmConfig | None:
+        if self._config is None and not self._config_error:
+            try:
+                self._config = self.load_config(CharmConfig)
+            except pydantic.ValidationError as exc:
+                self._config_error = _pydantic_message(exc)
+            except InvalidRequestError as exc:
+                self._config_error = str(exc)
+        return self._config
+
+    def _backend(self, config: CharmConfig) -> Backend:
+        if self._backend_cache is None:
+            self._backend_cache = make_backend(config)
+        return self._backend_cache
+
+    def _snapshot(self, config: CharmConfig, *, refresh: bool = False) -> _Snapshot | None:
+        """Read the hypervisor, once per hook unless something changed it."""
+        if self._snapshot_cache is None or refresh:
+            try:
+                self._snapshot_cache = _Snapshot(self._backend(config))
+                self._backend_error = ""
+            except BackendUnavailableError as exc:
+                self._snapshot_cache = None
+                self._backend_error = str(exc)
+        return self._snapshot_cache
+
+    # ----------------------------------------------------------------------------------------
+    # Reconcile
+
+    def _reconcile(self, event: ops.EventBase) -> None:
+        config = self._load_config()
+        if config is None:
+            logger.warning("not reconciling: invalid config: %s", self._config_error)
+            return
+        if config.backend != "libvirt":
+            return
+        first_time = isinstance(event, (ops.InstallEvent, ops.UpgradeCharmEvent))
+        self._setup_host(config, install=first_time)
+        snapshot = self._snapshot(config)
+        if snapshot is None:
+            logger.info("hypervisor not reachable yet: %s", self._backend_error)
+            return
+        if not config.default_storage_pool:
+            names = {pool.name for pool in snapshot.topology.pools}
+            if host.DEFAULT_POOL_NAME not in names:
+                self._backend(config).ensure_pool(host.DEFAULT_POOL_NAME, host.DEFAULT_POOL_PATH)
+                self._snapshot(config, refresh=True)
+
+    def _setup_host(self, config: CharmConfig, *, install: bool) -> None:
+        """Install and configure libvirt; restart it only when its config really changed."""
+        if install:
+            self.unit.status = ops.MaintenanceStatus("installing libvirt and QEMU")
+            host.install_packages()
+        changed = host.write_if_changed(
+            LIBVIRTD_CONF, host.render_libvirtd_conf(TEMPLATES_DIR), 0o644
+        )
+        daemon = host.ensure_libvirtd(changed)
+        if not daemon.running:
+            self._backend_error = daemon.message
+        problems = []
+        for setting in settings.parse_hugepages_setting(config.hugepages):
+            try:
+                granted = host.set_hugepages(setting.size_kib, setting.count, setting.node)
+            except VmHostError as exc:
+                problems.append(str(exc))
+                continue
+            if granted < setting.count:
+                where = "host-wide" if setting.node is None else f"on node {setting.node}"
+                problems.append(
+                    f"kernel granted {granted} of {setting.count} huge pages of "
+                    f"{setting.size_kib // 1024} MiB {where}"
+                )
+        self._setup_problem = "; ".join(problems)
+
+    # ----------------------------------------------------------------------------------------
+    # Status
+
+    def _on_collect_status(self, event: ops.CollectStatusEvent) -> None:
+        config = self._load_config()
+        if config is None:
+            event.add_status(
+                ops.BlockedStatus(f"invalid config: {self._config_error}; fix with juju config")
+            )
+            return
+        if config.backend != "libvirt":
+            event.add_status(
+                ops.BlockedStatus(
+                    f"backend {config.backend!r} is not available in this revision; "
+                    "set backend=libvirt"
+                )
+            )
+            return
+        snapshot = self._snapshot(config)
+        if snapshot is None:
+            event.add_status(ops.WaitingStatus(f"waiting for libvirtd: {self._backend_error}"))
+            return
+        if self._setup_problem:
+            event.add_status(ops.BlockedStatus(f"{self._setup_problem}; lower `hugepages`"))
+        event.add_status(
+            ops.ActiveStatus(
+                report.status_line(
+                    "libvirt",
+                    snapshot.version,
+                    snapshot.topology,
+                    snapshot.allocations,
+                    config.policy,
+                    len(snapshot.vms),
+                )
+            )
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Actions
+
+    def _action_inputs(self, event: ops.ActionEvent) -> tuple[CharmConfig, _Snapshot] | None:
+        config = self._load_config()
+        if config is None:
+            event.fail(f"invalid config, nothing done: {self._config_error}")
+            return None
+        if config.backend != "libvirt":
+            event.fail(f"backend {config.backend!r} is not available in this revision")
+            return None
+        snapshot = self._snapshot(config)
+        if snapshot is None:
+            event.fail(f"hypervisor not reachable: {self._backend_error}")
+            return None
+        return config, snapshot
+
+    def _on_compose_vm(self, event: ops.ActionEvent) -> None:
+        try:
+            params = event.load_params(ComposeParams)
+        except pydantic.ValidationError as exc:
+            event.fail(f"bad parameters, nothing done: {_pydantic_message(exc)}")
+            return
+        inputs = self._action_inputs(event)
+        if inputs is None:
+            return
+        config, snapshot = inputs
+        try:
+            spec = constraints.build_spec(
+                name=params.name,
+                cores=params.cores,
+                memory_mib=params.memory,
+                pinned_cores=params.pinned_cores,
+                numa_nodes=params.numa_nodes,
+                hugepages=params.hugepages,
+                storage=params.storage,
+                interfaces=params.interfaces,
+                image=params.image,
+                owner=ACTION_OWNER,
+                default_root_gb=config.default_root_disk_size,
+            )
+            if any(vm.name == spec.name for vm in snapshot.vms):
+                raise InvalidRequestError(
+                    "name", f"a VM named {spec.name!r} already exists; choose another name"
+                )
+            nics = networks.resolve(
+                spec.interfaces,
+                snapshot.topology.nics,
+                networks.parse_networks_config(config.networks),
+            )
+        except InvalidRequestError as exc:
+            event.fail(f"bad request, nothing done: {exc}")
+            return
+        result = placement.plan(snapshot.topology, snapshot.allocations, spec, config.policy)
+        if isinstance(result, Rejection):
+            event.fail(f"cannot place {spec.name}, nothing done: {result.reason}")
+            return
+        if params.dry_run:
+            event.set_results({"dry-run": True, "placement": report.placement_json(result)})
+            return
+        event.log(f"composing {spec.name} on host nodes {list(result.host_nodes) or 'any'}")
+        try:
+            vm = self._backend(config).compose(spec, result, nics, config.storage_pool)
+        except VmHostError as exc:
+            event.fail(f"compose failed and was rolled back: {exc}")
+            return
+        finally:
+            self._snapshot(config, refresh=True)
+        logger.info("composed %s (%s)", vm.name, vm.uuid)
+        event.set_results(report.vm_result(vm))
+
+    def _on_delete_vm(self, event: ops.ActionEvent) -> None:
+        try:
+            params = event.load_params(NameParams)
+            name = constraints.validate_name(params.name)
+        except (pydantic.ValidationError, InvalidRequestError) as exc:
+            message = (
+                _pydantic_message(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
+            )
+            event.fail(f"bad parameters, nothing done: {message}")
+            return
+        inputs = self._action_inputs(event)
+        if inputs is None:
+            return
+        config, snapshot = inputs
+        vm = next((v for v in snapshot.vms if v.name == name), None)
+        if vm is None:
+            known = ", ".join(sorted(v.name for v in snapshot.vms if v.managed)) or "none"
+            event.fail(f"no VM named {name!r}; VMs composed by vm-host: {known}")
+            return
+        if not vm.managed:
+            event.fail(f"{name} was not composed by vm-host; it is left alone")
+            return
+        if vm.owner != ACTION_OWNER:
+            event.fail(
+                f"{name} belongs to {vm.owner}; withdraw the request or remove that "
+                "relation instead"
+            )
+            return
+        try:
+            self._backend(config).delete(name)
+        except VmHostError as exc:
+            event.fail(f"delete failed: {exc}")
+            return
+        finally:
+            self._snapshot(config, refresh=True)
+        logger.info("deleted %s", name)
+        event.set_results({"deleted": name, "volumes": ", ".join(vm.volumes)})
+
+    def _on_list_vms(self, event: ops.ActionEvent) -> None:
+        inputs = self._action_inputs(event)
+        if inputs is None:
+            return
+        _, snapshot = inputs
+        event.set_results(
+            {
+                "table": report.vms_table(snapshot.vms),
+                "json": json.dumps([report.vm_json(vm) for vm in snapshot.vms], sort_keys=True),
+            }
+        )
+
+    def _on_show_resources(self, event: ops.ActionEvent) -> None:
+        inputs = self._action_inputs(event)
+        if inputs is None:
+            return
+        config, snapshot = inputs
+        data = report.resources_json(snapshot.topology, snapshot.vms, config.policy)
+        event.set_results(
+            {
+                "table": report.resources_table(data),
+                "json": json.dumps(data, sort_keys=True),
+            }
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Removal
+
+    def _on_remove(self, _event: ops.RemoveEvent) -> None:
+        """Leave VMs running, as MAAS did when a VM host was removed without decompose.
+
+        Deleting guests on unit removal would lose data nobody asked to lose; they stay
+        defined in libvirt and are listed in the log so the operator can decide.
+        """
+        config = self._load_config()
+        if config is None or config.backend != "libvirt":
+            return
+        snapshot = self._snapshot(config)
+        if snapshot is None:
+            return
+        names = sorted(vm.name for vm in snapshot.vms if vm.managed)
+        if names:
+            logger.warning("vm-host removed; these VMs stay on the host: %s", ", ".join(names))
+
+
+if __name__ == "__main__":  # pragma: nocover
+    ops.main(VmHostCharm)

@@ -1,0 +1,259 @@
+"""What operators read: the status line, action results, resource and VM tables.
+
+Counts come from placement.usage (the allocator's own accounting), so what the operator sees is
+exactly what the next placement decision will see.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from vmhost.model import HostTopology, Placement, Policy, VmRecord, page_label
+from vmhost.placement import usage
+from vmhost.topology import format_cpu_list
+
+
+def status_line(
+    backend: str,
+    version: str,
+    topology: HostTopology,
+    allocations: Sequence[Placement],
+    policy: Policy,
+    vm_count: int,
+) -> str:
+    """Return "libvirt 9.0.0: 2 NUMA nodes, 40/48 CPUs free, 3 VMs"."""
+    vms = "1 VM" if vm_count == 1 else f"{vm_count} VMs"
+    return f"{backend} {version}: {usage(topology, allocations, policy).summary()}, {vms}"
+
+
+def placement_json(placement: Placement) -> str:
+    """The placement as a JSON string for action results and relation answers."""
+    return json.dumps(placement_data(placement), sort_keys=True)
+
+
+def placement_data(placement: Placement) -> dict[str, Any]:
+    """The placement as plain data."""
+    return {
+        "vcpus": placement.vcpus,
+        "memory-mib": placement.memory_mib,
+        "numa-nodes": list(placement.host_nodes),
+        "cpus": list(placement.pinned_cpus),
+        "emulator-cpus": list(placement.emulator_cpus),
+        "hugepages": [
+            {"node": c.host_node, "size": page_label(c.hugepage_size_kib), "pages": c.hugepages}
+            for c in placement.cells
+            if c.hugepage_size_kib and c.hugepages
+        ],
+        "cells": [
+            {
+                "host-node": c.host_node,
+                "vcpus": c.vcpus,
+                "memory-mib": c.memory_mib,
+                "cpus": list(c.cpus),
+            }
+            for c in placement.cells
+        ],
+        "vfs": [{"nic": v.nic, "count": v.count} for v in placement.vfs],
+    }
+
+
+def vm_json(vm: VmRecord) -> dict[str, Any]:
+    """One VM as plain data for list-vms."""
+    return {
+        "name": vm.name,
+        "uuid": vm.uuid,
+        "state": vm.state.value,
+        "owner": vm.owner,
+        "request-id": vm.request_id,
+        "managed": vm.managed,
+        "placement": placement_data(vm.placement),
+        "volumes": list(vm.volumes),
+        "interfaces": [dict(i) for i in vm.interfaces],
+    }
+
+
+def vm_result(vm: VmRecord) -> dict[str, str]:
+    """compose-vm's action result (flat strings, as `juju run` prints them)."""
+    return {
+        "name": vm.name,
+        "uuid": vm.uuid,
+        "state": vm.state.value,
+        "placement": placement_json(vm.placement),
+        "volumes": ", ".join(vm.volumes),
+        "interfaces": json.dumps([dict(i) for i in vm.interfaces], sort_keys=True),
+    }
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def vms_table(vms: Sequence[VmRecord]) -> str:
+    """list-vms as a table."""
+    rows = [
+        (
+            vm.name,
+            vm.state.value,
+            vm.owner if vm.managed else "(not vm-host)",
+            vm.placement.vcpus,
+            vm.placement.memory_mib,
+            ",".join(str(n) for n in vm.placement.host_nodes) or "-",
+            format_cpu_list(vm.placement.pinned_cpus) or "shared",
+            "/".join(
+                f"{c.hugepages}x{page_label(c.hugepage_size_kib)}"
+                for c in vm.placement.cells
+                if c.hugepage_size_kib and c.hugepages
+            )
+            or "-",
+        )
+        for vm in vms
+    ]
+    headers = ("NAME", "STATE", "OWNER", "VCPUS", "MEM-MIB", "NODES", "CPUS", "HUGEPAGES")
+    return _table(headers, rows) if rows else "no VMs"
+
+
+def resources_json(
+    topology: HostTopology, vms: Sequence[VmRecord], policy: Policy
+) -> dict[str, Any]:
+    """show-resources as plain data: per node CPUs, memory, huge pages, VMs; NICs; pools."""
+    host_usage = usage(topology, [vm.placement for vm in vms], policy)
+    nodes = []
+    for node_usage in host_usage.nodes:
+        node = topology.node(node_usage.node)
+        cpu_ids = set(node.cpu_ids)
+        pinned = sorted(
+            cpu
+            for vm in vms
+            for cell in vm.placement.cells
+            if cell.host_node == node.id
+            for cpu in cell.cpus
+        )
+        reserved = sorted(cpu_ids & policy.reserved_cpus)
+        nodes.append(
+            {
+                "id": node.id,
+                "cpus": {
+                    "total": node_usage.cpus_total,
+                    "free": node_usage.cpus_free_for_pinning,
+                    "pinned": pinned,
+                    "reserved": reserved,
+                    "shared-pool": node_usage.cpus_shared_pool,
+                    "held-idle": node_usage.cpus_held,
+                },
+                "memory-mib": {
+                    "general": node_usage.memory_total_mib,
+                    "reserved": node_usage.memory_reserved_mib,
+                    "bound": node_usage.memory_bound_mib,
+                    "free": node_usage.memory_free_mib,
+                },
+                "hugepages": [
+                    {
+                        "size": h.label,
+                        "total": h.total,
+                        "allocated": h.allocated,
+                        "unavailable": h.unavailable,
+                        "free": h.free,
+                    }
+                    for h in node_usage.hugepages
+                ],
+                "vms": sorted(
+                    {vm.name for vm in vms for c in vm.placement.cells if c.host_node == node.id}
+                ),
+            }
+        )
+    return {
+        "backend": topology.hypervisor,
+        "version": topology.hypervisor_version,
+        "nodes": nodes,
+        "shared": {
+            "cpu-overcommit-ratio": host_usage.cpu_overcommit_ratio,
+            "vcpus-allocated": host_usage.shared_vcpus_allocated,
+            "vcpus-capacity": host_usage.shared_vcpus_capacity,
+            "memory-overcommit-ratio": host_usage.memory_overcommit_ratio,
+            "memory-allocated-mib": host_usage.memory_allocated_mib,
+            "memory-capacity-mib": host_usage.memory_capacity_mib,
+            "floating-vms": sorted(vm.name for vm in vms if not vm.placement.cells),
+        },
+        "nics": [
+            {
+                "name": n.nic,
+                "numa-node": n.numa_node,
+                "vfs-total": n.vfs_total,
+                "vfs-enabled": n.vfs_enabled,
+                "vfs-used": n.vfs_used,
+                "vfs-free": n.vfs_free,
+            }
+            for n in host_usage.nics
+        ],
+        "pools": [
+            {
+                "name": p.name,
+                "driver": p.driver,
+                "capacity-gb": round(p.capacity_bytes / 10**9, 1),
+                "allocation-gb": round(p.allocation_bytes / 10**9, 1),
+                "available-gb": round(p.available_bytes / 10**9, 1),
+                "active": p.active,
+            }
+            for p in topology.pools
+        ],
+    }
+
+
+def resources_table(data: dict[str, Any]) -> str:
+    """show-resources as text an operator can read in a terminal."""
+    node_rows = []
+    for node in data["nodes"]:
+        cpus = node["cpus"]
+        memory = node["memory-mib"]
+        pages = " ".join(f"{h['size']}:{h['free']}/{h['total']}" for h in node["hugepages"]) or "-"
+        node_rows.append(
+            (
+                f"node {node['id']}",
+                f"{cpus['free']}/{cpus['total']}",
+                format_cpu_list(cpus["pinned"]) or "-",
+                format_cpu_list(cpus["reserved"]) or "-",
+                f"{memory['free']}/{memory['general']}",
+                pages,
+                ",".join(node["vms"]) or "-",
+            )
+        )
+    shared = data["shared"]
+    parts = [
+        _table(
+            ("NUMA", "CPUS-FREE", "PINNED", "RESERVED", "MEM-FREE-MIB", "HUGEPAGES-FREE", "VMS"),
+            node_rows,
+        ),
+        "",
+        f"shared vCPUs {shared['vcpus-allocated']}/{shared['vcpus-capacity']} "
+        f"(ratio {shared['cpu-overcommit-ratio']}), general memory "
+        f"{shared['memory-allocated-mib']}/{shared['memory-capacity-mib']} MiB "
+        f"(ratio {shared['memory-overcommit-ratio']})",
+    ]
+    if data["nics"]:
+        parts += [
+            "",
+            _table(
+                ("NIC", "NUMA", "VFS-FREE", "VFS-TOTAL"),
+                [
+                    (n["name"], "-" if n["numa-node"] is None else n["numa-node"], n["vfs-free"], n["vfs-total"])
+                    for n in data["nics"]
+                ],
+            ),
+        ]
+    if data["pools"]:
+        parts += [
+            "",
+            _table(
+                ("POOL", "DRIVER", "USED-GB", "CAPACITY-GB", "ACTIVE"),
+                [
+                    (p["name"], p["driver"], p["allocation-gb"], p["capacity-gb"], p["active"])
+                    for p in data["pools"]
+                ],
+            ),
+        ]
+    return "\n".join(parts)

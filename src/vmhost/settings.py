@@ -1,0 +1,96 @@
+"""Operator settings that are not requests: huge page reservations and the placement policy.
+
+The charm's config model calls these so that a bad value is refused with the option's name
+and the fix before anything on the host changes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from vmhost.topology import parse_cpu_list
+from vmhost.model import HUGEPAGE_LABELS, InvalidRequestError, Policy
+
+_HUGEPAGE_ENTRY = re.compile(r"^(?P<size>2M|1G):(?P<count>\d{1,7})(?:@(?P<node>\d{1,3}))?$")
+
+
+@dataclass(frozen=True)
+class HugepageSetting:
+    """Huge pages to reserve: `count` pages of `size_kib`, on one node or spread by the kernel."""
+
+    size_kib: int
+    count: int
+    node: int | None = None
+
+
+def parse_hugepages_setting(text: str) -> tuple[HugepageSetting, ...]:
+    """Parse the `hugepages` option: "2M:4096,1G:8@0,1G:8@1".
+
+    A size given both host-wide and per node would leave the kernel to guess, so it is refused.
+    """
+    settings: list[HugepageSetting] = []
+    for raw in (part.strip() for part in text.split(",")):
+        if not raw:
+            continue
+        match = _HUGEPAGE_ENTRY.match(raw)
+        if not match:
+            raise InvalidRequestError(
+                "hugepages",
+                f"{raw!r} is not SIZE:COUNT[@NODE] with SIZE 2M or 1G, for example "
+                "'2M:1024' or '1G:4@0'",
+            )
+        node = match["node"]
+        settings.append(
+            HugepageSetting(
+                size_kib=HUGEPAGE_LABELS[match["size"]],
+                count=int(match["count"]),
+                node=int(node) if node is not None else None,
+            )
+        )
+    seen: dict[tuple[int, int | None], HugepageSetting] = {}
+    for setting in settings:
+        key = (setting.size_kib, setting.node)
+        if key in seen:
+            raise InvalidRequestError(
+                "hugepages", "each size may appear once per node; merge the repeated entries"
+            )
+        seen[key] = setting
+    for size, node in seen:
+        if node is None and any(s == size and n is not None for s, n in seen):
+            raise InvalidRequestError(
+                "hugepages",
+                "a size is given both host-wide and per node; use either 'SIZE:COUNT' or "
+                "'SIZE:COUNT@NODE' entries for it",
+            )
+    return tuple(sorted(settings, key=lambda s: (s.size_kib, -1 if s.node is None else s.node)))
+
+
+def parse_reserved_cpus(text: str) -> frozenset[int]:
+    """Parse the `reserved-cpus` option (Linux cpu-list syntax)."""
+    if not text.strip():
+        return frozenset()
+    try:
+        return frozenset(parse_cpu_list(text))
+    except ValueError as exc:
+        raise InvalidRequestError(
+            "reserved-cpus", f"{exc}; use Linux cpu-list syntax such as '0-1,24-25'"
+        ) from exc
+
+
+def make_policy(
+    *,
+    cpu_overcommit_ratio: float,
+    memory_overcommit_ratio: float,
+    reserved_cpus: str,
+    reserved_memory_mib: int,
+    smt_policy: str,
+) -> Policy:
+    """Build the placement policy from the charm options."""
+    return Policy(
+        cpu_overcommit_ratio=cpu_overcommit_ratio,
+        memory_overcommit_ratio=memory_overcommit_ratio,
+        reserved_cpus=parse_reserved_cpus(reserved_cpus),
+        reserved_memory_mib=reserved_memory_mib,
+        smt_policy=smt_policy,
+    )

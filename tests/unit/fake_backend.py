@@ -1,0 +1,100 @@
+"""An in-memory backend for charm unit tests: same protocol, no hypervisor."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from vmhost.backends import BackendUnavailableError
+from vmhost.model import (
+    HostTopology,
+    NicAttachment,
+    Placement,
+    StoragePool,
+    VmHostError,
+    VmRecord,
+    VmSpec,
+    VmState,
+)
+
+
+@dataclass
+class FakeBackend:
+    """Keeps VMs and pools in dicts; records every call so tests can assert on them."""
+
+    host: HostTopology
+    reachable: bool = True
+    fail_compose: str = ""
+    """When set, compose raises VmHostError with this text (after validating nothing)."""
+    vms: dict[str, VmRecord] = field(default_factory=dict)
+    pools: dict[str, StoragePool] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    name: str = "libvirt"
+
+    def _check(self) -> None:
+        if not self.reachable:
+            raise BackendUnavailableError("cannot connect to qemu:///system (fake: down)")
+
+    def version(self) -> str:
+        self._check()
+        return "9.0.0"
+
+    def topology(self) -> HostTopology:
+        self._check()
+        self.calls.append("topology")
+        return replace(self.host, pools=tuple(self.pools.values()))
+
+    def list_vms(self) -> list[VmRecord]:
+        self._check()
+        self.calls.append("list_vms")
+        return sorted(self.vms.values(), key=lambda v: v.name)
+
+    def ensure_pool(self, name: str, path: str) -> None:
+        self._check()
+        self.calls.append(f"ensure_pool:{name}")
+        self.pools.setdefault(
+            name, StoragePool(name=name, capacity_bytes=100 * 10**9, available_bytes=100 * 10**9, path=path)
+        )
+
+    def compose(
+        self,
+        spec: VmSpec,
+        placement: Placement,
+        nics: Sequence[NicAttachment],
+        default_pool: str,
+    ) -> VmRecord:
+        self._check()
+        self.calls.append(f"compose:{spec.name}")
+        if self.fail_compose:
+            raise VmHostError(self.fail_compose)
+        if spec.name in self.vms:
+            raise VmHostError(f"domain {spec.name} exists")
+        record = VmRecord(
+            name=spec.name,
+            uuid=str(uuid.uuid5(uuid.NAMESPACE_DNS, spec.name)),
+            state=VmState.RUNNING,
+            placement=placement,
+            owner=spec.owner,
+            request_id=spec.request_id,
+            volumes=tuple(f"{d.pool or default_pool}/{spec.name}-{d.label}" for d in spec.disks),
+            interfaces=tuple(
+                {"label": n.label, "mac": f"52:54:00:00:00:{i:02x}", "attached-to": n.source}
+                for i, n in enumerate(nics)
+            ),
+        )
+        self.vms[spec.name] = record
+        return record
+
+    def delete(self, name: str) -> None:
+        self._check()
+        self.calls.append(f"delete:{name}")
+        if name not in self.vms:
+            raise VmHostError(f"no domain {name}")
+        del self.vms[name]
+
+    def start(self, name: str) -> None:
+        self.vms[name] = replace(self.vms[name], state=VmState.RUNNING)
+
+    def stop(self, name: str) -> None:
+        self.vms[name] = replace(self.vms[name], state=VmState.STOPPED)

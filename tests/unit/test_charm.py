@@ -1,0 +1,324 @@
+"""The charm in ops.testing, with an in-memory backend and host (no hypervisor touched)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from ops import testing
+
+import charm
+from fake_backend import FakeBackend
+from vmhost import host
+from vmhost.model import PAGE_2M_KIB, VmHostError
+from vmhost.topology import parse_capabilities
+
+CAPS = "vdsm-intel-sandybridge-2socket-2node-smt-24cpu.xml"
+
+
+@pytest.fixture
+def topology(fixtures_dir: Path):
+    topo = parse_capabilities((fixtures_dir / "libvirt-caps" / CAPS).read_text())
+    # 16 free 2M pages on node 1 only, so hugepage requests have somewhere to go.
+    nodes = tuple(
+        replace(n, hugepages_total={PAGE_2M_KIB: 16}, hugepages_free={PAGE_2M_KIB: 16})
+        if n.id == 1
+        else n
+        for n in topo.nodes
+    )
+    return replace(topo, nodes=nodes)
+
+
+@pytest.fixture
+def backend(topology, monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
+    fake = FakeBackend(host=topology)
+    monkeypatch.setattr(charm, "make_backend", lambda config: fake)
+    return fake
+
+
+class FakeHost:
+    """Records host set-up calls; the kernel grants `granted` huge pages when set."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.granted: int | None = None
+        self.running = True
+
+    def install(self):
+        self.calls.append("install")
+
+    def write(self, path, content, mode=0o644):
+        self.calls.append(f"write:{path}")
+        assert "unix_sock_group" in content
+        return False
+
+    def ensure(self, changed):
+        self.calls.append("ensure_libvirtd")
+        if self.running:
+            return host.DaemonState(True, host.DaemonManager.EXTERNAL)
+        return host.DaemonState(False, host.DaemonManager.NONE, message="libvirtd is not running")
+
+    def hugepages(self, size_kib, count, node=None, sysfs_root="/sys"):
+        self.calls.append(f"hugepages:{size_kib}:{count}:{node}")
+        if node == 7:
+            raise VmHostError("hugepages: 2048 KiB pages are not available on NUMA node 7")
+        return count if self.granted is None else self.granted
+
+
+@pytest.fixture
+def fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
+    fake = FakeHost()
+    monkeypatch.setattr(host, "install_packages", fake.install)
+    monkeypatch.setattr(host, "write_if_changed", fake.write)
+    monkeypatch.setattr(host, "ensure_libvirtd", fake.ensure)
+    monkeypatch.setattr(host, "set_hugepages", fake.hugepages)
+    return fake
+
+
+@pytest.fixture
+def ctx() -> testing.Context[charm.VmHostCharm]:
+    return testing.Context(charm.VmHostCharm)
+
+
+def run_action(ctx, name, params=None, config=None):
+    state = testing.State(config=config or {}, leader=True)
+    ctx.run(ctx.on.action(name, params=params or {}), state)
+    return ctx.action_results or {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifecycle and status
+
+
+def test_install_sets_up_host_and_default_pool(ctx, backend, fake_host):
+    out = ctx.run(ctx.on.install(), testing.State())
+    assert fake_host.calls[:3] == ["install", "write:/etc/libvirt/libvirtd.conf", "ensure_libvirtd"]
+    assert f"ensure_pool:{host.DEFAULT_POOL_NAME}" in backend.calls
+    assert out.unit_status == testing.ActiveStatus(
+        "libvirt 9.0.0: 2 NUMA nodes, 24/24 CPUs free, 0 VMs"
+    )
+
+
+def test_config_changed_does_not_reinstall_packages(ctx, backend, fake_host):
+    ctx.run(ctx.on.config_changed(), testing.State())
+    assert "install" not in fake_host.calls
+
+
+def test_configured_pool_is_not_created(ctx, backend, fake_host):
+    ctx.run(ctx.on.config_changed(), testing.State(config={"default-storage-pool": "fast"}))
+    assert not [c for c in backend.calls if c.startswith("ensure_pool")]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "phrase"),
+    [
+        ("cpu-overcommit-ratio", 0.0, "cpu-overcommit-ratio: must be greater than 0"),
+        ("cpu-overcommit-ratio", 11.0, "cpu-overcommit-ratio: must be greater than 0 and at most 10"),
+        ("memory-overcommit-ratio", -1.0, "memory-overcommit-ratio"),
+        ("reserved-cpus", "0-", "reserved-cpus"),
+        ("hugepages", "3M:4", "hugepages"),
+        ("smt-policy", "sometimes", "smt-policy"),
+        ("default-storage-pool", "Bad Pool", "default-storage-pool"),
+        ("release-policy", "shred", "release-policy"),
+    ],
+)
+def test_invalid_config_blocks_and_changes_nothing(ctx, backend, fake_host, option, value, phrase):
+    out = ctx.run(ctx.on.config_changed(), testing.State(config={option: value}))
+    assert isinstance(out.unit_status, testing.BlockedStatus)
+    assert phrase in out.unit_status.message
+    assert "juju config" in out.unit_status.message
+    assert fake_host.calls == []
+    assert not [c for c in backend.calls if c.startswith(("ensure_pool", "compose"))]
+
+
+def test_lxd_backend_is_blocked_until_available(ctx, backend, fake_host):
+    out = ctx.run(ctx.on.config_changed(), testing.State(config={"backend": "lxd"}))
+    assert isinstance(out.unit_status, testing.BlockedStatus)
+    assert "backend=libvirt" in out.unit_status.message
+    assert fake_host.calls == []
+
+
+def test_unreachable_hypervisor_is_waiting(ctx, backend, fake_host):
+    backend.reachable = False
+    out = ctx.run(ctx.on.update_status(), testing.State())
+    assert isinstance(out.unit_status, testing.WaitingStatus)
+    assert "qemu:///system" in out.unit_status.message
+
+
+def test_hugepages_granted_short_blocks_with_numbers(ctx, backend, fake_host):
+    fake_host.granted = 100
+    out = ctx.run(ctx.on.config_changed(), testing.State(config={"hugepages": "2M:512"}))
+    assert "hugepages:2048:512:None" in fake_host.calls
+    assert isinstance(out.unit_status, testing.BlockedStatus)
+    assert "granted 100 of 512" in out.unit_status.message
+
+
+def test_hugepages_on_missing_node_blocks(ctx, backend, fake_host):
+    out = ctx.run(ctx.on.config_changed(), testing.State(config={"hugepages": "2M:8@7"}))
+    assert isinstance(out.unit_status, testing.BlockedStatus)
+    assert "NUMA node 7" in out.unit_status.message
+
+
+def test_reconcile_is_idempotent(ctx, backend, fake_host):
+    state = testing.State()
+    first = ctx.run(ctx.on.config_changed(), state)
+    second = ctx.run(ctx.on.config_changed(), first)
+    assert first.unit_status == second.unit_status
+    assert [c for c in backend.calls if c.startswith("ensure_pool")] == [
+        f"ensure_pool:{host.DEFAULT_POOL_NAME}"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# compose-vm
+
+
+def test_compose_pinned_vm(ctx, backend, fake_host):
+    results = run_action(ctx, "compose-vm", {"name": "db-0", "memory": 1024, "pinned-cores": "4"})
+    vm = backend.vms["db-0"]
+    assert vm.owner == "action"
+    assert len(vm.placement.pinned_cpus) == 4
+    assert len(vm.placement.host_nodes) == 1
+    assert results["name"] == "db-0"
+    placement = json.loads(results["placement"])
+    assert sorted(placement["cpus"]) == sorted(vm.placement.pinned_cpus)
+
+
+def test_compose_status_counts_pinned_cpus(ctx, backend, fake_host):
+    run_action(ctx, "compose-vm", {"name": "db-0", "memory": 1024, "pinned-cores": "4"})
+    out = ctx.run(ctx.on.update_status(), testing.State())
+    assert out.unit_status == testing.ActiveStatus(
+        "libvirt 9.0.0: 2 NUMA nodes, 20/24 CPUs free, 1 VM"
+    )
+
+
+def test_compose_dry_run_creates_nothing(ctx, backend, fake_host):
+    results = run_action(
+        ctx, "compose-vm", {"name": "db-0", "memory": 1024, "pinned-cores": "2", "dry-run": True}
+    )
+    assert backend.vms == {}
+    assert len(json.loads(results["placement"])["cpus"]) == 2
+
+
+def test_compose_hugepages_lands_on_node_with_pages(ctx, backend, fake_host):
+    run_action(
+        ctx,
+        "compose-vm",
+        {"name": "hp-0", "memory": 32, "cores": 1, "pinned-cores": "1", "hugepages": "2M"},
+    )
+    vm = backend.vms["hp-0"]
+    assert vm.placement.host_nodes == (1,)
+    assert vm.placement.cells[0].hugepages == 16
+
+
+@pytest.mark.parametrize(
+    ("params", "phrase"),
+    [
+        ({"name": "Bad_Name", "memory": 512}, "name"),
+        ({"name": "ok", "memory": 512, "pinned-cores": "abc"}, "pinned-cores"),
+        ({"name": "ok", "memory": 512, "cores": 2, "pinned-cores": "4"}, "pinned-cores"),
+        ({"name": "ok", "memory": 512, "storage": "root:x"}, "storage"),
+        ({"name": "ok", "memory": 512, "interfaces": "eth0:fabric=f1"}, "fabric"),
+        ({"name": "ok", "memory": 512, "colour": "red"}, "colour"),
+    ],
+)
+def test_compose_bad_input_fails_naming_the_field(ctx, backend, fake_host, params, phrase):
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "compose-vm", params)
+    assert phrase in failed.value.message
+    assert "nothing done" in failed.value.message
+    assert backend.vms == {}
+
+
+def test_compose_that_does_not_fit_is_refused_with_numbers(ctx, backend, fake_host):
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "compose-vm", {"name": "big", "memory": 1024, "pinned-cores": "20"})
+    assert "cannot place big" in failed.value.message
+    assert "20" in failed.value.message
+    assert backend.vms == {}
+
+
+def test_compose_refuses_existing_name(ctx, backend, fake_host):
+    run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512})
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512})
+    assert "already exists" in failed.value.message
+
+
+def test_compose_failure_is_reported_as_rolled_back(ctx, backend, fake_host):
+    backend.fail_compose = "volume db-0-root could not be created"
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512})
+    assert "rolled back" in failed.value.message
+    assert "db-0-root" in failed.value.message
+
+
+def test_compose_when_hypervisor_down_fails_cleanly(ctx, backend, fake_host):
+    backend.reachable = False
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512})
+    assert "not reachable" in failed.value.message
+
+
+# ---------------------------------------------------------------------------------------------
+# delete-vm, list-vms, show-resources
+
+
+def test_delete_vm(ctx, backend, fake_host):
+    run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512})
+    results = run_action(ctx, "delete-vm", {"name": "db-0"})
+    assert results["deleted"] == "db-0"
+    assert backend.vms == {}
+
+
+def test_delete_unknown_vm_lists_known(ctx, backend, fake_host):
+    run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512})
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "delete-vm", {"name": "db-9"})
+    assert "db-0" in failed.value.message
+    assert "db-0" in backend.vms
+
+
+def test_delete_refuses_relation_owned_vm(ctx, backend, fake_host):
+    run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512})
+    backend.vms["db-0"] = replace(backend.vms["db-0"], owner="relation:4:postgresql")
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "delete-vm", {"name": "db-0"})
+    assert "relation:4:postgresql" in failed.value.message
+    assert "db-0" in backend.vms
+
+
+def test_delete_refuses_foreign_domain(ctx, backend, fake_host):
+    run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512})
+    backend.vms["db-0"] = replace(backend.vms["db-0"], managed=False)
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "delete-vm", {"name": "db-0"})
+    assert "not composed by vm-host" in failed.value.message
+
+
+def test_list_vms(ctx, backend, fake_host):
+    run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512, "pinned-cores": "2"})
+    results = run_action(ctx, "list-vms")
+    assert "db-0" in results["table"]
+    listed = json.loads(results["json"])
+    assert [vm["name"] for vm in listed] == ["db-0"]
+    assert listed[0]["owner"] == "action"
+
+
+def test_show_resources(ctx, backend, fake_host):
+    run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512, "pinned-cores": "2"})
+    results = run_action(ctx, "show-resources")
+    data = json.loads(results["json"])
+    assert [n["id"] for n in data["nodes"]] == [0, 1]
+    pinned = sum(len(n["cpus"]["pinned"]) for n in data["nodes"])
+    assert pinned == 2
+    assert "db-0" in results["table"]
+    assert "NUMA node 0" in results["table"] or "node 0" in results["table"]
+
+
+def test_remove_keeps_vms(ctx, backend, fake_host):
+    run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512})
+    ctx.run(ctx.on.remove(), testing.State())
+    assert "db-0" in backend.vms
