@@ -1,0 +1,727 @@
+"""libvirt access over SSH: the access user and the managed block of its authorized_keys.
+
+Managers (MAAS, Terraform, other charms) reach libvirt as `qemu+ssh://<user>@<host>/system`.
+Each key vm-host authorizes is written with `restrict` and a forced command that only connects
+to the libvirt socket, so a key never gives a shell, a pty or forwarding.
+
+The managed block of authorized_keys is the ledger: every line carries its source in the
+comment field (`vm-host:config`, `vm-host:relation:<id>:<unit>`, `vm-host:action:<name>`), so
+keys added by an action survive every hook without charm state, and each source's keys can be
+removed exactly. Lines outside the block belong to the operator and are never touched.
+
+The access user is deleted on removal only when vm-host created it (a marker file in its home
+says so) and no operator lines remain outside the block; otherwise only the block goes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import grp
+import hashlib
+import logging
+import os
+import pwd
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from vmhost.model import InvalidRequestError, VmHostError
+
+logger = logging.getLogger(__name__)
+
+BLOCK_BEGIN = "# BEGIN vm-host managed keys"
+BLOCK_END = "# END vm-host managed keys"
+BLOCK_NOTE = "# Lines between these markers are managed by vm-host; edits here are overwritten."
+
+KEY_TYPES = frozenset(
+    {
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    }
+)
+MIN_RSA_BITS = 2048
+MAX_KEY_BLOB_BYTES = 16384
+
+VIRT_SSH_HELPER = "/usr/bin/virt-ssh-helper"
+NETCAT = "/usr/bin/nc"
+LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
+
+USERADD = "/usr/sbin/useradd"
+USERMOD = "/usr/sbin/usermod"
+USERDEL = "/usr/sbin/userdel"
+USER_SHELL = "/bin/sh"
+"""sshd runs a forced command through the user's login shell, so it must be a real shell;
+the forced command on every key (and the sshd Match block) is what keeps it from a prompt."""
+CREATED_MARKER = ".vm-host-created"
+
+SSHD_DROP_IN = Path("/etc/ssh/sshd_config.d/vm-host.conf")
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
+_ACTION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_SOURCE_RE = re.compile(
+    r"^(config"
+    r"|relation:[0-9]{1,9}:[a-z][a-z0-9-]{0,62}(/[0-9]{1,9})?"
+    r"|action:[A-Za-z0-9][A-Za-z0-9._@-]{0,63})$"
+)
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+
+_SOURCE_FIELD = {"config": "ssh-authorized-keys", "relation": "ssh-public-key", "action": "key"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+
+
+@dataclass(frozen=True, order=True)
+class AuthorizedKey:
+    """A validated public key and where it came from.
+
+    Ordered by source, then key, so the managed block is written in a stable order whatever
+    order the sources were gathered in.
+    """
+
+    source: str
+    """"config", "relation:<id>:<unit>" or "action:<name>"."""
+    key_type: str
+    blob: str
+    """The base64 key body, exactly as validated."""
+
+    @property
+    def fingerprint(self) -> str:
+        """The SHA256 fingerprint in ssh-keygen's notation ("SHA256:...")."""
+        digest = hashlib.sha256(base64.b64decode(self.blob)).digest()
+        return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+    @property
+    def public_key(self) -> str:
+        """The key as "<type> <base64>", without options or comment."""
+        return f"{self.key_type} {self.blob}"
+
+    @property
+    def action_name(self) -> str | None:
+        """The action name for keys added by the authorize action, else None."""
+        return self.source.removeprefix("action:") if self.source.startswith("action:") else None
+
+
+def validate_user_name(name: str) -> str:
+    """Refuse user names that useradd or sshd would treat specially.
+
+    Raises:
+        InvalidRequestError: the name is not a plain lower-case POSIX account name.
+    """
+    if not isinstance(name, str) or not _USER_RE.match(name):
+        raise InvalidRequestError(
+            "libvirt-user",
+            f"{name!r} is not a valid user name: use 1-31 characters of a-z, 0-9, '_' and '-', "
+            "starting with a letter or '_'",
+        )
+    return name
+
+
+def validate_source(source: str) -> str:
+    """Refuse source tags that could not be found again or would break the key line."""
+    if not isinstance(source, str) or not _SOURCE_RE.match(source):
+        raise InvalidRequestError(
+            "source",
+            f"{source!r} is not a key source: use 'config', 'relation:<id>:<unit>' or "
+            "'action:<name>'",
+        )
+    return source
+
+
+def validate_action_name(name: str) -> str:
+    """Refuse names for action-added keys that cannot be written into a key comment."""
+    if not isinstance(name, str) or not _ACTION_NAME_RE.match(name):
+        raise InvalidRequestError(
+            "name",
+            f"{name!r} is not a valid key name: use 1-64 characters of letters, digits, "
+            "'.', '_', '@' and '-', starting with a letter or digit",
+        )
+    return name
+
+
+def _field_for(source: str) -> str:
+    return _SOURCE_FIELD.get(source.split(":", 1)[0], "key")
+
+
+def _read_string(data: bytes, offset: int, what: str) -> tuple[bytes, int]:
+    if offset + 4 > len(data):
+        raise ValueError(f"the key data ends before its {what}")
+    length = int.from_bytes(data[offset : offset + 4], "big")
+    start = offset + 4
+    if start + length > len(data):
+        raise ValueError(f"the key data ends inside its {what}")
+    return data[start : start + length], start + length
+
+
+def _check_rsa(data: bytes, offset: int) -> int:
+    exponent, offset = _read_string(data, offset, "RSA exponent")
+    modulus, offset = _read_string(data, offset, "RSA modulus")
+    if not exponent or not modulus:
+        raise ValueError("the RSA key has an empty exponent or modulus")
+    bits = int.from_bytes(modulus, "big").bit_length()
+    if bits < MIN_RSA_BITS:
+        raise ValueError(f"the RSA key has {bits} bits; use at least {MIN_RSA_BITS}")
+    return offset
+
+
+def _check_ed25519(data: bytes, offset: int) -> int:
+    point, offset = _read_string(data, offset, "ed25519 public key")
+    if len(point) != 32:
+        raise ValueError(f"the ed25519 public key is {len(point)} bytes, not 32")
+    return offset
+
+
+def _check_ecdsa(key_type: str, data: bytes, offset: int) -> int:
+    curve = key_type.removeprefix("sk-").removesuffix("@openssh.com").rsplit("-", 1)[1]
+    named, offset = _read_string(data, offset, "curve name")
+    if named != curve.encode():
+        raise ValueError(f"the key names curve {named[:20]!r}, not {curve!r}")
+    point, offset = _read_string(data, offset, "curve point")
+    if not point or point[0] != 4:
+        raise ValueError("the ECDSA point is not an uncompressed curve point")
+    return offset
+
+
+def _check_blob(key_type: str, data: bytes) -> None:
+    """Walk the wire-format key so truncated or padded blobs are refused, not just mislabeled."""
+    name, offset = _read_string(data, 0, "type")
+    if name != key_type.encode():
+        shown = name.decode("ascii", "replace")[:40]
+        raise ValueError(f"the key data says it is {shown!r}, not {key_type!r}")
+    if key_type == "ssh-rsa":
+        offset = _check_rsa(data, offset)
+    elif key_type in ("ssh-ed25519", "sk-ssh-ed25519@openssh.com"):
+        offset = _check_ed25519(data, offset)
+    else:
+        offset = _check_ecdsa(key_type, data, offset)
+    if key_type.startswith("sk-"):
+        application, offset = _read_string(data, offset, "security key application")
+        if not application:
+            raise ValueError("the security key has an empty application")
+    if offset != len(data):
+        raise ValueError(f"the key data has {len(data) - offset} unexpected trailing bytes")
+
+
+def parse_public_key(text: str, source: str) -> AuthorizedKey:
+    """Validate one OpenSSH public key line and tag it with its source.
+
+    The comment is dropped (the source tag replaces it), and anything that would let a key line
+    carry its own options (command=, permitopen=, ...) is refused: the options on every line
+    are vm-host's.
+
+    Args:
+        text: "<type> <base64> [comment]".
+        source: where the key came from; see `validate_source`.
+
+    Raises:
+        InvalidRequestError: the key is refused; the field names its source (config
+            "ssh-authorized-keys", relation "ssh-public-key", action "key") and the message
+            says why.
+    """
+    validate_source(source)
+    field = _field_for(source)
+    if not isinstance(text, str):
+        raise InvalidRequestError(field, "the key must be text")
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidRequestError(field, "the key is empty; give '<type> <base64> [comment]'")
+    if _CONTROL_RE.search(stripped):
+        raise InvalidRequestError(
+            field, "the key contains a newline or control character; give exactly one key line"
+        )
+    tokens = stripped.split()
+    key_type = tokens[0]
+    if key_type not in KEY_TYPES:
+        if "=" in key_type or "," in key_type or '"' in stripped or key_type in _SSH_OPTIONS:
+            raise InvalidRequestError(
+                field,
+                f"key options are not allowed (found {key_type[:40]!r}); give only "
+                "'<type> <base64> [comment]': vm-host sets the options itself",
+            )
+        raise InvalidRequestError(
+            field,
+            f"unknown key type {key_type[:40]!r}; use one of {', '.join(sorted(KEY_TYPES))}",
+        )
+    if len(tokens) < 2:
+        raise InvalidRequestError(field, f"the {key_type} key has no base64 body")
+    blob = tokens[1]
+    if len(blob) > MAX_KEY_BLOB_BYTES * 4 // 3 + 4:
+        raise InvalidRequestError(field, "the key body is too long to be a public key")
+    try:
+        data = base64.b64decode(blob, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(field, "the key body is not valid base64") from None
+    try:
+        _check_blob(key_type, data)
+    except ValueError as exc:
+        raise InvalidRequestError(field, str(exc)) from None
+    return AuthorizedKey(source=source, key_type=key_type, blob=blob)
+
+
+_SSH_OPTIONS = frozenset(
+    {
+        "agent-forwarding",
+        "cert-authority",
+        "command",
+        "environment",
+        "expiry-time",
+        "from",
+        "no-agent-forwarding",
+        "no-port-forwarding",
+        "no-pty",
+        "no-touch-required",
+        "no-user-rc",
+        "no-x11-forwarding",
+        "permitlisten",
+        "permitopen",
+        "port-forwarding",
+        "principals",
+        "pty",
+        "restrict",
+        "tunnel",
+        "user-rc",
+        "verify-required",
+        "x11-forwarding",
+    }
+)
+
+
+def parse_public_keys(text: str, source: str) -> list[AuthorizedKey]:
+    """Validate a multi-line key list (the `ssh-authorized-keys` config), one key per line.
+
+    Blank lines and lines starting with '#' are skipped; the same key twice counts once.
+
+    Raises:
+        InvalidRequestError: on the first bad line, naming its line number.
+    """
+    keys: dict[str, AuthorizedKey] = {}
+    for number, line in enumerate((text or "").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            key = parse_public_key(line, source)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(exc.field, f"line {number}: {_reason(exc)}") from None
+        keys.setdefault(key.public_key, key)
+    return list(keys.values())
+
+
+def _reason(exc: InvalidRequestError) -> str:
+    return str(exc).removeprefix(f"{exc.field}: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# The managed block
+
+
+def forced_command() -> str:
+    """Return the command every managed key is forced to run.
+
+    virt-ssh-helper (libvirt >= 6.8) is preferred: it ships with the daemon, and speaks to the
+    daemon for the URI it is given. nc to the daemon socket is MAAS's recipe, kept for hosts
+    without it.
+    """
+    if os.access(VIRT_SSH_HELPER, os.X_OK):
+        return f"{VIRT_SSH_HELPER} qemu:///system"
+    return f"{NETCAT} -q 0 -U {LIBVIRT_SOCKET}"
+
+
+def render_key_line(key: AuthorizedKey, command: str) -> str:
+    """Return the authorized_keys line for one managed key."""
+    if '"' in command or _CONTROL_RE.search(command):
+        raise VmHostError(f"forced command {command!r} cannot be quoted in authorized_keys")
+    return f'restrict,command="{command}" {key.key_type} {key.blob} vm-host:{key.source}'
+
+
+def _is_managed_line(line: str) -> bool:
+    return line in (BLOCK_NOTE, "") or (
+        line.startswith('restrict,command="') and " vm-host:" in line
+    )
+
+
+def _split_block(existing: str) -> tuple[list[str], list[str], list[str]]:
+    """Split authorized_keys into (before, block body, after).
+
+    A begin marker without an end marker (a hand-edited file) takes only the managed-looking
+    lines that follow it, so the block is replaced instead of duplicated and no operator line
+    after it is lost.
+    """
+    lines = existing.splitlines()
+    try:
+        begin = lines.index(BLOCK_BEGIN)
+    except ValueError:
+        return lines, [], []
+    try:
+        end = lines.index(BLOCK_END, begin + 1)
+    except ValueError:
+        end = begin + 1
+        while end < len(lines) and _is_managed_line(lines[end]):
+            end += 1
+        return lines[:begin], lines[begin + 1 : end], lines[end:]
+    return lines[:begin], lines[begin + 1 : end], lines[end + 1 :]
+
+
+def render_authorized_keys(
+    existing: str, keys: Sequence[AuthorizedKey], command: str | None = None
+) -> str:
+    """Return authorized_keys with the managed block holding exactly `keys`.
+
+    Pure: lines outside the block are kept as they are, in place; the block is replaced
+    wholesale, appended when absent, or dropped when `keys` is empty; keys are written once
+    each, sorted by source then key.
+    """
+    command = command or forced_command()
+    before, _, after = _split_block(existing)
+    body = [render_key_line(k, command) for k in sorted(set(keys))]
+    block = [BLOCK_BEGIN, BLOCK_NOTE, *body, BLOCK_END] if body else []
+    lines = before + block + after
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def managed_keys(text: str) -> list[AuthorizedKey]:
+    """Read back the keys of the managed block (lines that do not parse are dropped)."""
+    _, body, _ = _split_block(text)
+    keys: list[AuthorizedKey] = []
+    for line in body:
+        if not line.startswith("restrict,command="):
+            continue
+        _, _, rest = line.partition('" ')
+        parts = rest.split()
+        if len(parts) != 3 or not parts[2].startswith("vm-host:"):
+            continue
+        try:
+            keys.append(parse_public_key(f"{parts[0]} {parts[1]}", parts[2][len("vm-host:") :]))
+        except InvalidRequestError:
+            logger.warning("dropping an unreadable line from the managed authorized_keys block")
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# The access user
+
+
+@dataclass(frozen=True)
+class AccessUser:
+    """The local account managers log in as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+    @property
+    def authorized_keys(self) -> Path:
+        """Path of the user's authorized_keys."""
+        return self.home / ".ssh" / "authorized_keys"
+
+
+def _lookup(name: str) -> AccessUser | None:
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return AccessUser(entry.pw_name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir))
+
+
+def _existing_groups(names: Iterable[str]) -> list[str]:
+    found = []
+    for name in names:
+        with contextlib.suppress(KeyError):
+            grp.getgrnam(name)
+            found.append(name)
+    return found
+
+
+def _ensure_dir(path: Path, user: AccessUser, mode: int) -> None:
+    if path.is_symlink():
+        raise VmHostError(f"{path} is a symlink; remove it so vm-host can manage SSH access")
+    path.mkdir(mode=mode, exist_ok=True)
+    os.chown(path, user.uid, user.gid)
+    os.chmod(path, mode)
+
+
+def ensure_user(name: str = "virsh") -> AccessUser:
+    """Create the access user when missing and put its SSH directory in order.
+
+    The account is a locked system account (no password), in the libvirt and libvirt-qemu
+    groups where they exist, with ~/.ssh at 0700 and authorized_keys at 0600. An existing
+    account is adopted as it is (only the groups and file modes are put right) and is then
+    never deleted by `remove_access`.
+    """
+    validate_user_name(name)
+    groups = _existing_groups(("libvirt", "libvirt-qemu"))
+    user = _lookup(name)
+    if user is None:
+        home = Path("/home") / name
+        command = [USERADD, "--system", "--create-home", "--home-dir", str(home)]
+        command += ["--shell", USER_SHELL, "--user-group"]
+        if groups:
+            command += ["--groups", ",".join(groups)]
+        subprocess.run([*command, name], check=True, capture_output=True)
+        user = _lookup(name)
+        if user is None:  # pragma: no cover - useradd succeeded but the account is missing
+            raise VmHostError(f"useradd reported success but user {name} does not exist")
+        user.home.mkdir(mode=0o750, exist_ok=True)
+        marker = user.home / CREATED_MARKER
+        marker.write_text("This account was created by vm-host and is removed with it.\n")
+        logger.info("created access user %s", name)
+    else:
+        member_of = {g.gr_name for g in grp.getgrall() if name in g.gr_mem}
+        missing = [g for g in groups if g not in member_of]
+        if missing:
+            subprocess.run(
+                [USERMOD, "--append", "--groups", ",".join(missing), name],
+                check=True,
+                capture_output=True,
+            )
+    subprocess.run([USERMOD, "--lock", name], check=True, capture_output=True)
+    ssh_dir = user.home / ".ssh"
+    _ensure_dir(ssh_dir, user, 0o700)
+    keys_file = user.authorized_keys
+    if keys_file.is_symlink():
+        raise VmHostError(f"{keys_file} is a symlink; remove it so vm-host can manage keys")
+    if not keys_file.exists():
+        _write_atomic(keys_file, "", user)
+    else:
+        os.chown(keys_file, user.uid, user.gid)
+        os.chmod(keys_file, 0o600)
+    return user
+
+
+def _require_user(name: str) -> AccessUser:
+    validate_user_name(name)
+    user = _lookup(name)
+    if user is None:
+        raise VmHostError(f"access user {name} does not exist; it is created on install")
+    return user
+
+
+def _write_atomic(path: Path, text: str, user: AccessUser) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".authorized_keys.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        os.fchown(fd, user.uid, user.gid)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_keys_file(user: AccessUser) -> str:
+    path = user.authorized_keys
+    if path.is_symlink():
+        raise VmHostError(f"{path} is a symlink; remove it so vm-host can manage keys")
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def sync_authorized_keys(user: str, keys: Sequence[AuthorizedKey]) -> bool:
+    """Make the managed block hold exactly `keys`; write (atomically, 0600) only on change.
+
+    Returns:
+        Whether the file changed.
+    """
+    account = _require_user(user)
+    existing = _read_keys_file(account)
+    wanted = render_authorized_keys(existing, keys)
+    if wanted == existing and account.authorized_keys.exists():
+        return False
+    _ensure_dir(account.authorized_keys.parent, account, 0o700)
+    _write_atomic(account.authorized_keys, wanted, account)
+    logger.info("authorized_keys of %s now holds %d managed keys", user, len(set(keys)))
+    return True
+
+
+def current_keys(user: str) -> list[AuthorizedKey]:
+    """Return the keys of the managed block, each with its source."""
+    return managed_keys(_read_keys_file(_require_user(user)))
+
+
+def sync_keys(user: str, keys: Sequence[AuthorizedKey]) -> bool:
+    """Set the config and relation keys; keys added by the authorize action are kept.
+
+    The charm calls this on every reconcile with the keys it gathered from config and the
+    relation; a key whose source is gone (config line removed, unit departed) disappears.
+
+    Raises:
+        InvalidRequestError: a key in `keys` claims an action source; those are managed with
+            `authorize_key` and `revoke_key` only.
+    """
+    for key in keys:
+        if key.action_name is not None:
+            raise InvalidRequestError("key", "action keys are added with authorize_key")
+    kept = [k for k in current_keys(user) if k.action_name is not None]
+    return sync_authorized_keys(user, [*keys, *kept])
+
+
+def authorize_key(user: str, key_text: str, name: str) -> AuthorizedKey:
+    """Authorize a key under an action name; the same key and name again changes nothing.
+
+    Raises:
+        InvalidRequestError: the key is invalid, the name is taken by another key, or the key
+            is already authorized under another action name.
+    """
+    validate_action_name(name)
+    key = parse_public_key(key_text, f"action:{name}")
+    keys = current_keys(user)
+    for other in keys:
+        if other.action_name is None:
+            continue
+        if other.action_name == name and other.public_key != key.public_key:
+            raise InvalidRequestError(
+                "name", f"{name!r} already names another key; revoke it first or pick a new name"
+            )
+        if other.public_key == key.public_key and other.action_name != name:
+            raise InvalidRequestError(
+                "key", f"this key is already authorized as {other.action_name!r}"
+            )
+    sync_authorized_keys(user, [*keys, key])
+    return key
+
+
+def revoke_key(user: str, name_or_fingerprint: str) -> list[AuthorizedKey]:
+    """Remove the action-added key with this name or SHA256 fingerprint.
+
+    Keys from config or the relation are not revoked here (they would come back on the next
+    hook); the error says where to remove them instead.
+
+    Returns:
+        The keys removed.
+
+    Raises:
+        InvalidRequestError: nothing matches, or the key comes from config or a relation.
+    """
+    wanted = (name_or_fingerprint or "").strip()
+    is_fingerprint = bool(_FINGERPRINT_RE.match(wanted))
+    if not is_fingerprint:
+        validate_action_name(wanted)
+    keys = current_keys(user)
+
+    def matches(key: AuthorizedKey) -> bool:
+        return key.fingerprint == wanted if is_fingerprint else key.action_name == wanted
+
+    removed = [k for k in keys if matches(k) and k.action_name is not None]
+    if not removed:
+        others = sorted({k.source for k in keys if matches(k)})
+        if others:
+            raise InvalidRequestError(
+                "name",
+                f"{wanted} comes from {', '.join(others)}, not from authorize-ssh-key; remove "
+                "it from the ssh-authorized-keys config or the relation instead",
+            )
+        raise InvalidRequestError(
+            "name", f"no key authorized by action matches {wanted!r}; see current_keys"
+        )
+    sync_authorized_keys(user, [k for k in keys if k not in removed])
+    return removed
+
+
+def remove_access(user: str) -> bool:
+    """Remove the managed block; delete the user too when vm-host created it.
+
+    The user is deleted (with its home) only when the marker written by `ensure_user` is in its
+    home and no lines remain outside the block, so an operator's own keys are never lost.
+
+    Returns:
+        Whether the user was deleted.
+    """
+    validate_user_name(user)
+    account = _lookup(user)
+    if account is None:
+        return False
+    if account.authorized_keys.exists():
+        sync_authorized_keys(user, [])
+    leftover = [
+        line
+        for line in _read_keys_file(account).splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    if not (account.home / CREATED_MARKER).exists() or leftover:
+        return False
+    subprocess.run([USERDEL, "--remove", user], check=True, capture_output=True)
+    logger.info("deleted access user %s", user)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# What clients need
+
+
+def libvirt_uri(user: str, address: str, port: int = 22) -> str:
+    """Return the qemu+ssh URI managers use; IPv6 addresses are bracketed."""
+    validate_user_name(user)
+    if not address or any(c in address for c in "/@?#[] \t\n"):
+        raise InvalidRequestError("address", f"{address!r} is not a host name or IP address")
+    if not 0 < int(port) < 65536:
+        raise InvalidRequestError("port", f"{port} is not a TCP port")
+    host = f"[{address}]" if ":" in address else address
+    netloc = host if int(port) == 22 else f"{host}:{int(port)}"
+    return f"qemu+ssh://{user}@{netloc}/system"
+
+
+def ssh_host_public_keys(etc_ssh: str | os.PathLike[str] = "/etc/ssh") -> list[str]:
+    """Return the host's SSH public keys ("<type> <base64>", comment dropped), sorted.
+
+    Published so clients pin them instead of trusting on first use.
+    """
+    found = []
+    for path in sorted(Path(etc_ssh).glob("ssh_host_*_key.pub")):
+        parts = path.read_text().split()
+        if len(parts) >= 2 and parts[0] in KEY_TYPES:
+            found.append(f"{parts[0]} {parts[1]}")
+    return found
+
+
+def render_sshd_drop_in(user: str, command: str | None = None) -> str:
+    """Return the sshd Match block that confines the access user whatever its keys say.
+
+    Defence in depth: authorized_keys already restricts every managed key, but an operator's
+    own line outside the block is confined too.
+    """
+    validate_user_name(user)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=False,  # noqa: S701 - sshd_config, not markup; inputs are validated above
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("sshd-vm-host.conf.j2").render(
+        user=user, command=command or forced_command()
+    )
+
+
+def ensure_sshd_drop_in(user: str, path: Path = SSHD_DROP_IN) -> bool:
+    """Write the sshd drop-in when it differs; the caller reloads sshd when this returns True."""
+    text = render_sshd_drop_in(user)
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_text() == text:
+            return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".vm-host.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return True
