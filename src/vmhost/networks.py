@@ -15,9 +15,21 @@ import os
 import re
 import subprocess
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from vmhost.model import HostNic, NicKind, VmHostError
+import yaml
+
+from vmhost.model import (
+    AttachmentKind,
+    HostNic,
+    InterfaceMode,
+    InterfaceSpec,
+    InvalidRequestError,
+    NicAttachment,
+    NicKind,
+    VmHostError,
+)
 
 IP_BINARY_CANDIDATES = ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip")
 """Where iproute2's `ip` lives on Debian and Ubuntu (usr-merged or not)."""
@@ -318,3 +330,715 @@ def discover_nics(
             )
         )
     return tuple(nics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def validate_ifname(name: object, field_name: str) -> str:
+    """Check a Linux interface name the way the kernel does (dev_valid_name) before it is used.
+
+    Args:
+        name: the candidate name.
+        field_name: the field to blame in the error.
+
+    Returns:
+        The name, unchanged.
+
+    Raises:
+        InvalidRequestError: the kernel would refuse the name.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(field_name, "must be a non-empty interface name such as 'br0'")
+    if len(name) >= IFNAMSIZ:
+        raise InvalidRequestError(
+            field_name,
+            f"interface name {name!r} is {len(name)} characters; Linux allows at most "
+            f"{IFNAMSIZ - 1}",
+        )
+    if name in (".", "..") or any(c in "/:" or c.isspace() for c in name):
+        raise InvalidRequestError(
+            field_name,
+            f"interface name {name!r} is not valid: it must not be '.' or '..' nor contain '/', "
+            "':' or whitespace",
+        )
+    return name
+
+
+_NUMERIC_LABEL = re.compile(r"^[0-9]+$")
+
+
+def guest_interface_name(label: str) -> str:
+    """Return the interface name a guest NIC gets for a request label, as MAAS named them.
+
+    Numeric labels ("0", "1") become "eth0", "eth1"; other labels are used as they are.
+
+    Raises:
+        InvalidRequestError: the resulting name is not a valid Linux interface name.
+    """
+    name = f"eth{int(label)}" if _NUMERIC_LABEL.match(label) else label
+    return validate_ifname(name, f"interfaces.{label}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The `networks` config option
+
+
+_SPACE_NAME = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+_NETWORKS_EXAMPLE = (
+    "for example 'oam: {bridge: br-oam}', 'data: {parent: bond0, mode: macvtap}' or "
+    "'fast: {sriov-pf: enp1s0f0, vlan: 100}'"
+)
+_DEVICE_KEYS = ("bridge", "parent", "sriov-pf")
+_ALLOWED_KEYS = {
+    "bridge": {"bridge"},
+    "parent": {"parent", "mode"},
+    "sriov-pf": {"sriov-pf", "vlan"},
+}
+
+
+@dataclass(frozen=True)
+class NetworkMapping:
+    """Where guests asking for one Juju space attach on this host (one `networks` entry)."""
+
+    space: str
+    kind: AttachmentKind
+    """BRIDGE for {bridge}, DIRECT for {parent, mode: macvtap}, HOSTDEV for {sriov-pf}."""
+    device: str
+    """The host bridge, macvtap parent or SR-IOV PF."""
+    vlan: int | None = None
+    """VLAN tag set on the VF (sriov-pf entries only)."""
+
+    @property
+    def mode(self) -> InterfaceMode:
+        """The interface mode this entry implies."""
+        return _MODE_OF_KIND[self.kind]
+
+    def describe(self) -> str:
+        """Say where the space goes, for messages ("bridge br-oam")."""
+        words = {
+            AttachmentKind.BRIDGE: "bridge",
+            AttachmentKind.DIRECT: "macvtap on",
+            AttachmentKind.HOSTDEV: "SR-IOV VF of",
+        }[self.kind]
+        vlan = f" vlan {self.vlan}" if self.vlan is not None else ""
+        return f"{words} {self.device}{vlan}"
+
+
+_MODE_OF_KIND = {
+    AttachmentKind.BRIDGE: InterfaceMode.BRIDGE,
+    AttachmentKind.DIRECT: InterfaceMode.MACVTAP,
+    AttachmentKind.HOSTDEV: InterfaceMode.SRIOV,
+}
+
+
+def _parse_vlan(value: object, field_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4094:
+        raise InvalidRequestError(
+            field_name, f"vlan must be a whole number from 1 to 4094, got {value!r}"
+        )
+    return value
+
+
+def _parse_network_entry(space: str, entry: object) -> NetworkMapping:
+    field_name = "networks"
+    where = f"space {space!r}"
+    if not isinstance(entry, dict):
+        raise InvalidRequestError(
+            field_name, f"{where} must map to a mapping, not {entry!r}; {_NETWORKS_EXAMPLE}"
+        )
+    keys = [k for k in _DEVICE_KEYS if k in entry]
+    if len(keys) != 1:
+        raise InvalidRequestError(
+            field_name,
+            f"{where} must have exactly one of bridge, parent or sriov-pf (it has "
+            f"{', '.join(map(str, entry)) or 'none'}); {_NETWORKS_EXAMPLE}",
+        )
+    key = keys[0]
+    unknown = sorted(str(k) for k in entry if k not in _ALLOWED_KEYS[key])
+    if unknown:
+        allowed = ", ".join(sorted(_ALLOWED_KEYS[key]))
+        raise InvalidRequestError(
+            field_name,
+            f"{where}: unknown key(s) {', '.join(unknown)} next to {key} (allowed: {allowed}); "
+            f"{_NETWORKS_EXAMPLE}",
+        )
+    device = validate_ifname(entry[key], f"{field_name} ({where}, {key})")
+    if key == "bridge":
+        return NetworkMapping(space, AttachmentKind.BRIDGE, device)
+    if key == "parent":
+        mode = entry.get("mode", InterfaceMode.MACVTAP.value)
+        if mode != InterfaceMode.MACVTAP.value:
+            raise InvalidRequestError(
+                field_name,
+                f"{where}: mode {mode!r} is not supported with parent; use 'mode: macvtap', "
+                "'bridge: <name>' for a bridge or 'sriov-pf: <name>' for SR-IOV",
+            )
+        return NetworkMapping(space, AttachmentKind.DIRECT, device)
+    vlan = entry.get("vlan")
+    if vlan is not None:
+        vlan = _parse_vlan(vlan, field_name)
+    return NetworkMapping(space, AttachmentKind.HOSTDEV, device, vlan)
+
+
+def parse_networks_config(text: str | None) -> dict[str, NetworkMapping]:
+    """Parse the `networks` config option: YAML mapping Juju space -> host attachment.
+
+    Accepted entries: `{bridge: NAME}`, `{parent: NAME, mode: macvtap}` (mode may be left out)
+    and `{sriov-pf: NAME, vlan: N}` (vlan optional). An empty option maps nothing.
+
+    Args:
+        text: the option's value.
+
+    Returns:
+        Space name -> NetworkMapping, in space name order.
+
+    Raises:
+        InvalidRequestError: with field "networks" and the exact fix.
+    """
+    if text is None or not text.strip():
+        return {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InvalidRequestError(
+            "networks", f"is not valid YAML{where}; give a mapping, {_NETWORKS_EXAMPLE}"
+        ) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidRequestError(
+            "networks",
+            f"must be a YAML mapping of space name to attachment, not a {type(data).__name__}; "
+            f"{_NETWORKS_EXAMPLE}",
+        )
+    result: dict[str, NetworkMapping] = {}
+    for space in sorted(data, key=str):
+        if not isinstance(space, str) or not _SPACE_NAME.match(space):
+            raise InvalidRequestError(
+                "networks",
+                f"{space!r} is not a Juju space name (lower-case letters, digits and single "
+                "hyphens, such as 'oam' or 'storage-data')",
+            )
+        result[space] = _parse_network_entry(space, data[space])
+    return result
+
+
+def check_networks_on_host(
+    networks: Mapping[str, NetworkMapping], nics: Sequence[HostNic]
+) -> list[str]:
+    """Return what is wrong with a `networks` mapping on this host, one sentence per problem.
+
+    The charm shows these as Blocked status (the operator must create the device or change the
+    option); an empty list means every mapped space can be served.
+    """
+    host = _Host(nics)
+    problems: list[str] = []
+    for mapping in networks.values():
+        try:
+            host.check_mapping(mapping, "networks")
+        except InvalidRequestError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching requests to host interfaces
+
+_KIND_RANK = {
+    NicKind.BRIDGE: 0,
+    NicKind.BOND: 1,
+    NicKind.PHYSICAL: 2,
+    NicKind.VLAN: 3,
+    NicKind.VF: 4,
+    NicKind.VIRTUAL: 5,
+}
+_MAX_DEPTH = 8
+"""Bound on master/lower chains, so a corrupt or cyclic description cannot loop forever."""
+
+
+class _Host:
+    """An index over HostNics answering the questions matching asks."""
+
+    def __init__(self, nics: Sequence[HostNic]):
+        self.nics = {n.name: n for n in nics}
+
+    def get(self, name: str) -> HostNic | None:
+        return self.nics.get(name)
+
+    def master_of(self, name: str) -> str | None:
+        nic = self.nics.get(name)
+        if nic is None:
+            return None
+        if nic.master:
+            return nic.master
+        # HostNics built without `master` (older callers) carry a port's master in `parent`.
+        if nic.parent and nic.kind not in (NicKind.VLAN, NicKind.VF):
+            upper = self.nics.get(nic.parent)
+            if upper is not None and upper.kind in (NicKind.BRIDGE, NicKind.BOND):
+                return upper.name
+        return None
+
+    def uppers(self, name: str) -> list[str]:
+        """The chain of masters above an interface, nearest first."""
+        chain: list[str] = []
+        current = self.master_of(name)
+        while current is not None and current not in chain and len(chain) < _MAX_DEPTH:
+            chain.append(current)
+            current = self.master_of(current)
+        return chain
+
+    def top(self, name: str) -> str:
+        chain = self.uppers(name)
+        return chain[-1] if chain else name
+
+    def bridge_above(self, name: str) -> str | None:
+        """The bridge a guest tap should join for this interface: itself, or a master above."""
+        for candidate in (name, *self.uppers(name)):
+            nic = self.nics.get(candidate)
+            if nic is not None and nic.kind is NicKind.BRIDGE:
+                return candidate
+        return None
+
+    def ports(self, name: str) -> list[str]:
+        return sorted(n for n in self.nics if self.master_of(n) == name)
+
+    def pf_below(self, name: str) -> HostNic | None:
+        """The SR-IOV physical function carrying this interface's traffic, if any."""
+        queue, seen = [name], set()
+        while queue and len(seen) < 64:
+            current = queue.pop(0)
+            if current in seen:
+                continue
+            seen.add(current)
+            nic = self.nics.get(current)
+            if nic is None:
+                continue
+            if nic.sriov_total_vfs > 0:
+                return nic
+            if nic.kind in (NicKind.VF, NicKind.VLAN) and nic.parent:
+                queue.append(nic.parent)
+            elif nic.kind in (NicKind.BRIDGE, NicKind.BOND):
+                queue.extend(self.ports(current))
+        return None
+
+    def vlan_of(self, name: str) -> int | None:
+        nic = self.nics.get(name)
+        return nic.vlan_id if nic is not None and nic.kind is NicKind.VLAN else None
+
+    def carrying(self, predicate_net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[str]:
+        """Interfaces with an address inside the given network."""
+        found = []
+        for nic in self.nics.values():
+            for text in nic.addresses:
+                iface = _interface(text)
+                if iface is not None and iface.ip in predicate_net:
+                    found.append(nic.name)
+                    break
+        return found
+
+    def subnets(self) -> list[tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, str]]:
+        """(address with prefix, interface) for every host address, in a stable order."""
+        found = []
+        for nic in self.nics.values():
+            for text in nic.addresses:
+                iface = _interface(text)
+                if iface is not None:
+                    found.append((iface, nic.name))
+        return sorted(found, key=lambda pair: (pair[0].version, pair[0].network, pair[1]))
+
+    def pick(self, names: Sequence[str]) -> str:
+        """Choose among interfaces matching one constraint: MAAS's preference, then name."""
+        return min(names, key=lambda n: (_KIND_RANK.get(self.nics[n].kind, 9), n))
+
+    def check_mapping(self, mapping: NetworkMapping, field_name: str) -> None:
+        nic = self.nics.get(mapping.device)
+        where = f"the networks option maps space {mapping.space!r} to {mapping.describe()}"
+        if nic is None:
+            raise InvalidRequestError(
+                field_name,
+                f"{where}, but this host has no interface {mapping.device!r}; create it or fix "
+                "the networks option",
+            )
+        if mapping.kind is AttachmentKind.BRIDGE and nic.kind is not NicKind.BRIDGE:
+            raise InvalidRequestError(
+                field_name,
+                f"{where}, but {mapping.device} is a {nic.kind.value} interface, not a bridge; "
+                f"use 'parent: {mapping.device}' for macvtap or name a bridge",
+            )
+        if mapping.kind is AttachmentKind.HOSTDEV and nic.sriov_total_vfs <= 0:
+            raise InvalidRequestError(
+                field_name,
+                f"{where}, but {mapping.device} has no SR-IOV virtual functions "
+                "(sriov_totalvfs is 0); name an SR-IOV capable NIC",
+            )
+
+    def offers(self, networks: Mapping[str, NetworkMapping], bindings: Mapping[str, str]) -> str:
+        """Everything a request could name on this host, for error messages."""
+        spaces = [f"{s} ({m.describe()})" for s, m in sorted(networks.items())]
+        spaces += [
+            f"{s} (interface {dev})" for s, dev in sorted(bindings.items()) if s not in networks
+        ]
+        subnets = [f"{iface.network} on {name}" for iface, name in self.subnets()]
+        vlans = []
+        for nic in sorted(self.nics.values(), key=lambda n: (n.vlan_id or 0, n.name)):
+            if nic.kind is NicKind.VLAN and nic.vlan_id is not None:
+                bridge = self.bridge_above(nic.name)
+                vlans.append(
+                    f"{nic.vlan_id} on {nic.name}" + (f" (bridge {bridge})" if bridge else "")
+                )
+        bridges = sorted(n.name for n in self.nics.values() if n.kind is NicKind.BRIDGE)
+        pfs = sorted(
+            f"{n.name} ({n.sriov_total_vfs} VFs)"
+            for n in self.nics.values()
+            if n.sriov_total_vfs > 0
+        )
+        parts = [
+            ("spaces", spaces),
+            ("subnets", subnets),
+            ("VLANs", vlans),
+            ("bridges", bridges),
+            ("SR-IOV PFs", pfs),
+        ]
+        return "this host offers " + "; ".join(
+            f"{title}: {', '.join(items) if items else 'none'}" for title, items in parts
+        )
+
+
+def _interface(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        return None
+
+
+@dataclass
+class _Claim:
+    """One constraint of a request and the host interface it points at."""
+
+    constraint: str
+    device: str
+
+
+@dataclass
+class _Matcher:
+    """Resolves one InterfaceSpec; holds the context every rule needs."""
+
+    spec: InterfaceSpec
+    host: _Host
+    networks: Mapping[str, NetworkMapping]
+    bindings: Mapping[str, str]
+    default_bridge: str | None
+
+    @property
+    def field(self) -> str:
+        return f"interfaces.{self.spec.label}"
+
+    def fail(self, message: str, *, offers: bool = False) -> InvalidRequestError:
+        if offers:
+            message = f"{message}; {self.host.offers(self.networks, self.bindings)}"
+        return InvalidRequestError(self.field, message)
+
+    def existing(self, name: str, what: str) -> HostNic:
+        validate_ifname(name, f"{self.field}.{what}")
+        nic = self.host.get(name)
+        if nic is None:
+            raise self.fail(f"{what} {name!r} does not exist on this host", offers=True)
+        return nic
+
+    # -- constraints -> claims
+
+    def claims(self) -> tuple[list[_Claim], NetworkMapping | None, str | None]:
+        spec = self.spec
+        claims: list[_Claim] = []
+        mapping: NetworkMapping | None = None
+        ip_text: str | None = None
+        if spec.bridge and spec.parent:
+            raise self.fail("give bridge or parent, not both")
+        if spec.bridge:
+            claims.append(self.bridge_claim(spec.bridge))
+        if spec.parent:
+            self.existing(spec.parent, "parent")
+            claims.append(_Claim(f"parent={spec.parent}", spec.parent))
+        if spec.space:
+            claim, mapping = self.space_claim(spec.space)
+            claims.append(claim)
+        if spec.subnet:
+            claims.append(self.subnet_claim(spec.subnet))
+        if spec.vlan is not None:
+            claim = self.vlan_claim(spec.vlan, mapping)
+            if claim is not None:
+                claims.append(claim)
+        if spec.ip:
+            claim, ip_text = self.ip_claim(spec.ip)
+            claims.append(claim)
+        return claims, mapping, ip_text
+
+    def bridge_claim(self, bridge: str) -> _Claim:
+        nic = self.existing(bridge, "bridge")
+        if nic.kind is not NicKind.BRIDGE:
+            raise self.fail(
+                f"bridge {bridge!r} is a {nic.kind.value} interface, not a bridge; "
+                f"use parent={bridge} for macvtap or name a bridge",
+                offers=True,
+            )
+        return _Claim(f"bridge={bridge}", bridge)
+
+    def space_claim(self, space: str) -> tuple[_Claim, NetworkMapping | None]:
+        mapping = self.networks.get(space)
+        if mapping is not None:
+            self.host.check_mapping(mapping, self.field)
+            return _Claim(f"space={space}", mapping.device), mapping
+        if space in self.bindings:
+            device = self.bindings[space]
+            if self.host.get(device) is None:
+                raise self.fail(
+                    f"space {space!r} is bound to host interface {device!r}, which "
+                    "does not exist; map the space in the networks option",
+                    offers=True,
+                )
+            return _Claim(f"space={space}", device), None
+        raise self.fail(
+            f"this host cannot reach space {space!r} (not in the networks option "
+            "and the vms endpoint is not bound to it)",
+            offers=True,
+        )
+
+    def subnet_claim(self, subnet: str) -> _Claim:
+        try:
+            network = ipaddress.ip_network(subnet, strict=False)
+        except ValueError as exc:
+            raise self.fail(f"subnet {subnet!r} is not a CIDR such as 10.0.5.0/24") from exc
+        found = self.host.carrying(network)
+        if not found:
+            raise self.fail(f"no host interface has an address in subnet {network}", offers=True)
+        return _Claim(f"subnet={network}", self.host.pick(found))
+
+    def vlan_claim(self, vlan: int, mapping: NetworkMapping | None) -> _Claim | None:
+        if isinstance(vlan, bool) or not isinstance(vlan, int) or not 0 <= vlan <= 4094:
+            raise self.fail(f"vlan must be a whole number from 0 to 4094, got {vlan!r}")
+        found = [n.name for n in self.host.nics.values() if self.host.vlan_of(n.name) == vlan]
+        if found:
+            # Prefer the VLAN interface that sits in a bridge: the guest can join that bridge.
+            bridged = [n for n in found if self.host.bridge_above(n)]
+            return _Claim(f"vlan={vlan}", min(bridged or found))
+        # SR-IOV can tag the VF itself, so a VLAN needs no host sub-interface there.
+        if mapping is not None and mapping.kind is AttachmentKind.HOSTDEV:
+            if mapping.vlan not in (None, vlan):
+                raise self.fail(
+                    f"vlan {vlan} disagrees with space {mapping.space!r}, which the networks "
+                    f"option maps to {mapping.describe()}"
+                )
+            return None
+        if self.spec.mode is InterfaceMode.SRIOV and self.spec.parent:
+            return None
+        raise self.fail(f"this host has no interface on VLAN {vlan}", offers=True)
+
+    def ip_claim(self, ip: str) -> tuple[_Claim, str]:
+        try:
+            address = ipaddress.ip_address(ip.split("/", 1)[0] if "/" in ip else ip)
+        except ValueError as exc:
+            raise self.fail(f"ip {ip!r} is not an IPv4 or IPv6 address") from exc
+        matches = [
+            (iface, name)
+            for iface, name in self.host.subnets()
+            if address in iface.network and iface.network.prefixlen < iface.max_prefixlen
+        ]
+        if not matches:
+            raise self.fail(f"no host interface is on a subnet containing {address}", offers=True)
+        for iface, name in matches:
+            if iface.ip == address:
+                raise self.fail(f"ip {address} is the host's own address on {name}")
+        network = matches[0][0].network
+        if (
+            isinstance(network, ipaddress.IPv4Network)
+            and network.prefixlen <= 30
+            and address in (network.network_address, network.broadcast_address)
+        ):
+            raise self.fail(
+                f"ip {address} is the network or broadcast address of {network}; pick a host "
+                "address inside it"
+            )
+        if self.spec.subnet:
+            requested = ipaddress.ip_network(self.spec.subnet, strict=False)
+            if address not in requested:
+                raise self.fail(f"ip {address} is not inside the requested subnet {requested}")
+        device = self.host.pick([name for _, name in matches])
+        return _Claim(f"ip={address}", device), f"{address}/{network.prefixlen}"
+
+    # -- claims -> attachment
+
+    def resolve(self) -> NicAttachment:
+        spec = self.spec
+        guest = guest_interface_name(spec.label)
+        claims, mapping, ip_text = self.claims()
+        if not claims and mapping is None:
+            if self.default_bridge is None:
+                raise self.fail(
+                    "has no constraint; give one of space, subnet, vlan, ip, bridge or parent",
+                    offers=True,
+                )
+            nic = self.existing(self.default_bridge, "default bridge")
+            if nic.kind is not NicKind.BRIDGE:
+                raise self.fail(f"default bridge {self.default_bridge!r} is not a bridge")
+            claims = [_Claim(f"default bridge {self.default_bridge}", self.default_bridge)]
+        kind, source, vlan = self.attachment(claims, mapping)
+        self.check_agreement(claims, kind)
+        return NicAttachment(
+            label=spec.label,
+            kind=kind,
+            source=source,
+            vlan=vlan,
+            ip=ip_text,
+            guest_name=guest,
+        )
+
+    def attachment(
+        self, claims: list[_Claim], mapping: NetworkMapping | None
+    ) -> tuple[AttachmentKind, str, int | None]:
+        spec = self.spec
+        mode = spec.mode
+        if mapping is not None:
+            if mode is not None and mode is not mapping.mode:
+                raise self.fail(
+                    f"mode {mode.value} disagrees with space {mapping.space!r}, which the "
+                    f"networks option maps to {mapping.describe()}"
+                )
+            if mapping.kind is AttachmentKind.HOSTDEV:
+                vlan = mapping.vlan if mapping.vlan is not None else spec.vlan
+                return mapping.kind, mapping.device, vlan
+            return mapping.kind, mapping.device, None
+        if spec.bridge:
+            if mode not in (None, InterfaceMode.BRIDGE):
+                raise self.fail(
+                    f"mode {mode.value} cannot attach to bridge {spec.bridge}; drop the mode "
+                    "or use parent instead of bridge"
+                )
+            return AttachmentKind.BRIDGE, spec.bridge, None
+        if mode is None and spec.parent:
+            mode = InterfaceMode.MACVTAP
+        return self.device_attachment(claims[0].device, mode)
+
+    def device_attachment(
+        self, device: str, mode: InterfaceMode | None
+    ) -> tuple[AttachmentKind, str, int | None]:
+        if mode is InterfaceMode.SRIOV:
+            return self.sriov(device)
+        bridge = self.host.bridge_above(device)
+        if mode is InterfaceMode.BRIDGE and bridge is None:
+            raise self.fail(
+                f"mode bridge needs a bridge, but {device} is not a bridge nor a port of "
+                f"one; create a bridge over {device} or use mode macvtap",
+                offers=True,
+            )
+        if mode is InterfaceMode.MACVTAP or bridge is None:
+            return AttachmentKind.DIRECT, self.macvtap_parent(device), None
+        return AttachmentKind.BRIDGE, bridge, None
+
+    def macvtap_parent(self, device: str) -> str:
+        # The kernel refuses a macvlan on a bridge or bond port (the port's receive handler is
+        # taken), so macvtap goes on the topmost master instead.
+        top = self.host.top(device)
+        if self.spec.parent and top != device:
+            raise self.fail(
+                f"parent {device} is a port of {self.host.master_of(device)}; macvtap cannot "
+                f"sit on a port, use parent={top}"
+            )
+        return top
+
+    def sriov(self, device: str) -> tuple[AttachmentKind, str, int | None]:
+        pf = self.host.pf_below(device)
+        if pf is None:
+            raise self.fail(
+                f"mode sriov needs an SR-IOV capable NIC, and none carries {device}",
+                offers=True,
+            )
+        vlan = self.spec.vlan if self.spec.vlan is not None else self.host.vlan_of(device)
+        return AttachmentKind.HOSTDEV, pf.name, vlan
+
+    def check_agreement(self, claims: list[_Claim], kind: AttachmentKind) -> None:
+        if len(claims) < 2:
+            return
+        if kind is AttachmentKind.HOSTDEV:
+            keys = {}
+            for c in claims:
+                pf = self.host.pf_below(c.device)
+                keys[c.constraint] = pf.name if pf else c.device
+        else:
+            keys = {c.constraint: self.host.top(c.device) for c in claims}
+        if len(set(keys.values())) > 1:
+            detail = ", ".join(
+                f"{c.constraint} -> {c.device}"
+                + (f" (in {keys[c.constraint]})" if keys[c.constraint] != c.device else "")
+                for c in claims
+            )
+            raise self.fail(
+                f"constraints point at different host networks ({detail}); give constraints "
+                "that meet on one host interface, or fewer of them"
+            )
+
+
+def resolve(
+    interfaces: Sequence[InterfaceSpec],
+    nics: Sequence[HostNic],
+    networks: Mapping[str, NetworkMapping] | None = None,
+    space_bindings: Mapping[str, str] | None = None,
+    default_bridge: str | None = None,
+) -> tuple[NicAttachment, ...]:
+    """Decide where each requested guest NIC attaches on this host.
+
+    Explicit `bridge`/`parent` win; a `space` goes through the `networks` option, else through
+    the host interface the `vms` endpoint is bound on for that space; `subnet`, `vlan` and
+    `ip` find the host interface carrying them. Every constraint given must land on the same
+    host network. Without a mode the attachment follows MAAS: the bridge the interface is (or
+    is a port of), else macvtap on it (on its bond when it is a bond port); SR-IOV only when
+    asked. The request is all or nothing: one bad interface fails the whole call.
+
+    Args:
+        interfaces: the request's interfaces, in guest order.
+        nics: the host's interfaces (discover_nics()).
+        networks: the parsed `networks` option (parse_networks_config()).
+        space_bindings: Juju space -> host interface the `vms` endpoint is bound on there.
+        default_bridge: where an interface with no constraint goes; None makes that an error.
+
+    Returns:
+        One NicAttachment per interface, in request order; `ip` is "<address>/<prefix>" for
+        an `ip` constraint, `guest_name` the in-guest name (numeric labels become ethN).
+
+    Raises:
+        InvalidRequestError: field "interfaces.<label>" and a message that says why, and for
+            unreachable networks what this host offers.
+    """
+    host = _Host(nics)
+    networks = networks or {}
+    bindings = space_bindings or {}
+    seen_labels: set[str] = set()
+    seen_guest: dict[str, str] = {}
+    seen_ips: dict[str, str] = {}
+    result: list[NicAttachment] = []
+    for spec in interfaces:
+        field_name = f"interfaces.{spec.label}"
+        if spec.label in seen_labels:
+            raise InvalidRequestError(field_name, "label is used twice; labels must be unique")
+        seen_labels.add(spec.label)
+        attachment = _Matcher(spec, host, networks, bindings, default_bridge).resolve()
+        guest = attachment.guest_name or spec.label
+        if guest in seen_guest:
+            raise InvalidRequestError(
+                field_name,
+                f"guest name {guest} is also the name of interface {seen_guest[guest]!r} "
+                "(numeric labels become ethN); rename one of them",
+            )
+        seen_guest[guest] = spec.label
+        if attachment.ip:
+            address = attachment.ip.split("/", 1)[0]
+            if address in seen_ips:
+                raise InvalidRequestError(
+                    field_name, f"ip {address} is also requested by {seen_ips[address]!r}"
+                )
+            seen_ips[address] = spec.label
+        result.append(attachment)
+    return tuple(result)
