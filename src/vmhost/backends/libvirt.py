@@ -1,0 +1,1107 @@
+"""libvirt/KVM backend: host topology, VM composition and the hypervisor-side ledger.
+
+The hypervisor is the ledger: every domain vm-host defines carries a `<metadata>` element in
+vm-host's own XML namespace (owner, request id, spec hash, placement, the volumes it created),
+and `list_vms` rebuilds every allocation from it. Domains without that element are reported as
+unmanaged, with the resources their XML pins, so the allocator never hands those out again.
+
+Disks are qcow2 volumes in libvirt storage pools. A root disk from an image is a volume whose
+content is uploaded from the local image file through libvirt's stream API (it works for every
+pool type, not only directories), then grown to the requested size. Cloud-init gets a NoCloud
+seed ISO built with genisoimage and uploaded the same way.
+
+Every XML document (domain, pool, volume) comes from templates/ with autoescape on, and every
+name is validated before it reaches libvirt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import stat
+import subprocess
+import tempfile
+import time
+import uuid as uuid_module
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import libvirt
+import yaml
+
+from vmhost.backends import BackendUnavailableError
+from vmhost.model import (
+    AttachmentKind,
+    CellPlacement,
+    HostTopology,
+    InvalidRequestError,
+    NicAttachment,
+    Placement,
+    StoragePool,
+    VfAssignment,
+    VmHostError,
+    VmRecord,
+    VmSpec,
+    VmState,
+)
+from vmhost.networks import discover_nics
+from vmhost.topology import (
+    apply_free_hugepages,
+    format_cpu_list,
+    parse_capabilities,
+    parse_cpu_list,
+    read_free_hugepages,
+    read_total_hugepages,
+)
+
+logger = logging.getLogger(__name__)
+
+METADATA_NS = "https://charmhub.io/vm-host/metadata/1"
+METADATA_PREFIX = "vmhost"
+TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "templates"
+"""templates/ at the top of the repository (the charm's dump part stages it there too)."""
+
+GENISOIMAGE = "/usr/bin/genisoimage"
+QEMU_IMG = "/usr/bin/qemu-img"
+MAC_PREFIX = "52:54:00"
+SEED_LABEL = "seed"
+"""Volume `<vm>-seed` holds the cloud-init NoCloud seed."""
+GB = 10**9
+STOP_TIMEOUT_S = 30.0
+
+_NS = {"v": METADATA_NS}
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_name(value: str, field: str) -> None:
+    """Refuse a VM or volume name libvirt, file systems or hostnames would trip on."""
+    if not _NAME_RE.match(value):
+        raise InvalidRequestError(
+            field,
+            f"{value!r} is not a valid name; use 1-63 lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit",
+        )
+
+
+def _check_pool_name(value: str, field: str) -> None:
+    if not _POOL_RE.match(value):
+        raise InvalidRequestError(
+            field,
+            f"{value!r} is not a valid storage pool name; use letters, digits, '_', '.', '-' "
+            "(at most 64, starting with a letter or digit)",
+        )
+
+
+def _check_ifname(value: str, field: str) -> None:
+    if not _IFNAME_RE.match(value):
+        raise InvalidRequestError(
+            field,
+            f"{value!r} is not a valid host interface name; use at most 15 letters, digits, "
+            "'_', '.', '-'",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (unit tested without libvirt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Volume:
+    """A volume vm-host created for a VM."""
+
+    pool: str
+    name: str
+    path: str = ""
+    format: str = "qcow2"
+
+    @property
+    def ref(self) -> str:
+        """Return "pool/volume", the form VmRecord.volumes uses."""
+        return f"{self.pool}/{self.name}"
+
+
+def volume_name(vm: str, label: str) -> str:
+    """Return the volume name of a VM's disk: `<vm>-<label>`."""
+    return f"{vm}-{label}"
+
+
+def generate_mac(vm: str, label: str) -> str:
+    """Return a stable locally administered MAC (QEMU's 52:54:00 prefix) for a VM's NIC.
+
+    Derived from the names so a re-run compose of the same request gets the same MAC (and the
+    guest keeps its DHCP lease); it is recorded in the metadata either way.
+    """
+    digest = hashlib.sha256(f"{vm}\0{label}".encode()).digest()
+    return MAC_PREFIX + "".join(f":{b:02x}" for b in digest[:3])
+
+
+def spec_hash(spec: VmSpec) -> str:
+    """Return a short stable hash of a spec, so the charm can tell a changed request."""
+
+    def default(value: object) -> object:
+        if isinstance(value, enum.Enum):
+            return value.value
+        raise TypeError(type(value))
+
+    text = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=default)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _domain_type() -> str:
+    return "kvm" if Path("/dev/kvm").exists() else "qemu"
+
+
+def host_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """Return the CPU flags the host kernel reports (empty when it does not say)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def disabled_cpu_features(arch: str, flags: frozenset[str]) -> list[str]:
+    """Return guest CPU features to hide although host-passthrough would offer them.
+
+    KVM advertises the IA32_ARCH_CAPABILITIES MSR even where the hardware has none (AMD hosts,
+    nested hosts), and QEMU then aborts at start ("failed to set MSR 0x10a"). Hiding it only
+    where the host kernel does not list `arch_capabilities` keeps it on hosts that have it.
+    """
+    if arch == "x86_64" and "arch_capabilities" not in flags:
+        return ["arch-capabilities"]
+    return []
+
+
+def _machine(arch: str) -> str:
+    return "virt" if arch == "aarch64" else "q35"
+
+
+def domain_context(
+    spec: VmSpec,
+    placement: Placement,
+    nics: Sequence[NicAttachment],
+    disks: Sequence[Volume],
+    seed: Volume | None,
+    *,
+    uuid: str,
+    domain_type: str = "kvm",
+    arch: str = "x86_64",
+    cpu_disabled_features: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Build the template context of a domain from a spec, its placement and its devices.
+
+    Guest NUMA cells mirror the host nodes of the placement one to one (cell i runs on
+    placement.cells[i].host_node), so the guest kernel sees the real locality. The guest CPU
+    topology is one socket of `vcpus` single-thread cores: always valid for any cell split.
+
+    Args:
+        spec: the validated request.
+        placement: where its resources come from.
+        nics: resolved NICs, each with its MAC set.
+        disks: the VM's disk volumes, root first.
+        seed: the cloud-init seed volume, if any.
+        uuid: the domain UUID.
+        domain_type: "kvm", or "qemu" on hosts without /dev/kvm.
+        arch: guest architecture (the host's).
+        cpu_disabled_features: CPU features to hide from the guest (disabled_cpu_features()).
+    """
+    cells = []
+    vcpupins = []
+    memnodes = []
+    vcpu = 0
+    for i, cell in enumerate(placement.cells):
+        first = vcpu
+        for cpu in cell.cpus:
+            vcpupins.append({"vcpu": vcpu, "cpuset": str(cpu)})
+            vcpu += 1
+        if not cell.cpus:
+            vcpu += cell.vcpus
+        ids = range(first, first + cell.vcpus)
+        cells.append({"id": i, "cpus": format_cpu_list(ids), "memory_mib": cell.memory_mib})
+        memnodes.append({"cellid": i, "nodeset": str(cell.host_node)})
+    hugepage_cells = [i for i, c in enumerate(placement.cells) if c.hugepages]
+    hugepages = None
+    if hugepage_cells:
+        sizes = {placement.cells[i].hugepage_size_kib for i in hugepage_cells}
+        if len(sizes) != 1 or None in sizes:
+            raise VmHostError(f"placement of {spec.name}: hugepage cells need one page size")
+        hugepages = {"size_kib": sizes.pop(), "nodeset": format_cpu_list(hugepage_cells)}
+    numatune = None
+    if placement.cells:
+        numatune = {
+            "nodeset": format_cpu_list(placement.host_nodes),
+            "memnodes": memnodes,
+        }
+    interfaces = []
+    for nic in nics:
+        if nic.kind == AttachmentKind.HOSTDEV:
+            raise VmHostError(
+                f"interface {nic.label}: SR-IOV (hostdev) NICs are not supported by the libvirt "
+                "backend yet; use mode bridge or macvtap"
+            )
+        interfaces.append(
+            {"kind": nic.kind.value, "source": nic.source, "mac": nic.mac, "label": nic.label}
+        )
+    volumes = [*disks, *([seed] if seed else [])]
+    metadata = {
+        "owner": spec.owner,
+        "request_id": spec.request_id,
+        "spec_hash": spec_hash(spec),
+        "vcpus": placement.vcpus,
+        "memory_mib": placement.memory_mib,
+        "emulator_cpus": ",".join(str(c) for c in placement.emulator_cpus),
+        "cells": [
+            {
+                "host_node": c.host_node,
+                "vcpus": c.vcpus,
+                "memory_mib": c.memory_mib,
+                # vCPU order matters, so this is a plain list, not a compact range.
+                "cpus": ",".join(str(cpu) for cpu in c.cpus),
+                "hugepage_size_kib": c.hugepage_size_kib or 0,
+                "hugepages": c.hugepages,
+            }
+            for c in placement.cells
+        ],
+        "vfs": [{"nic": vf.nic, "count": vf.count} for vf in placement.vfs],
+        "volumes": [{"pool": v.pool, "name": v.name} for v in volumes],
+        "interfaces": interfaces,
+    }
+    seed_ctx = None
+    if seed is not None:
+        bus = "scsi" if arch == "aarch64" else "sata"
+        seed_ctx = {"path": seed.path, "target": "sda", "bus": bus}
+    return {
+        "domain_type": domain_type,
+        "name": spec.name,
+        "uuid": uuid,
+        "title": f"vm-host VM {spec.name} for {spec.owner}",
+        "metadata_ns": METADATA_NS,
+        "metadata": metadata,
+        "memory_kib": placement.memory_mib * 1024,
+        "hugepages": hugepages,
+        "vcpus": placement.vcpus,
+        "vcpupins": vcpupins,
+        "emulatorpin": format_cpu_list(placement.emulator_cpus)
+        if placement.emulator_cpus
+        else None,
+        "numatune": numatune,
+        "arch": arch,
+        "machine": _machine(arch),
+        "boot": ["hd"] if spec.image else ["network", "hd"],
+        "topology": {"sockets": 1, "cores": placement.vcpus, "threads": 1},
+        "cpu_disabled_features": list(cpu_disabled_features),
+        "cells": cells,
+        "disks": [
+            {
+                "path": d.path,
+                "format": d.format,
+                "target": f"vd{chr(ord('a') + i)}",
+                "serial": d.name[-20:],
+            }
+            for i, d in enumerate(disks)
+        ],
+        "seed": seed_ctx,
+        "interfaces": interfaces,
+    }
+
+
+def _environment(templates_dir: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir)),
+        autoescape=jinja2.select_autoescape(
+            enabled_extensions=("xml", "xml.j2", "j2"), default_for_string=True, default=True
+        ),
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def render_template(templates_dir: Path, name: str, context: Mapping[str, Any]) -> str:
+    """Render one XML template with autoescape on (names and metadata are escaped)."""
+    return _environment(templates_dir).get_template(name).render(**context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading domains back
+
+
+def _state(code: int) -> VmState:
+    if code in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED):
+        return VmState.RUNNING
+    if code == libvirt.VIR_DOMAIN_CRASHED:
+        return VmState.FAILED
+    if code in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTDOWN):
+        return VmState.STOPPED
+    return VmState.PENDING
+
+
+def _ints(text: str | None) -> tuple[int, ...]:
+    """Parse a plain comma list in its own order ("3,2" stays (3, 2))."""
+    return tuple(int(x) for x in (text or "").split(",") if x.strip())
+
+
+def _to_mib(element: ET.Element | None) -> int:
+    if element is None or not (element.text or "").strip():
+        return 0
+    value = int((element.text or "0").strip())
+    unit = (element.get("unit") or "KiB").lower()
+    factor_kib = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "m": 1024, "mib": 1024}
+    factor_kib |= {"g": 1024**2, "gib": 1024**2, "kb": 1000 / 1024, "mb": 1000**2 / 1024}
+    return int(value * factor_kib.get(unit, 1) // 1024)
+
+
+def _page_kib(page: ET.Element) -> int:
+    size = int(page.get("size", "0"))
+    unit = (page.get("unit") or "KiB").lower()
+    return size * {"kib": 1, "k": 1, "mib": 1024, "m": 1024, "gib": 1024**2, "g": 1024**2}.get(
+        unit, 1
+    )
+
+
+def parse_metadata(vm: ET.Element) -> tuple[Placement, dict[str, Any]]:
+    """Rebuild a placement and the ledger fields from vm-host's metadata element."""
+    p = vm.find("v:placement", _NS)
+    if p is None:
+        raise ValueError("vm-host metadata without placement")
+    cells = []
+    for c in p.findall("v:cell", _NS):
+        size = int(c.get("hugepage-size-kib", "0"))
+        cells.append(
+            CellPlacement(
+                host_node=int(c.get("host-node", "0")),
+                vcpus=int(c.get("vcpus", "0")),
+                memory_mib=int(c.get("memory-mib", "0")),
+                cpus=_ints(c.get("cpus")),
+                hugepage_size_kib=size or None,
+                hugepages=int(c.get("hugepages", "0")),
+            )
+        )
+    placement = Placement(
+        vcpus=int(p.get("vcpus", "0")),
+        memory_mib=int(p.get("memory-mib", "0")),
+        cells=tuple(cells),
+        emulator_cpus=_ints(p.get("emulator-cpus")),
+        vfs=tuple(
+            VfAssignment(nic=vf.get("nic", ""), count=int(vf.get("count", "1")))
+            for vf in p.findall("v:vf", _NS)
+        ),
+    )
+    fields = {
+        "owner": (vm.findtext("v:owner", "", _NS) or "").strip(),
+        "request_id": (vm.findtext("v:request-id", "", _NS) or "").strip(),
+        "spec_hash": (vm.findtext("v:spec-hash", "", _NS) or "").strip(),
+        "volumes": tuple(f"{v.get('pool')}/{v.get('name')}" for v in vm.findall("v:volume", _NS)),
+        "interfaces": tuple(
+            {
+                "label": i.get("label", ""),
+                "mac": i.get("mac", ""),
+                "attached-to": i.get("attached-to", ""),
+            }
+            for i in vm.findall("v:interface", _NS)
+        ),
+    }
+    return placement, fields
+
+
+def placement_from_domain_xml(root: ET.Element, topology: HostTopology | None) -> Placement:
+    """Reconstruct what a domain vm-host did not create takes from the host.
+
+    vCPUs pinned one-to-one to single host CPUs count as pinned; anything looser floats over
+    the shared pool. Guest NUMA cells map to host nodes through `<memnode>`; without them the
+    whole domain is one cell on the `<numatune>` node, or on the node of its pinned CPUs.
+    """
+    vcpus = int((root.findtext("vcpu") or "1").strip())
+    memory_mib = _to_mib(root.find("currentMemory")) or _to_mib(root.find("memory"))
+    pins: dict[int, tuple[int, ...]] = {}
+    for pin in root.findall("cputune/vcpupin"):
+        with contextlib.suppress(ValueError):
+            pins[int(pin.get("vcpu", "-1"))] = parse_cpu_list(pin.get("cpuset", ""))
+    pinned = len(pins) == vcpus and all(len(cpus) == 1 for cpus in pins.values())
+    emulator: tuple[int, ...] = ()
+    emulatorpin = root.find("cputune/emulatorpin")
+    if emulatorpin is not None:
+        with contextlib.suppress(ValueError):
+            emulator = parse_cpu_list(emulatorpin.get("cpuset", ""))
+    page = root.find("memoryBacking/hugepages/page")
+    page_kib = _page_kib(page) if page is not None else None
+    if page_kib is None and root.find("memoryBacking/hugepages") is not None:
+        page_kib = 2048  # libvirt's default: the host's default huge page size
+    memnodes = {
+        int(m.get("cellid", "0")): parse_cpu_list(m.get("nodeset", "0"))[0]
+        for m in root.findall("numatune/memnode")
+    }
+    numa_nodeset = root.find("numatune/memory")
+    default_node: int | None = None
+    if numa_nodeset is not None and numa_nodeset.get("nodeset"):
+        default_node = parse_cpu_list(numa_nodeset.get("nodeset", "0"))[0]
+    if default_node is None and pinned and topology is not None:
+        default_node = topology.node_of_cpu(pins[0][0])
+    if not pinned and page_kib is None and default_node is None:
+        return Placement(vcpus=vcpus, memory_mib=memory_mib)
+
+    guest_cells = root.findall("cpu/numa/cell")
+    specs: list[tuple[int, tuple[int, ...], int]] = []  # host node, vcpu ids, memory MiB
+    if guest_cells:
+        for cell in guest_cells:
+            cell_id = int(cell.get("id", "0"))
+            ids = parse_cpu_list(cell.get("cpus", "0"))
+            node = memnodes.get(cell_id, default_node if default_node is not None else 0)
+            specs.append((node, ids, _to_mib(_as_memory(cell))))
+    else:
+        node = default_node if default_node is not None else 0
+        specs.append((node, tuple(range(vcpus)), memory_mib))
+    cells = []
+    for node, ids, mem in specs:
+        cells.append(
+            CellPlacement(
+                host_node=node,
+                vcpus=len(ids),
+                memory_mib=mem,
+                cpus=tuple(pins[i][0] for i in ids if i in pins) if pinned else (),
+                hugepage_size_kib=page_kib,
+                hugepages=(mem * 1024 // page_kib) if page_kib else 0,
+            )
+        )
+    return Placement(
+        vcpus=vcpus, memory_mib=memory_mib, cells=tuple(cells), emulator_cpus=emulator
+    )
+
+
+def _as_memory(cell: ET.Element) -> ET.Element:
+    """Turn a guest `<cell memory=... unit=...>` into a `<memory unit>` element for _to_mib."""
+    element = ET.Element("memory", unit=cell.get("unit", "KiB"))
+    element.text = cell.get("memory", "0")
+    return element
+
+
+def record_from_domain_xml(
+    xml: str, state: VmState, topology: HostTopology | None = None
+) -> VmRecord:
+    """Build a VmRecord from a domain's XML: from vm-host's metadata, else from its devices."""
+    root = ET.fromstring(xml)  # noqa: S314 - libvirtd's own output
+    name = (root.findtext("name") or "").strip()
+    domain_uuid = (root.findtext("uuid") or "").strip()
+    vm = root.find(f"metadata/{{{METADATA_NS}}}vm")
+    if vm is not None:
+        placement, fields = parse_metadata(vm)
+        return VmRecord(
+            name=name, uuid=domain_uuid, state=state, placement=placement, managed=True, **fields
+        )
+    interfaces = []
+    for i, iface in enumerate(root.findall("devices/interface")):
+        source = iface.find("source")
+        attached = ""
+        if source is not None:
+            attached = source.get("bridge") or source.get("dev") or source.get("network") or ""
+        mac = iface.find("mac")
+        interfaces.append(
+            {
+                "label": f"net{i}",
+                "mac": mac.get("address", "") if mac is not None else "",
+                "attached-to": attached,
+            }
+        )
+    return VmRecord(
+        name=name,
+        uuid=domain_uuid,
+        state=state,
+        placement=placement_from_domain_xml(root, topology),
+        owner="",
+        interfaces=tuple(interfaces),
+        managed=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# cloud-init seed
+
+
+def seed_documents(
+    spec: VmSpec, nics: Sequence[NicAttachment], instance_id: str
+) -> dict[str, str] | None:
+    """Return the NoCloud seed files, or None when the VM needs no seed.
+
+    Network config (version 2) matches each NIC by MAC so it does not depend on the guest's
+    device naming; NICs without a static address use DHCP.
+    """
+    static = any(n.ip for n in nics)
+    if not (spec.user_data or spec.ssh_public_keys or static):
+        return None
+    user_data = spec.user_data or "#cloud-config\n"
+    if spec.ssh_public_keys:
+        if not user_data.startswith("#cloud-config"):
+            raise InvalidRequestError(
+                "ssh-public-keys",
+                "can only be combined with #cloud-config user-data; put the keys in the "
+                "user-data instead",
+            )
+        config = yaml.safe_load(user_data) or {}
+        if not isinstance(config, dict):
+            raise InvalidRequestError("user-data", "#cloud-config must be a YAML mapping")
+        keys = list(config.get("ssh_authorized_keys") or [])
+        keys += [k for k in spec.ssh_public_keys if k not in keys]
+        config["ssh_authorized_keys"] = keys
+        user_data = "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False)
+    ethernets: dict[str, Any] = {}
+    for nic in nics:
+        entry: dict[str, Any] = {"match": {"macaddress": nic.mac}}
+        name = nic.guest_name or nic.label
+        entry["set-name"] = name
+        if nic.ip:
+            entry["addresses"] = [nic.ip]
+        else:
+            entry["dhcp4"] = True
+        ethernets[name] = entry
+    network = yaml.safe_dump({"version": 2, "ethernets": ethernets}, sort_keys=False)
+    meta = yaml.safe_dump({"instance-id": instance_id, "local-hostname": spec.name})
+    return {"user-data": user_data, "meta-data": meta, "network-config": network}
+
+
+def build_seed_iso(files: Mapping[str, str], directory: Path) -> Path:
+    """Write the seed files and pack them into a NoCloud ISO (volume id "cidata")."""
+    for name, content in files.items():
+        (directory / name).write_text(content)
+    iso = directory / "seed.iso"
+    subprocess.run(
+        [
+            GENISOIMAGE,
+            "-quiet",
+            "-output",
+            str(iso),
+            "-volid",
+            "cidata",
+            "-joliet",
+            "-rock",
+            *(str(directory / name) for name in files),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return iso
+
+
+def image_info(path: Path) -> tuple[str, int]:
+    """Return (format, virtual size in bytes) of a local image file, refusing unsafe ones.
+
+    Raises:
+        InvalidRequestError: the file is missing, not a regular file, not raw/qcow2, or has a
+            backing file (it could point the guest at any file on the host).
+    """
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise InvalidRequestError("image", f"{path} cannot be read: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidRequestError("image", f"{path} is not a regular file")
+    result = subprocess.run(
+        [QEMU_IMG, "info", "--output=json", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if result.returncode != 0:
+        raise InvalidRequestError("image", f"{path} is not a disk image: {result.stderr.strip()}")
+    info = json.loads(result.stdout)
+    fmt = info.get("format")
+    if fmt not in ("raw", "qcow2"):
+        raise InvalidRequestError("image", f"{path} is {fmt}; give a qcow2 or raw image")
+    if info.get("backing-filename"):
+        raise InvalidRequestError("image", f"{path} has a backing file; flatten it first")
+    return fmt, int(info["virtual-size"])
+
+
+def _validate_request(
+    spec: VmSpec, nics: Sequence[NicAttachment], default_pool: str
+) -> list[NicAttachment]:
+    """Check every name that will reach libvirt and give each NIC its MAC.
+
+    Returns:
+        The NICs with their MACs (generated when the attachment has none).
+
+    Raises:
+        InvalidRequestError: naming the field and the rule.
+    """
+    _check_name(spec.name, "name")
+    if not spec.disks:
+        raise InvalidRequestError("storage", "at least a root disk is needed")
+    labels = [d.label for d in spec.disks]
+    if len(set(labels)) != len(labels):
+        raise InvalidRequestError("storage", f"disk labels must be unique, got {labels}")
+    if SEED_LABEL in labels:
+        raise InvalidRequestError(
+            "storage", f"the disk label {SEED_LABEL!r} is kept for the cloud-init seed"
+        )
+    for disk in spec.disks:
+        _check_name(disk.label, f"storage[{disk.label}].label")
+        _check_name(volume_name(spec.name, disk.label), f"storage[{disk.label}].label")
+        _check_pool_name(disk.pool or default_pool, f"storage[{disk.label}].pool")
+    _check_pool_name(default_pool, "default-storage-pool")
+    resolved: list[NicAttachment] = []
+    for nic in nics:
+        _check_name(nic.label, "interfaces.label")
+        _check_ifname(nic.source, f"interfaces[{nic.label}].source")
+        if nic.kind == AttachmentKind.HOSTDEV:
+            raise InvalidRequestError(
+                f"interfaces[{nic.label}].mode",
+                "sriov is not supported by the libvirt backend yet; use bridge or macvtap",
+            )
+        mac = (nic.mac or generate_mac(spec.name, nic.label)).lower()
+        if not _MAC_RE.match(mac):
+            raise InvalidRequestError(f"interfaces[{nic.label}].mac", f"{mac!r} is not a MAC")
+        resolved.append(dataclasses.replace(nic, mac=mac))
+    return resolved
+
+
+def _detail(error: BaseException) -> str:
+    """Return the useful part of an error for a person."""
+    if isinstance(error, libvirt.libvirtError):
+        return error.get_error_message() or str(error)
+    if isinstance(error, subprocess.CalledProcessError):
+        stderr = error.stderr or b""
+        if isinstance(stderr, bytes):
+            stderr = stderr.decode(errors="replace")
+        return f"{error}: {stderr.strip()}"
+    return str(error)
+
+
+def host_arch() -> str:
+    """Return the host architecture in libvirt's spelling."""
+    machine = platform.machine()
+    return "aarch64" if machine in ("aarch64", "arm64") else machine
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+
+
+class LibvirtBackend:
+    """The Backend protocol on libvirt; short-lived (one per hook), one connection each."""
+
+    name = "libvirt"
+
+    def __init__(
+        self,
+        uri: str = "qemu:///system",
+        templates_dir: Path | None = None,
+        sysfs_root: str = "/sys",
+    ):
+        self.uri = uri
+        self.templates_dir = templates_dir or TEMPLATES_DIR
+        self.sysfs_root = sysfs_root
+        self._conn: libvirt.virConnect | None = None
+
+    # -- connection
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        """Return the connection, opening it on first use."""
+        if self._conn is None or not self._conn.isAlive():
+            # libvirt prints every error to stderr by default; errors come back as exceptions.
+            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as e:
+                raise BackendUnavailableError(
+                    f"cannot connect to libvirt at {self.uri}: {e.get_error_message()}; "
+                    "is libvirtd running?"
+                ) from e
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection (safe to call twice)."""
+        if self._conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> LibvirtBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- host
+
+    def version(self) -> str:
+        """Return libvirt's version ("9.0.0")."""
+        v = self.conn.getLibVersion()
+        return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
+
+    def topology(self) -> HostTopology:
+        """Return NUMA nodes (with free huge pages from sysfs), host NICs and storage pools."""
+        topology = parse_capabilities(self.conn.getCapabilities())
+        topology = apply_free_hugepages(
+            topology,
+            read_free_hugepages(self.sysfs_root),
+            read_total_hugepages(self.sysfs_root),
+        )
+        return dataclasses.replace(
+            topology,
+            nics=discover_nics(self.sysfs_root),
+            pools=tuple(self._pools()),
+            hypervisor="libvirt",
+            hypervisor_version=self.version(),
+        )
+
+    def _pools(self) -> Iterator[StoragePool]:
+        for pool in self.conn.listAllStoragePools(0):
+            root = ET.fromstring(pool.XMLDesc(0))  # noqa: S314 - libvirtd's own output
+            active = bool(pool.isActive())
+            capacity = allocation = available = 0
+            if active:
+                _, capacity, allocation, available = (int(x) for x in pool.info())
+            yield StoragePool(
+                name=pool.name(),
+                driver=root.get("type", "dir"),
+                capacity_bytes=capacity,
+                allocation_bytes=allocation,
+                available_bytes=available,
+                path=(root.findtext("target/path") or "").strip() or None,
+                active=active,
+            )
+
+    def ensure_pool(self, name: str, path: str) -> None:
+        """Define, build, start and autostart a directory pool; start it when inactive."""
+        _check_pool_name(name, "default-storage-pool")
+        if not os.path.isabs(path):
+            raise InvalidRequestError("storage pool path", f"{path!r} must be an absolute path")
+        try:
+            pool = self.conn.storagePoolLookupByName(name)
+        except libvirt.libvirtError:
+            xml = render_template(
+                self.templates_dir, "storage-pool.xml.j2", {"name": name, "path": path}
+            )
+            try:
+                pool = self.conn.storagePoolDefineXML(xml, 0)
+                pool.build(0)
+            except libvirt.libvirtError as e:
+                raise VmHostError(f"storage pool {name}: define at {path} failed: {e}") from e
+        try:
+            if not pool.isActive():
+                pool.create(0)
+            if not pool.autostart():
+                pool.setAutostart(1)
+        except libvirt.libvirtError as e:
+            raise VmHostError(f"storage pool {name}: start failed: {e}") from e
+
+    # -- reading VMs
+
+    def list_vms(self) -> list[VmRecord]:
+        """Return every domain; vm-host's from their metadata, others reconstructed."""
+        records = []
+        topology: HostTopology | None = None
+        for dom in self.conn.listAllDomains(0):
+            try:
+                xml = dom.XMLDesc(0)
+                state = _state(int(dom.state()[0]))
+            except libvirt.libvirtError:
+                continue  # undefined while we looked
+            if METADATA_NS not in xml and topology is None:
+                # Only foreign domains need the host map (to find the node of pinned CPUs).
+                topology = parse_capabilities(self.conn.getCapabilities())
+            records.append(record_from_domain_xml(xml, state, topology))
+        return sorted(records, key=lambda r: r.name)
+
+    def _lookup(self, name: str) -> libvirt.virDomain:
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise VmHostError(f"VM {name!r} does not exist on this host") from e
+            raise
+
+    # -- composing
+
+    def compose(
+        self,
+        spec: VmSpec,
+        placement: Placement,
+        nics: Sequence[NicAttachment],
+        default_pool: str,
+    ) -> VmRecord:
+        """Create the volumes, seed and domain of a VM and start it; on failure undo it all.
+
+        Everything that can be checked is checked before the first volume exists; after that,
+        a failing step (volume, image copy, seed, define, start) removes the domain and every
+        volume this call created before the error is raised.
+
+        Raises:
+            InvalidRequestError: a name, image or NIC is not acceptable (nothing was touched).
+            VmHostError: the name is taken, a pool or volume is missing or taken, or a step
+                failed (everything this call created was removed again).
+        """
+        resolved = _validate_request(spec, nics, default_pool)
+        image = image_info(Path(spec.image)) if spec.image else None
+        conn = self.conn
+        if spec.name in {d.name() for d in conn.listAllDomains(0)}:
+            raise VmHostError(f"name: a VM named {spec.name!r} already exists on this host")
+        domain_uuid = str(uuid_module.uuid4())
+        seed_files = seed_documents(spec, resolved, domain_uuid)
+        planned = [
+            (d.pool or default_pool, volume_name(spec.name, d.label), d.size_gb * GB)
+            for d in spec.disks
+        ]
+        if seed_files is not None:
+            planned.append((default_pool, volume_name(spec.name, SEED_LABEL), 0))
+        pools = self._check_volumes_free(planned)
+
+        created: list[libvirt.virStorageVol] = []
+        dom: libvirt.virDomain | None = None
+        step = "creating volumes"
+        try:
+            disks: list[Volume] = []
+            for i, (pool_name, vol_name, size) in enumerate(planned[: len(spec.disks)]):
+                step = f"creating volume {pool_name}/{vol_name}"
+                pool = pools[pool_name]
+                if i == 0 and spec.image and image is not None:
+                    fmt = image[0]
+                    step = f"copying image {spec.image} into {pool_name}/{vol_name}"
+                    vol = self._image_volume(
+                        pool, vol_name, Path(spec.image), image, size, created
+                    )
+                else:
+                    fmt = "qcow2"
+                    vol = self._create_volume(pool, vol_name, size, fmt)
+                    created.append(vol)
+                disks.append(Volume(pool_name, vol_name, vol.path(), fmt))
+            seed = None
+            if seed_files is not None:
+                pool_name, vol_name, _ = planned[-1]
+                step = f"building the cloud-init seed {pool_name}/{vol_name}"
+                seed = self._seed_volume(pools[pool_name], vol_name, seed_files, created)
+            step = "rendering the domain XML"
+            arch = host_arch()
+            context = domain_context(
+                spec,
+                placement,
+                resolved,
+                disks,
+                seed,
+                uuid=domain_uuid,
+                domain_type=_domain_type(),
+                arch=arch,
+                cpu_disabled_features=disabled_cpu_features(arch, host_cpu_flags()),
+            )
+            xml = render_template(self.templates_dir, "domain.xml.j2", context)
+            step = "defining the domain"
+            dom = conn.defineXML(xml)
+            step = "setting autostart"
+            dom.setAutostart(1)
+            step = "starting the domain"
+            dom.create()
+            step = "reading the domain back"
+            record = record_from_domain_xml(dom.XMLDesc(0), _state(int(dom.state()[0])))
+        except (libvirt.libvirtError, OSError, subprocess.SubprocessError, VmHostError) as e:
+            self._rollback(dom, created)
+            if isinstance(e, InvalidRequestError):
+                raise
+            raise VmHostError(
+                f"compose {spec.name}: {step} failed: {_detail(e)}; nothing was left behind"
+            ) from e
+        logger.info("composed VM %s (%s)", spec.name, domain_uuid)
+        return record
+
+    def _check_volumes_free(
+        self, planned: Sequence[tuple[str, str, int]]
+    ) -> dict[str, libvirt.virStoragePool]:
+        """Return the pools of the planned volumes, refusing missing pools and taken names."""
+        pools: dict[str, libvirt.virStoragePool] = {}
+        for pool_name, vol_name, _ in planned:
+            if pool_name not in pools:
+                try:
+                    pool = self.conn.storagePoolLookupByName(pool_name)
+                except libvirt.libvirtError as e:
+                    raise VmHostError(
+                        f"storage pool {pool_name!r} does not exist on this host; create it or "
+                        "choose another pool"
+                    ) from e
+                if not pool.isActive():
+                    raise VmHostError(f"storage pool {pool_name!r} is not active; start it")
+                pool.refresh(0)
+                pools[pool_name] = pool
+            if vol_name in pools[pool_name].listVolumes():
+                raise VmHostError(
+                    f"volume {vol_name!r} already exists in pool {pool_name!r}; delete it or "
+                    "choose another VM name"
+                )
+        return pools
+
+    def _image_volume(
+        self,
+        pool: libvirt.virStoragePool,
+        name: str,
+        path: Path,
+        image: tuple[str, int],
+        size: int,
+        created: list[libvirt.virStorageVol],
+    ) -> libvirt.virStorageVol:
+        """Create a root volume holding a copy of a local image, grown to the disk size."""
+        fmt, virtual = image
+        if virtual > size:
+            raise InvalidRequestError(
+                "image",
+                f"{path} needs {virtual} bytes, more than the {size} of the root disk; ask for "
+                "a larger root disk",
+            )
+        vol = self._create_volume(pool, name, path.stat().st_size, fmt)
+        created.append(vol)
+        self._upload(vol, path)
+        if size > int(vol.info()[1]):
+            vol.resize(size, 0)
+        return vol
+
+    def _seed_volume(
+        self,
+        pool: libvirt.virStoragePool,
+        name: str,
+        files: Mapping[str, str],
+        created: list[libvirt.virStorageVol],
+    ) -> Volume:
+        """Build the NoCloud ISO in a private temporary directory and upload it as a volume."""
+        with tempfile.TemporaryDirectory(prefix="vm-host-seed-") as tmp:
+            iso = build_seed_iso(files, Path(tmp))
+            vol = self._create_volume(pool, name, iso.stat().st_size, "raw")
+            created.append(vol)
+            self._upload(vol, iso)
+        return Volume(pool.name(), name, vol.path(), "raw")
+
+    def _create_volume(
+        self, pool: libvirt.virStoragePool, name: str, capacity: int, fmt: str
+    ) -> libvirt.virStorageVol:
+        xml = render_template(
+            self.templates_dir,
+            "storage-volume.xml.j2",
+            {"name": name, "capacity_bytes": capacity, "format": fmt},
+        )
+        return pool.createXML(xml, 0)
+
+    def _upload(self, vol: libvirt.virStorageVol, path: Path) -> None:
+        """Stream a local file into a volume through libvirt (works for every pool type)."""
+        size = path.stat().st_size
+        stream = self.conn.newStream(0)
+        try:
+            vol.upload(stream, 0, size, 0)
+            with path.open("rb") as f:
+
+                def read(_stream: object, nbytes: int, _opaque: object) -> bytes:
+                    return f.read(nbytes)
+
+                stream.sendAll(read, None)
+            stream.finish()
+        except BaseException:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+            raise
+
+    def _rollback(
+        self, dom: libvirt.virDomain | None, volumes: Sequence[libvirt.virStorageVol]
+    ) -> None:
+        """Remove what a failed compose created; keep going past errors and log them."""
+        if dom is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.isActive():
+                    dom.destroy()
+            try:
+                dom.undefineFlags(_UNDEFINE_FLAGS)
+            except libvirt.libvirtError as e:
+                logger.error("rollback: undefining %s failed: %s", dom.name(), e)
+        for vol in volumes:
+            try:
+                vol.delete(0)
+            except libvirt.libvirtError as e:
+                logger.error("rollback: deleting volume %s failed: %s", vol.name(), e)
+
+    # -- lifecycle
+
+    def delete(self, name: str) -> None:
+        """Destroy and undefine a vm-host VM and delete exactly the volumes it created.
+
+        Raises:
+            VmHostError: the VM does not exist, was not created by vm-host (those are never
+                touched), or a volume could not be deleted (the others still are).
+        """
+        dom = self._lookup(name)
+        vm = ET.fromstring(dom.XMLDesc(0)).find(  # noqa: S314 - libvirtd's own output
+            f"metadata/{{{METADATA_NS}}}vm"
+        )
+        if vm is None:
+            raise VmHostError(
+                f"VM {name!r} was not created by vm-host; it is left alone (delete it with virsh)"
+            )
+        _, fields = parse_metadata(vm)
+        try:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(_UNDEFINE_FLAGS)
+        except libvirt.libvirtError as e:
+            raise VmHostError(f"delete {name}: {e.get_error_message()}") from e
+        failed = []
+        for ref in fields["volumes"]:
+            pool_name, _, vol_name = ref.partition("/")
+            try:
+                pool = self.conn.storagePoolLookupByName(pool_name)
+                pool.storageVolLookupByName(vol_name).delete(0)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() in (
+                    libvirt.VIR_ERR_NO_STORAGE_VOL,
+                    libvirt.VIR_ERR_NO_STORAGE_POOL,
+                ):
+                    logger.warning("delete %s: volume %s was already gone", name, ref)
+                    continue
+                failed.append(f"{ref} ({e.get_error_message()})")
+        if failed:
+            raise VmHostError(f"delete {name}: volumes not deleted: {', '.join(failed)}")
+        logger.info("deleted VM %s", name)
+
+    def start(self, name: str) -> None:
+        """Start a defined VM (a running VM is left as it is)."""
+        dom = self._lookup(name)
+        if not dom.isActive():
+            try:
+                dom.create()
+            except libvirt.libvirtError as e:
+                raise VmHostError(f"start {name}: {e.get_error_message()}") from e
+
+    def stop(self, name: str, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Ask the guest to shut down, then pull the plug after `timeout_s`."""
+        dom = self._lookup(name)
+        if not dom.isActive():
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.shutdown()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not dom.isActive():
+                return
+            time.sleep(0.5)
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+
+
+_UNDEFINE_FLAGS = (
+    libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+)

@@ -1,0 +1,224 @@
+"""Host setup for a libvirt VM host: packages, libvirtd configuration, daemon, huge pages.
+
+Nothing here imports ops; the charm calls these functions from its reconcile loop and the tests
+call them directly. Every function is idempotent so a re-run hook changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import jinja2
+
+from vmhost.model import VmHostError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POOL_NAME = "vm-host"
+"""Storage pool used for disks that name no pool."""
+DEFAULT_POOL_PATH = "/var/lib/vm-host/images"
+"""Directory of the default pool; the libvirt backend's ensure_pool creates it."""
+
+LIBVIRTD_CONF_PATH = Path("/etc/libvirt/libvirtd.conf")
+LIBVIRTD_SERVICE = "libvirtd"
+MANAGED_BY = "Managed by the vm-host charm."
+
+SYSTEMD_RUN_DIR = Path("/run/systemd/system")
+"""Exists exactly when systemd is PID 1 (sd_booted(3))."""
+
+
+def packages_for_arch(machine: str | None = None) -> list[str]:
+    """Return the Debian/Ubuntu packages a libvirt VM host needs on this architecture.
+
+    QEMU's system emulator package is named after the architecture family; the rest is common.
+    genisoimage builds the cloud-init NoCloud seed images.
+    """
+    machine = machine or platform.machine()
+    qemu = "qemu-system-arm" if machine in ("aarch64", "arm64") else "qemu-system-x86"
+    return [
+        "libvirt-daemon-system",
+        "libvirt-clients",
+        qemu,
+        "qemu-utils",
+        "genisoimage",
+    ]
+
+
+def install_packages() -> None:
+    """Install the hypervisor packages through apt (a no-op when they are present).
+
+    Raises:
+        VmHostError: apt failed; the message carries apt's reason.
+    """
+    from charmlibs import apt  # imported here: it runs dpkg at import time on some versions
+
+    packages = packages_for_arch()
+    try:
+        apt.add_package(packages, update_cache=True)
+    except (apt.PackageError, apt.PackageNotFoundError) as e:
+        raise VmHostError(f"installing {', '.join(packages)} failed: {e}") from e
+
+
+def render_libvirtd_conf(templates_dir: Path) -> str:
+    """Render libvirtd.conf so the "libvirt" group reaches the read-write socket without polkit."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir)),
+        autoescape=False,  # noqa: S701 - a config file, not markup; no request data reaches it
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("libvirtd.conf.j2").render(managed_by=MANAGED_BY)
+
+
+def write_if_changed(path: Path, content: str, mode: int = 0o644) -> bool:
+    """Write a file atomically when its content differs; return whether it changed.
+
+    The temporary file lives in the same directory, so the rename is atomic and a reader never
+    sees half a file. The mode is applied even when the content is already right, so a file
+    whose permissions drifted is repaired without counting as a change (no daemon restart).
+    """
+    data = content.encode()
+    try:
+        current = path.read_bytes()
+    except FileNotFoundError:
+        current = None
+    if current == data:
+        if (path.stat().st_mode & 0o7777) != mode:
+            path.chmod(mode)
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+class DaemonManager(enum.StrEnum):
+    """Who keeps libvirtd running."""
+
+    SYSTEMD = "systemd"
+    EXTERNAL = "external"
+    """Running, started by someone else (tests, an adopted host): used as it is."""
+    NONE = "none"
+    """Not running and no systemd to start it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonState:
+    """What ensure_libvirtd found and did, for status and logs."""
+
+    running: bool
+    manager: DaemonManager
+    restarted: bool = False
+    message: str = ""
+
+
+def process_running(name: str, proc_root: Path = Path("/proc")) -> bool:
+    """Return whether a process with this command name exists (what pgrep -x does)."""
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == name:
+                return True
+        except OSError:
+            continue  # the process ended while we looked
+    return False
+
+
+def ensure_libvirtd(
+    config_changed: bool,
+    *,
+    systemd_run_dir: Path = SYSTEMD_RUN_DIR,
+    is_running: Callable[[], bool] | None = None,
+) -> DaemonState:
+    """Make sure libvirtd runs with the current configuration, touching it as little as possible.
+
+    Under systemd the unit is enabled and restarted only when the configuration changed (or it
+    is down), so a hook that changes nothing never interrupts the daemon. Without systemd the
+    charm never daemonizes libvirtd itself: a running daemon is used as it is, and a missing one
+    is reported so the operator (or the test harness) can start it.
+
+    Args:
+        config_changed: whether libvirtd.conf was just rewritten.
+        systemd_run_dir: the directory whose existence means systemd is PID 1.
+        is_running: probe for a running libvirtd; defaults to a /proc scan.
+    """
+    running = (is_running or (lambda: process_running("libvirtd")))()
+    if systemd_run_dir.is_dir():
+        from charmlibs import systemd
+
+        try:
+            systemd.service_enable(LIBVIRTD_SERVICE)
+            if config_changed or not systemd.service_running(LIBVIRTD_SERVICE):
+                systemd.service_restart(LIBVIRTD_SERVICE)
+                return DaemonState(True, DaemonManager.SYSTEMD, True, "libvirtd restarted")
+        except systemd.SystemdError as e:
+            return DaemonState(False, DaemonManager.SYSTEMD, False, f"libvirtd: {e}")
+        return DaemonState(True, DaemonManager.SYSTEMD, False, "libvirtd running")
+    if running:
+        message = "libvirtd running (not managed by systemd; used as it is)"
+        if config_changed:
+            message += "; restart it to apply the new libvirtd.conf"
+        return DaemonState(True, DaemonManager.EXTERNAL, False, message)
+    return DaemonState(
+        False,
+        DaemonManager.NONE,
+        False,
+        "libvirtd is not running and there is no systemd to start it",
+    )
+
+
+def _hugepage_file(size_kib: int, node: int | None, sysfs_root: str) -> Path:
+    if node is None:
+        base = Path(sysfs_root) / "kernel/mm/hugepages"
+    else:
+        base = Path(sysfs_root) / f"devices/system/node/node{node}/hugepages"
+    return base / f"hugepages-{size_kib}kB" / "nr_hugepages"
+
+
+def set_hugepages(
+    size_kib: int, count: int, node: int | None = None, sysfs_root: str = "/sys"
+) -> int:
+    """Ask the kernel for `count` huge pages of one size and return how many it granted.
+
+    The kernel grants fewer when memory is fragmented; the caller must use the returned number
+    (and the allocator reads free pages from the host anyway), never the requested one.
+
+    Args:
+        size_kib: page size in KiB (2048, 1048576).
+        count: pages wanted, host-wide (node None) or on one NUMA node.
+        node: NUMA node id, or None for the host-wide pool.
+        sysfs_root: root of sysfs (a temporary tree in tests).
+
+    Raises:
+        VmHostError: the count is negative, or the kernel has no such page size or node.
+    """
+    if count < 0:
+        raise VmHostError(f"hugepages: count must be 0 or more, got {count}")
+    path = _hugepage_file(size_kib, node, sysfs_root)
+    if not path.exists():
+        where = "this host" if node is None else f"NUMA node {node}"
+        raise VmHostError(
+            f"hugepages: {size_kib} KiB pages are not available on {where} ({path} missing)"
+        )
+    path.write_text(f"{count}\n")
+    granted = int(path.read_text().strip())
+    if granted < count:
+        logger.warning("kernel granted %d of %d %d KiB huge pages", granted, count, size_kib)
+    return granted
