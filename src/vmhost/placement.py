@@ -1,0 +1,1146 @@
+"""The allocator: which host CPUs, NUMA nodes, huge pages and VFs a VM gets.
+
+Pure functions over the shared records of `vmhost.model`: no I/O, no logging, no clock. The
+host's current allocations are passed in (rebuilt from the hypervisor's own metadata), so the
+same inputs always give the same answer, and freeing a VM is simply dropping its Placement
+from the list.
+
+Rules, and why they are what they are:
+
+* CPU pools. Every host CPU is exactly one of: reserved (``Policy.reserved_cpus``, never
+  handed out), pinned (dedicated to one vCPU of one VM), held (``smt-policy=isolate`` only:
+  a free thread on a core one of whose threads is pinned; it stays idle so no two VMs share
+  a core, and it counts as used) or in the shared pool. Shared vCPUs float over the shared
+  pool and are limited to ``cpu_overcommit_ratio`` x its size. A pinned request may not
+  shrink the pool below what shared VMs already use.
+* General memory (node memory minus huge pages, minus ``reserved_memory_mib`` which is taken
+  from the lowest-numbered nodes first) is limited host-wide to
+  ``memory_overcommit_ratio`` x its size. Cells of pinned VMs are bound to their node
+  (libvirt ``numatune`` strict), so their memory must also fit the node physically, without
+  overcommit: per node, the memory of all NUMA-bound cells stays within the node's general
+  memory. Floating (shared, non-hugepage) VMs only count host-wide.
+* Huge pages, per size and node, are never overcommitted. Free pages on a node are
+  min(pages configured - pages of the allocations, pages the kernel reports free): the
+  kernel count already excludes running VMs and pages used outside vm-host, the ledger also
+  covers stopped VMs. Hugepage-backed VMs take no general memory. ``any`` takes 2M pages when
+  they fit and 1G pages only otherwise, so the scarce 1G pages stay for requests that need
+  them.
+* Guest cells mirror host nodes: a pinned or hugepage-backed VM gets one cell per host node
+  used, in ascending host node order. A VM uses as few nodes as it can (up to
+  ``VmSpec.numa_nodes``); spans choose the node set with the smallest NUMA distance sum.
+* Split rule. vCPUs are split over the cells as evenly as the free capacity allows (the
+  largest cell is as small as possible; ties give the extra vCPUs to the lower nodes).
+  Memory follows the vCPUs: in whole units (MiB, or pages for hugepage-backed VMs) each cell
+  gets floor(total x cell vCPUs / vCPUs), and the few leftover units go to the cells whose
+  node still has room, lowest node first. Every cell gets at least one unit.
+* SMT policy. ``prefer``: fill both threads of a core with one VM before opening another
+  core, and put an odd vCPU on a half-used core. ``isolate``: a VM takes whole cores; the
+  unused thread of its last core is held. ``require``: vCPUs come in sibling pairs, so odd
+  counts are rejected on SMT hosts; a host without SMT behaves as ``prefer``.
+* Emulator threads of pinned VMs go to the reserved CPUs on the VM's nodes, else all
+  reserved CPUs, else the shared pool of the VM's nodes, else the host-wide shared pool,
+  else (nothing left) the VM's own pinned CPUs.
+* SR-IOV. Interfaces in mode sriov with a ``parent`` NIC take one VF each, counted against
+  the NIC's ``sriov_total_vfs`` (enabling VFs is the host layer's job, so the enabled count
+  does not limit). The VM prefers the NIC's NUMA node; ``numa_strict`` makes it a must. A
+  NIC whose NUMA node the kernel does not report constrains nothing. Interfaces without a
+  parent are resolved by the networks layer and not counted here.
+* Scoring. Among the node sets that fit: honour the NIC preference, then the smallest
+  distance sum, then keep whole free nodes whole, then best fit on 1G pages for 1G requests,
+  then break as few whole free cores as possible, then best fit on free CPUs and memory,
+  then the lowest node ids. Everything iterates in sorted order, so equal inputs give equal
+  plans.
+* Speed. Node sets are never permuted: single nodes are scored one by one; spans enumerate
+  combinations only while there are few of them, and otherwise grow sets greedily from every
+  seed node by NUMA distance. Capacity bounds reject impossible requests before any search.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from vmhost.model import (
+    KIB_PER_MIB,
+    PAGE_1G_KIB,
+    PAGE_2M_KIB,
+    CellPlacement,
+    HostTopology,
+    HugepageRequest,
+    InterfaceMode,
+    InvalidRequestError,
+    Placement,
+    Policy,
+    Rejection,
+    VfAssignment,
+    VmSpec,
+    page_label,
+)
+
+SMT_POLICIES = ("prefer", "isolate", "require")
+_MAX_COMBINATIONS = 256
+"""Above this many node sets of one size, grow sets greedily instead of enumerating them."""
+
+# ---------------------------------------------------------------------------------------------
+# Usage report
+
+
+@dataclass(frozen=True)
+class HugepageUsage:
+    """Huge pages of one size on one node.
+
+    ``allocated + unavailable + free == total``: ``unavailable`` are pages the kernel reports
+    in use beyond what the allocations account for (used outside vm-host).
+    """
+
+    size_kib: int
+    total: int
+    allocated: int
+    unavailable: int
+    free: int
+
+    @property
+    def label(self) -> str:
+        """The page size as people write it ("2M", "1G")."""
+        return page_label(self.size_kib)
+
+
+@dataclass(frozen=True)
+class NodeUsage:
+    """One NUMA node's CPUs, general memory and huge pages.
+
+    ``cpus_total == cpus_reserved + cpus_pinned + cpus_held + cpus_shared_pool``.
+    ``memory_total_mib == memory_reserved_mib + memory_bound_mib + memory_free_mib`` where
+    bound memory is that of NUMA-bound (pinned) cells; floating VMs count host-wide only.
+    """
+
+    node: int
+    cpus_total: int
+    cpus_reserved: int
+    cpus_pinned: int
+    cpus_held: int
+    """Idle siblings of pinned threads under smt-policy isolate (count as used)."""
+    cpus_shared_pool: int
+    cpus_free_for_pinning: int
+    """The same CPUs as the shared pool: pinning takes them out of it."""
+    memory_total_mib: int
+    """General memory (node memory minus huge pages)."""
+    memory_reserved_mib: int
+    memory_bound_mib: int
+    memory_free_mib: int
+    hugepages: tuple[HugepageUsage, ...] = ()
+
+
+@dataclass(frozen=True)
+class NicUsage:
+    """SR-IOV VFs of one host NIC."""
+
+    nic: str
+    numa_node: int | None
+    vfs_total: int
+    vfs_enabled: int
+    vfs_used: int
+    vfs_free: int
+
+
+@dataclass(frozen=True)
+class HostUsage:
+    """What the host has and what the allocations take, for show-resources and status."""
+
+    nodes: tuple[NodeUsage, ...]
+    nics: tuple[NicUsage, ...]
+    cpu_overcommit_ratio: float
+    memory_overcommit_ratio: float
+    shared_pool_cpus: int
+    shared_vcpus_allocated: int
+    shared_vcpus_capacity: int
+    """floor(shared pool x cpu ratio)."""
+    memory_general_mib: int
+    """General memory of all nodes minus the reserved memory."""
+    memory_allocated_mib: int
+    """General memory of all VMs that are not hugepage-backed."""
+    memory_capacity_mib: int
+    """floor(general memory x memory ratio)."""
+    vms: int
+
+    @property
+    def cpus_total(self) -> int:
+        """Every host CPU."""
+        return sum(n.cpus_total for n in self.nodes)
+
+    @property
+    def cpus_free(self) -> int:
+        """CPUs neither reserved nor pinned (nor held idle by smt-policy isolate)."""
+        return sum(n.cpus_shared_pool for n in self.nodes)
+
+    @property
+    def numa_nodes(self) -> int:
+        """Number of host NUMA nodes."""
+        return len(self.nodes)
+
+    def summary(self) -> str:
+        """One line for the status: "2 NUMA nodes, 40/48 CPUs free"."""
+        plural = "node" if self.numa_nodes == 1 else "nodes"
+        return f"{self.numa_nodes} NUMA {plural}, {self.cpus_free}/{self.cpus_total} CPUs free"
+
+
+# ---------------------------------------------------------------------------------------------
+# The host state every decision starts from
+
+
+def _check_policy(policy: Policy) -> None:
+    if policy.smt_policy not in SMT_POLICIES:
+        raise InvalidRequestError(
+            "smt-policy", f"{policy.smt_policy!r} is not one of {', '.join(SMT_POLICIES)}"
+        )
+
+
+class _Host:
+    """Indexes of a topology and the resources its allocations take."""
+
+    def __init__(
+        self, topology: HostTopology, allocations: Sequence[Placement], policy: Policy
+    ) -> None:
+        _check_policy(policy)
+        self.policy = policy
+        self.topology = topology
+        self.nodes = tuple(sorted(topology.nodes, key=lambda n: n.id))
+        self.node_ids = tuple(n.id for n in self.nodes)
+        self.node_by_id = {n.id: n for n in self.nodes}
+        self._index_cpus()
+        self.isolate = policy.smt_policy == "isolate"
+        self.require = policy.smt_policy == "require" and self.smt
+        self.reserved = frozenset(c for c in policy.reserved_cpus if c in self.node_of)
+        self._account(allocations)
+        self._pools()
+        self._memory()
+
+    def _index_cpus(self) -> None:
+        # Cores are sibling threads on one node; a CPU without sibling data is its own core
+        # (never guess cores from ids that a parser may have left at their defaults).
+        self.node_of: dict[int, int] = {}
+        self.node_cpus: dict[int, tuple[int, ...]] = {}
+        for node in self.nodes:
+            self.node_cpus[node.id] = node.cpu_ids
+            self.node_of.update(dict.fromkeys(node.cpu_ids, node.id))
+        self.core_of: dict[int, tuple[int, ...]] = {}
+        self.node_cores: dict[int, tuple[tuple[int, ...], ...]] = {}
+        for node in self.nodes:
+            cores: set[tuple[int, ...]] = set()
+            for cpu in node.cpus:
+                threads = {s for s in cpu.siblings if self.node_of.get(s) == node.id}
+                core = tuple(sorted(threads | {cpu.id}))
+                cores.add(core)
+                self.core_of[cpu.id] = core
+            self.node_cores[node.id] = tuple(sorted(cores))
+        self.smt = any(len(c) > 1 for cores in self.node_cores.values() for c in cores)
+
+    def _account(self, allocations: Sequence[Placement]) -> None:
+        self.pinned: set[int] = set()
+        self.shared_vcpus = 0
+        self.general_allocated = 0
+        self.bound_mib = dict.fromkeys(self.node_ids, 0)
+        self.pages_used: dict[tuple[int, int], int] = {}
+        self.vfs_used: dict[str, int] = {}
+        for alloc in allocations:
+            self.pinned.update(alloc.pinned_cpus)
+            self.shared_vcpus += alloc.shared_vcpus
+            self.general_allocated += alloc.general_memory_mib
+            for cell in alloc.cells:
+                if cell.hugepages and cell.hugepage_size_kib:
+                    key = (cell.host_node, cell.hugepage_size_kib)
+                    self.pages_used[key] = self.pages_used.get(key, 0) + cell.hugepages
+                elif cell.cpus and cell.host_node in self.bound_mib:
+                    self.bound_mib[cell.host_node] += cell.memory_mib
+            for vf in alloc.vfs:
+                self.vfs_used[vf.nic] = self.vfs_used.get(vf.nic, 0) + vf.count
+
+    def _pools(self) -> None:
+        self.held: set[int] = set()
+        if self.isolate:
+            for cpu in self.pinned:
+                core = self.core_of.get(cpu, (cpu,))
+                self.held.update(t for t in core if t not in self.pinned)
+            self.held -= self.reserved
+        busy = self.pinned | self.held | self.reserved
+        self.pool = frozenset(c for c in self.node_of if c not in busy)
+        self.node_pool = {
+            nd: tuple(c for c in cpus if c in self.pool) for nd, cpus in self.node_cpus.items()
+        }
+        self.node_usable = {
+            nd: sum(1 for c in cpus if c not in self.reserved)
+            for nd, cpus in self.node_cpus.items()
+        }
+
+    def _memory(self) -> None:
+        # reserved_memory_mib comes out of the lowest-numbered nodes first.
+        self.general_mib: dict[int, int] = {}
+        self.reserved_mib: dict[int, int] = {}
+        left = max(0, self.policy.reserved_memory_mib)
+        for node in self.nodes:
+            general = node.general_memory_kib // KIB_PER_MIB
+            taken = min(left, general)
+            left -= taken
+            self.general_mib[node.id] = general
+            self.reserved_mib[node.id] = taken
+        self.general_total = sum(self.general_mib.values()) - sum(self.reserved_mib.values())
+        ratio = self.policy.memory_overcommit_ratio
+        self.general_capacity = math.floor(self.general_total * ratio)
+
+    # -- derived views ------------------------------------------------------------------------
+
+    def pool_on(self, node: int) -> tuple[int, ...]:
+        """Shared-pool CPUs of a node, sorted."""
+        return self.node_pool[node]
+
+    def bound_free_mib(self, node: int) -> int:
+        """General memory of a node still free for NUMA-bound cells."""
+        return self.general_mib[node] - self.reserved_mib[node] - self.bound_mib[node]
+
+    def pages_total(self, node: int, size_kib: int) -> int:
+        """Pages of a size configured on a node."""
+        return int(self.node_by_id[node].hugepages_total.get(size_kib, 0))
+
+    def pages_free(self, node: int, size_kib: int) -> int:
+        """Pages of a size a new VM can take on a node."""
+        n = self.node_by_id[node]
+        ledger = self.pages_total(node, size_kib) - self.pages_used.get((node, size_kib), 0)
+        kernel = int(n.hugepages_free.get(size_kib, n.hugepages_total.get(size_kib, 0)))
+        return max(0, min(ledger, kernel))
+
+    def shared_capacity(self, pool_size: int) -> int:
+        """Shared vCPUs a pool of this many CPUs can carry."""
+        return math.floor(pool_size * self.policy.cpu_overcommit_ratio)
+
+    def distance(self, a: int, b: int) -> int:
+        """NUMA distance between two nodes (10 local, 20 remote when the host does not say)."""
+        if a == b:
+            return 10
+        dist = self.node_by_id[a].distances.get(b)
+        if dist is None:
+            dist = self.node_by_id[b].distances.get(a)
+        return int(dist) if dist is not None else 20
+
+    def distance_sum(self, nodes: Sequence[int]) -> int:
+        """Sum of pairwise distances of a node set."""
+        return sum(self.distance(a, b) for a, b in itertools.combinations(nodes, 2))
+
+    def pool_budget(self) -> int:
+        """How many CPUs may leave the shared pool without overbooking shared VMs."""
+        if self.shared_vcpus == 0:
+            return len(self.pool)
+        ratio = self.policy.cpu_overcommit_ratio
+        if ratio <= 0:
+            return 0
+        # Smallest pool whose floor(pool x ratio) still covers the shared vCPUs.
+        needed = math.ceil(self.shared_vcpus / ratio)
+        while needed > 0 and self.shared_capacity(needed - 1) >= self.shared_vcpus:
+            needed -= 1
+        while self.shared_capacity(needed) < self.shared_vcpus:
+            needed += 1
+        return max(0, len(self.pool) - needed)
+
+    def pool_reason(self, taking: int) -> str:
+        """Explain why taking CPUs out of the shared pool would overbook shared VMs."""
+        ratio = _fmt_ratio(self.policy.cpu_overcommit_ratio)
+        left = len(self.pool) - taking
+        return (
+            f"taking {taking} CPUs out of the shared pool of {len(self.pool)} would leave "
+            f"{left} CPUs x cpu ratio {ratio} = {self.shared_capacity(left)} vCPUs for shared "
+            f"VMs that already use {self.shared_vcpus}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage
+
+
+def usage(topology: HostTopology, allocations: Sequence[Placement], policy: Policy) -> HostUsage:
+    """Report what the host has and what the allocations take.
+
+    The numbers are the allocator's own view (the same pools and rules `plan` uses), so what
+    show-resources prints is exactly what the next plan will see.
+
+    Args:
+        topology: the host.
+        allocations: placements of every VM on the host (running or not).
+        policy: the host-wide placement rules.
+
+    Returns:
+        Per-node and host-wide usage.
+    """
+    host = _Host(topology, allocations, policy)
+    nodes: list[NodeUsage] = []
+    for node in host.nodes:
+        cpus = host.node_cpus[node.id]
+        pages: list[HugepageUsage] = []
+        for size in sorted(set(node.hugepages_total) | set(node.hugepages_free)):
+            total = host.pages_total(node.id, size)
+            allocated = host.pages_used.get((node.id, size), 0)
+            free = host.pages_free(node.id, size)
+            pages.append(
+                HugepageUsage(
+                    size_kib=size,
+                    total=total,
+                    allocated=allocated,
+                    unavailable=total - allocated - free,
+                    free=free,
+                )
+            )
+        pool = len(host.pool_on(node.id))
+        nodes.append(
+            NodeUsage(
+                node=node.id,
+                cpus_total=len(cpus),
+                cpus_reserved=sum(1 for c in cpus if c in host.reserved),
+                cpus_pinned=sum(1 for c in cpus if c in host.pinned),
+                cpus_held=sum(1 for c in cpus if c in host.held),
+                cpus_shared_pool=pool,
+                cpus_free_for_pinning=pool,
+                memory_total_mib=host.general_mib[node.id],
+                memory_reserved_mib=host.reserved_mib[node.id],
+                memory_bound_mib=host.bound_mib[node.id],
+                memory_free_mib=host.bound_free_mib(node.id),
+                hugepages=tuple(pages),
+            )
+        )
+    nics: list[NicUsage] = []
+    for nic in sorted(topology.nics, key=lambda n: n.name):
+        if nic.sriov_total_vfs <= 0 and nic.name not in host.vfs_used:
+            continue
+        used = host.vfs_used.get(nic.name, 0)
+        nics.append(
+            NicUsage(
+                nic=nic.name,
+                numa_node=nic.numa_node,
+                vfs_total=nic.sriov_total_vfs,
+                vfs_enabled=nic.sriov_enabled_vfs,
+                vfs_used=used,
+                vfs_free=nic.sriov_total_vfs - used,
+            )
+        )
+    return HostUsage(
+        nodes=tuple(nodes),
+        nics=tuple(nics),
+        cpu_overcommit_ratio=policy.cpu_overcommit_ratio,
+        memory_overcommit_ratio=policy.memory_overcommit_ratio,
+        shared_pool_cpus=len(host.pool),
+        shared_vcpus_allocated=host.shared_vcpus,
+        shared_vcpus_capacity=host.shared_capacity(len(host.pool)),
+        memory_general_mib=host.general_total,
+        memory_allocated_mib=host.general_allocated,
+        memory_capacity_mib=host.general_capacity,
+        vms=len(allocations),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+class _Reject(Exception):  # noqa: N818 - internal control flow, never escapes plan()
+    """Carries a rejection reason out of nested helpers."""
+
+
+def _fmt_cpus(cpus: Iterable[int]) -> str:
+    return ", ".join(str(c) for c in sorted(cpus))
+
+
+def _fmt_nodes(nodes: Sequence[int]) -> str:
+    word = "node" if len(nodes) == 1 else "nodes"
+    return f"{word} {', '.join(str(n) for n in nodes)}"
+
+
+def _fmt_ratio(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+@dataclass(frozen=True)
+class _Units:
+    """How a request's memory is counted: MiB of general memory, or pages of one size."""
+
+    page_kib: int | None
+    total: int
+
+    @property
+    def mib_per_unit(self) -> int:
+        return 1 if self.page_kib is None else self.page_kib // KIB_PER_MIB
+
+    @property
+    def kind(self) -> str:
+        return "memory" if self.page_kib is None else f"{page_label(self.page_kib)} huge pages"
+
+    def describe(self, units: int) -> str:
+        if self.page_kib is None:
+            return f"{units} MiB"
+        return f"{units} pages ({units * self.mib_per_unit} MiB)"
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    nodes: tuple[int, ...]
+    counts: tuple[int, ...]
+    units: tuple[int, ...]
+    cpus: tuple[tuple[int, ...], ...]
+    score: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Sriov:
+    """What the request's SR-IOV interfaces ask of the host."""
+
+    vfs: tuple[VfAssignment, ...]
+    prefer_nodes: tuple[int, ...]
+    strict_nodes: tuple[int, ...]
+
+
+def _split_units(
+    total: int, n: int, counts: Sequence[int], free: Sequence[int]
+) -> tuple[int, ...] | None:
+    """Split memory units over cells in proportion to their vCPUs (the module's split rule)."""
+    base = [total * c // n for c in counts]
+    if any(b < 1 or b > f for b, f in zip(base, free, strict=True)):
+        return None
+    left = total - sum(base)
+    for i in range(len(base)):
+        give = min(left, free[i] - base[i])
+        base[i] += give
+        left -= give
+    return tuple(base) if left == 0 else None
+
+
+def _unit_cap(total: int, n: int, free: int) -> int:
+    """Largest vCPU count whose share floor(total x c / n) fits in `free` units."""
+    return ((free + 1) * n - 1) // total
+
+
+def _even_counts(n: int, step: int, lo: int, his: Sequence[int]) -> tuple[int, ...] | None:
+    """Most even split of n vCPUs with each cell in [lo, hi] and a multiple of step.
+
+    Water-filling: the smallest level L such that min(hi, max(lo, L)) covers n, then the
+    surplus is taken back from cells at level L, highest node first.
+    """
+    k = len(his)
+    if n % step or lo * k > n or any(h < lo for h in his):
+        return None
+    units, lo_u = n // step, lo // step
+    his_u = [h // step for h in his]
+    if sum(his_u) < units:
+        return None
+    low, high = lo_u, max(his_u)
+    while low < high:
+        mid = (low + high) // 2
+        if sum(min(h, max(lo_u, mid)) for h in his_u) >= units:
+            high = mid
+        else:
+            low = mid + 1
+    counts = [min(h, max(lo_u, low)) for h in his_u]
+    excess = sum(counts) - units
+    for i in reversed(range(k)):
+        if excess and counts[i] == low and counts[i] > lo_u:
+            counts[i] -= 1
+            excess -= 1
+    return tuple(c * step for c in counts) if excess == 0 else None
+
+
+class _Planner:
+    """Per-request view of the host, with the per-node work cached."""
+
+    def __init__(self, host: _Host, spec: VmSpec) -> None:
+        self.host = host
+        self.spec = spec
+        self._avail: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        self._picks: dict[tuple[int, int], tuple[tuple[int, ...], int]] = {}
+        self._caps: dict[int, int] = {}
+
+    def avail(self, node: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(core, its free threads) for the node's cores with any free thread."""
+        if node not in self._avail:
+            pool = self.host.pool
+            pairs = [
+                (core, tuple(t for t in core if t in pool)) for core in self.host.node_cores[node]
+            ]
+            self._avail[node] = [(core, free) for core, free in pairs if free]
+        return self._avail[node]
+
+    def cpu_cap(self, node: int) -> int:
+        """Pinned vCPUs the node can take under the SMT policy."""
+        if node not in self._caps:
+            if self.host.require:
+                self._caps[node] = sum(len(free) // 2 * 2 for _, free in self.avail(node))
+            else:
+                self._caps[node] = len(self.host.pool_on(node))
+        return self._caps[node]
+
+    def pick(self, node: int, count: int) -> tuple[tuple[int, ...], int]:
+        """Choose `count` CPUs on a node; also return how many whole free cores it breaks."""
+        key = (node, count)
+        if key not in self._picks:
+            avail = self.avail(node)
+            chosen = _pick_pairs(avail, count) if self.host.require else _pick_fill(avail, count)
+            taken = set(chosen)
+            broken = sum(
+                1
+                for core, free in avail
+                if len(free) == len(core) and 0 < len(taken.intersection(free)) < len(core)
+            )
+            order = sorted(chosen, key=lambda c: (self.host.core_of[c], c))
+            self._picks[key] = (tuple(order), broken)
+        return self._picks[key]
+
+    def held_after(self, cpus: Iterable[int]) -> int:
+        """CPUs an isolate placement leaves idle on its cores (they count as used)."""
+        if not self.host.isolate:
+            return 0
+        taken = set(cpus)
+        held = {t for c in taken for t in self.host.core_of[c] if t in self.host.pool}
+        return len(held - taken)
+
+
+def _pick_pairs(avail: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], count: int) -> list[int]:
+    """Sibling pairs, whole cores first so cores that are already split stay for others."""
+    ordered = sorted(avail, key=lambda cf: (len(cf[1]) != len(cf[0]), -len(cf[1]), cf[0]))
+    chosen: list[int] = []
+    for _core, free in ordered:
+        for i in range(0, len(free) - 1, 2):
+            if len(chosen) < count:
+                chosen += [free[i], free[i + 1]]
+    return chosen
+
+
+def _pick_fill(avail: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], count: int) -> list[int]:
+    """Fill whole cores first; the remainder goes to the core that fits it best.
+
+    Takes the largest chunk of free threads that does not overshoot (whole cores for whole
+    multiples, a half-used core before a whole one of the same size), and when every core has
+    more free threads than still needed, the one with the fewest. Under isolate the threads
+    left on the last core are held by the caller's accounting.
+    """
+    need = count
+    rest = list(avail)
+    chosen: list[int] = []
+    while need > 0 and rest:
+        fits = [cf for cf in rest if len(cf[1]) <= need]
+        if fits:
+            size = max(len(cf[1]) for cf in fits)
+            same = [cf for cf in fits if len(cf[1]) == size]
+            pick = min(same, key=lambda cf: (len(cf[1]) == len(cf[0]), cf[0]))
+        else:
+            pick = min(rest, key=lambda cf: (len(cf[1]), len(cf[1]) == len(cf[0]), cf[0]))
+        take = list(pick[1][:need])
+        chosen += take
+        need -= len(take)
+        rest.remove(pick)
+    return chosen
+
+
+def plan(
+    topology: HostTopology, allocations: Sequence[Placement], spec: VmSpec, policy: Policy
+) -> Placement | Rejection:
+    """Choose where a VM's resources come from, or say why it cannot be placed.
+
+    Args:
+        topology: the host.
+        allocations: placements of every VM on the host (running or not).
+        spec: the validated request.
+        policy: the host-wide placement rules.
+
+    Returns:
+        A Placement, or a Rejection whose reason carries the numbers an operator needs.
+
+    Raises:
+        InvalidRequestError: when the policy itself is invalid (an unknown smt-policy).
+    """
+    host = _Host(topology, allocations, policy)
+    try:
+        return _plan(host, spec)
+    except _Reject as exc:
+        return Rejection(str(exc))
+
+
+def _plan(host: _Host, spec: VmSpec) -> Placement:
+    cpu_nodes = _check_shape(host, spec)
+    sriov = _check_sriov(host, spec)
+    sizes = _page_sizes(spec)
+    if spec.hugepages is None:
+        _check_general_memory(host, spec)
+    if not spec.pinned:
+        _check_shared_vcpus(host, spec)
+        if spec.hugepages is None:
+            if sriov.strict_nodes:
+                raise _Reject(
+                    "an SR-IOV interface asks for strict NUMA alignment, which needs pinned "
+                    "CPUs or huge pages; this request has neither"
+                )
+            return Placement(vcpus=spec.vcpus, memory_mib=spec.memory_mib, vfs=sriov.vfs)
+    planner = _Planner(host, spec)
+    if spec.pinned_cpus is not None:
+        return _plan_explicit(planner, spec, sizes, sriov)
+    if spec.pinned and host.require and spec.vcpus % 2:
+        raise _Reject(
+            f"smt-policy require gives vCPUs in sibling pairs; {spec.vcpus} pinned vCPUs is "
+            "an odd count: ask for an even one"
+        )
+    errors: list[str] = []
+    for size in sizes:
+        units = _units_for(spec, size)
+        found = _Search(planner, units, cpu_nodes, sriov).run()
+        if isinstance(found, _Candidate):
+            return _build(planner, units, found, sriov.vfs)
+        errors.append(found)
+    raise _Reject("; ".join(errors))
+
+
+def _check_shape(host: _Host, spec: VmSpec) -> list[int]:
+    """Check what does not depend on free resources; return the nodes that have CPUs."""
+    if spec.vcpus < 1:
+        raise _Reject(f"needs at least 1 vCPU; the request asks for {spec.vcpus}")
+    if spec.memory_mib < 1:
+        raise _Reject(f"needs memory; the request asks for {spec.memory_mib} MiB")
+    if spec.numa_nodes < 1:
+        raise _Reject(f"numa-nodes must be at least 1; the request asks for {spec.numa_nodes}")
+    cpu_nodes = [n for n in host.node_ids if host.node_cpus[n]]
+    if not cpu_nodes:
+        raise _Reject("no NUMA node of this host has CPUs")
+    if spec.numa_nodes > len(cpu_nodes):
+        raise _Reject(
+            f"asks to span up to {spec.numa_nodes} NUMA nodes; this host has "
+            f"{len(cpu_nodes)} with CPUs"
+        )
+    if spec.pinned and spec.pinned_count != spec.vcpus:
+        raise _Reject(
+            f"pins {spec.pinned_count} host CPUs for {spec.vcpus} vCPUs; a pinned VM needs "
+            "exactly one host CPU per vCPU"
+        )
+    if spec.pinned_cpus is not None and not spec.pinned:
+        raise _Reject("lists host CPUs to pin but pinned-cores is 0")
+    return cpu_nodes
+
+
+def _page_sizes(spec: VmSpec) -> list[int | None]:
+    """Page sizes to try in order: 2M before 1G for `any`, keeping 1G pages for 1G asks."""
+    if spec.hugepages is None:
+        return [None]
+    if spec.hugepages == HugepageRequest.P2M:
+        sizes = [PAGE_2M_KIB]
+    elif spec.hugepages == HugepageRequest.P1G:
+        sizes = [PAGE_1G_KIB]
+    else:
+        sizes = [PAGE_2M_KIB, PAGE_1G_KIB]
+    usable: list[int | None] = [s for s in sizes if spec.memory_mib * KIB_PER_MIB % s == 0]
+    if not usable:
+        label = " or ".join(page_label(s) for s in sizes)
+        raise _Reject(f"memory {spec.memory_mib} MiB is not a whole number of {label} huge pages")
+    return usable
+
+
+def _units_for(spec: VmSpec, size: int | None) -> _Units:
+    if size is None:
+        return _Units(None, spec.memory_mib)
+    return _Units(size, spec.memory_mib * KIB_PER_MIB // size)
+
+
+def _unit_free(host: _Host, units: _Units, node: int) -> int:
+    if units.page_kib is None:
+        return max(0, host.bound_free_mib(node))
+    return host.pages_free(node, units.page_kib)
+
+
+def _check_general_memory(host: _Host, spec: VmSpec) -> None:
+    if host.general_allocated + spec.memory_mib > host.general_capacity:
+        ratio = _fmt_ratio(host.policy.memory_overcommit_ratio)
+        left = max(0, host.general_capacity - host.general_allocated)
+        raise _Reject(
+            f"needs {spec.memory_mib} MiB of general memory; {host.general_allocated} of "
+            f"{host.general_capacity} MiB are allocated ({host.general_total} MiB x memory "
+            f"ratio {ratio}), {left} MiB left"
+        )
+
+
+def _check_shared_vcpus(host: _Host, spec: VmSpec) -> None:
+    capacity = host.shared_capacity(len(host.pool))
+    if host.shared_vcpus + spec.vcpus > capacity:
+        ratio = _fmt_ratio(host.policy.cpu_overcommit_ratio)
+        raise _Reject(
+            f"needs {spec.vcpus} shared vCPUs; {host.shared_vcpus} of {capacity} are "
+            f"allocated ({len(host.pool)} shared-pool CPUs x cpu ratio {ratio}), "
+            f"{max(0, capacity - host.shared_vcpus)} left"
+        )
+
+
+def _check_sriov(host: _Host, spec: VmSpec) -> _Sriov:
+    nics = {n.name: n for n in host.topology.nics}
+    counts: dict[str, int] = {}
+    prefer: list[int] = []
+    strict: list[int] = []
+    for iface in spec.interfaces:
+        if iface.mode != InterfaceMode.SRIOV or not iface.parent:
+            continue
+        nic = nics.get(iface.parent)
+        if nic is None:
+            raise _Reject(
+                f"SR-IOV interface {iface.label} asks for host NIC {iface.parent!r}, which "
+                "does not exist"
+            )
+        counts[nic.name] = counts.get(nic.name, 0) + 1
+        if nic.numa_node is None or nic.numa_node not in host.node_by_id:
+            continue
+        if nic.numa_node not in prefer:
+            prefer.append(nic.numa_node)
+        if iface.numa_strict and nic.numa_node not in strict:
+            strict.append(nic.numa_node)
+    vfs = []
+    for name in sorted(counts):
+        total = nics[name].sriov_total_vfs
+        used = host.vfs_used.get(name, 0)
+        if used + counts[name] > total:
+            raise _Reject(
+                f"needs {counts[name]} SR-IOV VFs on {name}; {used} of its {total} VFs are "
+                f"in use, {max(0, total - used)} free"
+            )
+        vfs.append(VfAssignment(nic=name, count=counts[name]))
+    return _Sriov(tuple(vfs), tuple(sorted(prefer)), tuple(sorted(strict)))
+
+
+class _Search:
+    """Find the best node set and CPUs for a request counted in one kind of memory unit."""
+
+    def __init__(
+        self, planner: _Planner, units: _Units, cpu_nodes: Sequence[int], sriov: _Sriov
+    ) -> None:
+        self.planner = planner
+        self.host = planner.host
+        self.spec = planner.spec
+        self.units = units
+        self.sriov = sriov
+        n = self.spec.vcpus
+        self.pinned = self.spec.pinned
+        self.step = 2 if (self.pinned and self.host.require) else 1
+        lo = max(1, -(-n // units.total))
+        self.lo = -(-lo // self.step) * self.step
+        self.cpu_nodes = tuple(cpu_nodes)
+        self.cpu_cap = {nd: planner.cpu_cap(nd) if self.pinned else n for nd in cpu_nodes}
+        self.free = {nd: _unit_free(self.host, units, nd) for nd in cpu_nodes}
+        self.hi = {
+            nd: min(self.cpu_cap[nd], n, _unit_cap(units.total, n, self.free[nd]))
+            // self.step
+            * self.step
+            for nd in cpu_nodes
+        }
+        self.max_k = max(1, min(self.spec.numa_nodes, len(cpu_nodes), n // self.lo))
+        self.usable = [nd for nd in cpu_nodes if self.hi[nd] >= self.lo]
+        self.budget = self.host.pool_budget() if self.pinned else None
+        self.over_budget = False
+
+    def run(self) -> _Candidate | str:
+        """Return the best candidate, or the reason there is none."""
+        n = self.spec.vcpus
+        if self.budget is not None and self.budget < n:
+            return f"needs {n} pinned CPUs; " + self.host.pool_reason(n)
+        strict = self.sriov.strict_nodes
+        if len(strict) > self.max_k:
+            return (
+                f"strict SR-IOV interfaces need NUMA {_fmt_nodes(strict)} but the VM may "
+                f"span only {self.max_k}"
+            )
+        if any(nd not in self.usable for nd in strict):
+            return (
+                self.explain(list(strict), len(strict))
+                + f" (strict SR-IOV alignment to NUMA {_fmt_nodes(strict)})"
+            )
+        self.over_budget = False
+        for k in range(max(1, len(strict)), self.max_k + 1):
+            best = self._best_of(k) if self._may_fit(k) else None
+            if best is not None:
+                return best
+        if self.over_budget:
+            return f"needs {n} pinned CPUs and their cores; " + self.host.pool_reason(n + 1)
+        return self.explain(list(self.cpu_nodes), self.max_k)
+
+    def _best_of(self, k: int) -> _Candidate | None:
+        """The best-scoring candidate over k nodes, if any fits."""
+        best: _Candidate | None = None
+        for nodes in self._node_sets(k):
+            cand = self._evaluate(nodes)
+            if cand is None:
+                continue
+            if self.budget is not None:
+                held = self.planner.held_after(c for cs in cand.cpus for c in cs)
+                if self.spec.vcpus + held > self.budget:
+                    self.over_budget = True
+                    continue
+            if best is None or cand.score < best.score:
+                best = cand
+        return best
+
+    def _may_fit(self, k: int) -> bool:
+        """Cheap bound: do the k roomiest usable nodes have enough CPUs and memory at all?"""
+        if k > len(self.usable) or k * self.lo > self.spec.vcpus:
+            return False
+        his = sorted((self.hi[nd] for nd in self.usable), reverse=True)
+        frees = sorted((self.free[nd] for nd in self.usable), reverse=True)
+        return sum(his[:k]) >= self.spec.vcpus and sum(frees[:k]) >= self.units.total
+
+    def _node_sets(self, k: int) -> list[tuple[int, ...]]:
+        strict = self.sriov.strict_nodes
+        usable = self.usable
+        if k == 1:
+            return [(nd,) for nd in usable if not strict or nd in strict]
+        if math.comb(len(usable), k) <= _MAX_COMBINATIONS:
+            combos = itertools.combinations(usable, k)
+            return [s for s in combos if all(nd in s for nd in strict)]
+        # Too many to enumerate: grow a set from every seed by NUMA distance (roomier nodes
+        # first on ties), and add the k roomiest nodes by CPUs and by memory.
+        sets: set[tuple[int, ...]] = set()
+        for seed in strict[:1] or usable:
+            chosen = [seed, *(nd for nd in strict if nd != seed)]
+            dist = {nd: sum(self.host.distance(nd, c) for c in chosen) for nd in usable}
+            while len(chosen) < k:
+                nxt = min(
+                    (nd for nd in usable if nd not in chosen),
+                    key=lambda nd: (dist[nd], -self.hi[nd], -self.free[nd], nd),
+                )
+                chosen.append(nxt)
+                for nd in usable:
+                    dist[nd] += self.host.distance(nd, nxt)
+            sets.add(tuple(sorted(chosen)))
+        rest = [nd for nd in usable if nd not in strict]
+        for key in (
+            lambda nd: (-self.hi[nd], -self.free[nd], nd),
+            lambda nd: (-self.free[nd], -self.hi[nd], nd),
+        ):
+            top = list(strict) + sorted(rest, key=key)[: k - len(strict)]
+            sets.add(tuple(sorted(top)))
+        return sorted(sets)
+
+    def _evaluate(self, nodes: tuple[int, ...]) -> _Candidate | None:
+        n = self.spec.vcpus
+        frees = [self.free[nd] for nd in nodes]
+        if sum(frees) < self.units.total:
+            return None
+        counts = _even_counts(n, self.step, self.lo, [self.hi[nd] for nd in nodes])
+        if counts is None:
+            return None
+        split = _split_units(self.units.total, n, counts, frees)
+        if split is None:
+            return None
+        cpus: list[tuple[int, ...]] = []
+        broken = 0
+        for nd, count in zip(nodes, counts, strict=True):
+            if self.pinned:
+                picked, b = self.planner.pick(nd, count)
+                if len(picked) != count:
+                    return None
+                cpus.append(picked)
+                broken += b
+            else:
+                cpus.append(())
+        return _Candidate(
+            nodes, counts, split, tuple(cpus), self._score(nodes, counts, split, broken)
+        )
+
+    def _score(
+        self,
+        nodes: tuple[int, ...],
+        counts: Sequence[int],
+        split: Sequence[int],
+        broken: int,
+    ) -> tuple[object, ...]:
+        host = self.host
+        whole_nodes = 0
+        left_cpus = 0
+        for nd, count in zip(nodes, counts, strict=True):
+            pool = len(host.pool_on(nd))
+            used = count if self.pinned else 0
+            if pool == host.node_usable[nd] and used < pool:
+                whole_nodes += 1
+            left_cpus += pool - used
+        left_units = sum(self.free[nd] - got for nd, got in zip(nodes, split, strict=True))
+        one_g_left = left_units if self.units.page_kib == PAGE_1G_KIB else 0
+        prefer = self.sriov.prefer_nodes
+        nic_miss = 0 if not prefer or any(nd in nodes for nd in prefer) else 1
+        return (
+            nic_miss,
+            host.distance_sum(nodes),
+            whole_nodes,
+            one_g_left,
+            broken,
+            left_cpus,
+            left_units * self.units.mib_per_unit,
+            nodes,
+        )
+
+    def explain(self, nodes: list[int], max_k: int) -> str:
+        """Say in operator words which resource is short, with the numbers."""
+        spec, units = self.spec, self.units
+        n = spec.vcpus
+        where = "on one NUMA node" if max_k == 1 else f"on up to {max_k} NUMA nodes"
+        note = ""
+        if self.pinned and self.host.require:
+            note = " in sibling pairs (smt-policy require)"
+        elif self.pinned and self.host.isolate:
+            note = " on cores no other VM uses (smt-policy isolate)"
+        by_cpu = sorted(nodes, key=lambda nd: (-self.cpu_cap[nd], nd))[:max_k]
+        cpu_best = sum(self.cpu_cap[nd] for nd in by_cpu)
+        if self.pinned and cpu_best < n:
+            if max_k == 1:
+                nd = by_cpu[0]
+                return (
+                    f"needs {n} pinned CPUs{note} {where}; the most free on any node is "
+                    f"{self.cpu_cap[nd]} (node {nd})"
+                )
+            return (
+                f"needs {n} pinned CPUs{note} {where}; the {max_k} nodes with the most free "
+                f"CPUs have {cpu_best} ({_fmt_nodes(sorted(by_cpu))})"
+            )
+        by_mem = sorted(nodes, key=lambda nd: (-self.free[nd], nd))[:max_k]
+        mem_best = sum(self.free[nd] for nd in by_mem)
+        need = units.total * units.mib_per_unit
+        if mem_best < units.total:
+            if max_k == 1:
+                nd = by_mem[0]
+                return (
+                    f"needs {need} MiB of {units.kind} {where}; the most free is "
+                    f"{units.describe(self.free[nd])} on node {nd}"
+                )
+            return (
+                f"needs {need} MiB of {units.kind} {where}; the {max_k} nodes with the most "
+                f"free have {units.describe(mem_best)} ({_fmt_nodes(sorted(by_mem))})"
+            )
+        detail = "; ".join(
+            f"node {nd}: {self.cpu_cap[nd] if self.pinned else 'any'} CPUs, "
+            f"{units.describe(self.free[nd])}"
+            for nd in nodes[:8]
+        )
+        what = f"{n} pinned CPUs{note}" if self.pinned else f"{n} vCPUs"
+        return (
+            f"needs {what} and {need} MiB of {units.kind} {where}, memory split by vCPUs; "
+            f"no set of nodes has both ({detail})"
+        )
+
+
+def _emulator_cpus(host: _Host, nodes: Sequence[int], taken: set[int]) -> tuple[int, ...]:
+    """Reserved CPUs (local ones first), else the shared pool (local first), else own CPUs."""
+    local_reserved = [c for c in sorted(host.reserved) if host.node_of[c] in nodes]
+    if local_reserved:
+        return tuple(local_reserved)
+    if host.reserved:
+        return tuple(sorted(host.reserved))
+    blocked = set(taken)
+    if host.isolate:
+        blocked.update(t for c in taken for t in host.core_of[c])
+    local_pool = [c for nd in nodes for c in host.pool_on(nd) if c not in blocked]
+    if local_pool:
+        return tuple(sorted(local_pool))
+    pool = [c for c in sorted(host.pool) if c not in blocked]
+    return tuple(pool) if pool else tuple(sorted(taken))
+
+
+def _build(
+    planner: _Planner, units: _Units, cand: _Candidate, vfs: tuple[VfAssignment, ...]
+) -> Placement:
+    spec = planner.spec
+    cells = tuple(
+        CellPlacement(
+            host_node=nd,
+            vcpus=count,
+            memory_mib=got * units.mib_per_unit,
+            cpus=cpus,
+            hugepage_size_kib=units.page_kib,
+            hugepages=got if units.page_kib is not None else 0,
+        )
+        for nd, count, got, cpus in zip(
+            cand.nodes, cand.counts, cand.units, cand.cpus, strict=True
+        )
+    )
+    taken = {c for cs in cand.cpus for c in cs}
+    emulator = _emulator_cpus(planner.host, cand.nodes, taken) if spec.pinned else ()
+    return Placement(
+        vcpus=spec.vcpus,
+        memory_mib=spec.memory_mib,
+        cells=cells,
+        emulator_cpus=emulator,
+        vfs=vfs,
+    )
+
+
+def _check_explicit_cpus(host: _Host, spec: VmSpec, wanted: tuple[int, ...]) -> None:
+    """Each listed CPU must exist, be free, not reserved, and respect the SMT policy."""
+    if len(wanted) != spec.vcpus:
+        raise _Reject(
+            f"lists {len(wanted)} host CPUs for {spec.vcpus} vCPUs; a pinned VM needs "
+            "exactly one host CPU per vCPU"
+        )
+    dupes = sorted({c for c in wanted if wanted.count(c) > 1})
+    if dupes:
+        raise _Reject(f"lists host CPUs {_fmt_cpus(dupes)} more than once")
+    missing = [c for c in wanted if c not in host.node_of]
+    if missing:
+        ids = sorted(host.node_of)
+        raise _Reject(
+            f"host CPUs {_fmt_cpus(missing)} do not exist on this host (its CPUs are "
+            f"{ids[0]}-{ids[-1]}, {len(ids)} in all)"
+        )
+    checks = (
+        (host.reserved, "are reserved for the host (reserved-cpus)"),
+        (host.pinned, "are already pinned by another VM"),
+        (host.held, "share a core with CPUs pinned by another VM (smt-policy isolate)"),
+    )
+    for busy, why in checks:
+        bad = [c for c in wanted if c in busy]
+        if bad:
+            raise _Reject(f"host CPUs {_fmt_cpus(bad)} {why}")
+    if host.require:
+        chosen = set(wanted)
+        lonely = [c for c in wanted if sum(1 for t in host.core_of[c] if t in chosen) % 2]
+        if lonely:
+            raise _Reject(
+                f"smt-policy require gives vCPUs in sibling pairs; host CPUs "
+                f"{_fmt_cpus(lonely)} are listed without a sibling thread"
+            )
+
+
+def _plan_explicit(
+    planner: _Planner, spec: VmSpec, sizes: Sequence[int | None], sriov: _Sriov
+) -> Placement:
+    """Place a VM on the host CPUs it lists; cells follow the nodes those CPUs lie on."""
+    host = planner.host
+    wanted = tuple(spec.pinned_cpus or ())
+    _check_explicit_cpus(host, spec, wanted)
+    nodes = sorted({host.node_of[c] for c in wanted})
+    if len(nodes) > spec.numa_nodes:
+        raise _Reject(
+            f"the listed host CPUs lie on {len(nodes)} NUMA nodes ({_fmt_nodes(nodes)}) but "
+            f"numa-nodes is {spec.numa_nodes}"
+        )
+    off = [nd for nd in sriov.strict_nodes if nd not in nodes]
+    if off:
+        raise _Reject(
+            f"strict SR-IOV interfaces need NUMA {_fmt_nodes(off)} but the listed host CPUs "
+            f"lie on {_fmt_nodes(nodes)}"
+        )
+    taking = len(wanted) + planner.held_after(wanted)
+    if taking > host.pool_budget():
+        raise _Reject(f"needs {len(wanted)} pinned CPUs; " + host.pool_reason(taking))
+    counts = [sum(1 for c in wanted if host.node_of[c] == nd) for nd in nodes]
+    cpus = tuple(tuple(c for c in wanted if host.node_of[c] == nd) for nd in nodes)
+    errors = []
+    for size in sizes:
+        units = _units_for(spec, size)
+        free = [_unit_free(host, units, nd) for nd in nodes]
+        split = _split_units(units.total, spec.vcpus, counts, free)
+        if split is not None:
+            cand = _Candidate(tuple(nodes), tuple(counts), split, cpus)
+            return _build(planner, units, cand, sriov.vfs)
+        detail = "; ".join(
+            f"node {nd}: {c} CPUs, {units.describe(f)} free"
+            for nd, c, f in zip(nodes, counts, free, strict=True)
+        )
+        errors.append(
+            f"needs {units.total * units.mib_per_unit} MiB of {units.kind} split by vCPUs over "
+            f"the nodes of the listed CPUs ({detail})"
+        )
+    raise _Reject("; ".join(errors))
