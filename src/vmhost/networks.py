@@ -336,12 +336,13 @@ def discover_nics(
 # Names
 
 
-def validate_ifname(name: object, field_name: str) -> str:
+def validate_ifname(name: object, field_name: str, what: str = "interface name") -> str:
     """Check a Linux interface name the way the kernel does (dev_valid_name) before it is used.
 
     Args:
         name: the candidate name.
         field_name: the field to blame in the error.
+        what: how the message calls the value ("bridge", "parent", ...).
 
     Returns:
         The name, unchanged.
@@ -350,18 +351,20 @@ def validate_ifname(name: object, field_name: str) -> str:
         InvalidRequestError: the kernel would refuse the name.
     """
     if not isinstance(name, str) or not name:
-        raise InvalidRequestError(field_name, "must be a non-empty interface name such as 'br0'")
+        raise InvalidRequestError(
+            field_name, f"{what} must be a non-empty interface name such as 'br0', got {name!r}"
+        )
     if len(name) >= IFNAMSIZ:
         raise InvalidRequestError(
             field_name,
-            f"interface name {name!r} is {len(name)} characters; Linux allows at most "
+            f"{what} {name!r} is {len(name)} characters; Linux interface names have at most "
             f"{IFNAMSIZ - 1}",
         )
     if name in (".", "..") or any(c in "/:" or c.isspace() for c in name):
         raise InvalidRequestError(
             field_name,
-            f"interface name {name!r} is not valid: it must not be '.' or '..' nor contain '/', "
-            "':' or whitespace",
+            f"{what} {name!r} is not a valid interface name: it must not be '.' or '..' nor "
+            "contain '/', ':' or whitespace",
         )
     return name
 
@@ -378,7 +381,7 @@ def guest_interface_name(label: str) -> str:
         InvalidRequestError: the resulting name is not a valid Linux interface name.
     """
     name = f"eth{int(label)}" if _NUMERIC_LABEL.match(label) else label
-    return validate_ifname(name, f"interfaces.{label}")
+    return validate_ifname(name, f"interfaces.{label}", "guest interface name")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,7 +467,7 @@ def _parse_network_entry(space: str, entry: object) -> NetworkMapping:
             f"{where}: unknown key(s) {', '.join(unknown)} next to {key} (allowed: {allowed}); "
             f"{_NETWORKS_EXAMPLE}",
         )
-    device = validate_ifname(entry[key], f"{field_name} ({where}, {key})")
+    device = validate_ifname(entry[key], field_name, f"{where}: {key}")
     if key == "bridge":
         return NetworkMapping(space, AttachmentKind.BRIDGE, device)
     if key == "parent":
@@ -743,7 +746,7 @@ class _Matcher:
         return InvalidRequestError(self.field, message)
 
     def existing(self, name: str, what: str) -> HostNic:
-        validate_ifname(name, f"{self.field}.{what}")
+        validate_ifname(name, self.field, what)
         nic = self.host.get(name)
         if nic is None:
             raise self.fail(f"{what} {name!r} does not exist on this host", offers=True)

@@ -12,8 +12,26 @@ from pathlib import Path
 import pytest
 
 from vmhost import networks
-from vmhost.model import HostNic, NicKind, VmHostError
-from vmhost.networks import discover_nics, parse_ip_addr_json, parse_ip_link_json
+from vmhost.model import (
+    AttachmentKind,
+    HostNic,
+    InterfaceMode,
+    InterfaceSpec,
+    InvalidRequestError,
+    NicAttachment,
+    NicKind,
+    VmHostError,
+)
+from vmhost.networks import (
+    NetworkMapping,
+    discover_nics,
+    guest_interface_name,
+    parse_ip_addr_json,
+    parse_ip_link_json,
+    parse_networks_config,
+    resolve,
+    validate_ifname,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Captured iproute2 6.1 output (Debian 12), re-indented only. HOST_*: this build machine's
@@ -862,3 +880,498 @@ def test_discover_real_sysfs_reads_this_host():
     assert names == sorted(names)
     assert "lo" not in names
     assert names == sorted(p.name for p in Path("/sys/class/net").iterdir() if p.name != "lo")
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+@pytest.mark.parametrize("name", ["br0", "a", "x" * 15, "eth0.100", "br-oam_1", "enp1s0f0v3"])
+def test_validate_ifname_accepts(name):
+    assert validate_ifname(name, "f") == name
+
+
+@pytest.mark.parametrize(
+    ("name", "phrase"),
+    [
+        ("", "non-empty"),
+        (None, "non-empty"),
+        (7, "non-empty"),
+        ("x" * 16, "at most 15"),
+        (".", "not a valid interface name"),
+        ("..", "not a valid interface name"),
+        ("br/0", "'/'"),
+        ("br:0", "':'"),
+        ("br 0", "whitespace"),
+        ("br\t0", "whitespace"),
+    ],
+)
+def test_validate_ifname_rejects(name, phrase):
+    with pytest.raises(InvalidRequestError) as err:
+        validate_ifname(name, "networks")
+    assert err.value.field == "networks"
+    assert phrase in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("label", "guest"),
+    [("0", "eth0"), ("1", "eth1"), ("12", "eth12"), ("007", "eth7"), ("data", "data")],
+)
+def test_guest_interface_name(label, guest):
+    assert guest_interface_name(label) == guest
+
+
+def test_guest_interface_name_too_long():
+    with pytest.raises(InvalidRequestError) as err:
+        guest_interface_name("a-very-long-label-name")
+    assert err.value.field == "interfaces.a-very-long-label-name"
+    assert "at most 15" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The networks option
+
+
+@pytest.mark.parametrize("text", [None, "", "  \n", "null", "~", "# nothing mapped\n"])
+def test_networks_config_empty(text):
+    assert parse_networks_config(text) == {}
+
+
+def test_networks_config_all_shapes():
+    text = """
+oam: {bridge: br-oam}
+data:
+  parent: bond0
+  mode: macvtap
+storage: {parent: eno3}
+fast: {sriov-pf: enp1s0f0, vlan: 100}
+untagged: {sriov-pf: enp1s0f1}
+"""
+    parsed = parse_networks_config(text)
+    assert list(parsed) == ["data", "fast", "oam", "storage", "untagged"]
+    assert parsed["oam"] == NetworkMapping("oam", AttachmentKind.BRIDGE, "br-oam")
+    assert parsed["data"] == NetworkMapping("data", AttachmentKind.DIRECT, "bond0")
+    assert parsed["storage"] == NetworkMapping("storage", AttachmentKind.DIRECT, "eno3")
+    assert parsed["fast"] == NetworkMapping("fast", AttachmentKind.HOSTDEV, "enp1s0f0", 100)
+    assert parsed["untagged"].vlan is None
+    assert parsed["fast"].mode is InterfaceMode.SRIOV
+    assert parsed["data"].mode is InterfaceMode.MACVTAP
+    assert parsed["oam"].mode is InterfaceMode.BRIDGE
+    assert parsed["fast"].describe() == "SR-IOV VF of enp1s0f0 vlan 100"
+
+
+@pytest.mark.parametrize(
+    ("text", "phrases"),
+    [
+        ("oam: {bridge: br0", ["not valid YAML", "line", "oam: {bridge: br-oam}"]),
+        ("- oam\n- data\n", ["must be a YAML mapping", "not a list"]),
+        ("just-a-string", ["must be a YAML mapping", "not a str"]),
+        ("OAM: {bridge: br0}", ["'OAM' is not a Juju space name"]),
+        ("oam-: {bridge: br0}", ["not a Juju space name"]),
+        ("1: {bridge: br0}", ["1 is not a Juju space name"]),
+        ("oam: br0", ["space 'oam' must map to a mapping", "bridge: br-oam"]),
+        ("oam: {}", ["exactly one of bridge, parent or sriov-pf", "it has none"]),
+        ("oam: {mode: macvtap}", ["exactly one of", "it has mode"]),
+        ("oam: {bridge: br0, parent: eth0}", ["exactly one of", "it has bridge, parent"]),
+        ("oam: {bridge: br0, vlan: 5}", ["unknown key(s) vlan next to bridge", "allowed: bridge"]),
+        ("oam: {parent: eth0, vlan: 5}", ["unknown key(s) vlan", "allowed: mode, parent"]),
+        ("oam: {sriov-pf: p0, mode: sriov}", ["unknown key(s) mode", "sriov-pf, vlan"]),
+        (
+            "oam: {parent: eth0, mode: bridge}",
+            ["mode 'bridge' is not supported", "bridge: <name>"],
+        ),
+        ("oam: {parent: eth0, mode: sriov}", ["not supported with parent", "sriov-pf: <name>"]),
+        ("oam: {bridge: br-with-a-long-name}", ["space 'oam': bridge", "at most 15"]),
+        ("oam: {bridge: 'br 0'}", ["whitespace"]),
+        ("oam: {parent: 'a/b'}", ["'/'"]),
+        ("oam: {bridge: 12}", ["non-empty interface name"]),
+        ("oam: {sriov-pf: p0, vlan: 0}", ["1 to 4094", "got 0"]),
+        ("oam: {sriov-pf: p0, vlan: 4095}", ["1 to 4094"]),
+        ("oam: {sriov-pf: p0, vlan: ten}", ["1 to 4094", "'ten'"]),
+        ("oam: {sriov-pf: p0, vlan: true}", ["1 to 4094", "True"]),
+    ],
+)
+def test_networks_config_errors(text, phrases):
+    with pytest.raises(InvalidRequestError) as err:
+        parse_networks_config(text)
+    assert err.value.field == "networks"
+    for phrase in phrases:
+        assert phrase in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching
+
+HOST = (
+    HostNic("br-oam", NicKind.BRIDGE, addresses=("10.0.1.2/24", "fd00:1::2/64")),
+    HostNic("eno1", NicKind.PHYSICAL, numa_node=0, parent="br-oam", master="br-oam"),
+    HostNic("bond0", NicKind.BOND, addresses=("10.0.2.2/24",)),
+    HostNic("eno2", NicKind.PHYSICAL, parent="bond0", master="bond0"),
+    HostNic("eno3", NicKind.PHYSICAL, parent="bond0", master="bond0"),
+    HostNic("bond0.100", NicKind.VLAN, vlan_id=100, parent="bond0", master="br100"),
+    HostNic("br100", NicKind.BRIDGE, addresses=("10.0.100.2/24",)),
+    HostNic("bond0.200", NicKind.VLAN, vlan_id=200, parent="bond0", addresses=("10.0.200.2/24",)),
+    HostNic(
+        "enp1s0f0",
+        NicKind.PHYSICAL,
+        numa_node=1,
+        sriov_total_vfs=8,
+        sriov_enabled_vfs=4,
+        addresses=("10.0.3.2/24",),
+    ),
+    HostNic("enp1s0f0v0", NicKind.VF, numa_node=1, parent="enp1s0f0"),
+    HostNic("enp1s0f0.300", NicKind.VLAN, vlan_id=300, parent="enp1s0f0"),
+    HostNic("eth9", NicKind.PHYSICAL, addresses=("10.0.9.2/24",)),
+    HostNic("veth0", NicKind.VIRTUAL),
+    HostNic("br-empty", NicKind.BRIDGE),
+)
+
+NETWORKS = parse_networks_config(
+    "oam: {bridge: br-oam}\n"
+    "data: {parent: bond0}\n"
+    "fast: {sriov-pf: enp1s0f0, vlan: 42}\n"
+    "ghost: {bridge: br-ghost}\n"
+)
+NETWORKS_OK = {k: v for k, v in NETWORKS.items() if k != "ghost"}
+
+
+def one(spec: InterfaceSpec, **kwargs) -> NicAttachment:
+    kwargs.setdefault("networks", NETWORKS_OK)
+    (attachment,) = resolve([spec], HOST, **kwargs)
+    return attachment
+
+
+def fails(spec: InterfaceSpec, *phrases: str, **kwargs) -> str:
+    kwargs.setdefault("networks", NETWORKS_OK)
+    with pytest.raises(InvalidRequestError) as err:
+        resolve([spec], HOST, **kwargs)
+    assert err.value.field == f"interfaces.{spec.label}"
+    message = str(err.value)
+    for phrase in phrases:
+        assert phrase in message, message
+    return message
+
+
+def test_explicit_bridge():
+    att = one(InterfaceSpec("0", bridge="br-oam"))
+    assert att == NicAttachment("0", AttachmentKind.BRIDGE, "br-oam", guest_name="eth0")
+
+
+def test_explicit_bridge_errors():
+    fails(InterfaceSpec("a", bridge="br-nope"), "bridge 'br-nope' does not exist", "bridges:")
+    fails(InterfaceSpec("a", bridge="eth9"), "physical interface, not a bridge", "parent=eth9")
+    fails(InterfaceSpec("a", bridge="br 0"), "whitespace")
+    fails(
+        InterfaceSpec("a", bridge="br-oam", mode=InterfaceMode.MACVTAP),
+        "mode macvtap cannot attach to bridge br-oam",
+    )
+    fails(InterfaceSpec("a", bridge="br-oam", parent="eth9"), "bridge or parent, not both")
+
+
+def test_explicit_parent_is_macvtap_by_default():
+    att = one(InterfaceSpec("data", parent="eth9"))
+    assert (att.kind, att.source, att.guest_name) == (AttachmentKind.DIRECT, "eth9", "data")
+    assert one(InterfaceSpec("data", parent="bond0")).source == "bond0"
+
+
+def test_explicit_parent_modes():
+    att = one(InterfaceSpec("x", parent="enp1s0f0", mode=InterfaceMode.SRIOV, vlan=7))
+    assert (att.kind, att.source, att.vlan) == (AttachmentKind.HOSTDEV, "enp1s0f0", 7)
+    att = one(InterfaceSpec("x", parent="eno1", mode=InterfaceMode.BRIDGE))
+    assert (att.kind, att.source) == (AttachmentKind.BRIDGE, "br-oam")
+
+
+def test_explicit_parent_errors():
+    fails(InterfaceSpec("x", parent="nope0"), "parent 'nope0' does not exist", "subnets:")
+    fails(InterfaceSpec("x", parent="eno2"), "eno2 is a port of bond0", "use parent=bond0")
+    fails(
+        InterfaceSpec("x", parent="eth9", mode=InterfaceMode.SRIOV),
+        "mode sriov needs an SR-IOV capable NIC",
+        "SR-IOV PFs: enp1s0f0 (8 VFs)",
+    )
+    fails(
+        InterfaceSpec("x", parent="eth9", mode=InterfaceMode.BRIDGE),
+        "mode bridge needs a bridge",
+        "create a bridge over eth9 or use mode macvtap",
+    )
+
+
+def test_space_through_networks_option():
+    assert one(InterfaceSpec("0", space="oam")).source == "br-oam"
+    att = one(InterfaceSpec("0", space="data"))
+    assert (att.kind, att.source) == (AttachmentKind.DIRECT, "bond0")
+    att = one(InterfaceSpec("0", space="fast"))
+    assert (att.kind, att.source, att.vlan) == (AttachmentKind.HOSTDEV, "enp1s0f0", 42)
+    att = one(InterfaceSpec("0", space="fast", mode=InterfaceMode.SRIOV, vlan=42))
+    assert att.vlan == 42
+
+
+def test_space_option_wins_over_binding():
+    att = one(InterfaceSpec("0", space="oam"), space_bindings={"oam": "eth9"})
+    assert att.source == "br-oam"
+
+
+def test_space_through_endpoint_binding():
+    bindings = {"public": "eth9", "internal": "eno1"}
+    att = one(InterfaceSpec("0", space="public"), space_bindings=bindings)
+    assert (att.kind, att.source) == (AttachmentKind.DIRECT, "eth9")
+    # A binding on a bridge port attaches to the bridge, as MAAS preferred.
+    att = one(InterfaceSpec("0", space="internal"), space_bindings=bindings)
+    assert (att.kind, att.source) == (AttachmentKind.BRIDGE, "br-oam")
+
+
+def test_space_errors():
+    message = fails(
+        InterfaceSpec("0", space="nowhere"),
+        "cannot reach space 'nowhere'",
+        "spaces: data (macvtap on bond0), fast (SR-IOV VF of enp1s0f0 vlan 42), "
+        "oam (bridge br-oam), public (interface eth9)",
+        "10.0.1.0/24 on br-oam",
+        "10.0.200.0/24 on bond0.200",
+        "fd00:1::/64 on br-oam",
+        "VLANs: 100 on bond0.100 (bridge br100), 200 on bond0.200, 300 on enp1s0f0.300",
+        "bridges: br-empty, br-oam, br100",
+        space_bindings={"public": "eth9"},
+    )
+    assert message.startswith("interfaces.0: ")
+    fails(
+        InterfaceSpec("0", space="ghost"),
+        "maps space 'ghost' to bridge br-ghost",
+        "no interface 'br-ghost'",
+        networks=NETWORKS,
+    )
+    fails(
+        InterfaceSpec("0", space="x"),
+        "bound to host interface 'gone0', which does not exist",
+        space_bindings={"x": "gone0"},
+    )
+    fails(
+        InterfaceSpec("0", space="oam", mode=InterfaceMode.MACVTAP),
+        "mode macvtap disagrees with space 'oam'",
+    )
+    fails(InterfaceSpec("0", space="fast", vlan=7), "vlan 7 disagrees with space 'fast'")
+
+
+def test_mapping_checked_against_host():
+    bad = parse_networks_config(
+        "a: {bridge: eth9}\nb: {sriov-pf: eth9}\nc: {parent: nope0}\nd: {bridge: br100}\n"
+    )
+    problems = networks.check_networks_on_host(bad, HOST)
+    assert len(problems) == 3
+    assert "eth9 is a physical interface, not a bridge" in problems[0]
+    assert "eth9 has no SR-IOV virtual functions" in problems[1]
+    assert "no interface 'nope0'" in problems[2]
+    assert networks.check_networks_on_host(NETWORKS_OK, HOST) == []
+    fails(InterfaceSpec("0", space="b"), "no SR-IOV virtual functions", networks=bad)
+
+
+def test_subnet():
+    assert one(InterfaceSpec("0", subnet="10.0.1.0/24")).source == "br-oam"
+    assert one(InterfaceSpec("0", subnet="fd00:1::/64")).source == "br-oam"
+    att = one(InterfaceSpec("0", subnet="10.0.2.0/24"))
+    assert (att.kind, att.source) == (AttachmentKind.DIRECT, "bond0")
+    # A wider request still finds the interface whose address lies inside it.
+    assert one(InterfaceSpec("0", subnet="10.0.9.0/16")).source == "br-oam"
+    att = one(InterfaceSpec("0", subnet="10.0.200.0/24"))
+    assert (att.kind, att.source) == (AttachmentKind.DIRECT, "bond0.200")
+
+
+def test_subnet_errors():
+    fails(
+        InterfaceSpec("0", subnet="192.168.7.0/24"),
+        "no host interface has an address in subnet 192.168.7.0/24",
+        "subnets: 10.0.1.0/24 on br-oam, 10.0.2.0/24 on bond0",
+    )
+    fails(InterfaceSpec("0", subnet="banana"), "'banana' is not a CIDR")
+
+
+def test_vlan():
+    att = one(InterfaceSpec("0", vlan=100))
+    assert (att.kind, att.source, att.vlan) == (AttachmentKind.BRIDGE, "br100", None)
+    att = one(InterfaceSpec("0", vlan=200))
+    assert (att.kind, att.source) == (AttachmentKind.DIRECT, "bond0.200")
+    att = one(InterfaceSpec("0", vlan=300, mode=InterfaceMode.SRIOV))
+    assert (att.kind, att.source, att.vlan) == (AttachmentKind.HOSTDEV, "enp1s0f0", 300)
+
+
+def test_vlan_errors():
+    fails(
+        InterfaceSpec("0", vlan=999),
+        "no interface on VLAN 999",
+        "VLANs: 100 on bond0.100 (bridge br100)",
+    )
+    fails(InterfaceSpec("0", vlan=5000), "0 to 4094")
+    fails(
+        InterfaceSpec("0", vlan=200, mode=InterfaceMode.BRIDGE),
+        "mode bridge needs a bridge, but bond0.200 is not a bridge",
+    )
+
+
+def test_ip():
+    att = one(InterfaceSpec("data", ip="10.0.1.50"))
+    assert (att.kind, att.source, att.ip) == (AttachmentKind.BRIDGE, "br-oam", "10.0.1.50/24")
+    att = one(InterfaceSpec("data", ip="fd00:1::50"))
+    assert att.ip == "fd00:1::50/64"
+    att = one(InterfaceSpec("data", ip="10.0.3.9", mode=InterfaceMode.SRIOV))
+    assert (att.kind, att.source, att.ip) == (AttachmentKind.HOSTDEV, "enp1s0f0", "10.0.3.9/24")
+
+
+def test_ip_errors():
+    fails(
+        InterfaceSpec("0", ip="192.168.7.9"),
+        "no host interface is on a subnet containing 192.168.7.9",
+        "subnets:",
+    )
+    fails(InterfaceSpec("0", ip="10.0.1.2"), "10.0.1.2 is the host's own address on br-oam")
+    fails(InterfaceSpec("0", ip="10.0.1.0"), "network or broadcast address of 10.0.1.0/24")
+    fails(InterfaceSpec("0", ip="10.0.1.255"), "network or broadcast address")
+    fails(InterfaceSpec("0", ip="10.0.1.x"), "'10.0.1.x' is not an IPv4 or IPv6 address")
+    fails(
+        InterfaceSpec("0", ip="10.0.1.200", subnet="10.0.1.0/25"),
+        "ip 10.0.1.200 is not inside the requested subnet 10.0.1.0/25",
+    )
+
+
+def test_constraints_that_agree():
+    att = one(InterfaceSpec("0", space="oam", subnet="10.0.1.0/24", ip="10.0.1.9"))
+    assert (att.source, att.ip) == ("br-oam", "10.0.1.9/24")
+    # The VLAN interface is a port of br100, which carries the subnet: one network.
+    att = one(InterfaceSpec("0", vlan=100, subnet="10.0.100.0/24"))
+    assert att.source == "br100"
+    att = one(InterfaceSpec("0", space="fast", ip="10.0.3.7"))
+    assert (att.kind, att.source, att.ip) == (AttachmentKind.HOSTDEV, "enp1s0f0", "10.0.3.7/24")
+    att = one(InterfaceSpec("0", vlan=300, ip="10.0.3.7", mode=InterfaceMode.SRIOV))
+    assert (att.source, att.vlan) == ("enp1s0f0", 300)
+    att = one(InterfaceSpec("0", parent="eth9", subnet="10.0.9.0/24"))
+    assert att.source == "eth9"
+
+
+def test_constraints_that_disagree():
+    fails(
+        InterfaceSpec("0", space="oam", subnet="10.0.9.0/24"),
+        "constraints point at different host networks",
+        "space=oam -> br-oam",
+        "subnet=10.0.9.0/24 -> eth9",
+    )
+    fails(
+        InterfaceSpec("0", vlan=100, ip="10.0.2.9"),
+        "vlan=100 -> bond0.100 (in br100)",
+        "ip=10.0.2.9 -> bond0",
+    )
+    fails(
+        InterfaceSpec("0", bridge="br-oam", subnet="10.0.100.0/24"),
+        "bridge=br-oam -> br-oam, subnet=10.0.100.0/24 -> br100",
+    )
+    fails(
+        InterfaceSpec("0", space="fast", subnet="10.0.9.0/24"),
+        "different host networks",
+        "space=fast -> enp1s0f0",
+    )
+
+
+def test_mode_preference_and_explicit_modes():
+    # bridge port -> its bridge; bond -> macvtap on the bond; bond port -> macvtap on the bond.
+    bindings = {"a": "eno1", "b": "bond0", "c": "eno2", "d": "veth0", "e": "enp1s0f0v0"}
+    expect = {
+        "a": (AttachmentKind.BRIDGE, "br-oam"),
+        "b": (AttachmentKind.DIRECT, "bond0"),
+        "c": (AttachmentKind.DIRECT, "bond0"),
+        "d": (AttachmentKind.DIRECT, "veth0"),
+        "e": (AttachmentKind.DIRECT, "enp1s0f0v0"),
+    }
+    for space, wanted in expect.items():
+        att = one(InterfaceSpec("0", space=space), space_bindings=bindings, networks={})
+        assert (att.kind, att.source) == wanted, space
+    # Explicit macvtap on a bridge port goes on the bridge (the kernel refuses port macvlans).
+    att = one(
+        InterfaceSpec("0", space="a", mode=InterfaceMode.MACVTAP),
+        space_bindings=bindings,
+        networks={},
+    )
+    assert (att.kind, att.source) == (AttachmentKind.DIRECT, "br-oam")
+    # SR-IOV from a VF or the PF itself names the PF.
+    att = one(InterfaceSpec("0", space="e", mode=InterfaceMode.SRIOV), space_bindings=bindings)
+    assert (att.kind, att.source) == (AttachmentKind.HOSTDEV, "enp1s0f0")
+
+
+def test_sriov_found_below_a_bridge():
+    host = (
+        HostNic("br0", NicKind.BRIDGE, addresses=("10.5.0.1/24",)),
+        HostNic("bond1", NicKind.BOND, master="br0"),
+        HostNic("p1", NicKind.PHYSICAL, master="bond1", sriov_total_vfs=16),
+    )
+    (att,) = resolve([InterfaceSpec("0", subnet="10.5.0.0/24", mode=InterfaceMode.SRIOV)], host)
+    assert (att.kind, att.source) == (AttachmentKind.HOSTDEV, "p1")
+    (att,) = resolve([InterfaceSpec("0", subnet="10.5.0.0/24")], host)
+    assert (att.kind, att.source) == (AttachmentKind.BRIDGE, "br0")
+
+
+def test_master_given_only_as_parent_still_counts():
+    host = (
+        HostNic("br0", NicKind.BRIDGE),
+        HostNic("eth0", NicKind.PHYSICAL, parent="br0", addresses=("10.6.0.2/24",)),
+    )
+    (att,) = resolve([InterfaceSpec("0", subnet="10.6.0.0/24")], host)
+    assert (att.kind, att.source) == (AttachmentKind.BRIDGE, "br0")
+
+
+def test_no_constraint():
+    fails(
+        InterfaceSpec("0"),
+        "has no constraint",
+        "space, subnet, vlan, ip, bridge or parent",
+        "bridges: br-empty",
+    )
+    fails(InterfaceSpec("0", mode=InterfaceMode.BRIDGE), "has no constraint")
+    att = one(InterfaceSpec("0"), default_bridge="br-empty")
+    assert (att.kind, att.source) == (AttachmentKind.BRIDGE, "br-empty")
+    fails(InterfaceSpec("0"), "default bridge 'br-gone' does not exist", default_bridge="br-gone")
+    fails(InterfaceSpec("0"), "default bridge 'eth9' is not a bridge", default_bridge="eth9")
+
+
+def test_several_interfaces_in_order_with_guest_names():
+    specs = [
+        InterfaceSpec("0", space="oam"),
+        InterfaceSpec("1", subnet="10.0.2.0/24"),
+        InterfaceSpec("data", ip="10.0.9.20"),
+        InterfaceSpec("fast", space="fast"),
+    ]
+    result = resolve(specs, HOST, NETWORKS_OK)
+    assert [a.label for a in result] == ["0", "1", "data", "fast"]
+    assert [a.guest_name for a in result] == ["eth0", "eth1", "data", "fast"]
+    assert [a.source for a in result] == ["br-oam", "bond0", "eth9", "enp1s0f0"]
+    assert result[2].ip == "10.0.9.20/24"
+    assert resolve([], HOST) == ()
+
+
+def test_request_level_errors():
+    with pytest.raises(InvalidRequestError, match="label is used twice") as err:
+        resolve([InterfaceSpec("a", bridge="br-oam"), InterfaceSpec("a", bridge="br100")], HOST)
+    assert err.value.field == "interfaces.a"
+    with pytest.raises(InvalidRequestError, match="guest name eth0 is also the name") as err:
+        resolve([InterfaceSpec("0", bridge="br-oam"), InterfaceSpec("eth0", bridge="br100")], HOST)
+    assert err.value.field == "interfaces.eth0"
+    with pytest.raises(InvalidRequestError, match=r"ip 10\.0\.1\.9 is also requested by 'a'"):
+        resolve([InterfaceSpec("a", ip="10.0.1.9"), InterfaceSpec("b", ip="10.0.1.9")], HOST)
+
+
+def test_resolve_on_discovered_fake_tree(fake_sys: FakeSys):
+    fake_sys.nic("br0", bridge=True)
+    fake_sys.nic("eno1", pci=True, master="br0", numa=0)
+    fake_sys.nic("enp2s0", pci=True, total_vfs=7, num_vfs=2)
+    fake_sys.nic("enp2s0v1", pci=True, physfn="enp2s0")
+    nics = fake_sys.discover(addresses={"br0": ("172.16.4.1/22",), "enp2s0": ("172.20.0.1/24",)})
+    result = resolve(
+        [
+            InterfaceSpec("0", ip="172.16.5.9"),
+            InterfaceSpec("1", space="oam"),
+            InterfaceSpec("2", subnet="172.20.0.0/24", mode=InterfaceMode.SRIOV),
+        ],
+        nics,
+        space_bindings={"oam": "eno1"},
+    )
+    assert [(a.kind, a.source, a.ip) for a in result] == [
+        (AttachmentKind.BRIDGE, "br0", "172.16.5.9/22"),
+        (AttachmentKind.BRIDGE, "br0", None),
+        (AttachmentKind.HOSTDEV, "enp2s0", None),
+    ]
