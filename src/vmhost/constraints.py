@@ -1,0 +1,957 @@
+"""Parse and validate VM requests into VmSpec records.
+
+The charm actions and the vm_host relation provider both call `build_spec`, so a request means
+the same thing whichever way it arrives. Values may come from remote JSON, so every function
+accepts any type and raises only `InvalidRequestError(field, message)`, whose message states
+the rule and the fix. Checks against the host (does CPU 99 exist, is pool "ssd" defined) belong
+to placement; here only syntax and ranges are checked.
+
+The MAAS compose strings are accepted as MAAS wrote them, with these differences, each refused
+with a message rather than silently dropped:
+
+- storage: a disk takes at most one tag, and it names the storage pool; sizes are whole GB.
+- interfaces: the MAAS keys fabric, type, tag and not_* are not supported. vm-host adds
+  `bridge=<host bridge>`, `parent=<host interface>` and `numa_strict=true` (SR-IOV only).
+
+Interface labels stay as given in InterfaceSpec.label (the requester's handle, echoed back in
+answers); `guest_interface_name()` gives the name the guest sees (numeric labels become ethN,
+as in MAAS).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import enum
+import hashlib
+import ipaddress
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from vmhost.model import (
+    DiskSpec,
+    HugepageRequest,
+    InterfaceMode,
+    InterfaceSpec,
+    InvalidRequestError,
+    VmSpec,
+)
+from vmhost.topology import parse_cpu_list
+
+__all__ = [
+    "HOST_DEVICE_PATTERN",
+    "MAX_CORES",
+    "MAX_DISK_GB",
+    "MAX_MEMORY_MIB",
+    "MIN_MEMORY_MIB",
+    "NAME_PATTERN",
+    "SSH_KEY_TYPES",
+    "SUPPORTED_INTERFACE_KEYS",
+    "build_spec",
+    "format_interfaces",
+    "format_storage",
+    "guest_interface_name",
+    "parse_cpu_list",
+    "parse_hugepages",
+    "parse_interfaces",
+    "parse_pinned_cores",
+    "parse_storage",
+    "spec_hash",
+    "validate_host_device",
+    "validate_name",
+    "validate_request_id",
+    "validate_ssh_public_key",
+]
+
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+REQUEST_ID_PATTERN = re.compile(r"^[a-z0-9-]{1,40}$")
+LABEL_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
+HOST_DEVICE_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:-]{0,14}$")
+SPACE_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+
+MIN_MEMORY_MIB = 64
+MAX_MEMORY_MIB = 1 << 24
+MAX_CORES = 1024
+MAX_NUMA_NODES = 64
+MAX_DISK_GB = 65536
+MAX_DISKS = 64
+MAX_INTERFACES = 32
+MAX_CPU_ID = 65535
+MAX_USER_DATA_BYTES = 64 * 1024
+MAX_SSH_KEYS = 100
+MAX_IMAGE_PATH = 4096
+MAX_VLAN = 4094
+IFNAMSIZ_CHARS = 15
+
+SSH_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+
+SUPPORTED_INTERFACE_KEYS = (
+    "space",
+    "subnet",
+    "subnet_cidr",
+    "vlan",
+    "vid",
+    "ip",
+    "mode",
+    "bridge",
+    "parent",
+    "numa_strict",
+)
+_MAAS_UNSUPPORTED_KEYS = ("fabric", "fabric_class", "type", "tag", "tags")
+_STORAGE_KEYS = ("label", "size-gb", "pool")
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0")
+
+
+def _describe(value: object) -> str:
+    """Show a bad value in a message without flooding it."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int_value(value: object, field: str, what: str, low: int, high: int) -> int:
+    """Accept an int or a decimal string within [low, high]; bools and fractions are refused."""
+    number: int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,12}\s*", value):
+        number = int(value)
+    if number is None:
+        raise InvalidRequestError(
+            field, f"{what} must be a whole number from {low} to {high}, got {_describe(value)}"
+        )
+    if not low <= number <= high:
+        raise InvalidRequestError(
+            field, f"{what} must be from {low} to {high}, got {number}; give a value in range"
+        )
+    return number
+
+
+def _str_value(value: object, field: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(field, f"{what} must be a string, got {_describe(value)}")
+    return value
+
+
+def _bool_value(value: object, field: str, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise InvalidRequestError(field, f"{what} must be true or false, got {_describe(value)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def validate_name(value: object, field: str = "name") -> str:
+    """Check a VM, volume or pool name is safe for every hypervisor and for file names.
+
+    Returns:
+        The name, unchanged.
+
+    Raises:
+        InvalidRequestError: the name is not 1-63 lower-case letters, digits and hyphens with a
+            letter or digit at both ends.
+    """
+    name = _str_value(value, field, "the name")
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidRequestError(
+            field,
+            f"{_describe(name)} is not a valid name; use 1-63 lower-case letters, digits and "
+            "hyphens, starting and ending with a letter or digit (for example 'web-1')",
+        )
+    return name
+
+
+def validate_request_id(value: object, field: str = "id") -> str:
+    """Check a relation request id: 1-40 lower-case letters, digits and hyphens."""
+    request_id = _str_value(value, field, "the request id")
+    if not REQUEST_ID_PATTERN.fullmatch(request_id):
+        raise InvalidRequestError(
+            field,
+            f"{_describe(request_id)} is not a valid request id; use 1-40 lower-case letters, "
+            "digits and hyphens (for example 'db-0')",
+        )
+    return request_id
+
+
+def validate_host_device(value: object, field: str, what: str) -> str:
+    """Check a host bridge or interface name fits Linux rules (IFNAMSIZ, no slashes)."""
+    name = _str_value(value, field, what)
+    if not HOST_DEVICE_PATTERN.fullmatch(name):
+        raise InvalidRequestError(
+            field,
+            f"{what} {_describe(name)} is not a valid host interface name; use 1-15 letters, "
+            "digits, '_', '.', ':' or '-', starting with a letter or digit (for example 'br0')",
+        )
+    return name
+
+
+def _validate_label(value: object, field: str) -> str:
+    label = _str_value(value, field, "the label").strip()
+    if not LABEL_PATTERN.fullmatch(label):
+        raise InvalidRequestError(
+            field,
+            f"label {_describe(label)} is not valid; use 1-63 letters, digits, '_' or '-', "
+            "starting with a letter or digit",
+        )
+    return label
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+
+
+def _split_top_level(text: str, separator: str) -> list[str]:
+    """Split on a separator outside parentheses (MAAS tags are comma-separated in parens)."""
+    parts: list[str] = []
+    depth = 0
+    current: list[str] = []
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        if char == separator and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+_STORAGE_ENTRY = re.compile(
+    r"^\s*(?:(?P<label>[^:()]*?)\s*:)?\s*(?P<size>[^:()]*?)\s*(?:\((?P<tags>[^()]*)\))?\s*$"
+)
+
+
+def _disk(label: object, size: object, pool: object, field: str) -> DiskSpec:
+    checked_label = _validate_label(label, field)
+    size_gb = _int_value(size, field, f"the size of disk {checked_label!r} (GB)", 1, MAX_DISK_GB)
+    checked_pool = None if pool is None else validate_name(pool, field)
+    return DiskSpec(label=checked_label, size_gb=size_gb, pool=checked_pool)
+
+
+def _parse_storage_entry(entry: str, index: int, field: str) -> DiskSpec:
+    match = _STORAGE_ENTRY.fullmatch(entry)
+    if match is None or not match.group("size"):
+        raise InvalidRequestError(
+            field,
+            f"disk entry {_describe(entry.strip())} is not 'label:size(pool)'; write for "
+            "example 'root:20(default),data:100'",
+        )
+    label = match.group("label") or ("root" if index == 0 else f"disk{index}")
+    pool: str | None = None
+    tags = match.group("tags")
+    if tags is not None:
+        names = [t.strip() for t in tags.split(",")]
+        if len(names) != 1 or not names[0]:
+            raise InvalidRequestError(
+                field,
+                f"disk {label!r} has tags ({tags}); vm-host takes exactly one tag per disk, "
+                "the storage pool name, for example 'data:100(ssd)'",
+            )
+        pool = names[0]
+    return _disk(label, match.group("size"), pool, field)
+
+
+def _storage_item(item: object, index: int, field: str) -> DiskSpec:
+    if not isinstance(item, dict):
+        raise InvalidRequestError(
+            field, f"disk {index} must be an object with label, size-gb and pool"
+        )
+    unknown = sorted(str(k) for k in item if k not in _STORAGE_KEYS)
+    if unknown:
+        raise InvalidRequestError(
+            field,
+            f"disk {index} has unsupported keys {', '.join(unknown)}; "
+            f"use only {', '.join(_STORAGE_KEYS)}",
+        )
+    if "size-gb" not in item:
+        raise InvalidRequestError(field, f"disk {index} needs size-gb (whole GB)")
+    label = item.get("label") or ("root" if index == 0 else f"disk{index}")
+    return _disk(label, item["size-gb"], item.get("pool"), field)
+
+
+def parse_storage(value: object, field: str = "storage") -> tuple[DiskSpec, ...]:
+    """Parse disks from the MAAS string or the structured relation form.
+
+    Args:
+        value: "label:size(pool),label2:size" (GB; a missing label becomes "root" for the
+            first disk and "disk<N>" after it), or a list of {"label", "size-gb", "pool"}
+            objects (label optional the same way), or None/""/[] for no disks.
+        field: the request field named in errors.
+
+    Returns:
+        The disks in order; the first is the root disk. () when none were asked for, so that
+        build_spec adds the default root disk.
+    """
+    if value is None or value == "" or value == []:
+        return ()
+    if isinstance(value, str):
+        entries = _split_top_level(value.strip(), ",")
+        disks = [_parse_storage_entry(e, index, field) for index, e in enumerate(entries)]
+    elif isinstance(value, list):
+        disks = [_storage_item(item, index, field) for index, item in enumerate(value)]
+    else:
+        raise InvalidRequestError(
+            field,
+            f"expected a string like 'root:20,data:100' or a list of disks, "
+            f"got {_describe(value)}",
+        )
+    if len(disks) > MAX_DISKS:
+        raise InvalidRequestError(field, f"at most {MAX_DISKS} disks; got {len(disks)}")
+    seen: set[str] = set()
+    for disk in disks:
+        if disk.label in seen:
+            raise InvalidRequestError(
+                field, f"disk label {disk.label!r} is used twice; give each disk its own label"
+            )
+        seen.add(disk.label)
+    return tuple(disks)
+
+
+def format_storage(disks: Iterable[DiskSpec]) -> str:
+    """Write disks as a MAAS storage string that parse_storage reads back unchanged."""
+    return ",".join(f"{d.label}:{d.size_gb}" + (f"({d.pool})" if d.pool else "") for d in disks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interfaces
+
+
+def guest_interface_name(label: str) -> str:
+    """Return the interface name the guest sees: numeric labels become ethN, as MAAS did."""
+    return f"eth{int(label)}" if label.isdigit() else label
+
+
+@dataclasses.dataclass
+class _InterfaceDraft:
+    label: str
+    values: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _unsupported_key_message(key: str) -> str:
+    supported = ", ".join(SUPPORTED_INTERFACE_KEYS)
+    if key in _MAAS_UNSUPPORTED_KEYS or key.startswith("not_"):
+        return f"the MAAS key {key!r} is not supported by vm-host; supported keys: {supported}"
+    return f"unknown key {key!r}; supported keys: {supported}"
+
+
+def _set_once(draft: _InterfaceDraft, key: str, value: object, field: str) -> None:
+    previous = draft.values.get(key)
+    if previous is not None and previous != value:
+        raise InvalidRequestError(
+            field,
+            f"interface {draft.label!r} gives {key} twice ({previous} and {value}); keep one",
+        )
+    draft.values[key] = value
+
+
+def _space(raw: object, field: str, what: str) -> str:
+    space = _str_value(raw, field, what).strip()
+    if not SPACE_PATTERN.fullmatch(space):
+        raise InvalidRequestError(
+            field, f"{what} {_describe(space)} is not a valid space name (e.g. 'oam')"
+        )
+    return space
+
+
+def _subnet(raw: object, field: str, what: str) -> str:
+    text = _str_value(raw, field, what).strip()
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        try:
+            hint = f"; did you mean {ipaddress.ip_network(text, strict=False)}?"
+        except ValueError:
+            hint = ""
+        raise InvalidRequestError(
+            field,
+            f"{what} {_describe(text)} is not a subnet in CIDR form such as 10.0.5.0/24" + hint,
+        ) from None
+    if "/" not in text:
+        raise InvalidRequestError(
+            field, f"{what} {_describe(text)} needs a prefix length, e.g. 10.0.5.0/24"
+        )
+    return str(network)
+
+
+def _vlan(raw: object, field: str, what: str) -> int:
+    return _int_value(raw, field, what, 0, MAX_VLAN)
+
+
+def _ip(raw: object, field: str, what: str) -> str:
+    text = _str_value(raw, field, what).strip()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise InvalidRequestError(
+            field, f"{what} {_describe(text)} is not an IPv4 or IPv6 address"
+        ) from None
+
+
+def _mode(raw: object, field: str, what: str) -> InterfaceMode:
+    text = _str_value(raw, field, what).strip().lower()
+    try:
+        return InterfaceMode(text)
+    except ValueError:
+        choices = ", ".join(m.value for m in InterfaceMode)
+        raise InvalidRequestError(
+            field, f"{what} {_describe(text)} is not one of {choices}"
+        ) from None
+
+
+# Request key -> (canonical key, validator).
+_INTERFACE_KEYS: dict[str, tuple[str, Any]] = {
+    "space": ("space", _space),
+    "subnet": ("subnet", _subnet),
+    "subnet_cidr": ("subnet", _subnet),
+    "vlan": ("vlan", _vlan),
+    "vid": ("vlan", _vlan),
+    "ip": ("ip", _ip),
+    "mode": ("mode", _mode),
+    "bridge": ("bridge", validate_host_device),
+    "parent": ("parent", validate_host_device),
+    "numa_strict": ("numa_strict", _bool_value),
+}
+
+
+def _apply_interface_key(draft: _InterfaceDraft, key: str, raw: object, field: str) -> None:
+    """Validate one key=value of an interface and record it under its canonical key."""
+    if key not in _INTERFACE_KEYS:
+        raise InvalidRequestError(
+            field, f"interface {draft.label!r}: " + _unsupported_key_message(key)
+        )
+    canonical, validator = _INTERFACE_KEYS[key]
+    value = validator(raw, field, f"{key} of interface {draft.label!r}")
+    _set_once(draft, canonical, value, field)
+
+
+def _finish_interface(draft: _InterfaceDraft, field: str) -> InterfaceSpec:
+    values = draft.values
+    mode: InterfaceMode | None = values.get("mode")
+    label = draft.label
+    if values.get("bridge") and values.get("parent"):
+        raise InvalidRequestError(
+            field,
+            f"interface {label!r} gives both bridge and parent; use bridge=<host bridge> for a "
+            "bridged NIC or parent=<host interface> for macvtap/SR-IOV, not both",
+        )
+    if values.get("bridge") and mode not in (None, InterfaceMode.BRIDGE):
+        raise InvalidRequestError(
+            field,
+            f"interface {label!r} has bridge= with mode={mode.value if mode else ''}; a bridge "
+            "attachment is mode=bridge: drop the mode or use parent= instead",
+        )
+    if values.get("parent") and mode is InterfaceMode.BRIDGE:
+        raise InvalidRequestError(
+            field,
+            f"interface {label!r} has parent= with mode=bridge; use bridge=<host bridge> for "
+            "a bridged NIC, or mode=macvtap/sriov with parent=",
+        )
+    if values.get("numa_strict") and mode is not InterfaceMode.SRIOV:
+        raise InvalidRequestError(
+            field, f"interface {label!r}: numa_strict applies only to mode=sriov; add it or drop"
+        )
+    subnet, ip = values.get("subnet"), values.get("ip")
+    if subnet and ip and ipaddress.ip_address(ip) not in ipaddress.ip_network(subnet):
+        raise InvalidRequestError(
+            field, f"interface {label!r}: ip {ip} is not inside subnet {subnet}; fix either"
+        )
+    return InterfaceSpec(
+        label=label,
+        space=values.get("space"),
+        subnet=subnet,
+        vlan=values.get("vlan"),
+        ip=ip,
+        mode=mode,
+        bridge=values.get("bridge"),
+        parent=values.get("parent"),
+        numa_strict=bool(values.get("numa_strict", False)),
+    )
+
+
+def _new_draft(raw_label: object, field: str) -> _InterfaceDraft:
+    label = _validate_label(raw_label, field)
+    name = guest_interface_name(label)
+    if len(name) > IFNAMSIZ_CHARS:
+        raise InvalidRequestError(
+            field,
+            f"interface label {label!r} is longer than the {IFNAMSIZ_CHARS} characters a "
+            "Linux interface name may have; use a shorter label",
+        )
+    return _InterfaceDraft(label=label)
+
+
+def _parse_interface_string(text: str, field: str) -> list[InterfaceSpec]:
+    specs: list[InterfaceSpec] = []
+    for entry in text.split(";"):
+        label_text, colon, rest = entry.partition(":")
+        if not colon or not label_text.strip():
+            raise InvalidRequestError(
+                field,
+                f"interface entry {_describe(entry.strip())} is not 'label:key=value,...'; write"
+                " for example 'eth0:space=oam;data:vid=100'",
+            )
+        draft = _new_draft(label_text.strip(), field)
+        for pair in rest.split(",") if rest.strip() else []:
+            key, equals, raw = pair.partition("=")
+            key = key.strip().lower()
+            if not equals or not key or not raw.strip():
+                raise InvalidRequestError(
+                    field,
+                    f"interface {draft.label!r}: {_describe(pair.strip())} is not key=value "
+                    "(for example space=oam)",
+                )
+            _apply_interface_key(draft, key, raw.strip(), field)
+        specs.append(_finish_interface(draft, field))
+    return specs
+
+
+def _parse_interface_list(items: list[Any], field: str) -> list[InterfaceSpec]:
+    specs: list[InterfaceSpec] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or "label" not in item:
+            raise InvalidRequestError(
+                field,
+                f"interface {index} must be an object with a label, e.g. {{'label': 'eth0'}}",
+            )
+        draft = _new_draft(item["label"], field)
+        for raw_key, raw in item.items():
+            key = str(raw_key).replace("-", "_").lower()
+            if key == "label" or raw is None:
+                continue
+            _apply_interface_key(draft, key, raw, field)
+        specs.append(_finish_interface(draft, field))
+    return specs
+
+
+def parse_interfaces(value: object, field: str = "interfaces") -> tuple[InterfaceSpec, ...]:
+    """Parse NICs from the MAAS string or the structured relation form.
+
+    Args:
+        value: "label:key=value[,key=value];label2:..." or a list of objects with "label" and
+            the same keys (hyphens or underscores), or None/""/[] for none. Keys: space,
+            subnet/subnet_cidr (CIDR), vlan/vid (0-4094), ip, mode (bridge|macvtap|sriov),
+            bridge, parent, numa_strict. "label:" with no keys asks for a NIC on the default
+            network.
+        field: the request field named in errors.
+
+    Returns:
+        The interfaces in order, labels as given (see guest_interface_name()).
+    """
+    if value is None or value == "" or value == []:
+        return ()
+    if isinstance(value, str):
+        specs = _parse_interface_string(value.strip(), field)
+    elif isinstance(value, list):
+        specs = _parse_interface_list(value, field)
+    else:
+        raise InvalidRequestError(
+            field,
+            "expected a string like 'eth0:space=oam;data:vid=100' or a list of interfaces, "
+            f"got {_describe(value)}",
+        )
+    if len(specs) > MAX_INTERFACES:
+        raise InvalidRequestError(field, f"at most {MAX_INTERFACES} interfaces; got {len(specs)}")
+    seen: dict[str, str] = {}
+    for spec in specs:
+        name = guest_interface_name(spec.label)
+        if name in seen:
+            raise InvalidRequestError(
+                field,
+                f"interface labels {seen[name]!r} and {spec.label!r} both name guest interface "
+                f"{name!r}; give each interface its own label",
+            )
+        seen[name] = spec.label
+    return tuple(specs)
+
+
+def format_interfaces(interfaces: Iterable[InterfaceSpec]) -> str:
+    """Write interfaces as a MAAS-style string that parse_interfaces reads back unchanged."""
+    entries: list[str] = []
+    for spec in interfaces:
+        pairs = [
+            f"{key}={value}"
+            for key, value in (
+                ("space", spec.space),
+                ("subnet", spec.subnet),
+                ("vlan", spec.vlan),
+                ("ip", spec.ip),
+                ("mode", spec.mode.value if spec.mode else None),
+                ("bridge", spec.bridge),
+                ("parent", spec.parent),
+                ("numa_strict", "true" if spec.numa_strict else None),
+            )
+            if value is not None
+        ]
+        entries.append(f"{spec.label}:{','.join(pairs)}")
+    return ";".join(entries)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPUs and memory
+
+
+def _pinned_error(detail: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        "pinned-cores",
+        f"{detail}; give a count of dedicated host CPUs (for example 4, the host picks them) "
+        "or a list of host CPU ids (for example '2,3,6-7')",
+    )
+
+
+def _pinned_list(ids: list[int]) -> tuple[int, tuple[int, ...]]:
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise _pinned_error(f"CPU {duplicates[0]} is listed more than once")
+    high = [i for i in ids if i > MAX_CPU_ID]
+    if high:
+        raise _pinned_error(f"CPU id {high[0]} is out of range 0-{MAX_CPU_ID}")
+    if len(ids) > MAX_CORES:
+        raise _pinned_error(f"{len(ids)} CPUs is more than the {MAX_CORES} a VM may have")
+    cpus = tuple(sorted(ids))
+    return len(cpus), cpus
+
+
+def _expand_cpu_items(text: str) -> list[int]:
+    """Expand a cpu-list item by item, keeping duplicates so "2,2" can be refused."""
+    ids: list[int] = []
+    for item in text.split(","):
+        try:
+            ids.extend(parse_cpu_list(item))
+        except ValueError as exc:
+            raise _pinned_error(f"{_describe(text.strip())}: {exc}") from None
+    return ids
+
+
+def parse_pinned_cores(value: object) -> tuple[int, tuple[int, ...] | None]:
+    """Parse `pinned-cores`: a count (the host picks the CPUs) or an explicit host CPU list.
+
+    A string of digits alone is a count ("4"); a single explicit CPU is written as a list
+    ([4]) or a range ("4-4"). None or "" means not pinned.
+
+    Returns:
+        (count, None) for a count, (count, sorted CPU ids) for a list, (0, None) when unpinned.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 0, None
+    if isinstance(value, bool):
+        raise _pinned_error(f"{value!r} is not a count or a CPU list")
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        count = int(value)
+        if not 1 <= count <= MAX_CORES:
+            raise _pinned_error(f"the count must be from 1 to {MAX_CORES}, got {count}")
+        return count, None
+    if isinstance(value, str):
+        return _pinned_list(_expand_cpu_items(value))
+    if isinstance(value, list):
+        if not value:
+            raise _pinned_error("the CPU list is empty")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+            raise _pinned_error(f"{_describe(value)} must hold only CPU ids 0 or above")
+        return _pinned_list(list(value))
+    raise _pinned_error(f"{_describe(value)} is not a count or a CPU list")
+
+
+def parse_hugepages(value: object) -> HugepageRequest | None:
+    """Parse `hugepages`: "2M", "1G", "any" (case-insensitive), or a MAAS hugepages_backed bool.
+
+    None, "", false and "false" mean no huge pages; true means any size the host has.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return HugepageRequest.ANY
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "none", "false", "no"):
+            return None
+        if text in ("true", "yes"):
+            return HugepageRequest.ANY
+        for choice in HugepageRequest:
+            if text == choice.value.lower():
+                return choice
+    raise InvalidRequestError(
+        "hugepages",
+        f"{_describe(value)} is not a huge page size; use 2M, 1G or any (or leave it empty "
+        "for normal memory)",
+    )
+
+
+def _check_hugepage_memory(memory_mib: int, hugepages: HugepageRequest, cells: int) -> None:
+    page_mib = 1024 if hugepages is HugepageRequest.P1G else 2
+    unit = page_mib * cells
+    if memory_mib % unit == 0:
+        return
+    lower = memory_mib - memory_mib % unit
+    upper = lower + unit
+    nearest = f"{lower} or {upper}" if lower >= MIN_MEMORY_MIB else f"{upper}"
+    per = f" (a {page_mib} MiB page per guest cell, {cells} cells)" if cells > 1 else ""
+    size = "any" if hugepages is HugepageRequest.ANY else hugepages.value
+    raise InvalidRequestError(
+        "memory",
+        f"{memory_mib} MiB cannot be split into whole {page_mib} MiB huge pages for "
+        f"hugepages={size}{per}: memory must be a multiple of {unit} MiB; use {nearest}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Image, user data, SSH keys
+
+
+def _validate_image(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    path = _str_value(value, "image", "the image")
+    if (
+        not path.startswith("/")
+        or ".." in path.split("/")
+        or any(ord(c) < 32 or ord(c) == 127 for c in path)
+        or len(path) > MAX_IMAGE_PATH
+    ):
+        raise InvalidRequestError(
+            "image",
+            f"{_describe(path)} is not an absolute path on the host without '..' or control "
+            "characters; give for example /var/lib/vm-host/images/jammy.img",
+        )
+    return path
+
+
+def _validate_user_data(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    text = _str_value(value, "user-data", "user data")
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_USER_DATA_BYTES:
+        raise InvalidRequestError(
+            "user-data",
+            f"user data is {size} bytes; the limit is {MAX_USER_DATA_BYTES} (64 KiB), move "
+            "large content to a URL the guest fetches",
+        )
+    return text
+
+
+def validate_ssh_public_key(value: object, field: str = "ssh-public-keys") -> str:
+    """Check one OpenSSH public key line and return it normalised ("type base64 [comment]").
+
+    The base64 body must decode and start with the same key type, so a truncated or pasted-in
+    wrong key is caught here instead of at the guest's first login.
+    """
+    text = _str_value(value, field, "an SSH public key").strip()
+    if "\n" in text or "\r" in text or "\0" in text:
+        raise InvalidRequestError(
+            field, "an SSH public key must be a single line; give one per item"
+        )
+    parts = text.split(None, 2)
+    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
+        raise InvalidRequestError(
+            field,
+            f"{_describe(text)} is not an OpenSSH public key; it must start with one of "
+            f"{', '.join(SSH_KEY_TYPES)} followed by the base64 key (no options)",
+        )
+    key_type, body = parts[0], parts[1]
+    try:
+        blob = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        blob = b""
+    name = key_type.encode()
+    if blob[:4] != len(name).to_bytes(4, "big") or blob[4 : 4 + len(name)] != name:
+        raise InvalidRequestError(
+            field,
+            f"the {key_type} key body is not valid base64 of a {key_type} key; copy the whole "
+            "line of the .pub file",
+        )
+    return " ".join(parts)
+
+
+def _validate_ssh_keys(value: object) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        items: list[object] = [line for line in value.splitlines() if line.strip()]
+    elif isinstance(value, list | tuple):
+        items = list(value)  # type: ignore[arg-type]
+    else:
+        raise InvalidRequestError(
+            "ssh-public-keys", f"expected a list of public key lines, got {_describe(value)}"
+        )
+    if len(items) > MAX_SSH_KEYS:
+        raise InvalidRequestError(
+            "ssh-public-keys", f"at most {MAX_SSH_KEYS} keys; got {len(items)}"
+        )
+    keys = [validate_ssh_public_key(item) for item in items]
+    return tuple(dict.fromkeys(keys))
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def _check_numa(numa_nodes: int, vcpus: int, memory_mib: int) -> None:
+    if numa_nodes > vcpus:
+        raise InvalidRequestError(
+            "numa-nodes",
+            f"{numa_nodes} NUMA nodes need at least {numa_nodes} vCPUs (one per guest cell), "
+            f"the VM has {vcpus}; lower numa-nodes or raise cores",
+        )
+    if memory_mib // numa_nodes < MIN_MEMORY_MIB:
+        raise InvalidRequestError(
+            "numa-nodes",
+            f"{memory_mib} MiB over {numa_nodes} NUMA nodes leaves less than {MIN_MEMORY_MIB} "
+            f"MiB per guest cell; lower numa-nodes or raise memory to at least "
+            f"{MIN_MEMORY_MIB * numa_nodes} MiB",
+        )
+
+
+def build_spec(
+    *,
+    name: object,
+    cores: object = None,
+    memory_mib: object,
+    pinned_cores: object = None,
+    numa_nodes: object = None,
+    hugepages: object = None,
+    storage: object = None,
+    interfaces: object = None,
+    image: object = None,
+    user_data: object = None,
+    ssh_public_keys: object = (),
+    owner: str = "action",
+    request_id: object = "",
+    default_root_gb: int = 20,
+    default_interface_bridge: str | None = None,
+) -> VmSpec:
+    """Validate one VM request and return its VmSpec.
+
+    The single entry point for actions and relation requests. Values may be of any type (they
+    may come from remote JSON); the only exception raised is InvalidRequestError, naming the
+    request field ("name", "cores", "memory", "pinned-cores", "numa-nodes", "hugepages",
+    "storage", "interfaces", "image", "user-data", "ssh-public-keys", "id").
+
+    Args:
+        name: VM name, see validate_name.
+        cores: vCPUs, 1-1024; defaults to the pinned count when pinned, else 1 (as MAAS did).
+            When pinned it must equal the pinned count.
+        memory_mib: memory in MiB, 64 to 2**24.
+        pinned_cores: see parse_pinned_cores.
+        numa_nodes: host NUMA nodes the VM may span, 1-64, default 1; each guest cell needs a
+            vCPU and 64 MiB.
+        hugepages: see parse_hugepages; memory must then split into whole pages per cell.
+        storage: see parse_storage; none gives one root disk of default_root_gb.
+        interfaces: see parse_interfaces; none gives one "eth0" on default_interface_bridge
+            when that is set, else no NIC.
+        image: absolute host path of a disk image, or None to boot from the network.
+        user_data: cloud-init user data, at most 64 KiB.
+        ssh_public_keys: OpenSSH public key lines (a list, or one string with a key per line).
+        owner: "action" or "relation:<id>:<app>"; set by the charm, not the requester.
+        request_id: the relation request id ("" for actions).
+        default_root_gb: root disk size when no storage is requested (charm config).
+        default_interface_bridge: host bridge of the default NIC (charm config).
+    """
+    checked_name = validate_name(name)
+    checked_id = validate_request_id(request_id) if request_id not in ("", None) else ""
+    memory = _int_value(memory_mib, "memory", "memory (MiB)", MIN_MEMORY_MIB, MAX_MEMORY_MIB)
+
+    pinned_count, pinned_cpus = parse_pinned_cores(pinned_cores)
+    if cores is None or cores == "":
+        vcpus = pinned_count or 1
+    else:
+        vcpus = _int_value(cores, "cores", "cores", 1, MAX_CORES)
+        if pinned_count and vcpus != pinned_count:
+            raise InvalidRequestError(
+                "cores",
+                f"cores is {vcpus} but pinned-cores gives {pinned_count} host CPUs; every vCPU "
+                "of a pinned VM gets a host CPU of its own, so make them equal or leave cores "
+                "out",
+            )
+
+    cells = (
+        1
+        if numa_nodes is None or numa_nodes == ""
+        else _int_value(numa_nodes, "numa-nodes", "numa-nodes", 1, MAX_NUMA_NODES)
+    )
+    _check_numa(cells, vcpus, memory)
+
+    page_request = parse_hugepages(hugepages)
+    if page_request is not None:
+        _check_hugepage_memory(memory, page_request, cells)
+
+    disks = parse_storage(storage)
+    if not disks:
+        disks = (DiskSpec(label="root", size_gb=default_root_gb),)
+
+    nics = parse_interfaces(interfaces)
+    if not nics and default_interface_bridge:
+        bridge = validate_host_device(default_interface_bridge, "interfaces", "default bridge")
+        nics = (InterfaceSpec(label="eth0", bridge=bridge, mode=InterfaceMode.BRIDGE),)
+
+    return VmSpec(
+        name=checked_name,
+        vcpus=vcpus,
+        memory_mib=memory,
+        pinned_count=pinned_count,
+        pinned_cpus=pinned_cpus,
+        numa_nodes=cells,
+        hugepages=page_request,
+        disks=disks,
+        interfaces=nics,
+        image=_validate_image(image),
+        user_data=_validate_user_data(user_data),
+        ssh_public_keys=_validate_ssh_keys(ssh_public_keys),
+        owner=owner,
+        request_id=checked_id,
+    )
+
+
+def _canonical(value: object) -> object:
+    """Turn records into JSON values, leaving out fields still at their default.
+
+    Leaving defaults out keeps hashes of existing VMs stable when a field with a default is
+    added to a record later (a new field would otherwise make every relation request look
+    changed after a charm upgrade).
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            default = f.default
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            if default is not dataclasses.MISSING and item == default:
+                continue
+            out[f.name] = _canonical(item)
+        return out
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [_canonical(v) for v in value]  # type: ignore[misc]
+    return value
+
+
+def spec_hash(spec: VmSpec) -> str:
+    """Return a stable 16-hex-digit digest of what defines the VM.
+
+    The owner and request id are left out: they say who asked, not what the VM is, so a
+    request is "changed" only when the VM it describes changes.
+    """
+    data = _canonical(dataclasses.replace(spec, owner="action", request_id=""))
+    encoded = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(encoded.encode()).hexdigest()[:16]
