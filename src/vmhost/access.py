@@ -123,7 +123,7 @@ def validate_user_name(name: str) -> str:
     Raises:
         InvalidRequestError: the name is not a plain lower-case POSIX account name.
     """
-    if not isinstance(name, str) or not _USER_RE.match(name):
+    if not isinstance(name, str) or not _USER_RE.fullmatch(name):
         raise InvalidRequestError(
             "libvirt-user",
             f"{name!r} is not a valid user name: use 1-31 characters of a-z, 0-9, '_' and '-', "
@@ -134,7 +134,7 @@ def validate_user_name(name: str) -> str:
 
 def validate_source(source: str) -> str:
     """Refuse source tags that could not be found again or would break the key line."""
-    if not isinstance(source, str) or not _SOURCE_RE.match(source):
+    if not isinstance(source, str) or not _SOURCE_RE.fullmatch(source):
         raise InvalidRequestError(
             "source",
             f"{source!r} is not a key source: use 'config', 'relation:<id>:<unit>' or "
@@ -145,7 +145,7 @@ def validate_source(source: str) -> str:
 
 def validate_action_name(name: str) -> str:
     """Refuse names for action-added keys that cannot be written into a key comment."""
-    if not isinstance(name, str) or not _ACTION_NAME_RE.match(name):
+    if not isinstance(name, str) or not _ACTION_NAME_RE.fullmatch(name):
         raise InvalidRequestError(
             "name",
             f"{name!r} is not a valid key name: use 1-64 characters of letters, digits, "
@@ -614,7 +614,7 @@ def revoke_key(user: str, name_or_fingerprint: str) -> list[AuthorizedKey]:
         InvalidRequestError: nothing matches, or the key comes from config or a relation.
     """
     wanted = (name_or_fingerprint or "").strip()
-    is_fingerprint = bool(_FINGERPRINT_RE.match(wanted))
+    is_fingerprint = bool(_FINGERPRINT_RE.fullmatch(wanted))
     if not is_fingerprint:
         validate_action_name(wanted)
     keys = current_keys(user)

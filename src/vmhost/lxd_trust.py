@@ -114,7 +114,7 @@ def parse_certificate(
 
 def validate_project(name: str, field: str = "lxd-project") -> str:
     """Refuse project names LXD would reject or that could escape a URL path."""
-    if not isinstance(name, str) or not _PROJECT_RE.match(name):
+    if not isinstance(name, str) or not _PROJECT_RE.fullmatch(name):
         raise InvalidRequestError(
             field,
             f"{name!r} is not a valid project name: use 1-63 characters of a-z, 0-9 and '-', "
@@ -125,7 +125,7 @@ def validate_project(name: str, field: str = "lxd-project") -> str:
 
 def certificate_name(client: str) -> str:
     """Return the trust-store name for a client (an application or unit name)."""
-    if not isinstance(client, str) or not _CLIENT_RE.match(client):
+    if not isinstance(client, str) or not _CLIENT_RE.fullmatch(client):
         raise InvalidRequestError(
             "name",
             f"{client!r} is not a valid client name: use a-z, 0-9, '.', '/', '_' and '-'",
