@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import hashlib
 import json
 import logging
@@ -40,6 +39,12 @@ import libvirt
 import yaml
 
 from vmhost.backends import BackendUnavailableError
+from vmhost.constraints import (
+    guest_interface_name,
+    spec_hash,
+    validate_host_device,
+    validate_name,
+)
 from vmhost.model import (
     AttachmentKind,
     CellPlacement,
@@ -80,42 +85,7 @@ GB = 10**9
 STOP_TIMEOUT_S = 30.0
 
 _NS = {"v": METADATA_NS}
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-
-
-def _check_name(value: str, field: str) -> None:
-    """Refuse a VM or volume name libvirt, file systems or hostnames would trip on."""
-    if not _NAME_RE.match(value):
-        raise InvalidRequestError(
-            field,
-            f"{value!r} is not a valid name; use 1-63 lower-case letters, digits and '-', "
-            "starting and ending with a letter or digit",
-        )
-
-
-def _check_pool_name(value: str, field: str) -> None:
-    if not _POOL_RE.match(value):
-        raise InvalidRequestError(
-            field,
-            f"{value!r} is not a valid storage pool name; use letters, digits, '_', '.', '-' "
-            "(at most 64, starting with a letter or digit)",
-        )
-
-
-def _check_ifname(value: str, field: str) -> None:
-    if not _IFNAME_RE.match(value):
-        raise InvalidRequestError(
-            field,
-            f"{value!r} is not a valid host interface name; use at most 15 letters, digits, "
-            "'_', '.', '-'",
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,8 +108,12 @@ class Volume:
 
 
 def volume_name(vm: str, label: str) -> str:
-    """Return the volume name of a VM's disk: `<vm>-<label>`."""
-    return f"{vm}-{label}"
+    """Return the volume name of a VM's disk: `<vm>-<label>`.
+
+    Disk labels may carry capitals and '_' (MAAS allowed them); volume names are file names in
+    directory pools, so they are folded to the lower-case, hyphenated form VM names use.
+    """
+    return f"{vm}-{label.lower().replace('_', '-')}"
 
 
 def generate_mac(vm: str, label: str) -> str:
@@ -150,18 +124,6 @@ def generate_mac(vm: str, label: str) -> str:
     """
     digest = hashlib.sha256(f"{vm}\0{label}".encode()).digest()
     return MAC_PREFIX + "".join(f":{b:02x}" for b in digest[:3])
-
-
-def spec_hash(spec: VmSpec) -> str:
-    """Return a short stable hash of a spec, so the charm can tell a changed request."""
-
-    def default(value: object) -> object:
-        if isinstance(value, enum.Enum):
-            return value.value
-        raise TypeError(type(value))
-
-    text = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=default)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _domain_type() -> str:
@@ -565,7 +527,7 @@ def seed_documents(
     ethernets: dict[str, Any] = {}
     for nic in nics:
         entry: dict[str, Any] = {"match": {"macaddress": nic.mac}}
-        name = nic.guest_name or nic.label
+        name = nic.guest_name or guest_interface_name(nic.label)
         entry["set-name"] = name
         if nic.ip:
             entry["addresses"] = [nic.ip]
@@ -643,25 +605,26 @@ def _validate_request(
     Raises:
         InvalidRequestError: naming the field and the rule.
     """
-    _check_name(spec.name, "name")
+    validate_name(spec.name, "name")
     if not spec.disks:
         raise InvalidRequestError("storage", "at least a root disk is needed")
-    labels = [d.label for d in spec.disks]
-    if len(set(labels)) != len(labels):
-        raise InvalidRequestError("storage", f"disk labels must be unique, got {labels}")
-    if SEED_LABEL in labels:
+    volumes = [volume_name(spec.name, d.label) for d in spec.disks]
+    if len(set(volumes)) != len(volumes):
+        raise InvalidRequestError(
+            "storage", f"disk labels must differ (after folding to volume names {volumes})"
+        )
+    if volume_name(spec.name, SEED_LABEL) in volumes:
         raise InvalidRequestError(
             "storage", f"the disk label {SEED_LABEL!r} is kept for the cloud-init seed"
         )
     for disk in spec.disks:
-        _check_name(disk.label, f"storage[{disk.label}].label")
-        _check_name(volume_name(spec.name, disk.label), f"storage[{disk.label}].label")
-        _check_pool_name(disk.pool or default_pool, f"storage[{disk.label}].pool")
-    _check_pool_name(default_pool, "default-storage-pool")
+        validate_name(volume_name(spec.name, disk.label), f"storage[{disk.label}].label")
+        validate_name(disk.pool or default_pool, f"storage[{disk.label}].pool")
+    validate_name(default_pool, "default-storage-pool")
     resolved: list[NicAttachment] = []
     for nic in nics:
-        _check_name(nic.label, "interfaces.label")
-        _check_ifname(nic.source, f"interfaces[{nic.label}].source")
+        what = "bridge" if nic.kind == AttachmentKind.BRIDGE else "parent interface"
+        validate_host_device(nic.source, f"interfaces[{nic.label}].source", what)
         if nic.kind == AttachmentKind.HOSTDEV:
             raise InvalidRequestError(
                 f"interfaces[{nic.label}].mode",
@@ -784,7 +747,7 @@ class LibvirtBackend:
 
     def ensure_pool(self, name: str, path: str) -> None:
         """Define, build, start and autostart a directory pool; start it when inactive."""
-        _check_pool_name(name, "default-storage-pool")
+        validate_name(name, "default-storage-pool")
         if not os.path.isabs(path):
             raise InvalidRequestError("storage pool path", f"{path!r} must be an absolute path")
         try:
