@@ -70,7 +70,8 @@ NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 REQUEST_ID_PATTERN = re.compile(r"^[a-z0-9-]{1,40}$")
 LABEL_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
 HOST_DEVICE_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:-]{0,14}$")
-SPACE_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+SPACE_PATTERN = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+"""Juju space names: lower-case words joined by single hyphens (as the networks option)."""
 
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 1 << 24
@@ -338,7 +339,7 @@ def format_storage(disks: Iterable[DiskSpec]) -> str:
 
 def guest_interface_name(label: str) -> str:
     """Return the interface name the guest sees: numeric labels become ethN, as MAAS did."""
-    return f"eth{int(label)}" if label.isdigit() else label
+    return f"eth{int(label)}" if re.fullmatch(r"[0-9]+", label) else label
 
 
 @dataclasses.dataclass
@@ -368,7 +369,9 @@ def _space(raw: object, field: str, what: str) -> str:
     space = _str_value(raw, field, what).strip()
     if not SPACE_PATTERN.fullmatch(space):
         raise InvalidRequestError(
-            field, f"{what} {_describe(space)} is not a valid space name (e.g. 'oam')"
+            field,
+            f"{what} {_describe(space)} is not a valid space name; use lower-case letters, "
+            "digits and single hyphens (for example 'oam' or 'storage-1')",
         )
     return space
 

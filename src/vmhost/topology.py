@@ -44,9 +44,9 @@ _UNIT_KIB = {
     "tib": 1024**3,
 }
 
-_HUGEPAGE_DIR = re.compile(r"^hugepages-(\d+)kB$")
-_NODE_DIR = re.compile(r"^node(\d+)$")
-_CPU_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_HUGEPAGE_DIR = re.compile(r"hugepages-([0-9]+)kB")
+_NODE_DIR = re.compile(r"node([0-9]+)")
+_CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -70,7 +70,7 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
         raise ValueError("empty CPU list; give ids or ranges such as 0-3,8")
     ids: set[int] = set()
     for item in stripped.split(","):
-        match = _CPU_RANGE.match(item.strip())
+        match = _CPU_RANGE.fullmatch(item.strip())
         if match is None:
             raise ValueError(
                 f"bad CPU list item {item.strip()!r}; use ids or ranges such as 0-3,8"
@@ -234,7 +234,7 @@ def _hugepage_dirs(root: Path) -> list[tuple[int, Path]]:
     node_dirs: list[tuple[int, Path]] = []
     if node_base.is_dir():
         for entry in node_base.iterdir():
-            match = _NODE_DIR.match(entry.name)
+            match = _NODE_DIR.fullmatch(entry.name)
             if match and entry.is_dir():
                 node_dirs.append((int(match.group(1)), entry / "hugepages"))
     if not node_dirs:
@@ -251,7 +251,7 @@ def _read_hugepage_counts(sysfs_root: str | Path, filename: str) -> dict[int, di
         sizes: dict[int, int] = {}
         entries = hugepage_dir.iterdir() if hugepage_dir.is_dir() else ()
         for entry in entries:
-            match = _HUGEPAGE_DIR.match(entry.name)
+            match = _HUGEPAGE_DIR.fullmatch(entry.name)
             count = _read_int(entry / filename) if match else None
             if match and count is not None:
                 sizes[int(match.group(1))] = count

@@ -270,6 +270,8 @@ def test_parse_interfaces(value: Any, expected: tuple[InterfaceSpec, ...]):
         ("eth0:bridge=br/0", "not a valid host interface name"),
         ("eth0:parent=-eth1", "not a valid host interface name"),
         ("eth0:space=o am", "not a valid space name"),
+        ("eth0:space=OAM", "not a valid space name"),
+        ("eth0:space=a--b", "not a valid space name"),
         ([{"space": "oam"}], "must be an object with a label"),
         (["eth0:space=oam"], "must be an object with a label"),
         ([{"label": "eth0", "fabric": "x"}], "MAAS key 'fabric'"),
@@ -286,7 +288,8 @@ def test_parse_interfaces_rejects(value: Any, phrase: str):
 
 
 @pytest.mark.parametrize(
-    ("label", "name"), [("0", "eth0"), ("12", "eth12"), ("007", "eth7"), ("data", "data")]
+    ("label", "name"),
+    [("0", "eth0"), ("12", "eth12"), ("007", "eth7"), ("data", "data"), ("\u00b2", "\u00b2")],
 )
 def test_guest_interface_name(label: str, name: str):
     assert guest_interface_name(label) == name
@@ -294,7 +297,7 @@ def test_guest_interface_name(label: str, name: str):
 
 @st.composite
 def _interface(draw: st.DrawFn, label: str) -> InterfaceSpec:
-    space = draw(st.none() | st.from_regex(r"[a-z][a-z0-9-]{0,10}", fullmatch=True))
+    space = draw(st.none() | st.from_regex(r"[a-z0-9]{1,5}(-[a-z0-9]{1,5}){0,2}", fullmatch=True))
     subnet = ip = None
     if draw(st.booleans()):
         network = ipaddress.ip_network(

@@ -319,7 +319,7 @@ def test_parse_cpu_list(text: str, expected: tuple[int, ...]):
 
 
 @pytest.mark.parametrize(
-    "text", ["", " ", "a", "1,", ",1", "3-1", "1-", "-1", "1--2", "1.5", "0x1"]
+    "text", ["", " ", "a", "1,", ",1", "3-1", "1-", "-1", "1--2", "1.5", "0x1", "\u0663", "1\n2"]
 )
 def test_parse_cpu_list_rejects(text: str):
     with pytest.raises(ValueError, match="CPU"):
