@@ -632,13 +632,13 @@ class _Host:
         nic = self.nics.get(name)
         return nic.vlan_id if nic is not None and nic.kind is NicKind.VLAN else None
 
-    def carrying(self, predicate_net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[str]:
+    def carrying(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[str]:
         """Interfaces with an address inside the given network."""
         found = []
         for nic in self.nics.values():
             for text in nic.addresses:
                 iface = _interface(text)
-                if iface is not None and iface.ip in predicate_net:
+                if iface is not None and iface.ip in network:
                     found.append(nic.name)
                     break
         return found
@@ -855,7 +855,8 @@ class _Matcher:
         for iface, name in matches:
             if iface.ip == address:
                 raise self.fail(f"ip {address} is the host's own address on {name}")
-        network = matches[0][0].network
+        # The most specific subnet wins, as routing would choose it.
+        network = max((iface.network for iface, _ in matches), key=lambda n: n.prefixlen)
         if (
             isinstance(network, ipaddress.IPv4Network)
             and network.prefixlen <= 30
@@ -869,7 +870,7 @@ class _Matcher:
             requested = ipaddress.ip_network(self.spec.subnet, strict=False)
             if address not in requested:
                 raise self.fail(f"ip {address} is not inside the requested subnet {requested}")
-        device = self.host.pick([name for _, name in matches])
+        device = self.host.pick([name for iface, name in matches if iface.network == network])
         return _Claim(f"ip={address}", device), f"{address}/{network.prefixlen}"
 
     # -- claims -> attachment

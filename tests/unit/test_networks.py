@@ -6,10 +6,15 @@ parser and every matching rule of resolve().
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmhost import networks
 from vmhost.model import (
@@ -1216,6 +1221,17 @@ def test_ip():
     assert (att.kind, att.source, att.ip) == (AttachmentKind.HOSTDEV, "enp1s0f0", "10.0.3.9/24")
 
 
+def test_ip_takes_the_most_specific_subnet():
+    host = (
+        HostNic("br-wide", NicKind.BRIDGE, addresses=("10.8.0.1/16",)),
+        HostNic("br-narrow", NicKind.BRIDGE, addresses=("10.8.5.1/24",)),
+    )
+    (att,) = resolve([InterfaceSpec("0", ip="10.8.5.9")], host)
+    assert (att.source, att.ip) == ("br-narrow", "10.8.5.9/24")
+    (att,) = resolve([InterfaceSpec("0", ip="10.8.7.9")], host)
+    assert (att.source, att.ip) == ("br-wide", "10.8.7.9/16")
+
+
 def test_ip_errors():
     fails(
         InterfaceSpec("0", ip="192.168.7.9"),
@@ -1375,3 +1391,58 @@ def test_resolve_on_discovered_fake_tree(fake_sys: FakeSys):
         (AttachmentKind.BRIDGE, "br0", None),
         (AttachmentKind.HOSTDEV, "enp2s0", None),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties: parsers fail only with their own errors, whatever they are given
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_networks_config_any_text_is_parsed_or_refused_cleanly(text):
+    try:
+        parsed = parse_networks_config(text)
+    except InvalidRequestError as err:
+        field = err.field
+        parsed = {}
+    else:
+        field = "networks"
+    assert field == "networks"
+    for space, mapping in parsed.items():
+        assert mapping.space == space
+        assert validate_ifname(mapping.device, "x") == mapping.device
+
+
+yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20))
+yaml_values = st.recursive(
+    yaml_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=12), yaml_values, max_size=4))
+def test_networks_config_any_structure_is_parsed_or_refused_cleanly(data):
+    field = "networks"
+    try:
+        parse_networks_config(yaml.safe_dump(data))
+    except InvalidRequestError as err:
+        field = err.field
+    assert field == "networks"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(yaml_scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=6))
+def test_ip_json_parsers_fail_only_with_vmhost_errors(data):
+    text = json.dumps(data)
+    for parser in (parse_ip_addr_json, parse_ip_link_json):
+        with contextlib.suppress(VmHostError):
+            parser(text)
+
+
+@given(st.from_regex(r"[a-zA-Z0-9][a-zA-Z0-9_-]{0,11}", fullmatch=True))
+def test_guest_names_are_valid_interface_names(label):
+    name = guest_interface_name(label)
+    assert validate_ifname(name, "x") == name
+    assert name.startswith("eth") or name == label
