@@ -454,6 +454,10 @@ def _fmt_nodes(nodes: Sequence[int]) -> str:
     return f"{word} {', '.join(str(n) for n in nodes)}"
 
 
+def _pinned(n: int) -> str:
+    return "1 pinned CPU" if n == 1 else f"{n} pinned CPUs"
+
+
 def _fmt_ratio(ratio: float) -> str:
     return f"{ratio:g}"
 
@@ -838,8 +842,8 @@ class _Search:
     def run(self) -> _Candidate | str:
         """Return the best candidate, or the reason there is none."""
         n = self.spec.vcpus
-        if self.budget is not None and self.budget < n:
-            return f"needs {n} pinned CPUs; " + self.host.pool_reason(n)
+        if self.budget is not None and self.budget < n <= len(self.host.pool):
+            return f"needs {_pinned(n)}; " + self.host.pool_reason(n)
         strict = self.sriov.strict_nodes
         if len(strict) > self.max_k:
             return (
@@ -857,7 +861,7 @@ class _Search:
             if best is not None:
                 return best
         if self.over_budget:
-            return f"needs {n} pinned CPUs and their cores; " + self.host.pool_reason(n + 1)
+            return f"needs {_pinned(n)} on whole cores; " + self.host.pool_reason(n + 1)
         return self.explain(list(self.cpu_nodes), self.max_k)
 
     def _best_of(self, k: int) -> _Candidate | None:
@@ -989,11 +993,11 @@ class _Search:
             if max_k == 1:
                 nd = by_cpu[0]
                 return (
-                    f"needs {n} pinned CPUs{note} {where}; the most free on any node is "
+                    f"needs {_pinned(n)}{note} {where}; the most free on any node is "
                     f"{self.cpu_cap[nd]} (node {nd})"
                 )
             return (
-                f"needs {n} pinned CPUs{note} {where}; the {max_k} nodes with the most free "
+                f"needs {_pinned(n)}{note} {where}; the {max_k} nodes with the most free "
                 f"CPUs have {cpu_best} ({_fmt_nodes(sorted(by_cpu))})"
             )
         by_mem = sorted(nodes, key=lambda nd: (-self.free[nd], nd))[:max_k]
@@ -1015,7 +1019,7 @@ class _Search:
             f"{units.describe(self.free[nd])}"
             for nd in nodes[:8]
         )
-        what = f"{n} pinned CPUs{note}" if self.pinned else f"{n} vCPUs"
+        what = f"{_pinned(n)}{note}" if self.pinned else f"{n} vCPUs"
         return (
             f"needs {what} and {need} MiB of {units.kind} {where}, memory split by vCPUs; "
             f"no set of nodes has both ({detail})"
@@ -1124,7 +1128,7 @@ def _plan_explicit(
         )
     taking = len(wanted) + planner.held_after(wanted)
     if taking > host.pool_budget():
-        raise _Reject(f"needs {len(wanted)} pinned CPUs; " + host.pool_reason(taking))
+        raise _Reject(f"needs {_pinned(len(wanted))}; " + host.pool_reason(taking))
     counts = [sum(1 for c in wanted if host.node_of[c] == nd) for nd in nodes]
     cpus = tuple(tuple(c for c in wanted if host.node_of[c] == nd) for nd in nodes)
     errors = []
