@@ -91,7 +91,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import ops
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 if TYPE_CHECKING:
     from ops import testing
@@ -118,6 +118,24 @@ _PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _PEM_RE = re.compile(
     r"^-----BEGIN CERTIFICATE-----\r?\n([A-Za-z0-9+/=\r\n]+)-----END CERTIFICATE-----\s*$"
 )
+_OPTION_WORDS = frozenset(
+    {
+        "agent-forwarding",
+        "cert-authority",
+        "no-agent-forwarding",
+        "no-port-forwarding",
+        "no-pty",
+        "no-touch-required",
+        "no-user-rc",
+        "no-x11-forwarding",
+        "port-forwarding",
+        "pty",
+        "restrict",
+        "user-rc",
+        "verify-required",
+        "x11-forwarding",
+    }
+)
 _MAX_KEY = 16384
 _MAX_CERT = 65536
 
@@ -143,7 +161,7 @@ def check_ssh_public_key(text: str) -> str:
     if not parts:
         raise ValueError("is empty")
     if parts[0] not in KEY_TYPES:
-        if "=" in parts[0] or "," in parts[0] or '"' in text:
+        if "=" in parts[0] or "," in parts[0] or '"' in text or parts[0] in _OPTION_WORDS:
             raise ValueError("must not carry authorized_keys options; send '<type> <base64>'")
         raise ValueError(
             f"has unknown key type {parts[0][:40]!r}; use one of {', '.join(KEY_TYPES)}"
@@ -192,12 +210,17 @@ def check_project(name: str) -> str:
     return name
 
 
+def _wire(key: str, name: str) -> Any:
+    """A field stored under a hyphenated databag key, settable by its Python name too."""
+    return Field(default=None, validation_alias=AliasChoices(key, name), serialization_alias=key)
+
+
 class RequirerUnitData(BaseModel):
     """What a manager unit asks for."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
-    ssh_public_key: str | None = Field(default=None, alias="ssh-public-key")
+    ssh_public_key: str | None = _wire("ssh-public-key", "ssh_public_key")
     certificate: str | None = None
     projects: list[str] | None = None
 
@@ -229,9 +252,9 @@ class ProviderUnitData(BaseModel):
     version: str = VERSION
     backend: Literal["libvirt", "lxd"] | None = None
     uri: str | None = None
-    ssh_host_keys: list[str] | None = Field(default=None, alias="ssh-host-keys")
+    ssh_host_keys: list[str] | None = _wire("ssh-host-keys", "ssh_host_keys")
     url: str | None = None
-    server_certificate: str | None = Field(default=None, alias="server-certificate")
+    server_certificate: str | None = _wire("server-certificate", "server_certificate")
     project: str | None = None
 
     @field_validator("uri")
@@ -255,7 +278,7 @@ AccessInfo = ProviderUnitData
 
 def _load(model: type[BaseModel], data: Mapping[str, str]) -> Any:
     """Decode JSON values of the known keys and validate; ValueError with a short reason."""
-    fields = {f.alias or name for name, f in model.model_fields.items()}
+    fields = {f.serialization_alias or name for name, f in model.model_fields.items()}
     decoded: dict[str, Any] = {}
     for key in sorted(fields & set(data)):
         raw = data[key]
@@ -600,11 +623,11 @@ def provider_relation(
     )
 
 
-def published_from(relation: testing.Relation) -> ProviderUnitData:
+def published_from(relation: testing.RelationBase) -> ProviderUnitData:
     """Read what a vm-host charm published (its unit databag in an output state)."""
     return _load(ProviderUnitData, relation.local_unit_data)
 
 
-def requested_from(relation: testing.Relation) -> RequirerUnitData:
+def requested_from(relation: testing.RelationBase) -> RequirerUnitData:
     """Read what a manager charm asked for (its unit databag in an output state)."""
     return _load(RequirerUnitData, relation.local_unit_data)
