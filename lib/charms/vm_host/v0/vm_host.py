@@ -39,9 +39,10 @@ Then, in `src/charm.py`:
             if not self.unit.is_leader():
                 return
             self.vm_host.request_vms([
-                VmRequest(id="db-0", cores=4, memory=8192, pinned_cores=4,
-                          hugepages="1G", storage="root:40(ssd),data:200",
-                          interfaces="eth0:space=oam;data:vid=100"),
+                {"id": "db-0", "cores": 4, "memory": 8192, "pinned-cores": 4,
+                 "hugepages": "1G", "storage": "root:40(ssd),data:200",
+                 "interfaces": "eth0:space=oam;data:vid=100"},
+                VmRequest(id="web-0", cores=2, memory=2048),
             ])
 
         def _on_vm_ready(self, event):
@@ -67,8 +68,10 @@ pending and failed, in that order, when a VM moves between hosts).
 
 ## Requests
 
-A request in the structured form (`VmRequest(**fields)` takes the Python names, `VmRequest.
-model_validate({...})` the wire names shown here):
+`request_vms` takes `VmRequest`s or mappings with the wire names shown here (`VmRequest(...)`
+takes the Python names: `pinned_cores`, `numa_nodes`, `user_data`, `ssh_public_keys`, and
+typed lists for storage and interfaces; a mapping also takes the MAAS strings). A request in
+the structured form:
 
     {"id": "db-0", "cores": 4, "memory": 8192, "pinned-cores": 4, "numa-nodes": 1,
      "hugepages": "1G",
@@ -655,7 +658,7 @@ def _check_version(databag: Mapping[str, str]) -> str | None:
     except ValueError:
         return "version is not JSON"
     if version != VERSION:
-        return f"unsupported version; this library speaks version {VERSION!r}"
+        return f"unsupported version; this library speaks {VERSION!r}"
     return None
 
 
@@ -1156,7 +1159,7 @@ def provider_relation(
     )
 
 
-def requests_from(relation: testing.Relation) -> list[VmRequest]:
+def requests_from(relation: testing.RelationBase) -> list[VmRequest]:
     """Read the requests a requirer charm wrote (its app databag in an output state).
 
     Raises:
@@ -1168,7 +1171,7 @@ def requests_from(relation: testing.Relation) -> list[VmRequest]:
     return valid
 
 
-def answers_from(relation: testing.Relation) -> list[VmAnswer]:
+def answers_from(relation: testing.RelationBase) -> list[VmAnswer]:
     """Read the answers a provider charm published (its unit databag in an output state).
 
     Raises:
