@@ -824,6 +824,33 @@ def _check_numa(numa_nodes: int, vcpus: int, memory_mib: int) -> None:
         )
 
 
+def _check_volume_names(name: str, disks: tuple[DiskSpec, ...]) -> None:
+    """Refuse disks whose volume names (`<vm>-<label>` folded to name rules) would be bad.
+
+    Backends name each volume after the VM and the disk label, lower-cased with '_' as '-'
+    (volume names are file names); catching a clash or an overlong name here keeps compose from
+    failing half-way.
+    """
+    seen: dict[str, str] = {}
+    for disk in disks:
+        folded = disk.label.lower().replace("_", "-")
+        volume = f"{name}-{folded}"
+        if folded in seen:
+            raise InvalidRequestError(
+                "storage",
+                f"disk labels {seen[folded]!r} and {disk.label!r} give the same volume name "
+                f"{volume!r} (labels are lower-cased, '_' becomes '-'); rename one",
+            )
+        seen[folded] = disk.label
+        if not NAME_PATTERN.fullmatch(volume):
+            raise InvalidRequestError(
+                "storage",
+                f"disk {disk.label!r} of VM {name!r} gets volume name {volume!r}, which is not "
+                "1-63 lower-case letters, digits and hyphens ending in a letter or digit; "
+                "shorten the VM name or the label",
+            )
+
+
 def build_spec(
     *,
     name: object,
@@ -900,6 +927,7 @@ def build_spec(
     disks = parse_storage(storage)
     if not disks:
         disks = (DiskSpec(label="root", size_gb=default_root_gb),)
+    _check_volume_names(checked_name, disks)
 
     nics = parse_interfaces(interfaces)
     if not nics and default_interface_bridge:
