@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from vmhost.constraints import guest_interface_name
 from vmhost.model import (
     AttachmentKind,
     HostNic,
@@ -367,21 +368,6 @@ def validate_ifname(name: object, field_name: str, what: str = "interface name")
             "contain '/', ':' or whitespace",
         )
     return name
-
-
-_NUMERIC_LABEL = re.compile(r"^[0-9]+$")
-
-
-def guest_interface_name(label: str) -> str:
-    """Return the interface name a guest NIC gets for a request label, as MAAS named them.
-
-    Numeric labels ("0", "1") become "eth0", "eth1"; other labels are used as they are.
-
-    Raises:
-        InvalidRequestError: the resulting name is not a valid Linux interface name.
-    """
-    name = f"eth{int(label)}" if _NUMERIC_LABEL.match(label) else label
-    return validate_ifname(name, f"interfaces.{label}", "guest interface name")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -877,7 +863,9 @@ class _Matcher:
 
     def resolve(self) -> NicAttachment:
         spec = self.spec
-        guest = guest_interface_name(spec.label)
+        guest = validate_ifname(
+            guest_interface_name(spec.label), self.field, "guest interface name"
+        )
         claims, mapping, ip_text = self.claims()
         if not claims and mapping is None:
             if self.default_bridge is None:

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmhost import networks
+from vmhost.constraints import guest_interface_name
 from vmhost.model import (
     AttachmentKind,
     HostNic,
@@ -30,7 +31,6 @@ from vmhost.model import (
 from vmhost.networks import (
     NetworkMapping,
     discover_nics,
-    guest_interface_name,
     parse_ip_addr_json,
     parse_ip_link_json,
     parse_networks_config,
@@ -918,18 +918,18 @@ def test_validate_ifname_rejects(name, phrase):
     assert phrase in str(err.value)
 
 
-@pytest.mark.parametrize(
-    ("label", "guest"),
-    [("0", "eth0"), ("1", "eth1"), ("12", "eth12"), ("007", "eth7"), ("data", "data")],
-)
-def test_guest_interface_name(label, guest):
-    assert guest_interface_name(label) == guest
+def test_guest_names_from_labels():
+    specs = [InterfaceSpec(label, bridge="br-oam") for label in ("0", "12", "007", "data")]
+    result = resolve(specs, HOST)
+    assert [a.guest_name for a in result] == ["eth0", "eth12", "eth7", "data"]
+    assert [a.label for a in result] == ["0", "12", "007", "data"]
 
 
-def test_guest_interface_name_too_long():
+def test_guest_name_too_long():
     with pytest.raises(InvalidRequestError) as err:
-        guest_interface_name("a-very-long-label-name")
+        resolve([InterfaceSpec("a-very-long-label-name", bridge="br-oam")], HOST)
     assert err.value.field == "interfaces.a-very-long-label-name"
+    assert "guest interface name" in str(err.value)
     assert "at most 15" in str(err.value)
 
 
@@ -1443,6 +1443,6 @@ def test_ip_json_parsers_fail_only_with_vmhost_errors(data):
 
 @given(st.from_regex(r"[a-zA-Z0-9][a-zA-Z0-9_-]{0,11}", fullmatch=True))
 def test_guest_names_are_valid_interface_names(label):
-    name = guest_interface_name(label)
-    assert validate_ifname(name, "x") == name
-    assert name.startswith("eth") or name == label
+    (att,) = resolve([InterfaceSpec(label, bridge="br-oam")], HOST)
+    assert att.guest_name == guest_interface_name(label)
+    assert validate_ifname(att.guest_name, "x") == att.guest_name
