@@ -471,12 +471,14 @@ def _finish_interface(draft: _InterfaceDraft, field: str) -> InterfaceSpec:
         )
     if values.get("numa_strict") and mode is not InterfaceMode.SRIOV:
         raise InvalidRequestError(
-            field, f"interface {label!r}: numa_strict applies only to mode=sriov; add it or drop"
+            field,
+            f"interface {label!r}: numa_strict applies only to SR-IOV NICs; add "
+            "mode=sriov or drop numa_strict",
         )
     subnet, ip = values.get("subnet"), values.get("ip")
     if subnet and ip and ipaddress.ip_address(ip) not in ipaddress.ip_network(subnet):
         raise InvalidRequestError(
-            field, f"interface {label!r}: ip {ip} is not inside subnet {subnet}; fix either"
+            field, f"interface {label!r}: ip {ip} is not inside subnet {subnet}; fix one of them"
         )
     return InterfaceSpec(
         label=label,

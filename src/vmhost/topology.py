@@ -143,6 +143,7 @@ def _parse_cpu(element: ET.Element) -> Cpu:
         id=cpu_id,
         socket_id=_int_attr(element, "socket_id", 0),
         die_id=_int_attr(element, "die_id", 0),
+        # Without core_id the CPU counts as its own core, so it is never merged with another.
         core_id=_int_attr(element, "core_id", cpu_id),
         siblings=tuple(sorted(siblings)),
     )

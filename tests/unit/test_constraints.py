@@ -264,7 +264,7 @@ def test_parse_interfaces(value: Any, expected: tuple[InterfaceSpec, ...]):
         ("eth0:bridge=br0,parent=eth1", "both bridge and parent"),
         ("eth0:bridge=br0,mode=sriov", "a bridge attachment is mode=bridge"),
         ("eth0:parent=eth1,mode=bridge", "parent= with mode=bridge"),
-        ("eth0:mode=macvtap,numa_strict=true", "only to mode=sriov"),
+        ("eth0:mode=macvtap,numa_strict=true", "only to SR-IOV NICs; add mode=sriov"),
         ("eth0:mode=sriov,numa_strict=maybe", "true or false"),
         ("eth0:bridge=thisbridgeiswaytoolong", "not a valid host interface name"),
         ("eth0:bridge=br/0", "not a valid host interface name"),
