@@ -1,0 +1,208 @@
+"""Fixtures for integration tests against the real libvirtd/KVM on this machine (no mocks).
+
+Every module here may use them:
+
+- `libvirt_daemons` (session): runs tests/bin/ensure-libvirt.sh, so `pytest tests/integration`
+  works on a fresh machine; it installs what is missing and starts virtlogd/libvirtd.
+- `backend` (session): a `LibvirtBackend` on qemu:///system. Leftovers of an interrupted run
+  (anything named `vmhost-test-*`: domains, volumes, pools, bridges) are removed before the
+  first test and again after the last.
+- `test_pool` (session): the name of a started directory pool `vmhost-test-pool` in a temporary
+  directory, created through `backend.ensure_pool`.
+- `clean_host` (function): removes `vmhost-test-*` domains and volumes before and after one
+  test, so a failing test cannot leak into the next.
+- `test_bridge` (function): a Linux bridge `vmhost-test-br0`, up, deleted afterwards.
+- `reserve_hugepages` (function): `reserve_hugepages(count, size_kib=2048)` adds `count` free
+  huge pages on node 0 (or host-wide without NUMA) and returns how many are free now; the
+  previous reservation is restored afterwards. The test is skipped, with the numbers, only
+  when the kernel grants fewer pages than asked.
+
+Name everything a test creates `vmhost-test-...` so the cleanup finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from vmhost.backends.libvirt import LibvirtBackend
+from vmhost.host import set_hugepages
+
+REPO = Path(__file__).resolve().parents[2]
+ENSURE_LIBVIRT = REPO / "tests" / "bin" / "ensure-libvirt.sh"
+PREFIX = "vmhost-test-"
+TEST_POOL = "vmhost-test-pool"
+TEST_BRIDGE = "vmhost-test-br0"
+IP = "/usr/sbin/ip" if Path("/usr/sbin/ip").exists() else "/sbin/ip"
+SYSFS = Path("/sys")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/integration as `integration`, whichever module holds it."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def _ignore_libvirt_errors(_ctx: object, _err: object) -> None:
+    """Keep libvirt from printing expected lookup failures to stderr."""
+
+
+def remove_test_domains(conn: libvirt.virConnect) -> None:
+    """Destroy and undefine every domain named vmhost-test-*."""
+    for dom in conn.listAllDomains(0):
+        if not dom.name().startswith(PREFIX):
+            continue
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isActive():
+                dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.undefineFlags(
+                libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            )
+
+
+def remove_test_volumes(conn: libvirt.virConnect) -> None:
+    """Delete every volume named vmhost-test-* in every active pool."""
+    for pool in conn.listAllStoragePools(0):
+        if not pool.isActive():
+            continue
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.refresh(0)
+        for vol in pool.listAllVolumes(0):
+            if vol.name().startswith(PREFIX):
+                with contextlib.suppress(libvirt.libvirtError):
+                    vol.delete(0)
+
+
+def remove_test_pools(conn: libvirt.virConnect) -> None:
+    """Stop and undefine every pool named vmhost-test-*, removing its directory."""
+    for pool in conn.listAllStoragePools(0):
+        if not pool.name().startswith(PREFIX):
+            continue
+        with contextlib.suppress(libvirt.libvirtError):
+            if pool.isActive():
+                for vol in pool.listAllVolumes(0):
+                    vol.delete(0)
+                pool.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.delete(0)
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.undefine()
+
+
+def remove_test_bridges() -> None:
+    """Delete every network link named vmhost-test-*."""
+    for link in (SYSFS / "class" / "net").iterdir():
+        if link.name.startswith(PREFIX):
+            subprocess.run([IP, "link", "del", link.name], check=False, capture_output=True)
+
+
+def remove_leftovers(conn: libvirt.virConnect) -> None:
+    """Remove everything a (possibly interrupted) test run left behind, in dependency order."""
+    remove_test_domains(conn)
+    remove_test_volumes(conn)
+    remove_test_pools(conn)
+    remove_test_bridges()
+
+
+@pytest.fixture(scope="session")
+def libvirt_daemons() -> None:
+    """Install and start virtlogd/libvirtd when they are not running."""
+    result = subprocess.run(
+        ["/bin/bash", str(ENSURE_LIBVIRT)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        pytest.fail(f"ensure-libvirt.sh failed:\n{result.stdout}{result.stderr}")
+
+
+@pytest.fixture(scope="session")
+def backend(libvirt_daemons: None) -> Iterator[LibvirtBackend]:
+    """A backend on qemu:///system, with vmhost-test-* leftovers removed before and after."""
+    libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+    with LibvirtBackend() as b:
+        remove_leftovers(b.conn)
+        yield b
+        remove_leftovers(b.conn)
+
+
+@pytest.fixture(scope="session")
+def test_pool(backend: LibvirtBackend) -> Iterator[str]:
+    """A started directory pool vmhost-test-pool in a temporary directory."""
+    base = Path(tempfile.mkdtemp(prefix=PREFIX))
+    base.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the disk files
+    backend.ensure_pool(TEST_POOL, str(base / "pool"))
+    yield TEST_POOL
+    remove_test_domains(backend.conn)
+    with contextlib.suppress(libvirt.libvirtError):
+        pool = backend.conn.storagePoolLookupByName(TEST_POOL)
+        for vol in pool.listAllVolumes(0):
+            vol.delete(0)
+        pool.destroy()
+        pool.undefine()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_host(backend: LibvirtBackend) -> Iterator[None]:
+    """Remove vmhost-test-* domains and volumes before and after one test."""
+    remove_test_domains(backend.conn)
+    remove_test_volumes(backend.conn)
+    yield
+    remove_test_domains(backend.conn)
+    remove_test_volumes(backend.conn)
+
+
+@pytest.fixture
+def test_bridge(backend: LibvirtBackend) -> Iterator[str]:
+    """A Linux bridge vmhost-test-br0 that is up; deleted after the test."""
+    subprocess.run([IP, "link", "del", TEST_BRIDGE], check=False, capture_output=True)
+    subprocess.run([IP, "link", "add", TEST_BRIDGE, "type", "bridge"], check=True)
+    subprocess.run([IP, "link", "set", TEST_BRIDGE, "up"], check=True)
+    yield TEST_BRIDGE
+    remove_test_domains(backend.conn)  # a running guest's tap would keep the bridge busy
+    subprocess.run([IP, "link", "del", TEST_BRIDGE], check=False, capture_output=True)
+
+
+def hugepage_dir(size_kib: int) -> Path:
+    """Return the sysfs directory of one page size on node 0 (host-wide without NUMA)."""
+    node0 = SYSFS / "devices/system/node/node0/hugepages" / f"hugepages-{size_kib}kB"
+    return node0 if node0.is_dir() else SYSFS / "kernel/mm/hugepages" / f"hugepages-{size_kib}kB"
+
+
+def free_hugepages(size_kib: int = 2048) -> int:
+    """Return the free huge pages of one size on node 0, as the kernel counts them now."""
+    return int((hugepage_dir(size_kib) / "free_hugepages").read_text())
+
+
+@pytest.fixture
+def reserve_hugepages() -> Iterator[Callable[..., int]]:
+    """Reserve extra huge pages for one test; the previous totals come back afterwards."""
+    previous: dict[int, int] = {}
+    node = 0 if (SYSFS / "devices/system/node/node0").is_dir() else None
+
+    def reserve(count: int, size_kib: int = 2048) -> int:
+        nr = hugepage_dir(size_kib) / "nr_hugepages"
+        current = int(nr.read_text())
+        previous.setdefault(size_kib, current)
+        free_before = free_hugepages(size_kib)
+        granted = set_hugepages(size_kib, current + count, node=node)
+        if granted - current < count:
+            set_hugepages(size_kib, previous[size_kib], node=node)
+            pytest.skip(
+                f"the kernel granted {granted - current} of {count} extra {size_kib} KiB huge "
+                f"pages (memory too fragmented); this test needs all of them"
+            )
+        return free_before + count
+
+    yield reserve
+    for size_kib, count in previous.items():
+        set_hugepages(size_kib, count, node=node)
