@@ -1,0 +1,128 @@
+"""The charm itself (ops.testing Context) on top of the real libvirt backend: no fakes.
+
+Juju is the only thing not real here: the events and actions are fed by ops.testing, and
+everything the charm does lands on this machine's libvirtd with KVM.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+
+import libvirt
+import pytest
+from ops import testing
+
+import charm
+from vmhost.backends.libvirt import LibvirtBackend
+from vmhost.topology import parse_cpu_list
+
+VM = "vmhost-test-charm-0"
+
+
+@pytest.fixture
+def ctx() -> testing.Context[charm.VmHostCharm]:
+    return testing.Context(charm.VmHostCharm)
+
+
+@pytest.fixture
+def state(test_pool: str, clean_host: None) -> Iterator[testing.State]:
+    yield testing.State(config={"default-storage-pool": test_pool}, leader=True)
+
+
+def run(ctx, state, action, **params):
+    ctx.run(ctx.on.action(action, params=params), state)
+    return ctx.action_results or {}
+
+
+def domain_names(backend: LibvirtBackend) -> set[str]:
+    return {d.name() for d in backend.conn.listAllDomains(0)}
+
+
+def volume_names(backend: LibvirtBackend, pool: str) -> set[str]:
+    return {v.name() for v in backend.conn.storagePoolLookupByName(pool).listAllVolumes(0)}
+
+
+def test_reconcile_reports_the_live_host(ctx, state, backend):
+    out = ctx.run(ctx.on.config_changed(), state)
+    assert isinstance(out.unit_status, testing.ActiveStatus)
+    version = backend.version()
+    assert out.unit_status.message.startswith(f"libvirt {version}: ")
+    nodes = len(backend.topology().nodes)
+    assert f"{nodes} NUMA node" in out.unit_status.message
+
+
+def test_compose_pinned_vm_matches_plan_then_delete(ctx, state, backend, test_pool):
+    before = volume_names(backend, test_pool)
+    results = run(
+        ctx, state, "compose-vm", name=VM, memory=128, **{"pinned-cores": "1", "storage": "root:1"}
+    )
+    placement = json.loads(results["placement"])
+    dom = backend.conn.lookupByName(VM)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    live = ET.fromstring(dom.XMLDesc(0))
+    pins = {int(p.get("vcpu", -1)): p.get("cpuset") for p in live.iter("vcpupin")}
+    assert pins == {0: str(placement["cpus"][0])}
+    memnodes = [(m.get("cellid"), m.get("mode"), m.get("nodeset")) for m in live.iter("memnode")]
+    assert memnodes == [("0", "strict", str(placement["numa-nodes"][0]))]
+    emulator = live.find("cputune/emulatorpin")
+    assert emulator is not None
+    emulator_cpus = set(parse_cpu_list(emulator.get("cpuset", "")))
+    assert emulator_cpus == set(placement["emulator-cpus"])
+    if len(backend.topology().cpus) > 1:  # emulator threads stay off the pinned vCPU
+        assert placement["cpus"][0] not in emulator_cpus
+    created = volume_names(backend, test_pool) - before
+    assert created == {f"{VM}-root"}
+
+    listed = json.loads(run(ctx, state, "list-vms")["json"])
+    mine = next(vm for vm in listed if vm["name"] == VM)
+    assert mine["owner"] == "action"
+    assert mine["placement"]["cpus"] == placement["cpus"]
+
+    status = ctx.run(ctx.on.update_status(), state).unit_status
+    assert isinstance(status, testing.ActiveStatus)
+
+    deleted = run(ctx, state, "delete-vm", name=VM)
+    assert deleted["deleted"] == VM
+    assert VM not in domain_names(backend)
+    assert volume_names(backend, test_pool) == before
+
+
+def test_request_that_does_not_fit_is_refused_and_leaves_nothing(ctx, state, backend, test_pool):
+    cpus = len(backend.topology().cpus)
+    before_domains = domain_names(backend)
+    before_volumes = volume_names(backend, test_pool)
+    with pytest.raises(testing.ActionFailed) as failed:
+        run(ctx, state, "compose-vm", name=VM, memory=128, **{"pinned-cores": str(cpus + 1)})
+    assert f"needs {cpus + 1} pinned CPUs" in failed.value.message
+    assert "nothing done" in failed.value.message
+    assert domain_names(backend) == before_domains
+    assert volume_names(backend, test_pool) == before_volumes
+
+
+def test_dry_run_creates_nothing(ctx, state, backend, test_pool):
+    before_volumes = volume_names(backend, test_pool)
+    results = run(
+        ctx, state, "compose-vm", name=VM, memory=128, **{"pinned-cores": "1", "dry-run": True}
+    )
+    assert len(json.loads(results["placement"])["cpus"]) == 1
+    assert VM not in domain_names(backend)
+    assert volume_names(backend, test_pool) == before_volumes
+
+
+def test_failed_compose_through_the_charm_leaves_nothing(ctx, state, backend, test_pool):
+    # A disk in a pool that does not exist fails after the root volume was created.
+    before_volumes = volume_names(backend, test_pool)
+    with pytest.raises(testing.ActionFailed) as failed:
+        run(
+            ctx,
+            state,
+            "compose-vm",
+            name=VM,
+            memory=128,
+            storage="root:1,data:1(vmhost-test-missing-pool)",
+        )
+    assert "rolled back" in failed.value.message
+    assert VM not in domain_names(backend)
+    assert volume_names(backend, test_pool) == before_volumes
