@@ -301,6 +301,9 @@ class VmHostCharm(ops.CharmBase):
             return
         if self._setup_problem:
             event.add_status(ops.BlockedStatus(f"{self._setup_problem}; lower `hugepages`"))
+        mapping = networks.parse_networks_config(config.networks)
+        for problem in networks.check_networks_on_host(mapping, snapshot.topology.nics):
+            event.add_status(ops.BlockedStatus(f"networks: {problem}"))
         event.add_status(
             ops.ActiveStatus(
                 report.status_line(

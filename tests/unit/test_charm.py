@@ -321,3 +321,12 @@ def test_remove_keeps_vms(ctx, backend, fake_host):
     run_action(ctx, "compose-vm", {"name": "db-0", "memory": 512})
     ctx.run(ctx.on.remove(), testing.State())
     assert "db-0" in backend.vms
+
+
+def test_networks_mapping_to_missing_bridge_blocks(ctx, backend, fake_host):
+    out = ctx.run(
+        ctx.on.config_changed(),
+        testing.State(config={"networks": "oam: {bridge: br-missing}"}),
+    )
+    assert isinstance(out.unit_status, testing.BlockedStatus)
+    assert "br-missing" in out.unit_status.message
