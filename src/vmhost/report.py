@@ -89,7 +89,9 @@ def vm_result(vm: VmRecord) -> dict[str, str]:
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
     return "\n".join(lines)
 
 
@@ -240,7 +242,12 @@ def resources_table(data: dict[str, Any]) -> str:
             _table(
                 ("NIC", "NUMA", "VFS-FREE", "VFS-TOTAL"),
                 [
-                    (n["name"], "-" if n["numa-node"] is None else n["numa-node"], n["vfs-free"], n["vfs-total"])
+                    (
+                        n["name"],
+                        "-" if n["numa-node"] is None else n["numa-node"],
+                        n["vfs-free"],
+                        n["vfs-total"],
+                    )
                     for n in data["nics"]
                 ],
             ),

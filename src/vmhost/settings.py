@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from vmhost.topology import parse_cpu_list
 from vmhost.model import HUGEPAGE_LABELS, InvalidRequestError, Policy
+from vmhost.topology import parse_cpu_list
 
 _HUGEPAGE_ENTRY = re.compile(r"^(?P<size>2M|1G):(?P<count>\d{1,7})(?:@(?P<node>\d{1,3}))?$")
 

@@ -56,8 +56,10 @@ def main() -> int:
     )
     if exists:
         _, error = _run(ctx, state, "delete-vm", name=request["name"])
-        print(f"[{time.monotonic() - started:5.1f}s] deleted the previous {request['name']}"
-              + (f" (failed: {error})" if error else ""))
+        print(
+            f"[{time.monotonic() - started:5.1f}s] deleted the previous {request['name']}"
+            + (f" (failed: {error})" if error else "")
+        )
     if args.delete:
         return 0
 

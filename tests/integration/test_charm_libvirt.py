@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 
 import libvirt
 import pytest
@@ -27,8 +26,8 @@ def ctx() -> testing.Context[charm.VmHostCharm]:
 
 
 @pytest.fixture
-def state(test_pool: str, clean_host: None) -> Iterator[testing.State]:
-    yield testing.State(config={"default-storage-pool": test_pool}, leader=True)
+def state(test_pool: str, clean_host: None) -> testing.State:
+    return testing.State(config={"default-storage-pool": test_pool}, leader=True)
 
 
 def run(ctx, state, action, **params):

@@ -54,7 +54,10 @@ class FakeBackend:
         self._check()
         self.calls.append(f"ensure_pool:{name}")
         self.pools.setdefault(
-            name, StoragePool(name=name, capacity_bytes=100 * 10**9, available_bytes=100 * 10**9, path=path)
+            name,
+            StoragePool(
+                name=name, capacity_bytes=100 * 10**9, available_bytes=100 * 10**9, path=path
+            ),
         )
 
     def compose(

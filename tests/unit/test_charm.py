@@ -94,7 +94,11 @@ def run_action(ctx, name, params=None, config=None):
 
 def test_install_sets_up_host_and_default_pool(ctx, backend, fake_host):
     out = ctx.run(ctx.on.install(), testing.State())
-    assert fake_host.calls[:3] == ["install", "write:/etc/libvirt/libvirtd.conf", "ensure_libvirtd"]
+    assert fake_host.calls[:3] == [
+        "install",
+        "write:/etc/libvirt/libvirtd.conf",
+        "ensure_libvirtd",
+    ]
     assert f"ensure_pool:{host.DEFAULT_POOL_NAME}" in backend.calls
     assert out.unit_status == testing.ActiveStatus(
         "libvirt 9.0.0: 2 NUMA nodes, 24/24 CPUs free, 0 VMs"
@@ -115,7 +119,11 @@ def test_configured_pool_is_not_created(ctx, backend, fake_host):
     ("option", "value", "phrase"),
     [
         ("cpu-overcommit-ratio", 0.0, "cpu-overcommit-ratio: must be greater than 0"),
-        ("cpu-overcommit-ratio", 11.0, "cpu-overcommit-ratio: must be greater than 0 and at most 10"),
+        (
+            "cpu-overcommit-ratio",
+            11.0,
+            "cpu-overcommit-ratio: must be greater than 0 and at most 10",
+        ),
         ("memory-overcommit-ratio", -1.0, "memory-overcommit-ratio"),
         ("reserved-cpus", "0-", "reserved-cpus"),
         ("hugepages", "3M:4", "hugepages"),
