@@ -243,6 +243,17 @@ class LxdTrust:
         logger.info("LXD now listens for HTTPS on %s", wanted)
         return True
 
+    def https_address(self) -> str:
+        """Return core.https_address ("" when LXD does not listen on the network)."""
+        return self.server_info().get("config", {}).get("core.https_address", "")
+
+    def disable_https(self) -> bool:
+        """Stop listening on the network (on removal); returns whether it changed."""
+        if not self.https_address():
+            return False
+        self._request("PATCH", "/1.0", {"config": {"core.https_address": ""}})
+        return True
+
     # -- projects ----------------------------------------------------------------------------
 
     def projects(self) -> list[str]:
