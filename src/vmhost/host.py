@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jinja2
+from charmlibs import apt, systemd
 
 from vmhost.model import VmHostError
 
@@ -57,8 +58,6 @@ def install_packages() -> None:
     Raises:
         VmHostError: apt failed; the message carries apt's reason.
     """
-    from charmlibs import apt  # imported here: it runs dpkg at import time on some versions
-
     packages = packages_for_arch()
     try:
         apt.add_package(packages, update_cache=True)
@@ -161,8 +160,6 @@ def ensure_libvirtd(
     """
     running = (is_running or (lambda: process_running("libvirtd")))()
     if systemd_run_dir.is_dir():
-        from charmlibs import systemd
-
         try:
             systemd.service_enable(LIBVIRTD_SERVICE)
             if config_changed or not systemd.service_running(LIBVIRTD_SERVICE):

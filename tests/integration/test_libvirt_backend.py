@@ -6,6 +6,8 @@ is what libvirt and the kernel report about them (live XML, huge pages, bridge p
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -243,7 +245,9 @@ def test_delete_removes_exactly_its_volumes(backend: LibvirtBackend, test_pool: 
         backend.delete(vm.name)
 
 
-def test_root_disk_from_an_image(backend: LibvirtBackend, test_pool: str, tmp_path: Path) -> None:
+def test_root_disk_from_a_raw_image(
+    backend: LibvirtBackend, test_pool: str, tmp_path: Path
+) -> None:
     image = tmp_path / "vmhost-test.img"
     marker = b"vm-host image marker\n"
     image.write_bytes(marker + b"\0" * (4 * 1024 * 1024 - len(marker)))
@@ -252,6 +256,9 @@ def test_root_disk_from_an_image(backend: LibvirtBackend, test_pool: str, tmp_pa
 
     root = live_xml(backend, vm.name)
     assert [b.get("dev") for b in root.findall("os/boot")] == ["hd"]
+    driver = root.find("devices/disk[@device='disk']/driver")
+    assert driver is not None
+    assert driver.get("type") == "raw"
     vol = backend.conn.storagePoolLookupByName(test_pool).storageVolLookupByName(
         "vmhost-test-image-root"
     )
@@ -259,6 +266,54 @@ def test_root_disk_from_an_image(backend: LibvirtBackend, test_pool: str, tmp_pa
     with open(vol.path(), "rb") as f:
         assert f.read(len(marker)) == marker  # the image's bytes, copied
     backend.delete(vm.name)
+
+
+def test_root_disk_from_a_qcow2_image(
+    backend: LibvirtBackend, test_pool: str, tmp_path: Path
+) -> None:
+    image = tmp_path / "vmhost-test.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), "256M"], check=True)
+    vm = spec("vmhost-test-qcow", test_pool, image=str(image))
+    backend.compose(vm, placed(backend, vm), (), test_pool)
+
+    driver = live_xml(backend, vm.name).find("devices/disk[@device='disk']/driver")
+    assert driver is not None
+    assert driver.get("type") == "qcow2"
+    vol = backend.conn.storagePoolLookupByName(test_pool).storageVolLookupByName(
+        "vmhost-test-qcow-root"
+    )
+    info = json.loads(
+        subprocess.run(
+            [QEMU_IMG, "info", "--force-share", "--output=json", vol.path()],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert (info["format"], info["virtual-size"]) == ("qcow2", GB)
+    assert "backing-filename" not in info
+    backend.delete(vm.name)
+
+
+def test_ensure_pool_defines_starts_and_restarts(backend: LibvirtBackend, tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    path = tmp_path / "nested" / "images"
+    name = "vmhost-test-ensure"
+    try:
+        backend.ensure_pool(name, str(path))
+        pool = backend.conn.storagePoolLookupByName(name)
+        assert pool.isActive()
+        assert pool.autostart()
+        assert path.is_dir()
+        backend.ensure_pool(name, str(path))  # nothing to do
+        pool.destroy()
+        backend.ensure_pool(name, str(path))  # started again
+        assert pool.isActive()
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            pool = backend.conn.storagePoolLookupByName(name)
+            pool.destroy()
+            pool.undefine()
 
 
 def test_image_larger_than_the_disk_leaves_nothing(

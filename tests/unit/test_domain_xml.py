@@ -451,3 +451,31 @@ def test_generated_macs_are_stable_and_local() -> None:
     assert mac != generate_mac("vm1", "eth1")
     assert mac.startswith("52:54:00:")
     assert len(mac.split(":")) == 6
+
+
+@pytest.mark.parametrize(
+    ("template", "schema", "context"),
+    [
+        (
+            "storage-pool.xml.j2",
+            "storagepool",
+            {"name": "vm-host", "path": "/var/lib/vm-host/images"},
+        ),
+        (
+            "storage-volume.xml.j2",
+            "storagevol",
+            {"name": "vm1-root", "capacity_bytes": 10 * 10**9, "format": "qcow2"},
+        ),
+    ],
+)
+def test_storage_templates(tmp_path: Path, template: str, schema: str, context: dict) -> None:
+    xml = render_template(TEMPLATES_DIR, template, context)
+    root = ET.fromstring(xml)  # noqa: S314 - our own rendering
+    assert root.findtext("name") == context["name"]
+    if VALIDATOR:
+        path = tmp_path / "doc.xml"
+        path.write_text(xml)
+        result = subprocess.run(
+            [VALIDATOR, str(path), schema], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr + xml
