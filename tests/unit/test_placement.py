@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,7 @@ from vmhost.model import (
     VmSpec,
 )
 from vmhost.placement import HostUsage, plan, usage
+from vmhost.topology import parse_capabilities
 
 GIB = 1024
 
@@ -695,3 +697,108 @@ def test_rejecting_an_8_node_request_on_16_nodes_is_fast() -> None:
     p = ok(plan(topo, allocs, fits, Policy()))
     assert time.perf_counter() - start < 0.1
     assert len(p.cells) == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser to plan, on every libvirt capabilities fixture
+
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "libvirt-caps"
+CAPS = sorted(FIXTURES.glob("*.xml"))
+
+
+def memory_kind(topo: HostTopology) -> tuple[int, HugepageRequest | None]:
+    """Memory a small VM can get on this host: general memory, else 1G, else 2M pages."""
+    u = usage(topo, [], Policy())
+    if max(n.memory_free_mib for n in u.nodes) >= 2 * GIB:
+        return GIB, None
+    pages = {(h.size_kib, n.node): h.free for n in u.nodes for h in n.hugepages}
+    if sum(1 for (size, _), free in pages.items() if size == PAGE_1G_KIB and free >= 2) >= 2:
+        return 2 * GIB, HugepageRequest.P1G
+    return 64, HugepageRequest.P2M
+
+
+def test_every_fixture_is_covered() -> None:
+    assert len(CAPS) == 8
+
+
+@pytest.mark.parametrize("path", CAPS, ids=lambda p: p.stem)
+def test_fixture_one_node_pinned(path: Path) -> None:
+    topo = parse_capabilities(path.read_text())
+    memory, pages = memory_kind(topo)
+    p = ok(plan(topo, [], pinned(2, memory, hugepages=pages), Policy()))
+    assert len(p.cells) == 1
+    (cell,) = p.cells
+    assert all(topo.node_of_cpu(c) == cell.host_node for c in cell.cpus)
+    a, b = cell.cpus
+    sibs = topo.cpus[a].siblings
+    if len(sibs) > 1:
+        assert b in sibs  # prefer: both threads of one core
+    assert p.emulator_cpus
+    assert not set(p.emulator_cpus) & set(cell.cpus)
+
+
+@pytest.mark.parametrize("path", CAPS, ids=lambda p: p.stem)
+def test_fixture_two_node_pinned(path: Path) -> None:
+    topo = parse_capabilities(path.read_text())
+    memory, pages = memory_kind(topo)
+    cpu_nodes = [n for n in topo.nodes if n.cpus]
+    largest = max(len(n.cpus) for n in cpu_nodes)
+    spec = pinned(largest + 2, memory, hugepages=pages, numa_nodes=min(2, len(cpu_nodes)))
+    result = plan(topo, [], spec, Policy())
+    if len(cpu_nodes) < 2:
+        rejected(result, f"needs {largest + 2} pinned CPUs on one NUMA node", f"is {largest}")
+        return
+    p = ok(result)
+    assert len(p.cells) == 2
+    assert sum(c.vcpus for c in p.cells) == largest + 2
+    assert sum(c.memory_mib for c in p.cells) == memory
+    for cell in p.cells:
+        assert all(topo.node_of_cpu(c) == cell.host_node for c in cell.cpus)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in CAPS if "hugepages" in p.name or "memory-only" in p.name],
+    ids=lambda p: p.stem,
+)
+def test_fixture_1g_hugepages(path: Path) -> None:
+    topo = parse_capabilities(path.read_text())
+    p = ok(plan(topo, [], pinned(4, 4 * GIB, hugepages=HugepageRequest.P1G), Policy()))
+    assert p.cells[0].hugepage_size_kib == PAGE_1G_KIB
+    assert p.cells[0].hugepages == 4
+    free_1g = {n.id: n.hugepages_total[PAGE_1G_KIB] for n in topo.nodes if n.cpus}
+    too_many = max(free_1g.values()) + 1
+    rejected(
+        plan(topo, [], pinned(2, too_many * GIB, hugepages=HugepageRequest.P1G), Policy()),
+        f"needs {too_many * GIB} MiB of 1G huge pages on one NUMA node",
+        f"the most free is {too_many - 1} pages",
+    )
+
+
+def test_fixture_memory_only_node_never_gets_cpus() -> None:
+    (path,) = [p for p in CAPS if "memory-only" in p.name]
+    topo = parse_capabilities(path.read_text())
+    assert [len(n.cpus) for n in topo.nodes] == [24, 0]
+    p = ok(plan(topo, [], pinned(24, 2 * GIB, hugepages=HugepageRequest.P1G), Policy()))
+    assert p.host_nodes == (0,)
+    rejected(
+        plan(topo, [p], pinned(1, GIB, hugepages=HugepageRequest.P1G), Policy()),
+        "needs 1 pinned CPU on one NUMA node",
+        "the most free on any node is 0 (node 0)",
+    )
+    rejected(
+        plan(topo, [], pinned(2, 2 * GIB, hugepages=HugepageRequest.P1G, numa_nodes=2), Policy()),
+        "this host has 1 with CPUs",
+    )
+    shared_hp = ok(plan(topo, [], shared(4, 2 * GIB, hugepages=HugepageRequest.P1G), Policy()))
+    assert shared_hp.host_nodes == (0,)
+
+
+def test_fixture_without_general_memory_explains_itself() -> None:
+    (path,) = [p for p in CAPS if "4socket-4node" in p.name]
+    topo = parse_capabilities(path.read_text())
+    rejected(
+        plan(topo, [], pinned(2, GIB), Policy()),
+        "needs 1024 MiB of general memory",
+        "0 of 0 MiB are allocated",
+    )
