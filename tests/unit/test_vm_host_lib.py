@@ -158,10 +158,12 @@ def test_full_request_parses_to_typed_fields():
         ({"id": "db-0", "storage": [{"label": "root", "size-gb": -5}]}, "size-gb"),
         ({"id": "db-0", "storage": [{"label": "root", "size-gb": 0}]}, "size-gb"),
         ({"id": "db-0", "storage": [{"label": "root"}]}, "size-gb"),
+        ({"id": "db-0", "user-data": "\u00e9" * 32769}, "user-data"),
         ({"id": "db-0", "storage": [{"label": "r/t", "size-gb": 5}]}, "label"),
         ({"id": "db-0", "storage": [{"label": "root", "size-gb": 5, "pool": "a b"}]}, "pool"),
         ({"id": "db-0", "storage": {"root": 5}}, "storage"),
         ({"id": "db-0", "interfaces": [{"label": "eth0", "vlan": 5000}]}, "vlan"),
+        ({"id": "db-0", "interfaces": [{"label": "eth0", "numa-strict": "yes"}]}, "numa-strict"),
         ({"id": "db-0", "interfaces": [{"label": "eth0", "mode": "tap"}]}, "mode"),
         ({"id": "db-0", "interfaces": [{"label": "eth0", "subnet": "oam"}]}, "CIDR"),
         ({"id": "db-0", "interfaces": [{"label": "eth0", "ip": "10.0.5.300"}]}, "ip"),
@@ -300,12 +302,39 @@ def test_maas_storage_reference_examples():
     ]
 
 
-def test_maas_storage_without_labels_and_with_decimal_sizes():
-    assert lib.parse_maas_storage("200(ssd),300,1.5") == [
+def test_maas_storage_without_labels_in_both_forms():
+    assert lib.parse_maas_storage("200(ssd),300,1") == [
         StorageRequest(label="root", size_gb=200, pool="ssd"),
         StorageRequest(label="disk1", size_gb=300),
-        StorageRequest(label="disk2", size_gb=2),
+        StorageRequest(label="disk2", size_gb=1),
     ]
+    structured = VmRequest.model_validate(
+        {"id": "x", "storage": [{"size-gb": 20}, {"size-gb": 5, "pool": "ssd"}]}
+    )
+    assert structured.storage == [
+        StorageRequest(label="root", size_gb=20),
+        StorageRequest(label="disk1", size_gb=5, pool="ssd"),
+    ]
+
+
+def test_vm_host_interface_extensions():
+    request = VmRequest.model_validate(
+        {
+            "id": "x",
+            "interfaces": "eth0:bridge=br-oam;data:parent=enp5s0f0,mode=sriov,numa_strict=true",
+        }
+    )
+    assert request.interfaces == [
+        InterfaceRequest(label="eth0", bridge="br-oam"),
+        InterfaceRequest(label="data", parent="enp5s0f0", mode="sriov", numa_strict=True),
+    ]
+    wire = request.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert wire["interfaces"][1] == {
+        "label": "data",
+        "parent": "enp5s0f0",
+        "mode": "sriov",
+        "numa-strict": True,
+    }
 
 
 def test_empty_maas_strings_mean_the_host_defaults():
@@ -333,7 +362,16 @@ def test_empty_maas_strings_mean_the_host_defaults():
         ("eth0:vid=abc", "must be a VLAN id"),
         ("eth0:vlan=name:foo", "must be a VLAN id"),
         ("eth0:vid=5000", "vlan"),
-        ("eth0:subnet=oam-subnet", "must be a CIDR"),
+        ("eth0:subnet=oam-subnet", "must be a subnet in CIDR form"),
+        ("eth0:subnet=10.0.5.1/24", "must be a subnet in CIDR form"),
+        ("eth0:subnet=10.0.5.0", "needs a prefix length"),
+        ("eth0:space=OAM", "space"),
+        ("eth0:bridge=br0,parent=eth1", "not both"),
+        ("eth0:bridge=br0,mode=sriov", "bridge attaches with mode bridge"),
+        ("eth0:parent=eth1,mode=bridge", "parent is for mode macvtap or sriov"),
+        ("eth0:parent=eth1,numa_strict=true", "numa-strict applies only to mode sriov"),
+        ("eth0:mode=sriov,numa_strict=maybe", "numa_strict must be true or false"),
+        ("eth0:bridge=a-very-long-bridge-name", "bridge"),
         ("eth0:ip=10.0.6.1,subnet_cidr=10.0.5.0/24", "ip is not inside subnet 10.0.5.0/24"),
         ("eth0:mode=bond", "mode"),
     ],
@@ -350,9 +388,12 @@ def test_bad_maas_interfaces_invalidate_that_request(interfaces: str, reason: st
     [
         ("root:20(ssd,fast)", "exactly one pool"),
         ("root:20()", "exactly one pool"),
-        ("root:abc", "must be a number of GB"),
-        ("root:-5", "must be a number of GB"),
-        ("root:0", "more than 0 GB"),
+        ("root:abc", "must be a whole number of GB"),
+        ("root:-5", "must be a whole number of GB"),
+        ("root:20.5", "must be a whole number of GB"),
+        ("root:0", "size-gb: Input should be greater than or equal to 1"),
+        ("root:65537", "size-gb: Input should be less than or equal to 65536"),
+        ("root:20(SSD)", "pool"),
         ("root:20(ssd", "unbalanced '('"),
         ("root:20)ssd(", "unbalanced ')'"),
         (":20", "storage label ''"),
@@ -375,7 +416,11 @@ _label = st.from_regex(r"[a-zA-Z0-9][a-zA-Z0-9_-]{0,10}", fullmatch=True)
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.tuples(_label, st.integers(1, 10_000), st.none() | _label),
+        st.tuples(
+            _label,
+            st.integers(1, 65536),
+            st.none() | st.from_regex(r"[a-z0-9]{1,10}", fullmatch=True),
+        ),
         min_size=1,
         max_size=6,
         unique_by=lambda d: d[0],
@@ -839,3 +884,56 @@ def test_testing_helpers_build_the_wire_format():
         requests_from(testing.Relation("vm-host", local_app_data=bag([{"id": "BAD"}])))
     with pytest.raises(ValueError, match="state"):
         answers_from(testing.Relation("vms", local_unit_data={"vms": '[{"id":"a"}]'}))
+
+
+def test_normalised_request_is_what_the_workload_parser_takes():
+    """The provider hands library output to vmhost.constraints; both must read it alike."""
+    from vmhost import constraints
+    from vmhost.model import DiskSpec, HugepageRequest, InterfaceMode, InterfaceSpec
+
+    (request,), _ = parse_requests(
+        bag(
+            [
+                {
+                    "id": "db-0",
+                    "cores": 4,
+                    "memory": 8192,
+                    "pinned-cores": [2, 3, 14, 15],
+                    "hugepages": "1G",
+                    "storage": "root:40(ssd),data:200",
+                    "interfaces": (
+                        "eth0:space=oam;data:vid=100,mode=sriov,parent=enp5s0f0,numa_strict=true;"
+                        "pub:ip=10.0.5.20,subnet_cidr=10.0.5.0/24"
+                    ),
+                }
+            ]
+        )
+    )
+    wire = request.model_dump(mode="json", by_alias=True, exclude_none=True)
+    spec = constraints.build_spec(
+        name="vmhost-consumer-db-0",
+        request_id=wire["id"],
+        cores=wire["cores"],
+        memory_mib=wire["memory"],
+        pinned_cores=wire["pinned-cores"],
+        hugepages=wire["hugepages"],
+        storage=wire["storage"],
+        interfaces=wire["interfaces"],
+    )
+    assert spec.pinned_cpus == (2, 3, 14, 15)
+    assert spec.hugepages is HugepageRequest.P1G
+    assert spec.disks == (
+        DiskSpec(label="root", size_gb=40, pool="ssd"),
+        DiskSpec(label="data", size_gb=200),
+    )
+    assert spec.interfaces == (
+        InterfaceSpec(label="eth0", space="oam"),
+        InterfaceSpec(
+            label="data",
+            vlan=100,
+            mode=InterfaceMode.SRIOV,
+            parent="enp5s0f0",
+            numa_strict=True,
+        ),
+        InterfaceSpec(label="pub", ip="10.0.5.20", subnet="10.0.5.0/24"),
+    )

@@ -80,7 +80,7 @@ the structured form:
      "interfaces": [{"label": "eth0", "space": "oam"},
                     {"label": "data", "vlan": 100, "mode": "sriov"},
                     {"label": "pub", "ip": "10.0.5.20", "subnet": "10.0.5.0/24"}],
-     "image": "ubuntu@24.04", "user-data": "#cloud-config ...",
+     "image": "/var/lib/vm-host/images/noble.img", "user-data": "#cloud-config ...",
      "ssh-public-keys": ["ssh-ed25519 AAAA... me@example"], "tags": ["db"],
      "host": "vm-host/1"}
 
@@ -97,15 +97,20 @@ The same request with MAAS compose strings:
 - `numa-nodes`: how many host NUMA nodes the VM may span (the host defaults to 1 when pinned).
 - `hugepages`: "2M", "1G", "any" or null (no huge pages).
 - `storage`: disks, the first is the root disk; `size-gb` in GB (10^9 bytes); `pool` names a
-  host storage pool. MAAS string: `label:size(pool),...`; sizes with decimals are rounded up
-  (MAAS sizes are minimums); a missing label becomes `root` for the first disk, `diskN` after.
-- `interfaces`: NICs; each may name a Juju `space`, a `subnet` (CIDR), a `vlan` (1-4094), an
-  `ip` (a static address the VM gets) and a `mode` (bridge, macvtap or sriov). MAAS string:
-  `label:key=value[,key=value];label:...` with the keys space, subnet, subnet_cidr, vlan
-  (`N` or `vid:N`), vid, ip and mode. Other MAAS keys (fabric, fabric_class, type, tag, not_*)
-  are not supported: such a request is answered failed with the reason.
-- `image`, `user-data` (at most 64 KiB), `ssh-public-keys`, `tags`, `host` (pin the VM to a
-  vm-host unit such as "vm-host/1" or a hostname).
+  host storage pool. MAAS string: `label:size(pool),...` with whole GB; a missing label
+  becomes `root` for the first disk, `diskN` after (in both forms).
+- `interfaces`: NICs; each may name a Juju `space`, a `subnet` (CIDR), a `vlan` (0-4094), an
+  `ip` (a static address the VM gets) and a `mode` (bridge, macvtap or sriov); vm-host also
+  takes a host `bridge` or `parent` interface by name and `numa-strict` (SR-IOV: only on the
+  NIC's NUMA node). MAAS string: `label:key=value[,key=value];label:...` with the keys space,
+  subnet, subnet_cidr, vlan (`N` or `vid:N`), vid, ip, mode, bridge, parent and numa_strict.
+  Other MAAS keys (fabric, fabric_class, type, tag, not_*) are not supported: such a request
+  is answered failed with the reason.
+- `image` (a disk image path on the host), `user-data` (at most 64 KiB), `ssh-public-keys`,
+  `tags`, `host` (pin the VM to a vm-host unit such as "vm-host/1" or a hostname).
+
+This library checks the syntax; the vm-host charm checks the rest against the host (does the
+pool exist, does the memory split into whole huge pages) and answers failed with the reason.
 
 Each request is validated on its own: a bad request is answered `failed` with the reason and
 never affects the others.
@@ -167,7 +172,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -175,7 +179,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import ops
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 if TYPE_CHECKING:
     from ops import testing
@@ -201,8 +205,12 @@ SEEN_KEY = "seen-vms"
 """Requirer unit databag key holding the id -> state snapshot behind the requirer events."""
 
 _ID_RE = r"^[a-z0-9-]{1,40}$"
-_LABEL_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,31}$")
+_LABEL_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
 _NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$"
+_POOL_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_SPACE_RE = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
+_DEVICE_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.:-]{0,14}$"
+_MAX_DISK_GB = 65536
 _HOST_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_./-]{0,252}$"
 _SSH_KEY_RE = r"^[a-z0-9@.-]+ [A-Za-z0-9+/]+={0,3}( [^\r\n]*)?$"
 _STATE_ORDER = {"running": 0, "stopped": 1, "pending": 2, "failed": 3}
@@ -230,19 +238,34 @@ class StorageRequest(_Model):
     """One disk of a VM request."""
 
     label: Annotated[StrictStr, Field(pattern=_LABEL_RE.pattern)]
-    size_gb: Annotated[StrictInt, Field(alias="size-gb", ge=1, le=1_000_000)]
-    pool: Annotated[StrictStr, Field(pattern=_NAME_RE)] | None = None
+    size_gb: Annotated[
+        StrictInt,
+        Field(validation_alias="size-gb", serialization_alias="size-gb", ge=1, le=_MAX_DISK_GB),
+    ]
+    """Size in GB (10**9 bytes), as MAAS counted."""
+    pool: Annotated[StrictStr, Field(pattern=_POOL_RE)] | None = None
+    """Host storage pool; None means the host's default pool."""
 
 
 class InterfaceRequest(_Model):
     """One network interface of a VM request, with the constraints that choose where it goes."""
 
     label: Annotated[StrictStr, Field(pattern=_LABEL_RE.pattern)]
-    space: Annotated[StrictStr, Field(pattern=_NAME_RE)] | None = None
+    space: Annotated[StrictStr, Field(pattern=_SPACE_RE)] | None = None
     subnet: StrictStr | None = None
-    vlan: Annotated[StrictInt, Field(ge=1, le=4094)] | None = None
+    """CIDR, such as 10.0.5.0/24."""
+    vlan: Annotated[StrictInt, Field(ge=0, le=4094)] | None = None
     ip: StrictStr | None = None
+    """A static address the VM gets (it implies the subnet and VLAN that carry it)."""
     mode: Literal["bridge", "macvtap", "sriov"] | None = None
+    bridge: Annotated[StrictStr, Field(pattern=_DEVICE_RE)] | None = None
+    """A named host bridge (vm-host extension)."""
+    parent: Annotated[StrictStr, Field(pattern=_DEVICE_RE)] | None = None
+    """A named host interface for macvtap or SR-IOV (vm-host extension)."""
+    numa_strict: StrictBool | None = Field(
+        default=None, validation_alias="numa-strict", serialization_alias="numa-strict"
+    )
+    """SR-IOV only: place the VM on the NIC's NUMA node, not merely prefer it."""
 
     @pydantic.field_validator("subnet")
     @classmethod
@@ -250,9 +273,12 @@ class InterfaceRequest(_Model):
         if value is None:
             return None
         try:
-            return str(ipaddress.ip_network(value, strict=False))
+            network = ipaddress.ip_network(value, strict=True)
         except ValueError:
-            raise ValueError("must be a CIDR such as 10.0.5.0/24") from None
+            raise ValueError("must be a subnet in CIDR form such as 10.0.5.0/24") from None
+        if "/" not in value:
+            raise ValueError("needs a prefix length, such as 10.0.5.0/24")
+        return str(network)
 
     @pydantic.field_validator("ip")
     @classmethod
@@ -265,7 +291,15 @@ class InterfaceRequest(_Model):
             raise ValueError("must be an IPv4 or IPv6 address such as 10.0.5.20") from None
 
     @pydantic.model_validator(mode="after")
-    def _ip_in_subnet(self) -> InterfaceRequest:
+    def _consistent(self) -> InterfaceRequest:
+        if self.bridge and self.parent:
+            raise ValueError("give bridge (a bridged NIC) or parent (macvtap/SR-IOV), not both")
+        if self.bridge and self.mode not in (None, "bridge"):
+            raise ValueError("bridge attaches with mode bridge; drop mode or use parent")
+        if self.parent and self.mode == "bridge":
+            raise ValueError("parent is for mode macvtap or sriov; use bridge for a bridged NIC")
+        if self.numa_strict and self.mode != "sriov":
+            raise ValueError("numa-strict applies only to mode sriov")
         if (
             self.ip is not None
             and self.subnet is not None
@@ -278,8 +312,9 @@ class InterfaceRequest(_Model):
 def parse_maas_storage(value: str) -> list[StorageRequest]:
     """Parse a MAAS storage constraint such as "root:20(ssd),data:100".
 
-    MAAS sizes are minimums in GB and may have decimals, so they are rounded up. MAAS tags name
-    storage pools here, and a disk lives in one pool, so more than one tag is refused.
+    Sizes are whole GB (as the compose-vm action takes them). MAAS tags name storage pools
+    here, and a disk lives in one pool, so more than one tag is refused. A missing label
+    becomes "root" for the first disk and "diskN" after it.
 
     Raises:
         ValueError: the string is malformed; the message names the bad entry.
@@ -300,11 +335,9 @@ def _parse_storage_entry(index: int, entry: str) -> StorageRequest:
         label = "root" if index == 0 else f"disk{index}"
     if not _LABEL_RE.match(label):
         raise ValueError(f"storage label {label!r} must match [a-zA-Z0-9][a-zA-Z0-9_-]*")
-    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", match["size"]):
-        raise ValueError(f"storage size of {label!r} must be a number of GB such as 20")
-    size = float(match["size"])
-    if size <= 0:
-        raise ValueError(f"storage size of {label!r} must be more than 0 GB")
+    if not re.fullmatch(r"[0-9]{1,12}", match["size"]):
+        raise ValueError(f"storage size of {label!r} must be a whole number of GB such as 20")
+    size = int(match["size"])
     pool = None
     if match["tags"] is not None:
         tags = [t.strip() for t in match["tags"].split(",")]
@@ -312,9 +345,7 @@ def _parse_storage_entry(index: int, entry: str) -> StorageRequest:
             raise ValueError(f"storage {label!r} must name exactly one pool, as in root:20(ssd)")
         pool = tags[0]
     try:
-        return StorageRequest.model_validate(
-            {"label": label, "size-gb": math.ceil(size), "pool": pool}
-        )
+        return StorageRequest.model_validate({"label": label, "size-gb": size, "pool": pool})
     except pydantic.ValidationError as err:
         raise ValueError(f"storage {label!r}: {_describe(err)}") from None
 
@@ -355,7 +386,12 @@ _MAAS_INTERFACE_KEYS = {
     "vid": "vlan",
     "ip": "ip",
     "mode": "mode",
+    "bridge": "bridge",
+    "parent": "parent",
+    "numa_strict": "numa-strict",
 }
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0")
 
 
 def parse_maas_interfaces(value: str) -> list[InterfaceRequest]:
@@ -390,19 +426,26 @@ def _parse_interface_entry(entry: str) -> InterfaceRequest:
         name = _MAAS_INTERFACE_KEYS[key]
         if name in fields:
             raise ValueError(f"interface {label!r}: {name} is given more than once")
-        fields[name] = _maas_vlan(label, key, val) if name == "vlan" else val
+        fields[name] = _maas_value(label, key, val)
     try:
         return InterfaceRequest.model_validate(fields)
     except pydantic.ValidationError as err:
         raise ValueError(f"interface {label!r}: {_describe(err)}") from None
 
 
-def _maas_vlan(label: str, key: str, value: str) -> int:
-    """Read a MAAS VLAN value: a VLAN id, or "vid:N" (the one VLAN specifier vm-host takes)."""
-    vid = value.removeprefix("vid:")
-    if not vid.isdigit():
-        raise ValueError(f"interface {label!r}: {key} must be a VLAN id (1-4094) or vid:N")
-    return int(vid)
+def _maas_value(label: str, key: str, value: str) -> str | int | bool:
+    """Type one MAAS value: VLANs are ids ("N" or "vid:N"), numa_strict is a boolean."""
+    name = _MAAS_INTERFACE_KEYS[key]
+    if name == "vlan":
+        vid = value.removeprefix("vid:")
+        if not re.fullmatch(r"[0-9]{1,4}", vid):
+            raise ValueError(f"interface {label!r}: {key} must be a VLAN id (0-4094) or vid:N")
+        return int(vid)
+    if name == "numa-strict":
+        if value.lower() not in _TRUE + _FALSE:
+            raise ValueError(f"interface {label!r}: numa_strict must be true or false")
+        return value.lower() in _TRUE
+    return value
 
 
 def _unique_labels(items: Sequence[StorageRequest | InterfaceRequest], what: str) -> None:
@@ -423,21 +466,26 @@ class VmRequest(_Model):
         Annotated[StrictInt, Field(ge=1, le=4096)]
         | Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1, max_length=4096)]
         | None
-    ) = Field(default=None, alias="pinned-cores")
+    ) = Field(default=None, validation_alias="pinned-cores", serialization_alias="pinned-cores")
     numa_nodes: Annotated[StrictInt, Field(ge=1, le=1024)] | None = Field(
-        default=None, alias="numa-nodes"
+        default=None, validation_alias="numa-nodes", serialization_alias="numa-nodes"
     )
     hugepages: Literal["2M", "1G", "any"] | None = None
     storage: list[StorageRequest] | None = None
     interfaces: list[InterfaceRequest] | None = None
     image: Annotated[StrictStr, Field(pattern=r"^\S{1,1024}$")] | None = None
-    user_data: Annotated[StrictStr, Field(max_length=65536)] | None = Field(
-        default=None, alias="user-data"
+    user_data: StrictStr | None = Field(
+        default=None, validation_alias="user-data", serialization_alias="user-data"
     )
+    """cloud-init user data, at most 64 KiB of UTF-8."""
     ssh_public_keys: Annotated[
         list[Annotated[StrictStr, Field(pattern=_SSH_KEY_RE, max_length=16384)]],
         Field(max_length=64),
-    ] = Field(default_factory=list, alias="ssh-public-keys")
+    ] = Field(
+        default_factory=list,
+        validation_alias="ssh-public-keys",
+        serialization_alias="ssh-public-keys",
+    )
     tags: Annotated[list[Annotated[StrictStr, Field(pattern=_NAME_RE)]], Field(max_length=64)] = (
         Field(default_factory=list)
     )
@@ -448,6 +496,14 @@ class VmRequest(_Model):
     def _storage_string(cls, value: Any) -> Any:
         if isinstance(value, str):
             return parse_maas_storage(value) or None
+        if isinstance(value, list):
+            # Labels are optional in the structured form too, named as in the MAAS string.
+            return [
+                {"label": "root" if i == 0 else f"disk{i}", **disk}
+                if isinstance(disk, dict) and disk.get("label") is None
+                else disk
+                for i, disk in enumerate(value)  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+            ] or None
         return value or None
 
     @pydantic.field_validator("interfaces", mode="before")
@@ -456,6 +512,13 @@ class VmRequest(_Model):
         if isinstance(value, str):
             return parse_maas_interfaces(value) or None
         return value or None
+
+    @pydantic.field_validator("user_data")
+    @classmethod
+    def _user_data_size(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode("utf-8", errors="surrogatepass")) > 65536:
+            raise ValueError("must be at most 64 KiB; move large content to a URL")
+        return value
 
     @pydantic.field_validator("ssh_public_keys", "tags", mode="before")
     @classmethod
@@ -513,7 +576,9 @@ class VmInterfaceInfo(_Model):
 
     label: StrictStr
     mac: StrictStr | None = None
-    attached_to: StrictStr | None = Field(default=None, alias="attached-to")
+    attached_to: StrictStr | None = Field(
+        default=None, validation_alias="attached-to", serialization_alias="attached-to"
+    )
     """The host bridge, parent NIC or VF the NIC sits on."""
     ip: StrictStr | None = None
 
@@ -521,7 +586,9 @@ class VmInterfaceInfo(_Model):
 class VmPlacementInfo(_Model):
     """Where a VM landed on its host."""
 
-    numa_nodes: list[StrictInt] = Field(default_factory=list, alias="numa-nodes")
+    numa_nodes: list[StrictInt] = Field(
+        default_factory=list, validation_alias="numa-nodes", serialization_alias="numa-nodes"
+    )
     cpus: list[StrictInt] = Field(default_factory=list)
     """Pinned host CPUs; empty when the VM floats over shared CPUs."""
     hugepages: StrictStr | None = None
