@@ -27,7 +27,7 @@ case "$(uname -m)" in
     *) qemu_pkg="qemu-system-x86" ;;
 esac
 packages=(libvirt-daemon-system libvirt-clients "$qemu_pkg" qemu-utils libvirt-dev pkg-config
-    genisoimage iproute2)
+    genisoimage iproute2 procps)
 
 missing=()
 for pkg in "${packages[@]}"; do
