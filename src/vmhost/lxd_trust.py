@@ -133,6 +133,24 @@ def certificate_name(client: str) -> str:
     return NAME_PREFIX + client
 
 
+def relation_certificate_name(unit: str) -> str:
+    """Return the trust-store name for a related unit ("vm-host:maas/0").
+
+    Relation names always hold a '/', action names never do, so a reconcile can tell which
+    certificates a departed unit left behind without touching those an operator added.
+    """
+    if "/" not in unit:
+        raise InvalidRequestError("unit", f"{unit!r} is not a unit name ('<app>/<number>')")
+    return certificate_name(unit)
+
+
+def action_certificate_name(client: str) -> str:
+    """Return the trust-store name for a client added by action ("vm-host:<client>")."""
+    if isinstance(client, str) and "/" in client:
+        raise InvalidRequestError("name", f"{client!r}: client names added by action have no '/'")
+    return certificate_name(client)
+
+
 @dataclass(frozen=True)
 class TrustedCertificate:
     """A client certificate in LXD's trust store."""
@@ -147,6 +165,11 @@ class TrustedCertificate:
     def managed(self) -> bool:
         """Whether vm-host added it (its name carries vm-host's prefix)."""
         return self.name.startswith(NAME_PREFIX)
+
+    @property
+    def from_relation(self) -> bool:
+        """Whether vm-host added it for a related unit (see `relation_certificate_name`)."""
+        return self.managed and "/" in self.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +394,35 @@ class LxdTrust:
         logger.info("trusted %s (%s) for %s", name, cert.fingerprint[:12], wanted_projects)
         return True
 
+    def sync_relation_certificates(
+        self, wanted: dict[str, tuple[str, Sequence[str]]]
+    ) -> dict[str, str]:
+        """Trust exactly the related units' certificates; drop those of departed units.
+
+        Certificates added by action (names without '/') and by anyone else are left alone. A
+        unit whose new certificate is refused loses the one trusted before: access follows what
+        the unit sends now.
+
+        Args:
+            wanted: unit name -> (PEM certificate, projects) for every live related unit.
+
+        Returns:
+            unit name -> reason, for each certificate refused (the others are applied).
+        """
+        refused: dict[str, str] = {}
+        keep: set[str] = set()
+        for unit, (pem, projects) in sorted(wanted.items()):
+            try:
+                name = relation_certificate_name(unit)
+                self.trust_certificate(pem, name, projects)
+                keep.add(name)
+            except InvalidRequestError as exc:
+                refused[unit] = str(exc)
+        for cert in self.trusted():
+            if cert.from_relation and cert.name not in keep:
+                self.untrust(cert.name)
+        return refused
+
     def untrust(self, name: str) -> bool:
         """Remove every certificate named `name` and its pending tokens; returns whether any."""
         if not name.startswith(NAME_PREFIX):
@@ -403,7 +455,7 @@ class LxdTrust:
         The certificate added with the token is restricted to `projects` and named
         "vm-host:<client_name>". The token is a secret: return it to the operator only.
         """
-        name = certificate_name(client_name)
+        name = action_certificate_name(client_name)
         if not projects:
             raise InvalidRequestError("projects", "give at least one project")
         wanted_projects = sorted({validate_project(p, "projects") for p in projects})

@@ -164,3 +164,41 @@ def test_an_unused_token_is_withdrawn_by_untrust(
     refused = client.request("POST", "/1.0/certificates", {"type": "client", "password": token})
     assert refused.status_code == 403, refused.text
     assert client.auth() == "untrusted"
+
+
+def test_relation_sync_trusts_live_units_and_drops_departed_ones(
+    lxd: LxdTrust, projects: tuple[str, str], tmp_path: Path
+):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    unit_a = make_client(tmp_path / "a", "a", lxd)
+    unit_b = make_client(tmp_path / "b", "b", lxd)
+    by_action = make_client(tmp_path, "action", lxd)
+    lxd.trust_certificate(by_action.pem, f"vm-host:{PREFIX}by-action", [PROJECT])
+    app = f"{PREFIX}manager"
+    now = datetime.datetime.now(datetime.UTC)
+    expired, _ = make_certificate(
+        tmp_path, "stale", now - datetime.timedelta(days=3), now - datetime.timedelta(days=1)
+    )
+
+    refused = lxd.sync_relation_certificates(
+        {
+            f"{app}/0": (unit_a.pem, [PROJECT]),
+            f"{app}/1": (unit_b.pem, [PROJECT]),
+            f"{app}/2": (expired.read_text(), [PROJECT]),
+        }
+    )
+
+    assert list(refused) == [f"{app}/2"]
+    assert "expired" in refused[f"{app}/2"]
+    assert unit_a.auth() == "trusted"
+    assert unit_b.auth() == "trusted"
+
+    # Unit 1 departs, then the relation is broken: each loses exactly its own access.
+    assert lxd.sync_relation_certificates({f"{app}/0": (unit_a.pem, [PROJECT])}) == {}
+    assert unit_a.auth() == "trusted"
+    assert unit_b.auth() == "untrusted"
+    assert lxd.sync_relation_certificates({}) == {}
+    assert unit_a.auth() == "untrusted"
+    assert by_action.auth() == "trusted"
+    lxd.untrust(f"vm-host:{PREFIX}by-action")

@@ -437,3 +437,12 @@ def test_certificate_names_carry_the_prefix():
 def test_missing_socket_is_reported(tmp_path):
     with pytest.raises(lxd_trust.LxdError, match="not running"):
         lxd_trust.find_socket([str(tmp_path / "nope.socket")])
+
+
+def test_relation_and_action_certificate_names_do_not_overlap():
+    assert lxd_trust.relation_certificate_name("maas/0") == "vm-host:maas/0"
+    assert lxd_trust.action_certificate_name("terraform") == "vm-host:terraform"
+    with pytest.raises(InvalidRequestError, match="unit"):
+        lxd_trust.relation_certificate_name("maas")
+    with pytest.raises(InvalidRequestError, match="no '/'"):
+        lxd_trust.action_certificate_name("maas/0")
