@@ -309,7 +309,7 @@ def test_maas_storage_without_labels_in_both_forms():
         StorageRequest(label="disk2", size_gb=1),
     ]
     structured = VmRequest.model_validate(
-        {"id": "x", "storage": [{"size-gb": 20}, {"size-gb": 5, "pool": "ssd"}]}
+        {"id": "x", "storage": [{"size-gb": 20}, {"size-gb": 5, "pool": "ssd", "label": None}]}
     )
     assert structured.storage == [
         StorageRequest(label="root", size_gb=20),

@@ -499,7 +499,7 @@ class VmRequest(_Model):
         if isinstance(value, list):
             # Labels are optional in the structured form too, named as in the MAAS string.
             return [
-                {"label": "root" if i == 0 else f"disk{i}", **disk}
+                {**disk, "label": "root" if i == 0 else f"disk{i}"}
                 if isinstance(disk, dict) and disk.get("label") is None
                 else disk
                 for i, disk in enumerate(value)  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
@@ -943,8 +943,8 @@ class VmHostRequirer(ops.Object):
     def _require_leader(self, what: str) -> None:
         if not self.model.unit.is_leader():
             raise NotLeaderError(
-                f"{what} writes the application databag, which only the leader may do; "
-                "call it only when self.unit.is_leader()"
+                f"{what} uses this application's databag, which only the leader may read "
+                "and write; call it only when self.unit.is_leader()"
             )
 
     def request_vms(self, requests: Iterable[VmRequest | Mapping[str, Any]]) -> None:
@@ -1118,7 +1118,9 @@ class VmHostProvider(ops.Object):
         """Re-read the requests now; for charms that reconcile on every event."""
         return self.requests
 
-    def publish(self, relation: ops.Relation, answers: Sequence[VmAnswer | Mapping[str, Any]]):
+    def publish(
+        self, relation: ops.Relation, answers: Sequence[VmAnswer | Mapping[str, Any]]
+    ) -> None:
         """Publish this unit's answers on one relation, replacing the previous ones.
 
         Raises:
