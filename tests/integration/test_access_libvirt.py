@@ -209,9 +209,15 @@ def test_sshd_accepts_the_drop_in_and_confines_the_user(access_user: str, tmp_pa
     drop_in = tmp_path / "vm-host.conf"
     assert access.ensure_sshd_drop_in(access_user, drop_in) is True
     assert access.ensure_sshd_drop_in(access_user, drop_in) is False
+    # The machine's own sshd_config, with its Include pointed at the rendered drop-in, so the
+    # Match block is checked where Debian and Ubuntu include it (before the main settings).
+    main = Path("/etc/ssh/sshd_config").read_text().splitlines()
+    include = f"Include {drop_in}"
+    lines = [include if line.startswith("Include ") else line for line in main]
+    if include not in lines:
+        lines.insert(0, include)
     config = tmp_path / "sshd_config"
-    host_keys = sorted(Path("/etc/ssh").glob("ssh_host_*_key"))
-    config.write_text("".join(f"HostKey {k}\n" for k in host_keys) + f"Include {drop_in}\n")
+    config.write_text("\n".join(lines) + "\n")
     os.chmod(config, 0o600)
 
     subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(config)], check=True)
