@@ -26,7 +26,8 @@ Rules, and why they are what they are:
   they fit and 1G pages only otherwise, so the scarce 1G pages stay for requests that need
   them.
 * Guest cells mirror host nodes: a pinned or hugepage-backed VM gets one cell per host node
-  used, in ascending host node order. A VM uses as few nodes as it can (up to
+  used, in ascending host node order. Only nodes with CPUs hold cells (a memory-only node
+  never gets vCPUs). A VM uses as few nodes as it can (up to
   ``VmSpec.numa_nodes``); spans choose the node set with the smallest NUMA distance sum.
 * Split rule. vCPUs are split over the cells as evenly as the free capacity allows (the
   largest cell is as small as possible; ties give the extra vCPUs to the lower nodes).
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -80,7 +82,7 @@ from vmhost.model import (
 )
 
 SMT_POLICIES = ("prefer", "isolate", "require")
-_MAX_COMBINATIONS = 256
+_MAX_COMBINATIONS = 64
 """Above this many node sets of one size, grow sets greedily instead of enumerating them."""
 
 # ---------------------------------------------------------------------------------------------
@@ -197,34 +199,20 @@ def _check_policy(policy: Policy) -> None:
         )
 
 
-class _Host:
-    """Indexes of a topology and the resources its allocations take."""
+class _Index:
+    """What a topology says about nodes, cores and CPUs, independent of any allocation."""
 
-    def __init__(
-        self, topology: HostTopology, allocations: Sequence[Placement], policy: Policy
-    ) -> None:
-        _check_policy(policy)
-        self.policy = policy
-        self.topology = topology
+    def __init__(self, topology: HostTopology) -> None:
         self.nodes = tuple(sorted(topology.nodes, key=lambda n: n.id))
         self.node_ids = tuple(n.id for n in self.nodes)
         self.node_by_id = {n.id: n for n in self.nodes}
-        self._index_cpus()
-        self.isolate = policy.smt_policy == "isolate"
-        self.require = policy.smt_policy == "require" and self.smt
-        self.reserved = frozenset(c for c in policy.reserved_cpus if c in self.node_of)
-        self._account(allocations)
-        self._pools()
-        self._memory()
-
-    def _index_cpus(self) -> None:
-        # Cores are sibling threads on one node; a CPU without sibling data is its own core
-        # (never guess cores from ids that a parser may have left at their defaults).
         self.node_of: dict[int, int] = {}
         self.node_cpus: dict[int, tuple[int, ...]] = {}
         for node in self.nodes:
             self.node_cpus[node.id] = node.cpu_ids
             self.node_of.update(dict.fromkeys(node.cpu_ids, node.id))
+        # Cores are sibling threads on one node; a CPU without sibling data is its own core
+        # (never guess cores from ids that a parser may have left at their defaults).
         self.core_of: dict[int, tuple[int, ...]] = {}
         self.node_cores: dict[int, tuple[tuple[int, ...], ...]] = {}
         for node in self.nodes:
@@ -236,6 +224,52 @@ class _Host:
                 self.core_of[cpu.id] = core
             self.node_cores[node.id] = tuple(sorted(cores))
         self.smt = any(len(c) > 1 for cores in self.node_cores.values() for c in cores)
+
+
+_INDEX_CACHE: dict[int, tuple[weakref.ref[HostTopology], _Index]] = {}
+_INDEX_CACHE_SIZE = 8
+
+
+def _index(topology: HostTopology) -> _Index:
+    """Index a topology once; callers plan many VMs against the same host object.
+
+    Records are frozen, so an index stays valid while its topology object lives; entries are
+    keyed by identity and checked through a weak reference, so a reused id never matches.
+    """
+    entry = _INDEX_CACHE.get(id(topology))
+    if entry is not None and entry[0]() is topology:
+        return entry[1]
+    index = _Index(topology)
+    if len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
+        _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+    _INDEX_CACHE[id(topology)] = (weakref.ref(topology), index)
+    return index
+
+
+class _Host:
+    """Indexes of a topology and the resources its allocations take."""
+
+    def __init__(
+        self, topology: HostTopology, allocations: Sequence[Placement], policy: Policy
+    ) -> None:
+        _check_policy(policy)
+        self.policy = policy
+        self.topology = topology
+        index = _index(topology)
+        self.nodes = index.nodes
+        self.node_ids = index.node_ids
+        self.node_by_id = index.node_by_id
+        self.node_of = index.node_of
+        self.node_cpus = index.node_cpus
+        self.core_of = index.core_of
+        self.node_cores = index.node_cores
+        self.smt = index.smt
+        self.isolate = policy.smt_policy == "isolate"
+        self.require = policy.smt_policy == "require" and self.smt
+        self.reserved = frozenset(c for c in policy.reserved_cpus if c in self.node_of)
+        self._account(allocations)
+        self._pools()
+        self._memory()
 
     def _account(self, allocations: Sequence[Placement]) -> None:
         self.pinned: set[int] = set()
@@ -623,21 +657,25 @@ def _pick_fill(avail: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], count: 
     more free threads than still needed, the one with the fewest. Under isolate the threads
     left on the last core are held by the caller's accounting.
     """
+    # One pass over the cores by (most free threads, half-used first, core): a core is taken
+    # when its free threads do not overshoot; need only shrinks, so a core skipped once never
+    # fits later. Whatever is left comes from the core with the fewest free threads.
+    order = sorted(avail, key=lambda cf: (-len(cf[1]), len(cf[1]) == len(cf[0]), cf[0]))
     need = count
-    rest = list(avail)
     chosen: list[int] = []
-    while need > 0 and rest:
-        fits = [cf for cf in rest if len(cf[1]) <= need]
-        if fits:
-            size = max(len(cf[1]) for cf in fits)
-            same = [cf for cf in fits if len(cf[1]) == size]
-            pick = min(same, key=lambda cf: (len(cf[1]) == len(cf[0]), cf[0]))
+    skipped = []
+    for core_free in order:
+        free = core_free[1]
+        if len(free) <= need:
+            chosen += free
+            need -= len(free)
         else:
-            pick = min(rest, key=lambda cf: (len(cf[1]), len(cf[1]) == len(cf[0]), cf[0]))
-        take = list(pick[1][:need])
-        chosen += take
-        need -= len(take)
-        rest.remove(pick)
+            skipped.append(core_free)
+        if need == 0:
+            return chosen
+    if skipped:
+        last = min(skipped, key=lambda cf: (len(cf[1]), len(cf[1]) == len(cf[0]), cf[0]))
+        chosen += last[1][:need]
     return chosen
 
 
@@ -896,16 +934,24 @@ class _Search:
         if math.comb(len(usable), k) <= _MAX_COMBINATIONS:
             combos = itertools.combinations(usable, k)
             return [s for s in combos if all(nd in s for nd in strict)]
-        # Too many to enumerate: grow a set from every seed by NUMA distance (roomier nodes
-        # first on ties), and add the k roomiest nodes by CPUs and by memory.
+        # Too many to enumerate: grow a set from every seed by NUMA distance, on ties the node
+        # that completes the request most tightly (else the roomiest), and add the k roomiest
+        # nodes by CPUs and by memory.
         sets: set[tuple[int, ...]] = set()
         for seed in strict[:1] or usable:
             chosen = [seed, *(nd for nd in strict if nd != seed)]
             dist = {nd: sum(self.host.distance(nd, c) for c in chosen) for nd in usable}
             while len(chosen) < k:
+                need = self.spec.vcpus - sum(self.hi[c] for c in chosen)
                 nxt = min(
                     (nd for nd in usable if nd not in chosen),
-                    key=lambda nd: (dist[nd], -self.hi[nd], -self.free[nd], nd),
+                    key=lambda nd: (
+                        dist[nd],
+                        self.hi[nd] < need,  # nodes that complete the request first,
+                        self.hi[nd] if self.hi[nd] >= need else -self.hi[nd],  # best fit
+                        -self.free[nd],
+                        nd,
+                    ),
                 )
                 chosen.append(nxt)
                 for nd in usable:
