@@ -725,3 +725,12 @@ def ensure_sshd_drop_in(user: str, path: Path = SSHD_DROP_IN) -> bool:
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return True
+
+
+def remove_sshd_drop_in(path: Path = SSHD_DROP_IN) -> bool:
+    """Delete the sshd drop-in on removal; the caller reloads sshd when this returns True."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True

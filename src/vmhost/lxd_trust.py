@@ -440,6 +440,26 @@ class LxdTrust:
             logger.info("removed trust for %s", name)
         return removed
 
+    def remove_managed(self, prefix: str = NAME_PREFIX) -> list[str]:
+        """Untrust every certificate (and pending token) vm-host added, on removal.
+
+        Args:
+            prefix: names to remove start with this; it must start with vm-host's own prefix,
+                so certificates others added are never touched.
+
+        Returns:
+            The names removed.
+        """
+        if not prefix.startswith(NAME_PREFIX):
+            raise InvalidRequestError("prefix", f"{prefix!r} must start with {NAME_PREFIX!r}")
+        names = {c.name for c in self.trusted() if c.name.startswith(prefix)}
+        names |= {
+            t["name"] for t in self._pending_tokens() if (t.get("name") or "").startswith(prefix)
+        }
+        for name in sorted(names):
+            self.untrust(name)
+        return sorted(names)
+
     def _pending_tokens(self) -> list[dict[str, Any]]:
         ops = self._request("GET", "/1.0/operations?recursion=1") or {}
         found = []

@@ -245,4 +245,6 @@ def test_sshd_accepts_the_drop_in_and_confines_the_user(access_user: str, tmp_pa
     assert "permittty no" in effective
     assert "allowtcpforwarding no" in effective
     assert "forcecommand none" in other
+    assert access.remove_sshd_drop_in(drop_in) is True
+    assert access.remove_sshd_drop_in(drop_in) is False
     assert "permittty yes" in other

@@ -202,3 +202,24 @@ def test_relation_sync_trusts_live_units_and_drops_departed_ones(
     assert unit_a.auth() == "untrusted"
     assert by_action.auth() == "trusted"
     lxd.untrust(f"vm-host:{PREFIX}by-action")
+
+
+def test_remove_managed_takes_only_vm_hosts_certificates_and_tokens(
+    lxd: LxdTrust, projects: tuple[str, str], tmp_path: Path
+):
+    client = make_client(tmp_path, "managed", lxd)
+    lxd.trust_certificate(client.pem, f"vm-host:{PREFIX}managed", [PROJECT])
+    token = lxd.issue_trust_token(f"{PREFIX}pending", [PROJECT])
+    (tmp_path / "late").mkdir()
+    late = make_client(tmp_path / "late", "late", lxd)
+    others = [c for c in lxd.trusted() if not c.name.startswith(f"vm-host:{PREFIX}")]
+
+    removed = lxd.remove_managed(f"vm-host:{PREFIX}")
+
+    assert removed == [f"vm-host:{PREFIX}managed", f"vm-host:{PREFIX}pending"]
+    assert client.auth() == "untrusted"
+    refused = late.request("POST", "/1.0/certificates", {"type": "client", "password": token})
+    assert refused.status_code == 403, refused.text
+    assert [c for c in lxd.trusted() if not c.name.startswith(f"vm-host:{PREFIX}")] == others
+    with pytest.raises(InvalidRequestError, match="must start with"):
+        lxd.remove_managed("")
