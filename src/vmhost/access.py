@@ -455,41 +455,67 @@ def _ensure_dir(path: Path, user: AccessUser, mode: int) -> None:
     os.chmod(path, mode)
 
 
+def _create_user(name: str, groups: Sequence[str]) -> AccessUser:
+    home = Path("/home") / name
+    command = [USERADD, "--system", "--create-home", "--home-dir", str(home)]
+    command += ["--shell", USER_SHELL, "--user-group"]
+    if groups:
+        command += ["--groups", ",".join(groups)]
+    subprocess.run([*command, name], check=True, capture_output=True)
+    try:
+        user = _lookup(name)
+        if user is None:  # pragma: no cover - useradd succeeded but the account is missing
+            raise VmHostError(f"useradd reported success but user {name} does not exist")
+        subprocess.run([USERMOD, "--lock", name], check=True, capture_output=True)
+        (user.home / CREATED_MARKER).write_text(
+            "This account was created by vm-host and is removed with it.\n"
+        )
+    except BaseException:
+        subprocess.run([USERDEL, "--remove", name], check=False, capture_output=True)
+        raise
+    logger.info("created access user %s", name)
+    return user
+
+
+def _adopt_user(user: AccessUser, groups: Sequence[str]) -> None:
+    shell = pwd.getpwnam(user.name).pw_shell
+    if not shell or Path(shell).name in ("nologin", "false") or not os.access(shell, os.X_OK):
+        raise VmHostError(
+            f"user {user.name} has login shell {shell or '(none)'}; sshd runs the forced "
+            f"libvirt command through it, so keys would not work: run 'usermod --shell "
+            f"{USER_SHELL} {user.name}' or set libvirt-user to a new name"
+        )
+    member_of = {g.gr_name for g in grp.getgrall() if user.name in g.gr_mem}
+    missing = [g for g in groups if g not in member_of]
+    if missing:
+        subprocess.run(
+            [USERMOD, "--append", "--groups", ",".join(missing), user.name],
+            check=True,
+            capture_output=True,
+        )
+
+
 def ensure_user(name: str = "virsh") -> AccessUser:
     """Create the access user when missing and put its SSH directory in order.
 
-    The account is a locked system account (no password), in the libvirt and libvirt-qemu
-    groups where they exist, with ~/.ssh at 0700 and authorized_keys at 0600. An existing
-    account is adopted as it is (only the groups and file modes are put right) and is then
-    never deleted by `remove_access`.
+    A created account is a locked system account (no password) with a marker in its home
+    that lets `remove_access` delete it later. An existing account is adopted: it is put in
+    the groups and its SSH file modes are put right, but its password is left alone and it is
+    never deleted. Either way it joins libvirt and libvirt-qemu where they exist, with ~/.ssh
+    at 0700 and authorized_keys at 0600.
+
+    Raises:
+        InvalidRequestError: the name is not a valid user name.
+        VmHostError: an adopted account cannot run the forced command (no login shell), or
+            its SSH files are symlinks.
     """
     validate_user_name(name)
     groups = _existing_groups(("libvirt", "libvirt-qemu"))
     user = _lookup(name)
     if user is None:
-        home = Path("/home") / name
-        command = [USERADD, "--system", "--create-home", "--home-dir", str(home)]
-        command += ["--shell", USER_SHELL, "--user-group"]
-        if groups:
-            command += ["--groups", ",".join(groups)]
-        subprocess.run([*command, name], check=True, capture_output=True)
-        user = _lookup(name)
-        if user is None:  # pragma: no cover - useradd succeeded but the account is missing
-            raise VmHostError(f"useradd reported success but user {name} does not exist")
-        user.home.mkdir(mode=0o750, exist_ok=True)
-        marker = user.home / CREATED_MARKER
-        marker.write_text("This account was created by vm-host and is removed with it.\n")
-        logger.info("created access user %s", name)
+        user = _create_user(name, groups)
     else:
-        member_of = {g.gr_name for g in grp.getgrall() if name in g.gr_mem}
-        missing = [g for g in groups if g not in member_of]
-        if missing:
-            subprocess.run(
-                [USERMOD, "--append", "--groups", ",".join(missing), name],
-                check=True,
-                capture_output=True,
-            )
-    subprocess.run([USERMOD, "--lock", name], check=True, capture_output=True)
+        _adopt_user(user, groups)
     ssh_dir = user.home / ".ssh"
     _ensure_dir(ssh_dir, user, 0o700)
     keys_file = user.authorized_keys

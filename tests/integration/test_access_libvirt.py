@@ -248,3 +248,13 @@ def test_sshd_accepts_the_drop_in_and_confines_the_user(access_user: str, tmp_pa
     assert access.remove_sshd_drop_in(drop_in) is True
     assert access.remove_sshd_drop_in(drop_in) is False
     assert "permittty yes" in other
+
+
+def test_an_adopted_user_without_a_login_shell_is_refused_with_the_fix(access_user: str):
+    subprocess.run(
+        ["/usr/sbin/useradd", "--system", "--shell", "/usr/sbin/nologin", access_user],
+        check=True,
+    )
+
+    with pytest.raises(access.VmHostError, match=f"usermod --shell /bin/sh {access_user}"):
+        access.ensure_user(access_user)
