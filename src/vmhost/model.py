@@ -82,7 +82,7 @@ class NumaNode:
         return max(0, self.memory_kib - self.hugepage_memory_kib)
 
 
-class NicKind(str, enum.Enum):
+class NicKind(enum.StrEnum):
     """What a host network interface is."""
 
     PHYSICAL = "physical"
@@ -164,7 +164,7 @@ class HostTopology:
 # Requests
 
 
-class HugepageRequest(str, enum.Enum):
+class HugepageRequest(enum.StrEnum):
     """Huge page backing a request asks for."""
 
     P2M = "2M"
@@ -172,7 +172,7 @@ class HugepageRequest(str, enum.Enum):
     ANY = "any"
 
 
-class InterfaceMode(str, enum.Enum):
+class InterfaceMode(enum.StrEnum):
     """How a guest NIC is attached to the host."""
 
     BRIDGE = "bridge"
@@ -319,7 +319,7 @@ class Placement:
 
     @property
     def shared_vcpus(self) -> int:
-        """vCPUs that float over the shared CPU pool."""
+        """Number of vCPUs that float over the shared CPU pool."""
         return 0 if self.pinned else self.vcpus
 
     @property
@@ -338,7 +338,7 @@ class Rejection:
         return self.reason
 
 
-class VmState(str, enum.Enum):
+class VmState(enum.StrEnum):
     """Lifecycle state of a VM as reported to requesters."""
 
     PENDING = "pending"
@@ -378,7 +378,7 @@ class InvalidRequestError(VmHostError):
         self.field = field_name
 
 
-class AttachmentKind(str, enum.Enum):
+class AttachmentKind(enum.StrEnum):
     """How libvirt/LXD wires a guest NIC to the host."""
 
     BRIDGE = "bridge"

@@ -65,7 +65,7 @@ def placed(backend: LibvirtBackend, vm: VmSpec) -> Placement:
 
 
 def live_xml(backend: LibvirtBackend, name: str) -> ET.Element:
-    return ET.fromstring(backend.conn.lookupByName(name).XMLDesc(0))  # noqa: S314
+    return ET.fromstring(backend.conn.lookupByName(name).XMLDesc(0))
 
 
 def volumes(backend: LibvirtBackend, pool: str) -> set[str]:

@@ -84,7 +84,7 @@ def render(
             [VALIDATOR, str(path), "domain"], capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, result.stderr + xml
-    return ET.fromstring(  # noqa: S314 - our own rendering
+    return ET.fromstring(
         xml
     )
 
@@ -388,7 +388,7 @@ def test_foreign_domain_placement_is_reconstructed() -> None:
 
 
 def test_foreign_domain_with_loose_pins_counts_as_shared() -> None:
-    root = ET.fromstring(  # noqa: S314 - our own rendering
+    root = ET.fromstring(
         "<domain><vcpu>2</vcpu><memory unit='MiB'>512</memory>"
         "<cputune><vcpupin vcpu='0' cpuset='0-1'/><vcpupin vcpu='1' cpuset='0-1'/></cputune>"
         "</domain>"
@@ -397,7 +397,7 @@ def test_foreign_domain_with_loose_pins_counts_as_shared() -> None:
 
 
 def test_foreign_domain_with_guest_cells_maps_memnodes() -> None:
-    root = ET.fromstring(  # noqa: S314 - our own rendering
+    root = ET.fromstring(
         "<domain><vcpu>4</vcpu><memory unit='GiB'>4</memory>"
         "<cputune><vcpupin vcpu='0' cpuset='2'/><vcpupin vcpu='1' cpuset='3'/>"
         "<vcpupin vcpu='2' cpuset='10'/><vcpupin vcpu='3' cpuset='11'/></cputune>"
@@ -470,7 +470,7 @@ def test_generated_macs_are_stable_and_local() -> None:
 )
 def test_storage_templates(tmp_path: Path, template: str, schema: str, context: dict) -> None:
     xml = render_template(TEMPLATES_DIR, template, context)
-    root = ET.fromstring(xml)  # noqa: S314 - our own rendering
+    root = ET.fromstring(xml)
     assert root.findtext("name") == context["name"]
     if VALIDATOR:
         path = tmp_path / "doc.xml"
