@@ -529,12 +529,18 @@ def ensure_user(name: str = "virsh") -> AccessUser:
     return user
 
 
-def _require_user(name: str) -> AccessUser:
-    validate_user_name(name)
-    user = _lookup(name)
-    if user is None:
-        raise VmHostError(f"access user {name} does not exist; it is created on install")
-    return user
+UserRef = str | AccessUser
+"""A user by name (looked up in the passwd database) or as an `AccessUser` already known."""
+
+
+def _require_user(user: UserRef) -> AccessUser:
+    if isinstance(user, AccessUser):
+        return user
+    validate_user_name(user)
+    account = _lookup(user)
+    if account is None:
+        raise VmHostError(f"access user {user} does not exist; it is created on install")
+    return account
 
 
 def _write_atomic(path: Path, text: str, user: AccessUser) -> None:
@@ -563,7 +569,7 @@ def _read_keys_file(user: AccessUser) -> str:
         return ""
 
 
-def sync_authorized_keys(user: str, keys: Sequence[AuthorizedKey]) -> bool:
+def sync_authorized_keys(user: UserRef, keys: Sequence[AuthorizedKey]) -> bool:
     """Make the managed block hold exactly `keys`; write (atomically, 0600) only on change.
 
     Returns:
@@ -576,16 +582,16 @@ def sync_authorized_keys(user: str, keys: Sequence[AuthorizedKey]) -> bool:
         return False
     _ensure_dir(account.authorized_keys.parent, account, 0o700)
     _write_atomic(account.authorized_keys, wanted, account)
-    logger.info("authorized_keys of %s now holds %d managed keys", user, len(set(keys)))
+    logger.info("authorized_keys of %s holds %d managed keys", account.name, len(set(keys)))
     return True
 
 
-def current_keys(user: str) -> list[AuthorizedKey]:
+def current_keys(user: UserRef) -> list[AuthorizedKey]:
     """Return the keys of the managed block, each with its source."""
     return managed_keys(_read_keys_file(_require_user(user)))
 
 
-def sync_keys(user: str, keys: Sequence[AuthorizedKey]) -> bool:
+def sync_keys(user: UserRef, keys: Sequence[AuthorizedKey]) -> bool:
     """Set the config and relation keys; keys added by the authorize action are kept.
 
     The charm calls this on every reconcile with the keys it gathered from config and the
@@ -602,7 +608,7 @@ def sync_keys(user: str, keys: Sequence[AuthorizedKey]) -> bool:
     return sync_authorized_keys(user, [*keys, *kept])
 
 
-def authorize_key(user: str, key_text: str, name: str) -> AuthorizedKey:
+def authorize_key(user: UserRef, key_text: str, name: str) -> AuthorizedKey:
     """Authorize a key under an action name; the same key and name again changes nothing.
 
     Raises:
@@ -627,7 +633,7 @@ def authorize_key(user: str, key_text: str, name: str) -> AuthorizedKey:
     return key
 
 
-def revoke_key(user: str, name_or_fingerprint: str) -> list[AuthorizedKey]:
+def revoke_key(user: UserRef, name_or_fingerprint: str) -> list[AuthorizedKey]:
     """Remove the action-added key with this name or SHA256 fingerprint.
 
     Keys from config or the relation are not revoked here (they would come back on the next
@@ -664,7 +670,7 @@ def revoke_key(user: str, name_or_fingerprint: str) -> list[AuthorizedKey]:
     return removed
 
 
-def remove_access(user: str) -> bool:
+def remove_access(user: UserRef) -> bool:
     """Remove the managed block; delete the user too when vm-host created it.
 
     The user is deleted (with its home) only when the marker written by `ensure_user` is in its
@@ -673,12 +679,15 @@ def remove_access(user: str) -> bool:
     Returns:
         Whether the user was deleted.
     """
-    validate_user_name(user)
-    account = _lookup(user)
-    if account is None:
-        return False
+    if isinstance(user, AccessUser):
+        account = user
+    else:
+        validate_user_name(user)
+        account = _lookup(user)
+        if account is None:
+            return False
     if account.authorized_keys.exists():
-        sync_authorized_keys(user, [])
+        sync_authorized_keys(account, [])
     leftover = [
         line
         for line in _read_keys_file(account).splitlines()
@@ -686,8 +695,8 @@ def remove_access(user: str) -> bool:
     ]
     if not (account.home / CREATED_MARKER).exists() or leftover:
         return False
-    subprocess.run([USERDEL, "--remove", user], check=True, capture_output=True)
-    logger.info("deleted access user %s", user)
+    subprocess.run([USERDEL, "--remove", account.name], check=True, capture_output=True)
+    logger.info("deleted access user %s", account.name)
     return True
 
 

@@ -446,3 +446,359 @@ def test_relation_and_action_certificate_names_do_not_overlap():
         lxd_trust.relation_certificate_name("maas")
     with pytest.raises(InvalidRequestError, match="no '/'"):
         lxd_trust.action_certificate_name("maas/0")
+
+
+# ---------------------------------------------------------------------------------------------
+# authorized_keys on disk (a user whose home is a temporary directory; no root needed)
+
+
+@pytest.fixture
+def home_user(tmp_path) -> access.AccessUser:
+    import os
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    return access.AccessUser("virsh", os.getuid(), os.getgid(), home)
+
+
+def _mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_sync_writes_only_on_change_with_private_mode(home_user, ed25519_key: str):
+    key = _key(ed25519_key, "config")
+
+    assert access.sync_authorized_keys(home_user, [key]) is True
+    first = home_user.authorized_keys.stat().st_mtime_ns
+    assert access.sync_authorized_keys(home_user, [key]) is False
+
+    assert home_user.authorized_keys.stat().st_mtime_ns == first
+    assert _mode(home_user.authorized_keys) == 0o600
+    assert access.current_keys(home_user) == [key]
+
+
+def test_sync_keys_keeps_action_keys_and_replaces_the_rest(
+    home_user, ed25519_key: str, other_key: str
+):
+    home_user.authorized_keys.write_text("operator line\n")
+    action_key = access.authorize_key(home_user, ed25519_key, "laptop")
+    access.sync_keys(home_user, [_key(other_key, "config")])
+
+    access.sync_keys(home_user, [_key(other_key, "relation:2:maas/0")])
+
+    sources = [k.source for k in access.current_keys(home_user)]
+    assert sources == ["action:laptop", "relation:2:maas/0"]
+    assert home_user.authorized_keys.read_text().startswith("operator line\n")
+    assert action_key in access.current_keys(home_user)
+    with pytest.raises(InvalidRequestError, match="authorize_key"):
+        access.sync_keys(home_user, [_key(other_key, "action:x")])
+
+
+def test_authorize_is_idempotent_and_refuses_clashes(home_user, ed25519_key: str, other_key: str):
+    key = access.authorize_key(home_user, ed25519_key, "laptop")
+
+    assert access.authorize_key(home_user, ed25519_key, "laptop") == key
+    with pytest.raises(InvalidRequestError, match="already names another key"):
+        access.authorize_key(home_user, other_key, "laptop")
+    with pytest.raises(InvalidRequestError, match="already authorized as 'laptop'"):
+        access.authorize_key(home_user, ed25519_key, "desktop")
+    with pytest.raises(InvalidRequestError, match="name"):
+        access.authorize_key(home_user, other_key, "bad name")
+    assert access.current_keys(home_user) == [key]
+
+
+def test_revoke_by_name_or_fingerprint(home_user, ed25519_key: str, other_key: str):
+    laptop = access.authorize_key(home_user, ed25519_key, "laptop")
+    ci = access.authorize_key(home_user, other_key, "ci")
+
+    assert access.revoke_key(home_user, "laptop") == [laptop]
+    assert access.revoke_key(home_user, ci.fingerprint) == [ci]
+    assert access.current_keys(home_user) == []
+    with pytest.raises(InvalidRequestError, match="no key authorized by action"):
+        access.revoke_key(home_user, "laptop")
+
+
+def test_revoke_refuses_keys_that_come_from_config(home_user, ed25519_key: str):
+    access.sync_keys(home_user, [_key(ed25519_key, "config")])
+    fingerprint = _key(ed25519_key, "config").fingerprint
+
+    with pytest.raises(InvalidRequestError, match="comes from config"):
+        access.revoke_key(home_user, fingerprint)
+    assert len(access.current_keys(home_user)) == 1
+
+
+def test_remove_access_drops_the_block_and_keeps_an_adopted_user(home_user, ed25519_key: str):
+    home_user.authorized_keys.write_text("operator line\n")
+    access.authorize_key(home_user, ed25519_key, "laptop")
+
+    assert access.remove_access(home_user) is False
+
+    assert home_user.authorized_keys.read_text() == "operator line\n"
+
+
+def test_symlinked_authorized_keys_is_refused(home_user, tmp_path, ed25519_key: str):
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    home_user.authorized_keys.symlink_to(target)
+
+    with pytest.raises(access.VmHostError, match="symlink"):
+        access.sync_authorized_keys(home_user, [_key(ed25519_key, "config")])
+    assert target.read_text() == ""
+
+
+def test_unknown_user_is_reported():
+    with pytest.raises(access.VmHostError, match="does not exist"):
+        access.current_keys("vmhost-no-such-user")
+    assert access.remove_access("vmhost-no-such-user") is False
+
+
+def test_sshd_drop_in_is_written_once_and_removed(tmp_path):
+    path = tmp_path / "sshd_config.d" / "vm-host.conf"
+
+    assert access.ensure_sshd_drop_in("virsh", path) is True
+    assert access.ensure_sshd_drop_in("virsh", path) is False
+    assert _mode(path) == 0o644
+    assert access.remove_sshd_drop_in(path) is True
+    assert access.remove_sshd_drop_in(path) is False
+
+
+# ---------------------------------------------------------------------------------------------
+# LXD trust against an in-memory LXD API on a unix socket (the real daemon is exercised in
+# tests/integration/test_access_lxd.py)
+
+
+class _FakeLxd:
+    """Just enough of LXD 5.0's REST API, with its sync/async/error envelopes."""
+
+    def __init__(self, server_pem: str):
+        self.config: dict[str, str] = {}
+        self.server_pem = server_pem
+        self.projects: dict[str, dict] = {"default": {}}
+        self.profiles: dict[str, dict] = {"default": {"devices": {}}}
+        self.certs: dict[str, dict] = {}
+        self.operations: dict[str, dict] = {}
+        self.fail_next: str | None = None
+
+    def handle(self, method: str, path: str, body):  # noqa: C901 - a router, flat on purpose
+        import urllib.parse as up
+        import uuid
+
+        url = up.urlparse(path)
+        query = dict(up.parse_qsl(url.query))
+        parts = url.path.strip("/").split("/")
+        if self.fail_next:
+            reason, self.fail_next = self.fail_next, None
+            return 500, {"type": "error", "error": reason, "error_code": 500}
+        if parts == ["1.0"]:
+            if method == "PATCH":
+                self.config.update(body["config"])
+                self.config = {k: v for k, v in self.config.items() if v}
+                return 200, _sync({})
+            return 200, _sync(
+                {"config": self.config, "environment": {"certificate": self.server_pem}}
+            )
+        if parts[:2] == ["1.0", "projects"]:
+            if method == "POST":
+                self.projects[body["name"]] = body
+                return 201, _sync({})
+            if method == "DELETE":
+                self.projects.pop(parts[2], None)
+                return 200, _sync({})
+            return 200, _sync([f"/1.0/projects/{p}" for p in self.projects])
+        if parts[:2] == ["1.0", "profiles"]:
+            key = query.get("project", "default")
+            profile = self.profiles.setdefault(key, {"devices": {}})
+            if method == "PATCH":
+                profile.update(body)
+            return 200, _sync(profile)
+        if parts[:2] == ["1.0", "certificates"]:
+            if len(parts) == 3:
+                if method == "DELETE":
+                    del self.certs[parts[2]]
+                else:
+                    self.certs[parts[2]].update(body)
+                return 200, _sync({})
+            if method == "POST" and body.get("token"):
+                if not self.config.get("core.https_address"):
+                    return 400, {"type": "error", "error": "not listening", "error_code": 400}
+                op = str(uuid.uuid4())
+                meta = {"fingerprint": "f" * 64, "addresses": ["127.0.0.1:8443"], "secret": "s"}
+                self.operations[op] = {
+                    "id": op,
+                    "class": "token",
+                    "metadata": {**meta, "request": body},
+                }
+                return 202, {
+                    "type": "async",
+                    "operation": f"/1.0/operations/{op}",
+                    "metadata": {"metadata": meta},
+                }
+            if method == "POST":
+                cert = lxd_trust.parse_certificate(
+                    "-----BEGIN CERTIFICATE-----\n"
+                    + body["certificate"]
+                    + "\n-----END CERTIFICATE-----\n"
+                )
+                self.certs[cert.fingerprint] = {**body, "fingerprint": cert.fingerprint}
+                return 201, _sync({})
+            return 200, _sync(list(self.certs.values()))
+        if parts[:2] == ["1.0", "operations"]:
+            if len(parts) == 4 and parts[3] == "wait":
+                return 200, _sync({"status": "Success"})
+            if len(parts) == 3 and method == "DELETE":
+                del self.operations[parts[2]]
+                return 200, _sync({})
+            return 200, _sync({"running": list(self.operations.values())})
+        return 404, {"type": "error", "error": "not found", "error_code": 404}
+
+
+def _sync(metadata):
+    return {"type": "sync", "status": "Success", "metadata": metadata}
+
+
+@pytest.fixture
+def fake_lxd(tmp_path):
+    import http.server
+    import json as json_module
+    import socketserver
+    import threading
+
+    fake = _FakeLxd(_certificate(NOW - DAY, NOW + DAY, cn="server"))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _serve(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json_module.loads(self.rfile.read(length)) if length else None
+            status, payload = fake.handle(self.command, self.path, body)
+            data = json_module.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _serve  # noqa: N815 - http.server names
+
+        def address_string(self):
+            return "unix"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+    path = str(tmp_path / "unix.socket")
+    server = Server(path, Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield fake, lxd_trust.LxdTrust(path, timeout=5)
+    server.shutdown()
+    server.server_close()
+
+
+def test_fake_lxd_https_address_is_set_once_and_cleared(fake_lxd):
+    fake, trust = fake_lxd
+
+    assert trust.ensure_https("10.0.0.5", 8443) is True
+    assert trust.ensure_https("10.0.0.5", 8443) is False
+    assert trust.ensure_https("fd00::5", 8443) is True
+    assert fake.config["core.https_address"] == "[fd00::5]:8443"
+    assert trust.disable_https() is True
+    assert trust.disable_https() is False
+    with pytest.raises(InvalidRequestError, match="https-port"):
+        trust.ensure_https("10.0.0.5", 0)
+    with pytest.raises(InvalidRequestError, match="address"):
+        trust.ensure_https("a/b", 8443)
+
+
+def test_fake_lxd_project_is_created_with_a_root_disk(fake_lxd):
+    fake, trust = fake_lxd
+
+    assert trust.ensure_project("vm-host", storage_pool="default") is True
+    assert trust.ensure_project("vm-host", storage_pool="default") is False
+
+    assert fake.projects["vm-host"]["config"] == lxd_trust.PROJECT_FEATURES
+    assert fake.profiles["vm-host"]["devices"]["root"] == {
+        "type": "disk",
+        "path": "/",
+        "pool": "default",
+    }
+    trust.delete_project("vm-host")
+    assert "vm-host" not in fake.projects
+
+
+def test_fake_lxd_trust_rotate_and_untrust(fake_lxd):
+    _fake, trust = fake_lxd
+    trust.ensure_project("vm-host")
+    first = _certificate(NOW - DAY, NOW + DAY, cn="a")
+    second = _certificate(NOW - DAY, NOW + DAY, cn="b")
+
+    assert trust.trust_certificate(first, "vm-host:maas/0", ["vm-host"]) is True
+    assert trust.trust_certificate(first, "vm-host:maas/0", ["vm-host"]) is False
+    assert trust.trust_certificate(first, "vm-host:maas/0", ["vm-host", "default"]) is True
+    assert trust.trust_certificate(second, "vm-host:maas/0", ["vm-host"]) is True
+
+    (only,) = trust.trusted()
+    assert only.fingerprint == lxd_trust.parse_certificate(second).fingerprint
+    assert only.restricted
+    assert only.projects == ("vm-host",)
+    assert only.from_relation
+    assert trust.untrust("vm-host:maas/0") is True
+    assert trust.trusted() == []
+    with pytest.raises(InvalidRequestError, match="no such LXD project"):
+        trust.trust_certificate(first, "vm-host:maas/0", ["nope"])
+    with pytest.raises(InvalidRequestError, match="must start with"):
+        trust.untrust("maas/0")
+
+
+def test_fake_lxd_relation_sync_and_remove_managed(fake_lxd):
+    fake, trust = fake_lxd
+    trust.ensure_project("vm-host")
+    trust.ensure_https("127.0.0.1", 8443)
+    a = _certificate(NOW - DAY, NOW + DAY, cn="a")
+    b = _certificate(NOW - DAY, NOW + DAY, cn="b")
+    trust.trust_certificate(b, "vm-host:terraform", ["vm-host"])
+
+    refused = trust.sync_relation_certificates(
+        {"maas/0": (a, ["vm-host"]), "maas/1": ("garbage", ["vm-host"])}
+    )
+
+    assert list(refused) == ["maas/1"]
+    assert sorted(c.name for c in trust.trusted()) == ["vm-host:maas/0", "vm-host:terraform"]
+    assert trust.sync_relation_certificates({}) == {}
+    assert [c.name for c in trust.trusted()] == ["vm-host:terraform"]
+    trust.issue_trust_token("pending", ["vm-host"])
+    assert trust.remove_managed() == ["vm-host:pending", "vm-host:terraform"]
+    assert trust.trusted() == []
+    assert fake.operations == {}
+
+
+def test_fake_lxd_token_is_the_lxd_5_0_format(fake_lxd):
+    _fake, trust = fake_lxd
+    trust.ensure_project("vm-host")
+
+    with pytest.raises(lxd_trust.LxdError, match="refused the token request"):
+        trust.issue_trust_token("maas", ["vm-host"])
+    trust.ensure_https("127.0.0.1", 8443)
+    token = trust.issue_trust_token("maas", ["vm-host"])
+
+    import json as json_module
+
+    decoded = json_module.loads(base64.b64decode(token))
+    assert decoded["client_name"] == "vm-host:maas"
+    assert decoded["secret"] == "s"
+    assert decoded["addresses"] == ["127.0.0.1:8443"]
+    with pytest.raises(InvalidRequestError, match="no '/'"):
+        trust.issue_trust_token("maas/0", ["vm-host"])
+    with pytest.raises(InvalidRequestError, match="at least one project"):
+        trust.issue_trust_token("maas", [])
+
+
+def test_fake_lxd_errors_become_lxd_errors(fake_lxd, tmp_path):
+    fake, trust = fake_lxd
+    fake.fail_next = "disk full"
+
+    with pytest.raises(lxd_trust.LxdError, match="disk full"):
+        trust.projects()
+    with pytest.raises(lxd_trust.LxdError, match="cannot be reached"):
+        lxd_trust.LxdTrust(str(tmp_path / "gone.socket")).projects()
