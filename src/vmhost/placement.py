@@ -47,10 +47,11 @@ Rules, and why they are what they are:
   NIC whose NUMA node the kernel does not report constrains nothing. Interfaces without a
   parent are resolved by the networks layer and not counted here.
 * Scoring. Among the node sets that fit: honour the NIC preference, then the smallest
-  distance sum, then keep whole free nodes whole, then best fit on 1G pages for 1G requests,
-  then break as few whole free cores as possible, then best fit on free CPUs and memory,
-  then the lowest node ids. Everything iterates in sorted order, so equal inputs give equal
-  plans.
+  distance sum, then keep whole free nodes whole, then keep 1G pages placeable (best fit on
+  1G pages for 1G requests; other requests stay off nodes with free 1G pages, whose CPUs a
+  1G request will need), then break as few whole free cores as possible, then best fit on
+  free CPUs and memory, then the lowest node ids. Everything iterates in sorted order, so
+  equal inputs give equal plans.
 * Speed. Node sets are never permuted: single nodes are scored one by one; spans enumerate
   combinations only while there are few of them, and otherwise grow sets greedily from every
   seed node by NUMA distance. Capacity bounds reject impossible requests before any search.
@@ -1009,14 +1010,18 @@ class _Search:
                 whole_nodes += 1
             left_cpus += pool - used
         left_units = sum(self.free[nd] - got for nd, got in zip(nodes, split, strict=True))
-        one_g_left = left_units if self.units.page_kib == PAGE_1G_KIB else 0
+        if self.units.page_kib == PAGE_1G_KIB:
+            one_g = left_units  # best fit on the scarce pages
+        else:
+            # Stay off nodes that still have free 1G pages: CPUs taken there strand them.
+            one_g = sum(host.pages_free(nd, PAGE_1G_KIB) for nd in nodes)
         prefer = self.sriov.prefer_nodes
         nic_miss = 0 if not prefer or any(nd in nodes for nd in prefer) else 1
         return (
             nic_miss,
             host.distance_sum(nodes),
             whole_nodes,
-            one_g_left,
+            one_g,
             broken,
             left_cpus,
             left_units * self.units.mib_per_unit,
