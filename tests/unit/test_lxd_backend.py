@@ -1,0 +1,503 @@
+"""The LXD instance definition for each kind of request, the ledger round trip and the readers.
+
+All pure: the definitions are compared with the exact config and devices LXD gets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vmhost.backends.lxd import (
+    KEY_INTERFACES,
+    KEY_OWNER,
+    KEY_PLACEMENT,
+    KEY_REQUEST_ID,
+    KEY_SPEC_HASH,
+    KEY_VOLUMES,
+    LxdBackend,
+    check_hugepage_size,
+    generate_mac,
+    instance_definition,
+    limits_cpu,
+    parse_memory_mib,
+    placement_from_limits,
+    record_from_instance,
+    vm_support_problem,
+    volume_name,
+)
+from vmhost.codec import placement_to_dict
+from vmhost.constraints import spec_hash
+from vmhost.lxd_resources import parse_resources
+from vmhost.model import (
+    AttachmentKind,
+    CellPlacement,
+    DiskSpec,
+    HostTopology,
+    InvalidRequestError,
+    NicAttachment,
+    Placement,
+    VfAssignment,
+    VmHostError,
+    VmSpec,
+    VmState,
+)
+
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "lxd-resources"
+TWO_NODES = parse_resources(
+    json.loads((FIXTURES / "maas-sample-x86_64-i7-4700mq-2numa-sriov.json").read_text())
+)
+BASE = {"security.secureboot": "false", "boot.autostart": "true"}
+ROOT = {"type": "disk", "path": "/", "pool": "default", "size": "20GB"}
+
+
+def spec(**kw: Any) -> VmSpec:
+    values: dict[str, Any] = {
+        "name": "web-1",
+        "vcpus": 2,
+        "memory_mib": 2048,
+        "disks": (DiskSpec("root", 20),),
+    }
+    values.update(kw)
+    return VmSpec(**values)
+
+
+def pinned(cpus: tuple[int, ...], node: int = 0, memory: int = 2048) -> Placement:
+    return Placement(
+        vcpus=len(cpus),
+        memory_mib=memory,
+        cells=(CellPlacement(host_node=node, vcpus=len(cpus), memory_mib=memory, cpus=cpus),),
+        emulator_cpus=(1,),
+    )
+
+
+def plain(config: dict[str, str]) -> dict[str, str]:
+    """The config without the ledger keys (checked on their own)."""
+    return {k: v for k, v in config.items() if not k.startswith("user.vm-host.")}
+
+
+def test_shared_vm_without_nics_is_an_empty_vm_with_a_root_disk() -> None:
+    s = spec()
+    placement = Placement(vcpus=2, memory_mib=2048)
+    d = instance_definition(s, placement, [], "default")
+    assert d == {
+        "name": "web-1",
+        "type": "virtual-machine",
+        "description": "vm-host VM web-1 for action",
+        "profiles": [],
+        "source": {"type": "none"},
+        "config": {
+            **BASE,
+            "limits.cpu": "2",
+            "limits.memory": "2048MiB",
+            KEY_OWNER: "action",
+            KEY_REQUEST_ID: "",
+            KEY_SPEC_HASH: spec_hash(s),
+            KEY_PLACEMENT: json.dumps(
+                placement_to_dict(placement), sort_keys=True, separators=(",", ":")
+            ),
+            KEY_VOLUMES: "[]",
+            KEY_INTERFACES: "[]",
+        },
+        "devices": {"root": ROOT},
+    }
+
+
+def test_pinned_vm_gets_the_allocators_cpu_set_and_its_node() -> None:
+    d = instance_definition(spec(vcpus=4, pinned_count=4), pinned((2, 3, 6, 7)), [], "default")
+    assert plain(d["config"]) == {
+        **BASE,
+        "limits.cpu": "2,3,6,7",
+        "limits.cpu.nodes": "0",
+        "limits.memory": "2048MiB",
+    }
+
+
+def test_one_pinned_cpu_is_written_as_a_range_not_a_count() -> None:
+    assert limits_cpu(pinned((5,))) == "5-5"
+    assert limits_cpu(Placement(vcpus=5, memory_mib=64)) == "5"
+
+
+def test_hugepage_backed_shared_vm() -> None:
+    placement = Placement(
+        vcpus=2,
+        memory_mib=2048,
+        cells=(
+            CellPlacement(
+                host_node=1, vcpus=2, memory_mib=2048, hugepage_size_kib=2048, hugepages=1024
+            ),
+        ),
+    )
+    d = instance_definition(spec(), placement, [], "default")
+    assert plain(d["config"]) == {
+        **BASE,
+        "limits.cpu": "2",
+        "limits.cpu.nodes": "1",
+        "limits.memory": "2048MiB",
+        "limits.memory.hugepages": "true",
+    }
+
+
+def test_multi_node_pinned_vm_spans_both_nodes() -> None:
+    placement = Placement(
+        vcpus=4,
+        memory_mib=4096,
+        cells=(
+            CellPlacement(host_node=0, vcpus=2, memory_mib=2048, cpus=(0, 1)),
+            CellPlacement(host_node=1, vcpus=2, memory_mib=2048, cpus=(4, 5)),
+        ),
+    )
+    d = instance_definition(spec(vcpus=4, pinned_count=4, numa_nodes=2), placement, [], "default")
+    assert plain(d["config"]) == {
+        **BASE,
+        "limits.cpu": "0,1,4,5",
+        "limits.cpu.nodes": "0-1",
+        "limits.memory": "4096MiB",
+    }
+
+
+def test_bridged_macvlan_and_sriov_nics_boot_from_the_network_without_image() -> None:
+    nics = [
+        NicAttachment("0", AttachmentKind.BRIDGE, "br0", guest_name="eth0"),
+        NicAttachment("data", AttachmentKind.DIRECT, "bond0", vlan=100, mac="00:16:3E:00:00:0A"),
+        NicAttachment("fast", AttachmentKind.HOSTDEV, "enp5s0f0", vlan=200),
+    ]
+    placement = Placement(vcpus=2, memory_mib=2048, vfs=(VfAssignment("enp5s0f0"),))
+    d = instance_definition(spec(), placement, nics, "default")
+    mac0 = generate_mac("web-1", "0")
+    mac2 = generate_mac("web-1", "fast")
+    assert d["devices"] == {
+        "root": ROOT,
+        "eth0": {
+            "type": "nic",
+            "nictype": "bridged",
+            "parent": "br0",
+            "hwaddr": mac0,
+            "boot.priority": "13",
+        },
+        "data": {
+            "type": "nic",
+            "nictype": "macvlan",
+            "parent": "bond0",
+            "hwaddr": "00:16:3e:00:00:0a",
+            "vlan": "100",
+            "boot.priority": "12",
+        },
+        "fast": {
+            "type": "nic",
+            "nictype": "sriov",
+            "parent": "enp5s0f0",
+            "hwaddr": mac2,
+            "vlan": "200",
+            "boot.priority": "11",
+        },
+    }
+    assert plain(d["config"]) == {
+        **BASE,
+        "limits.cpu": "2",
+        "limits.memory": "2048MiB",
+        "volatile.eth0.hwaddr": mac0,
+        "volatile.data.hwaddr": "00:16:3e:00:00:0a",
+        "volatile.fast.hwaddr": mac2,
+    }
+    assert json.loads(d["config"][KEY_INTERFACES]) == [
+        {"label": "0", "mac": mac0, "attached-to": "br0"},
+        {"label": "data", "mac": "00:16:3e:00:00:0a", "attached-to": "bond0"},
+        {"label": "fast", "mac": mac2, "attached-to": "enp5s0f0"},
+    ]
+    assert mac0.startswith("00:16:3e:")
+    assert mac0 == generate_mac("web-1", "0")
+
+
+def test_extra_disks_are_custom_volumes_in_their_pools() -> None:
+    s = spec(disks=(DiskSpec("root", 20), DiskSpec("Data_1", 100, "ssd"), DiskSpec("logs", 5)))
+    d = instance_definition(s, Placement(vcpus=2, memory_mib=2048), [], "default")
+    assert d["devices"] == {
+        "root": ROOT,
+        "data-1": {"type": "disk", "pool": "ssd", "source": "web-1-data-1"},
+        "logs": {"type": "disk", "pool": "default", "source": "web-1-logs"},
+    }
+    assert json.loads(d["config"][KEY_VOLUMES]) == ["ssd/web-1-data-1", "default/web-1-logs"]
+    assert volume_name("web-1", "Data_1") == "web-1-data-1"
+
+
+def test_root_disk_in_its_own_pool() -> None:
+    s = spec(disks=(DiskSpec("root", 40, "fast"),))
+    d = instance_definition(s, Placement(vcpus=2, memory_mib=2048), [], "default")
+    assert d["devices"]["root"] == {"type": "disk", "path": "/", "pool": "fast", "size": "40GB"}
+
+
+def test_static_ip_goes_to_cloud_init_network_config_keyed_by_mac() -> None:
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMIanm1xVqZXAHMc2k3cQ2KZ4HqvbXNVHuUFuTDJ9WEq a@b"
+    nics = [
+        NicAttachment("eth0", AttachmentKind.BRIDGE, "br0", ip="10.0.5.9/24", guest_name="eth0"),
+        NicAttachment("eth1", AttachmentKind.BRIDGE, "br1", mac="00:16:3e:00:00:01"),
+    ]
+    s = spec(user_data="#cloud-config\npackages: [htop]\n", ssh_public_keys=(key,))
+    d = instance_definition(s, Placement(vcpus=2, memory_mib=2048), nics, "default")
+    network = yaml.safe_load(d["config"]["cloud-init.network-config"])
+    assert network == {
+        "version": 2,
+        "ethernets": {
+            "eth0": {
+                "match": {"macaddress": generate_mac("web-1", "eth0")},
+                "set-name": "eth0",
+                "addresses": ["10.0.5.9/24"],
+            },
+            "eth1": {
+                "match": {"macaddress": "00:16:3e:00:00:01"},
+                "set-name": "eth1",
+                "dhcp4": True,
+            },
+        },
+    }
+    user = d["config"]["cloud-init.user-data"]
+    assert user.startswith("#cloud-config\n")
+    assert yaml.safe_load(user) == {"packages": ["htop"], "ssh_authorized_keys": [key]}
+
+
+def test_no_cloud_init_keys_without_user_data_keys_or_static_addresses() -> None:
+    nics = [NicAttachment("eth0", AttachmentKind.BRIDGE, "br0")]
+    d = instance_definition(spec(), Placement(vcpus=2, memory_mib=2048), nics, "default")
+    assert not [k for k in d["config"] if k.startswith("cloud-init.")]
+
+
+def test_image_alias_or_fingerprint_and_no_network_boot() -> None:
+    nics = [NicAttachment("eth0", AttachmentKind.BRIDGE, "br0")]
+    d = instance_definition(
+        spec(image="jammy-vm"), Placement(vcpus=2, memory_mib=2048), nics, "default"
+    )
+    assert d["source"] == {"type": "image", "alias": "jammy-vm"}
+    assert "boot.priority" not in d["devices"]["eth0"]
+    fp = "a" * 64
+    d = instance_definition(spec(image=fp), Placement(vcpus=2, memory_mib=2048), [], "default")
+    assert d["source"] == {"type": "image", "fingerprint": fp}
+
+
+@pytest.mark.parametrize(
+    ("kw", "nics", "field"),
+    [
+        ({"name": "Bad_Name"}, [], "name"),
+        ({"image": "/var/lib/images/jammy.img"}, [], "image"),
+        ({"image": "has space"}, [], "image"),
+        ({"disks": ()}, [], "storage"),
+        ({"disks": (DiskSpec("root", 20, "Bad/Pool"),)}, [], "storage[root].pool"),
+        ({}, [NicAttachment("eth0", AttachmentKind.BRIDGE, "br0;rm")], "interfaces[eth0].source"),
+        (
+            {},
+            [NicAttachment("eth0", AttachmentKind.BRIDGE, "br0", mac="zz:00:00:00:00:00")],
+            "interfaces[eth0].mac",
+        ),
+        ({}, [NicAttachment("eth0", AttachmentKind.BRIDGE, "br0", vlan=5000)], "interfaces[eth0]"),
+        ({}, [NicAttachment("root", AttachmentKind.BRIDGE, "br0")], "interfaces[root]"),
+    ],
+)
+def test_bad_names_are_refused_with_the_field(
+    kw: dict[str, Any], nics: list[NicAttachment], field: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        instance_definition(spec(**kw), Placement(vcpus=2, memory_mib=2048), nics, "default")
+    assert info.value.field.startswith(field)
+
+
+def test_bad_default_pool_is_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="default-storage-pool"):
+        instance_definition(spec(), Placement(vcpus=2, memory_mib=2048), [], "../x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ledger round trip
+
+
+def instance_from(definition: dict[str, Any], status: str = "Stopped") -> dict[str, Any]:
+    """What LXD returns for an instance created from a definition (plus its volatile keys)."""
+    return {
+        "name": definition["name"],
+        "type": definition["type"],
+        "status": status,
+        "project": "vm-host",
+        "config": {
+            **definition["config"],
+            "volatile.uuid": "6f1c0a0e-0000-4000-8000-000000000001",
+        },
+        "expanded_config": definition["config"],
+        "devices": definition["devices"],
+        "expanded_devices": definition["devices"],
+    }
+
+
+def no_topology() -> HostTopology:
+    raise AssertionError("a managed instance must not need the host map")
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [
+        Placement(vcpus=2, memory_mib=2048),
+        pinned((2, 3, 6, 7)),
+        Placement(
+            vcpus=4,
+            memory_mib=4096,
+            cells=(
+                CellPlacement(0, 2, 2048, (1, 0), hugepage_size_kib=2048, hugepages=1024),
+                CellPlacement(1, 2, 2048, (5, 4), hugepage_size_kib=2048, hugepages=1024),
+            ),
+            emulator_cpus=(2, 3),
+            vfs=(VfAssignment("eth0", 2),),
+        ),
+    ],
+)
+def test_ledger_round_trip(placement: Placement) -> None:
+    s = spec(
+        vcpus=placement.vcpus,
+        owner="relation:7:consumer",
+        request_id="db-0",
+        disks=(DiskSpec("root", 20), DiskSpec("data", 10, "ssd")),
+    )
+    nics = [NicAttachment("eth0", AttachmentKind.BRIDGE, "br0")]
+    d = instance_definition(s, placement, nics, "default")
+    record = record_from_instance(instance_from(d, "Running"), no_topology, "vm-host")
+    assert record.managed
+    assert record.name == "web-1"
+    assert record.uuid == "6f1c0a0e-0000-4000-8000-000000000001"
+    assert record.state is VmState.RUNNING
+    assert record.placement == placement
+    assert record.owner == "relation:7:consumer"
+    assert record.request_id == "db-0"
+    assert record.spec_hash == spec_hash(s)
+    assert record.volumes == ("ssd/web-1-data",)
+    assert record.interfaces == (
+        {"label": "eth0", "mac": generate_mac("web-1", "eth0"), "attached-to": "br0"},
+    )
+
+
+def test_ledger_keys_in_another_project_are_not_ours() -> None:
+    d = instance_definition(spec(), pinned((0, 1)), [], "default")
+    instance = instance_from(d) | {"project": "default"}
+    record = record_from_instance(instance, lambda: TWO_NODES, "vm-host")
+    assert not record.managed
+    assert record.name == "default/web-1"
+    assert record.placement.pinned_cpus == (0, 1)
+
+
+def test_unreadable_ledger_placement_falls_back_to_the_limits() -> None:
+    d = instance_definition(spec(), pinned((4, 5)), [], "default")
+    instance = instance_from(d)
+    instance["config"][KEY_PLACEMENT] = "{not json"
+    record = record_from_instance(instance, lambda: TWO_NODES, "vm-host")
+    assert record.managed
+    assert record.placement.pinned_cpus == (4, 5)
+    assert record.placement.host_nodes == (1,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Instances vm-host did not create
+
+
+def foreign(config: dict[str, str], kind: str = "virtual-machine") -> dict[str, Any]:
+    return {
+        "name": "other",
+        "type": kind,
+        "status": "Stopped",
+        "project": "vm-host",
+        "config": config,
+        "expanded_config": config,
+        "expanded_devices": {
+            "eth0": {"type": "nic", "nictype": "bridged", "parent": "br0"},
+            "root": {"type": "disk", "path": "/", "pool": "default"},
+        },
+    }
+
+
+def test_foreign_pinned_instance_is_split_by_the_nodes_of_its_cpus() -> None:
+    cfg = {
+        "limits.cpu": "0,4-5",
+        "limits.memory": "3GiB",
+        "volatile.eth0.hwaddr": "00:16:3e:1:2:3",
+    }
+    record = record_from_instance(foreign(cfg), lambda: TWO_NODES, "vm-host")
+    assert not record.managed
+    assert record.owner == ""
+    assert record.placement == Placement(
+        vcpus=3,
+        memory_mib=3072,
+        cells=(
+            CellPlacement(host_node=0, vcpus=1, memory_mib=1024, cpus=(0,)),
+            CellPlacement(host_node=1, vcpus=2, memory_mib=2048, cpus=(4, 5)),
+        ),
+    )
+    assert record.interfaces == ({"label": "eth0", "mac": "00:16:3e:1:2:3", "attached-to": "br0"},)
+
+
+def test_foreign_counts_defaults_and_hugepages() -> None:
+    assert placement_from_limits({"limits.cpu": "4"}, "virtual-machine", no_topology) == (
+        Placement(vcpus=4, memory_mib=1024)
+    )
+    assert placement_from_limits({}, "virtual-machine", no_topology) == Placement(1, 1024)
+    assert placement_from_limits({}, "container", no_topology) == Placement(0, 0)
+    huge = placement_from_limits(
+        {
+            "limits.cpu": "2",
+            "limits.memory": "1GiB",
+            "limits.memory.hugepages": "true",
+            "limits.cpu.nodes": "1",
+        },
+        "virtual-machine",
+        lambda: TWO_NODES,
+    )
+    assert huge == Placement(
+        vcpus=2,
+        memory_mib=1024,
+        cells=(CellPlacement(1, 2, 1024, (), hugepage_size_kib=2048, hugepages=512),),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "mib"),
+    [
+        ("512MiB", 512),
+        ("2GB", 1907),
+        ("1073741824", 1024),
+        ("1.5GiB", 1536),
+        ("50%", 7959),
+        ("", None),
+        ("lots", None),
+    ],
+)
+def test_parse_memory(text: str, mib: int | None) -> None:
+    total = sum(n.memory_kib for n in TWO_NODES.nodes) // 1024
+    assert parse_memory_mib(text, lambda: total) == mib
+
+
+# ---------------------------------------------------------------------------------------------
+# Host checks
+
+
+def test_vm_support_from_the_server_environment() -> None:
+    problem = vm_support_problem({"environment": {"driver": "lxc", "server_version": "5.0.2"}})
+    assert problem is not None
+    assert "qemu" in problem
+    assert "lxc" in problem
+    assert vm_support_problem({"environment": {"driver": "lxc | qemu"}}) is None
+    typed = {"environment": {"driver": "lxc | qemu", "instance_types": ["container"]}}
+    assert vm_support_problem(typed) is not None
+
+
+def test_hugepage_size_must_be_the_host_default() -> None:
+    cell = CellPlacement(0, 2, 2048, hugepage_size_kib=1048576, hugepages=2)
+    with pytest.raises(VmHostError, match="default huge page size"):
+        check_hugepage_size(Placement(2, 2048, (cell,)), 2048)
+    check_hugepage_size(Placement(2, 2048, (cell,)), 1048576)
+    check_hugepage_size(Placement(2, 2048), 2048)
+
+
+def test_constructor_validates_the_project_and_contacts_nothing() -> None:
+    backend = LxdBackend("vm-host", socket_path="/nonexistent/unix.socket")
+    assert backend.name == "lxd"
+    assert backend.project == "vm-host"
+    with pytest.raises(InvalidRequestError, match="lxd-project"):
+        LxdBackend("Bad Project")
