@@ -307,3 +307,16 @@ def test_requirer_reads_each_hosts_access_and_skips_bad_ones():
     assert seen[1].url == "https://10.0.0.5:8443"
     assert seen[1].server_certificate == PEM
     assert seen[1].project == "vm-host"
+
+
+def test_requirer_relation_helper_takes_models_too():
+    ctx = testing.Context(ProviderCharm, meta=PROVIDER_META)
+    relation = lib.requirer_relation(
+        {0: lib.RequirerUnitData(ssh_public_key=KEY, projects=["maas"])}, remote_app_name="tf"
+    )
+
+    with ctx(ctx.on.update_status(), testing.State(relations={relation})) as mgr:
+        clients = mgr.charm.access.clients
+        mgr.run()
+
+    assert [(c.unit, c.ssh_public_key, c.projects) for c in clients] == [("tf/0", KEY, ("maas",))]
