@@ -18,7 +18,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -72,6 +74,7 @@ def side_stats(
 ) -> dict[str, Any]:
     """Summarise one allocator's answers to one trace."""
     kinds = {r.id: r.kind for r in trace.requests}
+    vcpus = {r.id: r.vcpus for r in trace.requests}
     counted = results[trace.warmup_arrivals :]
     per_kind_total = Counter(kinds[r["id"]] for r in counted)
     per_kind_rej = Counter(kinds[r["id"]] for r in counted if not r["accepted"])
@@ -83,6 +86,8 @@ def side_stats(
         "counted": len(counted),
         "rejected": rejected,
         "rate": rejected / len(counted) if counted else 0.0,
+        "counted_vcpus": sum(vcpus[r["id"]] for r in counted),
+        "rejected_vcpus": sum(vcpus[r["id"]] for r in counted if not r["accepted"]),
         "per_kind": {
             k: {
                 "requests": per_kind_total[k],
@@ -240,10 +245,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 if req:
                     kinds[k] = {"requests": req, "rejected": rej, "rate": rej / req}
             utils = [s["first_rejection"]["utilisation"] for s in sel if s["first_rejection"]]
+            demand = sum(s["counted_vcpus"] for s in sel)
             row[side] = {
                 "counted": counted,
                 "rejected": rejected,
                 "rate": rejected / counted if counted else 0.0,
+                "vcpu_rate": sum(s["rejected_vcpus"] for s in sel) / demand if demand else 0.0,
                 "per_kind": kinds,
                 "mean_util_at_first_rejection": statistics.mean(utils) if utils else None,
                 "traces_without_rejection": sum(1 for s in sel if not s["first_rejection"]),
@@ -275,6 +282,28 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def load_table(title: str, summary: dict[str, Any]) -> list[str]:
+    """Markdown table of rejection rates and first-rejection utilisation per load."""
+    lines = [
+        f"## {title}",
+        "",
+        "| load | vm-host | nova | fewer rejections (relative) | vCPUs rejected vm-host / nova "
+        "| vm-host util. at 1st rejection | nova util. at 1st rejection |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for load, row in summary.items():
+        red = row["relative_reduction"]
+        lines.append(
+            f"| {load} | {pct(row['ours']['rate'])} | {pct(row['nova']['rate'])} | "
+            f"{'-' if red is None else f'{100 * red:+.0f}%'} | "
+            f"{pct(row['ours']['vcpu_rate'])} / {pct(row['nova']['vcpu_rate'])} | "
+            f"{pct(row['ours']['mean_util_at_first_rejection'])} | "
+            f"{pct(row['nova']['mean_util_at_first_rejection'])} |"
+        )
+    lines.append("")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Render the report as Markdown tables."""
     meta = report["meta"]
@@ -285,27 +314,23 @@ def markdown(report: dict[str, Any]) -> str:
         f"(seed {meta['seed']}, {meta['arrivals']} arrivals per trace, "
         f"{len(report['hosts'])} hosts x {len(meta['loads'])} loads, "
         f"{meta['duration_s']:.0f} s on {meta['cpus']} CPUs).",
+        f"vm-host allocator: src/vmhost/placement.py at {meta['placement']}.",
         "",
-        "## Rejection rate per offered load (all hosts pooled, warm-up excluded)",
-        "",
-        "| load | vm-host | nova | fewer rejections (relative) | vm-host util. at 1st rejection "
-        "| nova util. at 1st rejection |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for load, row in report["summary"].items():
-        red = row["relative_reduction"]
-        lines.append(
-            f"| {load} | {pct(row['ours']['rate'])} | {pct(row['nova']['rate'])} | "
-            f"{'-' if red is None else f'{100 * red:+.0f}%'} | "
-            f"{pct(row['ours']['mean_util_at_first_rejection'])} | "
-            f"{pct(row['nova']['mean_util_at_first_rejection'])} |"
-        )
+    lines += load_table(
+        "Rejection rate per offered load (all hosts pooled, warm-up excluded)", report["summary"]
+    )
+    lines += load_table(
+        "Synthetic SMT hosts only (pooled)",
+        report["summary_synthetic"],
+    )
     lines += [
         "",
+        "vCPUs rejected: share of the requested vCPUs (not requests) that were turned away. "
         "Utilisation at first rejection: pinned CPUs / host CPUs just before the first request "
         "that was turned away, averaged over the traces that had a rejection.",
         "",
-        "## Rejection rate per request kind (vm-host / nova)",
+        "## Rejection rate per request kind, all hosts pooled (vm-host / nova)",
         "",
         "| load | " + " | ".join(KINDS) + " |",
         "| ---: | " + " | ".join("---:" for _ in KINDS) + " |",
@@ -446,6 +471,28 @@ def plot(report: dict[str, Any], path: Path) -> None:
 # Main
 
 
+def placement_version() -> str:
+    """The last commit of src/vmhost/placement.py, marked when the working copy differs."""
+    git = shutil.which("git")
+    repo = Path(__file__).resolve().parents[1]
+    if git is None:
+        return "unknown"
+    path = "src/vmhost/placement.py"
+    log = subprocess.run(
+        [git, "-C", str(repo), "log", "-1", "--format=%h %s", "--", path],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        [git, "-C", str(repo), "status", "--porcelain", "--", path],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return (log or "uncommitted") + (" (+ uncommitted changes)" if dirty else "")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Compare vm-host's allocator with the real nova NUMA fitter."
@@ -508,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "meta": {
             "nova_version": nova_version,
+            "placement": placement_version(),
             "seed": args.seed,
             "repeats": args.repeats,
             "quick": args.quick,
@@ -537,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
             for h in hosts
         ],
         "summary": summary,
+        "summary_synthetic": summarise(
+            [r for r in runs if r["host"] in {h.name for h in synthetic}]
+        ),
         "latency": latency_by_host(runs),
         "rejection_time": reject_rows,
         "runs": runs,
