@@ -802,19 +802,21 @@ class LxdBackend:
         return {url.rsplit("/", 1)[1] for url in self._call("GET", "/1.0/storage-pools")}
 
     def ensure_pool(self, name: str, path: str) -> None:
-        """Create a `dir` storage pool at `path` when no pool of that name exists."""
+        """Create a `dir` storage pool at `path` (made when missing) unless the pool exists."""
         validate_name(name, "default-storage-pool")
         if not path.startswith("/"):
             raise InvalidRequestError("storage pool path", f"{path!r} must be an absolute path")
         if name in self._pool_names():
             return
         try:
+            # LXD wants the directory of a dir pool to exist (and be empty).
+            Path(path).mkdir(mode=0o711, parents=True, exist_ok=True)
             self._call(
                 "POST",
                 "/1.0/storage-pools",
                 {"name": name, "driver": "dir", "config": {"source": path}},
             )
-        except LxdError as e:
+        except (LxdError, OSError) as e:
             raise VmHostError(f"storage pool {name}: create at {path} failed: {e}") from e
         logger.info("created LXD storage pool %s at %s", name, path)
 
