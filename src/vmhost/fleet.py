@@ -37,7 +37,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,13 +69,16 @@ __all__ = [
     "WIRE_VERSION",
     "Assignment",
     "Changes",
+    "Desired",
     "HostReport",
     "RequestKey",
     "answer_for",
+    "answers_by_relation",
     "assign",
     "assignment_from_json",
     "assignment_to_json",
     "collect_reports",
+    "composed_keys",
     "host_report",
     "parse_host_report",
     "parse_owner",
@@ -164,6 +167,10 @@ class RequestKey:
         return f"{self.app}/{self.request_id} (relation {self.relation_id})"
 
 
+Desired = Mapping[RequestKey, VmSpec]
+"""The valid requests a unit should host, each with its built VmSpec."""
+
+
 def request_key_of(vm: VmRecord) -> RequestKey | None:
     """Return the request a VM was composed for, or None for action and foreign VMs."""
     if not vm.managed:
@@ -172,6 +179,11 @@ def request_key_of(vm: VmRecord) -> RequestKey | None:
     if parsed is None or not REQUEST_ID_PATTERN.fullmatch(vm.request_id):
         return None
     return RequestKey(parsed[0], parsed[1], vm.request_id)
+
+
+def composed_keys(vms: Iterable[VmRecord]) -> frozenset[RequestKey]:
+    """The relation requests these VMs were composed for (for this unit's host report)."""
+    return frozenset(k for k in map(request_key_of, vms) if k is not None)
 
 
 def vm_name(key: RequestKey, *, max_length: int = VM_NAME_MAX) -> str:
@@ -250,7 +262,7 @@ def _check_desired(desired: Mapping[RequestKey, VmSpec]) -> None:
 
 
 def plan_changes(
-    desired: Mapping[RequestKey, VmSpec],
+    desired: Desired,
     existing: Sequence[VmRecord],
     *,
     release_policy: str,
@@ -417,6 +429,44 @@ def answer_for(
     if vm is not None:
         answer.update(_vm_details(vm, spec, power_type, power_address))
     return answer
+
+
+def answers_by_relation(
+    keys: Iterable[RequestKey],
+    vms: Mapping[RequestKey, VmRecord],
+    *,
+    specs: Mapping[RequestKey, VmSpec] | None = None,
+    errors: Mapping[RequestKey, str] | None = None,
+    power_type: str = "virsh",
+    power_address: str | None = None,
+) -> dict[int, list[dict[str, Any]]]:
+    """Build every answer this unit publishes, grouped by relation id, each list by id.
+
+    Args:
+        keys: the requests to answer: those assigned to this unit, plus (leader) those with an
+            error that no unit hosts (unplaced or invalid).
+        vms: request -> its VM on this host (Changes.existing after composing, or
+            `request_key_of` over the refreshed VM list).
+        specs: request -> its spec, for names of pending requests and static addresses.
+        errors: request -> error text (Changes.errors, compose failures, assignment reasons).
+        power_type: "virsh" or "lxd".
+        power_address: the libvirt URI or LXD URL managers use.
+    """
+    specs = specs or {}
+    errors = errors or {}
+    out: dict[int, list[dict[str, Any]]] = {}
+    for key in sorted(set(keys)):
+        out.setdefault(key.relation_id, []).append(
+            answer_for(
+                key,
+                vms.get(key),
+                errors.get(key),
+                spec=specs.get(key),
+                power_type=power_type,
+                power_address=power_address,
+            )
+        )
+    return out
 
 
 def _vm_details(

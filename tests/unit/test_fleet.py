@@ -22,10 +22,12 @@ from vmhost.fleet import (
     HostReport,
     RequestKey,
     answer_for,
+    answers_by_relation,
     assign,
     assignment_from_json,
     assignment_to_json,
     collect_reports,
+    composed_keys,
     host_report,
     parse_host_report,
     parse_owner,
@@ -795,3 +797,145 @@ def test_bad_assignment_data_gives_an_empty_assignment(text: str | None, reason:
     else:
         assert why is not None
         assert reason in why
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties and a whole round of the protocol
+
+
+owners = st.sampled_from(
+    ["action", "", "relation:1:app-a", "relation:2:app-b", "relation:3:gone", "relation:x:y"]
+)
+vm_records = st.builds(
+    VmRecord,
+    name=st.from_regex(r"\A[a-z][a-z0-9-]{0,8}[a-z0-9]\Z"),
+    uuid=st.just("u"),
+    state=st.just(VmState.RUNNING),
+    placement=st.just(Placement(vcpus=1, memory_mib=64)),
+    owner=owners,
+    request_id=st.sampled_from(["", "x", "y", "z"]),
+    spec_hash=st.just("0"),
+    managed=st.booleans(),
+)
+
+
+@given(
+    st.lists(vm_records, max_size=8, unique_by=lambda v: v.name),
+    st.sets(st.sampled_from([A_X, A_Y, B_Y, B_Z])),
+    st.sampled_from(["delete", "keep"]),
+)
+def test_only_relation_vms_of_dropped_requests_or_gone_relations_are_deleted(
+    existing: list[VmRecord], wanted: set[RequestKey], policy: str
+):
+    desired = {k: spec_for(k) for k in wanted}
+    changes = plan_changes(desired, existing, release_policy=policy, live_relation_ids={1, 2})
+    for vm in changes.to_delete:
+        parsed = parse_owner(vm.owner)
+        assert vm.managed
+        assert parsed is not None
+        assert request_key_of(vm) not in desired
+        assert parsed[0] in {1, 2} or policy == "delete"
+    outsiders = {vm.name for vm in existing if not vm.managed or parse_owner(vm.owner) is None}
+    assert not (touched(changes) - {s.name for _, s in changes.to_compose}) & outsiders
+    if policy == "keep":
+        assert all(parse_owner(vm.owner) != (3, "gone") for vm in changes.to_delete)
+
+
+def test_composed_keys_and_answers_by_relation():
+    vms = [record_of(spec_for(A_X)), record_of(spec_for(B_Y)), action_vm("ops")]
+    assert composed_keys(vms) == {A_X, B_Y}
+    by_key = {request_key_of(vm): vm for vm in vms if request_key_of(vm) is not None}
+    answers = answers_by_relation(
+        [B_Z, A_X, B_Y, A_Y],
+        by_key,  # type: ignore[arg-type]
+        specs={B_Z: spec_for(B_Z)},
+        errors={A_Y: "fits on no vm-host unit"},
+        power_address="qemu+ssh://virsh@10.0.0.5/system",
+    )
+    assert list(answers) == [1, 2]
+    assert [(a["id"], a["state"]) for a in answers[1]] == [("x", "running"), ("y", "failed")]
+    assert [(a["id"], a["state"]) for a in answers[2]] == [("y", "running"), ("z", "pending")]
+    assert answers[2][1]["name"] == "app-b-2-z"
+    for items in answers.values():
+        for item in items:
+            VmAnswer.model_validate(item)
+
+
+class Unit:
+    """One vm-host unit in a test: its host's VMs, composing what is assigned to it."""
+
+    def __init__(self, name: str, topology: HostTopology, hostname: str):
+        self.name, self.topology, self.hostname = name, topology, hostname
+        self.vms: list[VmRecord] = []
+
+    def report(self) -> str:
+        return host_report(
+            self.topology,
+            [vm.placement for vm in self.vms],
+            hostname=self.hostname,
+            composed=composed_keys(self.vms),
+        )
+
+    def reconcile(self, assignment_text: str, specs: Mapping[RequestKey, VmSpec]) -> Changes:
+        assignment, reason = assignment_from_json(assignment_text)
+        assert reason is None
+        mine = assignment.for_unit(self.name)
+        desired = {k: specs[k] for k in mine}
+        changes = plan_changes(
+            desired,
+            self.vms,
+            release_policy="delete",
+            live_relation_ids={k.relation_id for k in specs},
+            retain=set(specs) - mine,
+        )
+        gone = {vm.name for vm in changes.to_delete}
+        self.vms = [vm for vm in self.vms if vm.name not in gone]
+        for _key, spec in changes.to_compose:
+            placed = plan(self.topology, [vm.placement for vm in self.vms], spec, POLICY)
+            assert isinstance(placed, Placement)
+            self.vms.append(replace(record_of(spec), placement=placed))
+        return changes
+
+
+def leader_round(
+    units: Sequence[Unit], specs: Mapping[RequestKey, VmSpec], previous: str | None
+) -> str:
+    reports, problems = collect_reports({u.name: u.report() for u in units})
+    assert problems == {}
+    current, _ = assignment_from_json(previous)
+    requests = [(k, specs[k], None) for k in specs]
+    return assignment_to_json(assign(requests, reports, current.units, frozenset(), POLICY))
+
+
+def test_a_whole_round_composes_each_request_once_and_is_stable():
+    topology = host(cpus=8)
+    units = [Unit("vm-host/0", topology, "a"), Unit("vm-host/1", topology, "b")]
+    specs = {k: pinned(k, 5) for k in (A_X, A_Y, B_Y)}
+    text = leader_round(units, specs, None)
+    for unit in units:
+        unit.reconcile(text, specs)
+    hosted = sorted(vm.name for u in units for vm in u.vms)
+    # Two of the three 5-CPU requests fit (one per 8-CPU unit); the third is unplaced.
+    assert len(hosted) == 2
+    assert len(assignment_from_json(text)[0].unplaced) == 1
+    # The next round sees what was composed and changes nothing.
+    again = leader_round(units, specs, text)
+    assert again == text
+    for unit in units:
+        changes = unit.reconcile(again, specs)
+        assert changes.to_compose == ()
+        assert changes.to_delete == ()
+    # Withdraw one hosted request: only its VM goes, on its own unit.
+    hosted_key = next(iter(assignment_from_json(text)[0].units))
+    del specs[hosted_key]
+    text = leader_round(units, specs, again)
+    for unit in units:
+        unit.reconcile(text, specs)
+    assert len([vm for u in units for vm in u.vms]) == 1
+    assert hosted_key not in {request_key_of(vm) for u in units for vm in u.vms}
+    # The freed CPUs show in the next reports; the leader's next round places the third.
+    text = leader_round(units, specs, text)
+    for unit in units:
+        unit.reconcile(text, specs)
+    assert composed_keys(vm for u in units for vm in u.vms) == set(specs)
+    assert assignment_from_json(text)[0].unplaced == {}
