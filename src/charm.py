@@ -16,7 +16,8 @@ from typing import Literal
 import ops
 import pydantic
 
-from vmhost import constraints, host, networks, placement, report, settings
+from charms.vm_host.v0.vm_host_access import AccessInfo, VmHostAccessProvider
+from vmhost import access, constraints, host, networks, placement, report, settings
 from vmhost.backends import Backend, BackendUnavailableError
 from vmhost.model import (
     HostTopology,
@@ -145,6 +146,23 @@ class NameParams(pydantic.BaseModel):
     name: str
 
 
+class KeyParams(pydantic.BaseModel):
+    """Parameters of authorize-ssh-key."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    key: str
+
+
+class RevokeParams(pydantic.BaseModel):
+    """Parameters of revoke-ssh-key."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    key: str
+
+
 class _Snapshot:
     """What the hypervisor says right now; read once per hook, refreshed after changes."""
 
@@ -176,6 +194,8 @@ class VmHostCharm(ops.CharmBase):
         self._backend_error = ""
         self._snapshot_cache: _Snapshot | None = None
         self._backend_cache: Backend | None = None
+        self._access_problems: list[str] = []
+        self.access = VmHostAccessProvider(self, relation_name="access")
 
         for event in (
             self.on.install,
@@ -199,6 +219,8 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(self.on.delete_vm_action, self._on_delete_vm)
         framework.observe(self.on.list_vms_action, self._on_list_vms)
         framework.observe(self.on.show_resources_action, self._on_show_resources)
+        framework.observe(self.on.authorize_ssh_key_action, self._on_authorize_ssh_key)
+        framework.observe(self.on.revoke_ssh_key_action, self._on_revoke_ssh_key)
 
     # ----------------------------------------------------------------------------------------
     # Inputs
@@ -241,6 +263,7 @@ class VmHostCharm(ops.CharmBase):
             return
         first_time = isinstance(event, (ops.InstallEvent, ops.UpgradeCharmEvent))
         self._setup_host(config, install=first_time)
+        self._reconcile_access(config)
         snapshot = self._snapshot(config)
         if snapshot is None:
             logger.info("hypervisor not reachable yet: %s", self._backend_error)
@@ -277,6 +300,51 @@ class VmHostCharm(ops.CharmBase):
                 )
         self._setup_problem = "; ".join(problems)
 
+    def _access_address(self) -> str | None:
+        binding = self.model.get_binding("access")
+        address = binding.network.ingress_address if binding is not None else None
+        return str(address) if address is not None else None
+
+    def _reconcile_access(self, config: CharmConfig) -> None:
+        """Authorize exactly the SSH keys of config and related managers; publish the URI.
+
+        Keys added by the authorize-ssh-key action live in the managed block itself (tagged
+        with their source), so they survive every reconcile without unit state.
+        """
+        problems: list[str] = []
+        try:
+            user = access.ensure_user(config.libvirt_user)
+        except (VmHostError, InvalidRequestError) as exc:
+            self._access_problems = [f"libvirt-user: {exc}"]
+            return
+        if access.ensure_sshd_drop_in(config.libvirt_user):
+            host.reload_sshd()
+        try:
+            keys = access.parse_public_keys(config.ssh_authorized_keys, "config")
+        except InvalidRequestError as exc:
+            problems.append(str(exc))
+            keys = [k for k in access.current_keys(user) if k.source == "config"]
+        for client in self.access.clients:
+            if not client.ssh_public_key:
+                continue
+            try:
+                keys.append(access.parse_public_key(client.ssh_public_key, client.source))
+            except InvalidRequestError as exc:
+                logger.warning("not authorizing the key of %s: %s", client.unit, exc)
+        for bad in self.access.invalid_clients:
+            logger.warning("ignoring access request of %s: %s", bad.unit, bad.reason)
+        access.sync_keys(user, keys)
+        address = self._access_address()
+        if address is not None and self.access.relations:
+            self.access.sync(
+                AccessInfo(
+                    backend="libvirt",
+                    uri=access.libvirt_uri(config.libvirt_user, address),
+                    ssh_host_keys=access.ssh_host_public_keys(),
+                )
+            )
+        self._access_problems = problems
+
     # ----------------------------------------------------------------------------------------
     # Status
 
@@ -301,6 +369,8 @@ class VmHostCharm(ops.CharmBase):
             return
         if self._setup_problem:
             event.add_status(ops.BlockedStatus(f"{self._setup_problem}; lower `hugepages`"))
+        for problem in self._access_problems:
+            event.add_status(ops.BlockedStatus(f"{problem}; fix with juju config"))
         mapping = networks.parse_networks_config(config.networks)
         for problem in networks.check_networks_on_host(mapping, snapshot.topology.nics):
             event.add_status(ops.BlockedStatus(f"networks: {problem}"))
@@ -451,6 +521,40 @@ class VmHostCharm(ops.CharmBase):
             }
         )
 
+    def _on_authorize_ssh_key(self, event: ops.ActionEvent) -> None:
+        config = self._load_config()
+        if config is None:
+            event.fail(f"invalid config, nothing done: {self._config_error}")
+            return
+        params = event.load_params(KeyParams, errors="fail")
+        try:
+            user = access.ensure_user(config.libvirt_user)
+            key = access.authorize_key(user, params.key, params.name)
+        except (InvalidRequestError, VmHostError) as exc:
+            event.fail(f"key not authorized, nothing changed: {exc}")
+            return
+        address = self._access_address() or "<address>"
+        event.set_results(
+            {
+                "name": params.name,
+                "fingerprint": key.fingerprint,
+                "uri": access.libvirt_uri(config.libvirt_user, address),
+            }
+        )
+
+    def _on_revoke_ssh_key(self, event: ops.ActionEvent) -> None:
+        config = self._load_config()
+        if config is None:
+            event.fail(f"invalid config, nothing done: {self._config_error}")
+            return
+        params = event.load_params(RevokeParams, errors="fail")
+        try:
+            removed = access.revoke_key(config.libvirt_user, params.key)
+        except (InvalidRequestError, VmHostError) as exc:
+            event.fail(f"nothing revoked: {exc}")
+            return
+        event.set_results({"revoked": ", ".join(k.fingerprint for k in removed)})
+
     # ----------------------------------------------------------------------------------------
     # Removal
 
@@ -463,6 +567,9 @@ class VmHostCharm(ops.CharmBase):
         config = self._load_config()
         if config is None or config.backend != "libvirt":
             return
+        access.remove_access(config.libvirt_user)
+        if access.remove_sshd_drop_in():
+            host.reload_sshd()
         snapshot = self._snapshot(config)
         if snapshot is None:
             return

@@ -219,3 +219,24 @@ def set_hugepages(
     if granted < count:
         logger.warning("kernel granted %d of %d %d KiB huge pages", granted, count, size_kib)
     return granted
+
+
+def reload_sshd(systemd_run_dir: Path = SYSTEMD_RUN_DIR) -> bool:
+    """Reload sshd so a changed vm-host drop-in applies; returns whether it was reloaded.
+
+    Ubuntu names the unit "ssh", other distributions "sshd". Without systemd the sshd that
+    runs was started by someone else, who must reload it; that is logged, not forced.
+    """
+    if systemd_run_dir.is_dir():
+        from charmlibs import systemd
+
+        for unit in ("ssh", "sshd"):
+            try:
+                systemd.service_reload(unit)
+            except systemd.SystemdError:
+                continue
+            return True
+        logger.warning("could not reload ssh or sshd through systemd")
+        return False
+    logger.info("sshd drop-in changed; no systemd here, reload sshd to apply it")
+    return False

@@ -10,8 +10,9 @@ import pytest
 from ops import testing
 
 import charm
+import charms.vm_host.v0.vm_host_access as access_lib
 from fake_backend import FakeBackend
-from vmhost import host
+from vmhost import access, host
 from vmhost.model import PAGE_2M_KIB, VmHostError
 from vmhost.topology import parse_capabilities
 
@@ -67,6 +68,52 @@ class FakeHost:
         return count if self.granted is None else self.granted
 
 
+class FakeAccess:
+    """An authorized_keys file in memory, behind the real key parsing and rendering."""
+
+    def __init__(self):
+        self.text = (
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorOwnLineOutsideBlockAAAAAAAAAAA op\n"
+        )
+        self.users: list[str] = []
+        self.removed = False
+
+    def ensure_user(self, name="virsh"):
+        access.validate_user_name(name)
+        self.users.append(name)
+        return name
+
+    def current_keys(self, user):
+        return access.managed_keys(self.text)
+
+    def write(self, keys):
+        self.text = access.render_authorized_keys(
+            self.text, keys, command="/usr/bin/virt-ssh-helper qemu:///system"
+        )
+
+    def sync_keys(self, user, keys):
+        kept = [k for k in self.current_keys(user) if k.action_name is not None]
+        self.write([*keys, *kept])
+        return True
+
+    def authorize_key(self, user, key_text, name):
+        key = access.parse_public_key(key_text, f"action:{name}")
+        self.write([*self.current_keys(user), key])
+        return key
+
+    def revoke_key(self, user, wanted):
+        keys = self.current_keys(user)
+        gone = [k for k in keys if k.action_name == wanted or k.fingerprint == wanted]
+        if not gone:
+            raise access.InvalidRequestError("key", f"no key named {wanted!r}")
+        self.write([k for k in keys if k not in gone])
+        return gone
+
+    def remove_access(self, user):
+        self.removed = True
+        return False
+
+
 @pytest.fixture
 def fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
     fake = FakeHost()
@@ -74,6 +121,22 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
     monkeypatch.setattr(host, "write_if_changed", fake.write)
     monkeypatch.setattr(host, "ensure_libvirtd", fake.ensure)
     monkeypatch.setattr(host, "set_hugepages", fake.hugepages)
+    monkeypatch.setattr(host, "reload_sshd", lambda: False)
+    return fake
+
+
+@pytest.fixture(autouse=True)
+def fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
+    fake = FakeAccess()
+    monkeypatch.setattr(access, "ensure_user", fake.ensure_user)
+    monkeypatch.setattr(access, "current_keys", fake.current_keys)
+    monkeypatch.setattr(access, "sync_keys", fake.sync_keys)
+    monkeypatch.setattr(access, "authorize_key", fake.authorize_key)
+    monkeypatch.setattr(access, "revoke_key", fake.revoke_key)
+    monkeypatch.setattr(access, "remove_access", fake.remove_access)
+    monkeypatch.setattr(access, "ensure_sshd_drop_in", lambda user: False)
+    monkeypatch.setattr(access, "remove_sshd_drop_in", lambda: False)
+    monkeypatch.setattr(access, "ssh_host_public_keys", lambda: ["ssh-ed25519 AAAAhostkey"])
     return fake
 
 
@@ -338,3 +401,93 @@ def test_networks_mapping_to_missing_bridge_blocks(ctx, backend, fake_host):
     )
     assert isinstance(out.unit_status, testing.BlockedStatus)
     assert "br-missing" in out.unit_status.message
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypervisor access (libvirt over SSH)
+
+
+def ssh_key() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    public = ed25519.Ed25519PrivateKey.generate().public_key()
+    raw = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return raw.decode()
+
+
+def test_config_keys_are_authorized_and_operator_lines_survive(
+    ctx, backend, fake_host, fake_access
+):
+    key = ssh_key()
+    ctx.run(ctx.on.config_changed(), testing.State(config={"ssh-authorized-keys": key}))
+    managed = access.managed_keys(fake_access.text)
+    assert [(k.source, f"{k.key_type} {k.blob}") for k in managed] == [("config", key)]
+    assert "OperatorOwnLineOutsideBlock" in fake_access.text
+    assert f'restrict,command="/usr/bin/virt-ssh-helper qemu:///system" {key}' in fake_access.text
+
+
+def test_bad_config_key_blocks_naming_the_option(ctx, backend, fake_host, fake_access):
+    good = ssh_key()
+    state = ctx.run(ctx.on.config_changed(), testing.State(config={"ssh-authorized-keys": good}))
+    bad_state = testing.State(
+        config={"ssh-authorized-keys": f"{good}\nssh-ed25519 not-base64!"},
+        relations=state.relations,
+    )
+    out = ctx.run(ctx.on.config_changed(), bad_state)
+    assert isinstance(out.unit_status, testing.BlockedStatus)
+    assert "ssh-authorized-keys" in out.unit_status.message
+    # The keys that were authorized stay authorized until the option is fixed.
+    assert [k.source for k in access.managed_keys(fake_access.text)] == ["config"]
+
+
+def test_related_manager_key_is_authorized_and_uri_published(ctx, backend, fake_host, fake_access):
+    key = ssh_key()
+    relation = access_lib.requirer_relation({0: access_lib.requirer_databag(ssh_public_key=key)})
+    out = ctx.run(ctx.on.relation_changed(relation), testing.State(relations={relation}))
+    managed = access.managed_keys(fake_access.text)
+    assert [k.source for k in managed] == [f"relation:{relation.id}:manager/0"]
+    published = access_lib.published_from(out.get_relation(relation.id))
+    assert published.backend == "libvirt"
+    assert published.uri is not None
+    assert published.uri.startswith("qemu+ssh://virsh@") and published.uri.endswith("/system")
+    assert published.ssh_host_keys == ["ssh-ed25519 AAAAhostkey"]
+
+    # The manager leaves: exactly its key goes.
+    ctx.run(ctx.on.relation_broken(relation), testing.State(relations={relation}))
+    assert access.managed_keys(fake_access.text) == []
+
+
+def test_related_manager_with_bad_key_is_skipped(ctx, backend, fake_host, fake_access):
+    relation = access_lib.requirer_relation(
+        {0: access_lib.requirer_databag(ssh_public_key="ssh-ed25519 AAAA garbage")}
+    )
+    out = ctx.run(ctx.on.relation_changed(relation), testing.State(relations={relation}))
+    assert access.managed_keys(fake_access.text) == []
+    assert isinstance(out.unit_status, testing.ActiveStatus)
+
+
+def test_authorize_and_revoke_ssh_key_actions(ctx, backend, fake_host, fake_access):
+    key = ssh_key()
+    results = run_action(ctx, "authorize-ssh-key", {"name": "laptop", "key": key})
+    assert results["fingerprint"].startswith("SHA256:")
+    assert results["uri"].startswith("qemu+ssh://virsh@")
+    assert [k.action_name for k in access.managed_keys(fake_access.text)] == ["laptop"]
+    # A reconcile keeps action keys.
+    ctx.run(ctx.on.config_changed(), testing.State())
+    assert [k.action_name for k in access.managed_keys(fake_access.text)] == ["laptop"]
+    run_action(ctx, "revoke-ssh-key", {"key": "laptop"})
+    assert access.managed_keys(fake_access.text) == []
+
+
+def test_authorize_bad_key_fails_and_changes_nothing(ctx, backend, fake_host, fake_access):
+    before = fake_access.text
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "authorize-ssh-key", {"name": "laptop", "key": "ssh-rsa AAAA\nevil"})
+    assert "nothing changed" in failed.value.message
+    assert fake_access.text == before
+
+
+def test_remove_revokes_access(ctx, backend, fake_host, fake_access):
+    ctx.run(ctx.on.remove(), testing.State())
+    assert fake_access.removed
