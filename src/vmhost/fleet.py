@@ -15,20 +15,23 @@ any other VM is refused, never matched by name.
 VM names. A relation request gets ``<app>-<relation id>-<request id>`` ("pg-7-db-0"). Juju
 application names are hyphen-joined segments that each hold a letter, and relation ids are
 all digits, so the first all-digit segment marks where the app ends: two different
-(relation, app, request id) triples never give the same plain name. When the plain name
+(relation, app, request id) triples never give the same plain name, and the relation id
+keeps a re-related application's names apart from VMs its old relation left behind under
+release-policy keep. When the plain name
 would be longer than `VM_NAME_MAX` characters, would break the VM name rules, or the app
 name is not a Juju application name, the name becomes a readable stem cut short plus 10 hex
 digits of SHA-256 over the triple. `VM_NAME_MAX` is 48, not the 63 a name may have, so disk
 volumes (``<vm>-<label>``) keep room for labels of up to 14 characters. The output of
 `vm_name` for a given triple must never change between charm revisions (VMs are found by
 owner and request id, so a rename would not lose them, but the names are what operators and
-power drivers see).
+power drivers see). A hashed name could in theory equal another request's plain name; like
+any other clash with an existing name, `plan_changes` refuses it rather than compose.
 
 Multi-unit assignment. Every unit publishes a host report (topology, the placements of all
 its VMs, the requests it has composed) in its peer unit databag; the leader runs `assign` and
 writes the result to the peer application databag; each unit composes what is assigned to
 it. Assignments of composed requests never move; a request not yet composed moves only when
-its unit left, or no longer fits there.
+its unit left, its `host` pin no longer names that unit, or it no longer fits there.
 """
 
 from __future__ import annotations
