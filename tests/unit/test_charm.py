@@ -68,6 +68,10 @@ class FakeHost:
         return count if self.granted is None else self.granted
 
 
+OPERATOR_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorOwnLineOutsideBlock op\n"
+HELPER = "/usr/bin/virt-ssh-helper qemu:///system"
+
+
 class FakeAccess:
     """An authorized_keys file in memory, behind the real key parsing and rendering."""
 
@@ -450,7 +454,8 @@ def test_related_manager_key_is_authorized_and_uri_published(ctx, backend, fake_
     published = access_lib.published_from(out.get_relation(relation.id))
     assert published.backend == "libvirt"
     assert published.uri is not None
-    assert published.uri.startswith("qemu+ssh://virsh@") and published.uri.endswith("/system")
+    assert published.uri.startswith("qemu+ssh://virsh@")
+    assert published.uri.endswith("/system")
     assert published.ssh_host_keys == ["ssh-ed25519 AAAAhostkey"]
 
     # The manager leaves: exactly its key goes.
