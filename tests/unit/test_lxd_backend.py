@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
 
+from vmhost.backends import BackendUnavailableError
 from vmhost.backends.lxd import (
     KEY_INTERFACES,
     KEY_OWNER,
@@ -20,6 +22,7 @@ from vmhost.backends.lxd import (
     KEY_SPEC_HASH,
     KEY_VOLUMES,
     LxdBackend,
+    LxdVmUnsupportedError,
     check_hugepage_size,
     generate_mac,
     instance_definition,
@@ -33,6 +36,7 @@ from vmhost.backends.lxd import (
 from vmhost.codec import placement_to_dict
 from vmhost.constraints import spec_hash
 from vmhost.lxd_resources import parse_resources
+from vmhost.lxd_trust import LxdError
 from vmhost.model import (
     AttachmentKind,
     CellPlacement,
@@ -501,3 +505,236 @@ def test_constructor_validates_the_project_and_contacts_nothing() -> None:
     assert backend.project == "vm-host"
     with pytest.raises(InvalidRequestError, match="lxd-project"):
         LxdBackend("Bad Project")
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend's call sequence, on an in-memory LXD (the real daemon is in tests/integration)
+
+
+class FakeLxd:
+    """Just enough of LXD's API, in memory, to follow compose, delete, start and list."""
+
+    def __init__(self, driver: str = "lxc | qemu", extensions: tuple[str, ...] = ()):
+        self.driver = driver
+        self.extensions = list(extensions)
+        self.instances: dict[str, dict[str, Any]] = {}
+        self.volumes: dict[str, set[str]] = {"default": set(), "ssd": set()}
+        self.fail_start: str | None = None
+        self.calls: list[tuple[str, str]] = []
+        self.hugepages_size = 2 << 20
+
+    def projects(self) -> list[str]:
+        return ["default", "vm-host"]
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        url = urlsplit(path)
+        query = parse_qs(url.query)
+        parts = url.path.strip("/").split("/")[1:]
+        self.calls.append((method, url.path))
+        if parts == []:
+            return {
+                "environment": {"driver": self.driver, "server_version": "5.0.2"},
+                "api_extensions": self.extensions,
+            }
+        if parts == ["resources"]:
+            doc = json.loads(
+                (FIXTURES / "maas-sample-x86_64-i7-4700mq-2numa-sriov.json").read_text()
+            )
+            doc["memory"]["hugepages_size"] = self.hugepages_size
+            return doc
+        if parts[0] == "instances":
+            return self._instances(method, parts[1:], query, body)
+        if parts[0] == "storage-pools":
+            if len(parts) == 1:
+                return [f"/1.0/storage-pools/{p}" for p in self.volumes]
+            pool = parts[1]
+            if method == "GET":
+                return [
+                    f"/1.0/storage-pools/{pool}/volumes/custom/{v}" for v in self.volumes[pool]
+                ]
+            if method == "POST":
+                self.volumes[pool].add(body["name"])
+                return None
+            if parts[-1] not in self.volumes[pool]:
+                raise LxdError("Storage volume not found")
+            self.volumes[pool].remove(parts[-1])
+            return None
+        if parts[0] == "images":
+            return [{"fingerprint": "ab" * 32, "aliases": [{"name": "jammy-vm"}]}]
+        raise AssertionError(f"unexpected call {method} {path}")
+
+    def _instances(
+        self, method: str, parts: list[str], query: dict[str, list[str]], body: Any
+    ) -> Any:
+        if not parts:
+            if method == "POST":
+                self.instances[body["name"]] = {
+                    **body,
+                    "status": "Stopped",
+                    "project": "vm-host",
+                    "config": {**body["config"], "volatile.uuid": "uuid-" + body["name"]},
+                }
+                return None
+            if query.get("recursion") == ["1"]:
+                return list(self.instances.values())
+            return [f"/1.0/instances/{n}" for n in self.instances]
+        instance = self.instances[parts[0]]
+        if parts[1:] == ["state"]:
+            if method == "GET":
+                return {"status": instance["status"]}
+            if body["action"] == "start":
+                if self.fail_start:
+                    raise LxdError(f"LXD operation failed: {self.fail_start}")
+                instance["status"] = "Running"
+            else:
+                instance["status"] = "Stopped"
+            return None
+        if method == "DELETE":
+            if instance["status"] != "Stopped":
+                raise LxdError("Instance is running")
+            del self.instances[parts[0]]
+            return None
+        return instance
+
+
+def fake_backend(fake: FakeLxd) -> LxdBackend:
+    backend = LxdBackend("vm-host", socket_path="/nonexistent/unix.socket")
+    backend._client = fake  # type: ignore[assignment]
+    return backend
+
+
+TWO_CELLS = Placement(
+    vcpus=2,
+    memory_mib=2048,
+    cells=(CellPlacement(0, 1, 1024, (0,)), CellPlacement(1, 1, 1024, (4,))),
+)
+DISKS = (DiskSpec("root", 20), DiskSpec("data", 10, "ssd"))
+
+
+def test_compose_creates_volumes_then_the_instance_and_starts_it() -> None:
+    fake = FakeLxd(extensions=("numa_cpu_placement",))
+    s = spec(disks=DISKS, pinned_count=2, numa_nodes=2)
+    record = fake_backend(fake).compose(s, TWO_CELLS, [], "default")
+    assert fake.volumes["ssd"] == {"web-1-data"}
+    posted = fake.instances["web-1"]
+    expected = instance_definition(s, TWO_CELLS, [], "default")
+    assert {k: posted[k] for k in expected if k != "config"} == {
+        k: v for k, v in expected.items() if k != "config"
+    }
+    assert posted["config"]["limits.cpu.nodes"] == "0-1"
+    assert posted["status"] == "Running"
+    assert record.managed
+    assert record.state is VmState.RUNNING
+    assert record.placement == TWO_CELLS
+    assert record.volumes == ("ssd/web-1-data",)
+    order = [c for c in fake.calls if c[0] in ("POST", "PUT")]
+    assert order == [
+        ("POST", "/1.0/storage-pools/ssd/volumes/custom"),
+        ("POST", "/1.0/instances"),
+        ("PUT", "/1.0/instances/web-1/state"),
+    ]
+
+
+def test_compose_leaves_limits_cpu_nodes_out_where_lxd_lacks_the_extension() -> None:
+    fake = FakeLxd()
+    fake_backend(fake).compose(spec(pinned_count=2), TWO_CELLS, [], "default", start=False)
+    assert "limits.cpu.nodes" not in fake.instances["web-1"]["config"]
+    assert fake.instances["web-1"]["config"]["limits.cpu"] == "0,4"
+    assert fake.instances["web-1"]["status"] == "Stopped"
+
+
+def test_start_failure_removes_the_instance_and_the_volumes() -> None:
+    fake = FakeLxd()
+    fake.fail_start = "Failed to start device eth0: parent br9 not found"
+    with pytest.raises(VmHostError, match=r"starting the instance failed.*br9.*nothing was left"):
+        fake_backend(fake).compose(spec(disks=DISKS), Placement(2, 2048), [], "default")
+    assert fake.instances == {}
+    assert fake.volumes == {"default": set(), "ssd": set()}
+
+
+def test_no_qemu_driver_is_refused_at_start_with_the_reason_and_rolled_back() -> None:
+    fake = FakeLxd(driver="lxc")
+    with pytest.raises(LxdVmUnsupportedError, match="qemu driver is not operational"):
+        fake_backend(fake).compose(spec(disks=DISKS), Placement(2, 2048), [], "default")
+    assert ("PUT", "/1.0/instances/web-1/state") not in fake.calls
+    assert fake.instances == {}
+    assert fake.volumes["ssd"] == set()
+
+
+def test_refusals_before_anything_is_created() -> None:
+    fake = FakeLxd()
+    backend = fake_backend(fake)
+    backend.compose(spec(), Placement(2, 2048), [], "default", start=False)
+    with pytest.raises(VmHostError, match="already exists in LXD project"):
+        backend.compose(spec(disks=DISKS), Placement(2, 2048), [], "default")
+    fake.volumes["ssd"].add("web-2-data")
+    with pytest.raises(VmHostError, match="already exists in pool 'ssd'"):
+        backend.compose(spec(name="web-2", disks=DISKS), Placement(2, 2048), [], "default")
+    with pytest.raises(VmHostError, match="nopool does not exist"):
+        backend.compose(
+            spec(name="web-3", disks=(DiskSpec("root", 20, "nopool"),)),
+            Placement(2, 2048),
+            [],
+            "default",
+        )
+    with pytest.raises(VmHostError, match="not in LXD's image store"):
+        backend.compose(spec(name="web-4", image="focal"), Placement(2, 2048), [], "default")
+    huge = Placement(2, 2048, (CellPlacement(0, 2, 2048, (), 1048576, 2),))
+    with pytest.raises(VmHostError, match="default huge page size"):
+        backend.compose(spec(name="web-5"), huge, [], "default")
+    assert set(fake.instances) == {"web-1"}
+    assert fake.volumes == {"default": set(), "ssd": {"web-2-data"}}
+
+
+def test_image_from_the_store_is_found_by_alias_and_fingerprint() -> None:
+    fake = FakeLxd()
+    backend = fake_backend(fake)
+    backend.compose(spec(image="jammy-vm"), Placement(2, 2048), [], "default", start=False)
+    backend.compose(spec(name="web-2", image="abab" * 4), Placement(2, 2048), [], "default")
+    assert fake.instances["web-1"]["source"] == {"type": "image", "alias": "jammy-vm"}
+    assert fake.instances["web-2"]["source"]["fingerprint"] == "abab" * 4
+
+
+def test_delete_stops_and_removes_exactly_the_recorded_volumes() -> None:
+    fake = FakeLxd()
+    backend = fake_backend(fake)
+    backend.compose(spec(disks=DISKS), Placement(2, 2048), [], "default")
+    fake.volumes["ssd"].add("keep-me")
+    backend.delete("web-1")
+    assert fake.instances == {}
+    assert fake.volumes == {"default": set(), "ssd": {"keep-me"}}
+
+
+def test_delete_tolerates_a_volume_already_gone_and_refuses_foreign_instances() -> None:
+    fake = FakeLxd()
+    backend = fake_backend(fake)
+    backend.compose(spec(disks=DISKS), Placement(2, 2048), [], "default", start=False)
+    fake.volumes["ssd"].clear()
+    backend.delete("web-1")
+    assert fake.instances == {}
+    fake.instances["other"] = {"name": "other", "status": "Stopped", "config": {}}
+    with pytest.raises(VmHostError, match="not created by vm-host"):
+        backend.delete("other")
+    with pytest.raises(VmHostError, match="does not exist"):
+        backend.delete("ghost")
+    assert "other" in fake.instances
+
+
+def test_start_stop_and_list() -> None:
+    fake = FakeLxd()
+    backend = fake_backend(fake)
+    backend.compose(spec(), Placement(2, 2048), [], "default", start=False)
+    backend.start("web-1")
+    backend.start("web-1")  # already running: nothing to do
+    assert fake.instances["web-1"]["status"] == "Running"
+    backend.stop("web-1")
+    assert fake.instances["web-1"]["status"] == "Stopped"
+    (record,) = backend.list_vms()
+    assert (record.name, record.state, record.uuid) == ("web-1", VmState.STOPPED, "uuid-web-1")
+    assert backend.version() == "5.0.2"
+
+
+def test_unreachable_daemon_is_backend_unavailable() -> None:
+    backend = LxdBackend("vm-host", socket_path="/nonexistent/unix.socket")
+    with pytest.raises(BackendUnavailableError, match="is LXD running"):
+        backend.version()
