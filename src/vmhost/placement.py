@@ -47,11 +47,12 @@ Rules, and why they are what they are:
   NIC whose NUMA node the kernel does not report constrains nothing. Interfaces without a
   parent are resolved by the networks layer and not counted here.
 * Scoring. Among the node sets that fit: honour the NIC preference, then the smallest
-  distance sum, then keep whole free nodes whole, then keep 1G pages placeable (best fit on
-  1G pages for 1G requests; other requests stay off nodes with free 1G pages, whose CPUs a
-  1G request will need), then break as few whole free cores as possible, then best fit on
-  free CPUs and memory, then the lowest node ids. Everything iterates in sorted order, so
-  equal inputs give equal plans.
+  distance sum, then strand as few 1G pages as possible (pages left on a node with fewer
+  free CPUs than pages), then keep whole free nodes whole, then keep 1G pages placeable
+  (best fit on 1G pages for 1G requests; other requests stay off nodes with free 1G pages,
+  whose CPUs a 1G request will need), then break as few whole free cores as possible, then
+  best fit on free CPUs and memory, then the lowest node ids. Everything iterates in sorted
+  order, so equal inputs give equal plans.
 * Speed. Node sets are never permuted: single nodes are scored one by one; spans enumerate
   combinations only while there are few of them, and otherwise grow sets greedily from every
   seed node by NUMA distance. Capacity bounds reject impossible requests before any search.
@@ -1001,25 +1002,30 @@ class _Search:
         broken: int,
     ) -> tuple[object, ...]:
         host = self.host
+        is_1g = self.units.page_kib == PAGE_1G_KIB
         whole_nodes = 0
         left_cpus = 0
-        for nd, count in zip(nodes, counts, strict=True):
+        stranded = 0
+        one_g = 0
+        for nd, count, got in zip(nodes, counts, split, strict=True):
             pool = len(host.pool_on(nd))
             used = count if self.pinned else 0
             if pool == host.node_usable[nd] and used < pool:
                 whole_nodes += 1
             left_cpus += pool - used
+            pages_left = host.pages_free(nd, PAGE_1G_KIB) - (got if is_1g else 0)
+            # 1G pages left with fewer free CPUs than pages on their node cannot all be used
+            # even by the densest 1G VM (one page per vCPU): they would be stranded.
+            stranded += max(0, pages_left - (pool - used))
+            # 1G requests: best fit on the pages; others: stay off nodes with free 1G pages.
+            one_g += pages_left
         left_units = sum(self.free[nd] - got for nd, got in zip(nodes, split, strict=True))
-        if self.units.page_kib == PAGE_1G_KIB:
-            one_g = left_units  # best fit on the scarce pages
-        else:
-            # Stay off nodes that still have free 1G pages: CPUs taken there strand them.
-            one_g = sum(host.pages_free(nd, PAGE_1G_KIB) for nd in nodes)
         prefer = self.sriov.prefer_nodes
         nic_miss = 0 if not prefer or any(nd in nodes for nd in prefer) else 1
         return (
             nic_miss,
             host.distance_sum(nodes),
+            stranded,
             whole_nodes,
             one_g,
             broken,
