@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vmhost.lxd_resources import parse_network, parse_resources
 from vmhost.model import NicKind
@@ -204,3 +206,56 @@ def test_per_node_hugepages_and_memory_only_node() -> None:
 def test_bad_documents_are_refused(doc: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_resources(doc)
+
+
+@st.composite
+def resources_docs(draw: st.DrawFn) -> dict[str, Any]:
+    """Documents shaped like LXD's: sockets of cores of threads, some offline, some nodeless."""
+    next_id = 0
+    sockets = []
+    for socket_id in range(draw(st.integers(1, 2))):
+        cores = []
+        for core_id in range(draw(st.integers(1, 4))):
+            threads = []
+            for _ in range(draw(st.integers(1, 2))):
+                thread: dict[str, Any] = {"id": next_id, "online": draw(st.booleans())}
+                if draw(st.booleans()):
+                    thread["numa_node"] = draw(st.integers(0, 3))
+                threads.append(thread)
+                next_id += 1
+            cores.append({"core": core_id, "threads": threads})
+        sockets.append({"socket": socket_id, "cores": cores})
+    nodes = [
+        {
+            "numa_node": n,
+            "total": draw(st.integers(0, 1 << 40)),
+            "hugepages_total": 4,
+            "hugepages_used": draw(st.integers(0, 6)),
+        }
+        for n in sorted(draw(st.sets(st.integers(0, 3), max_size=4)))
+    ]
+    memory: dict[str, Any] = {"total": 1 << 34, "hugepages_size": 2 << 20}
+    if nodes:
+        memory["nodes"] = nodes
+    return {"cpu": {"architecture": "x86_64", "sockets": sockets}, "memory": memory}
+
+
+@given(resources_docs())
+def test_property_every_online_thread_once_with_consistent_siblings(doc: dict[str, Any]) -> None:
+    topo = parse_resources(doc)
+    online = {
+        t["id"]
+        for s in doc["cpu"]["sockets"]
+        for c in s["cores"]
+        for t in c["threads"]
+        if t["online"]
+    }
+    assert set(topo.cpus) == online
+    assert sum(len(n.cpus) for n in topo.nodes) == len(online)
+    for cpu in topo.cpus.values():
+        assert all(topo.cpus[s].siblings == cpu.siblings for s in cpu.siblings)
+        assert all(topo.cpus[s].core_key == cpu.core_key for s in cpu.siblings)
+    ids = [n.id for n in topo.nodes]
+    assert ids == sorted(set(ids))
+    for node in topo.nodes:
+        assert 0 <= node.hugepages_free.get(2048, 0) <= node.hugepages_total.get(2048, 0)
