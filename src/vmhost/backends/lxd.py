@@ -17,8 +17,9 @@ The same contract as the libvirt backend, on LXD virtual machines in one project
   A failure after that deletes the instance and every volume this call created.
 
 The daemon is reached through the unix-socket client of `vmhost.lxd_trust` (one client for the
-project). LXD names no VM NUMA cells: the guest sees one cell; the placement still records
-which host nodes and pages the VM takes, so the allocator's books stay exact.
+project). LXD has no key for guest NUMA cells or emulator threads: it lays the guest out
+itself from the pinned CPUs. The ledger still records the allocator's whole placement (cells,
+pages, emulator CPUs, VFs), so the allocator's books stay exact.
 """
 
 from __future__ import annotations
