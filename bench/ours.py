@@ -102,10 +102,12 @@ def replay(
     as the nova worker does: `plan` is pure, so the answers are identical.
     """
     requests = {r.id: r for r in trace.requests}
+    core_of = {c.id: c.siblings or (c.id,) for c in host.topology.cpus.values()}
     live: dict[int, Placement] = {}
     pinned = 0
     results = []
     violations: list[str] = []
+    shared_core_vms = 0
     for what, rid in trace.events:
         if what == "depart":
             gone = live.pop(rid, None)
@@ -125,6 +127,8 @@ def replay(
         if isinstance(answer, Placement):
             problems = check_placement(host, allocations, request, answer)
             violations.extend(f"request {rid}: {p}" for p in problems)
+            busy = {core_of[cpu] for p in allocations for cpu in p.pinned_cpus}
+            shared_core_vms += any(core_of[cpu] in busy for cpu in answer.pinned_cpus)
         results.append(
             {
                 "id": rid,
@@ -138,7 +142,12 @@ def replay(
         if isinstance(answer, Placement):
             live[rid] = answer
             pinned += len(answer.pinned_cpus)
-    return {"results": results, "violations": violations, "pinned_at_end": pinned}
+    return {
+        "results": results,
+        "violations": violations,
+        "pinned_at_end": pinned,
+        "shared_core_vms": shared_core_vms,
+    }
 
 
 def prefilled_allocations(

@@ -182,19 +182,23 @@ class Request:
         }
 
 
-def kind_sizes(host: BenchHost) -> dict[str, tuple[int, ...]]:
+def kind_sizes(host: BenchHost, odd: bool = False) -> dict[str, tuple[int, ...]]:
     """Return the vCPU sizes (drawn uniformly) of every kind this host can take at all.
 
     Sizes follow the host's node size C (CPUs of its smallest node with CPUs): small is 2;
     medium is 4, 6 or 8 when smaller than C; whole-node is exactly C; two-node is 2 x h with
     h = round(0.625 C) or round(0.75 C), always more than one node holds, so both allocators
     must span exactly two nodes; hugepage-1g is 2 or 4 vCPUs with one 1G page per vCPU.
+
+    With `odd`, small, medium and hugepage-1g sizes are one less (1, 3, 5, 7, 3): half-used
+    cores then appear, which is what the SMT policies are about.
     """
     c = host.node_cpus
+    less = 1 if odd else 0
     sizes: dict[str, tuple[int, ...]] = {}
     if c >= 2:
-        sizes["small"] = (2,)
-    medium = tuple(s for s in (4, 6, 8) if s < c)
+        sizes["small"] = (2 - less,)
+    medium = tuple(s - less for s in (4, 6, 8) if s < c)
     if medium:
         sizes["medium"] = medium
     sizes["whole-node"] = (c,)
@@ -202,7 +206,7 @@ def kind_sizes(host: BenchHost) -> dict[str, tuple[int, ...]]:
         halves = sorted({max(1, round(0.625 * c)), max(1, round(0.75 * c))})
         sizes["two-node"] = tuple(2 * h for h in halves if 2 * h > c)
     min_pages = min(n.hugepages_total.get(PAGE_1G_KIB, 0) for n in host.cpu_nodes)
-    huge = tuple(s for s in (2, 4) if s <= c and s <= min_pages)
+    huge = tuple(s - less for s in (2, 4) if s <= c and s <= min_pages)
     if huge:
         sizes["hugepage-1g"] = huge
     return {k: v for k, v in sizes.items() if v}
@@ -237,16 +241,16 @@ class Trace:
     """Arrivals before the host reaches steady state; replayed but not counted in rates."""
 
 
-def make_trace(host: BenchHost, load: float, arrivals: int, seed: int) -> Trace:
+def make_trace(host: BenchHost, load: float, arrivals: int, seed: int, odd: bool = False) -> Trace:
     """Draw a seeded trace whose offered load is `load` on `host`.
 
     Arrivals are Poisson with rate 1 and lifetimes exponential with mean T, so the mean
     demanded CPUs are T x mean request size (Little's law); T is chosen to make that equal
     to `load` x host CPUs. The first 3 T time units (at most 40% of the arrivals) are the
-    warm-up from an empty host.
+    warm-up from an empty host. `odd` draws the odd sizes of `kind_sizes`.
     """
-    rng = random.Random(f"vmhost-bench:{seed}:{host.name}:{load}")
-    sizes = kind_sizes(host)
+    rng = random.Random(f"vmhost-bench:{seed}:{host.name}:{load}" + (":odd" if odd else ""))
+    sizes = kind_sizes(host, odd)
     kinds = list(sizes)
     weights = [KIND_WEIGHTS[k] for k in kinds]
     mean_size = mean_request_cpus(sizes)
