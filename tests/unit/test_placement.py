@@ -485,6 +485,38 @@ def test_any_prefers_2m_and_keeps_1g_for_1g_requests() -> None:
     assert big.cells[0].hugepages == 3
 
 
+def pages_on(topo: HostTopology, pages: Mapping[int, Mapping[int, int]]) -> HostTopology:
+    """Give each listed node exactly these huge pages (others keep theirs)."""
+    nodes = tuple(
+        replace(n, hugepages_total=dict(pages[n.id]), hugepages_free=dict(pages[n.id]))
+        if n.id in pages
+        else n
+        for n in topo.nodes
+    )
+    return replace(topo, nodes=nodes)
+
+
+def test_non_1g_requests_stay_off_nodes_with_free_1g_pages() -> None:
+    topo = pages_on(make_host(), {0: {PAGE_1G_KIB: 4}, 1: {}})
+    p = ok(plan(topo, [], pinned(2), Policy()))
+    assert p.host_nodes == (1,)  # node 0's CPUs stay for 1G requests
+
+
+def test_scoring_avoids_stranding_1g_pages_before_keeping_nodes_whole() -> None:
+    topo = pages_on(make_host(), {0: {PAGE_1G_KIB: 4}, 1: {}})
+    allocs = place_all(topo, [replace(pinned(4), pinned_cpus=(0, 8, 1, 9))])
+    # Node 0 has 4 free CPUs and 4 free 1G pages; taking 2 of its CPUs would leave 4 pages
+    # with 2 CPUs, so the VM breaks the whole node 1 instead.
+    p = ok(plan(topo, allocs, pinned(2), Policy()))
+    assert p.host_nodes == (1,)
+
+
+def test_1g_requests_best_fit_on_pages() -> None:
+    topo = pages_on(make_host(), {0: {PAGE_1G_KIB: 4}, 1: {PAGE_1G_KIB: 2}})
+    p = ok(plan(topo, [], pinned(2, 2 * GIB, hugepages=HugepageRequest.P1G), Policy()))
+    assert p.host_nodes == (1,)  # node 0 keeps 4 pages for a larger 1G request
+
+
 def test_hugepage_memory_must_be_whole_pages() -> None:
     topo = make_host(pages={PAGE_1G_KIB: 4})
     rejected(
