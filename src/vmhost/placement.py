@@ -128,7 +128,9 @@ class NodeUsage:
     """Idle siblings of pinned threads under smt-policy isolate (count as used)."""
     cpus_shared_pool: int
     cpus_free_for_pinning: int
-    """The same CPUs as the shared pool: pinning takes them out of it."""
+    """Shared-pool CPUs a pinned VM could take here: the whole pool, or under smt-policy
+    require on an SMT host only the threads that still form sibling pairs. Host-wide,
+    `HostUsage.pinnable_cpus` also keeps what shared VMs need."""
     memory_total_mib: int
     """General memory (node memory minus huge pages)."""
     memory_reserved_mib: int
@@ -158,6 +160,8 @@ class HostUsage:
     cpu_overcommit_ratio: float
     memory_overcommit_ratio: float
     shared_pool_cpus: int
+    pinnable_cpus: int
+    """CPUs that may still leave the shared pool for pinning without overbooking shared VMs."""
     shared_vcpus_allocated: int
     shared_vcpus_capacity: int
     """floor(shared pool x cpu ratio)."""
@@ -393,6 +397,11 @@ class _Host:
 # Usage
 
 
+def _pairable(host: _Host, node: int) -> int:
+    """Free threads of a node that still form sibling pairs."""
+    return sum(sum(1 for t in core if t in host.pool) // 2 * 2 for core in host.node_cores[node])
+
+
 def usage(topology: HostTopology, allocations: Sequence[Placement], policy: Policy) -> HostUsage:
     """Report what the host has and what the allocations take.
 
@@ -434,7 +443,7 @@ def usage(topology: HostTopology, allocations: Sequence[Placement], policy: Poli
                 cpus_pinned=sum(1 for c in cpus if c in host.pinned),
                 cpus_held=sum(1 for c in cpus if c in host.held),
                 cpus_shared_pool=pool,
-                cpus_free_for_pinning=pool,
+                cpus_free_for_pinning=_pairable(host, node.id) if host.require else pool,
                 memory_total_mib=host.general_mib[node.id],
                 memory_reserved_mib=host.reserved_mib[node.id],
                 memory_bound_mib=host.bound_mib[node.id],
@@ -463,6 +472,7 @@ def usage(topology: HostTopology, allocations: Sequence[Placement], policy: Poli
         cpu_overcommit_ratio=policy.cpu_overcommit_ratio,
         memory_overcommit_ratio=policy.memory_overcommit_ratio,
         shared_pool_cpus=len(host.pool),
+        pinnable_cpus=host.pool_budget(),
         shared_vcpus_allocated=host.shared_vcpus,
         shared_vcpus_capacity=host.shared_capacity(len(host.pool)),
         memory_general_mib=host.general_total,
@@ -610,7 +620,7 @@ class _Planner:
         """Pinned vCPUs the node can take under the SMT policy."""
         if node not in self._caps:
             if self.host.require:
-                self._caps[node] = sum(len(free) // 2 * 2 for _, free in self.avail(node))
+                self._caps[node] = _pairable(self.host, node)
             else:
                 self._caps[node] = len(self.host.pool_on(node))
         return self._caps[node]

@@ -704,6 +704,31 @@ def test_usage_counts_and_summary() -> None:
     assert sum(h.allocated for n in u.nodes for h in n.hugepages) == 1
 
 
+def test_usage_free_for_pinning_follows_the_policy() -> None:
+    topo = make_host(nodes=1)
+    allocs = place_all(topo, [replace(pinned(1), pinned_cpus=(c,)) for c in (0, 1)])
+    assert usage(topo, allocs, Policy()).nodes[0].cpus_free_for_pinning == 6
+    # Under require only whole sibling pairs can still be pinned: cores 2 and 3.
+    assert usage(topo, allocs, Policy(smt_policy="require")).nodes[0].cpus_free_for_pinning == 4
+    # Under isolate the siblings of CPUs 0 and 1 are held idle.
+    isolated = usage(topo, allocs, Policy(smt_policy="isolate")).nodes[0]
+    assert (isolated.cpus_held, isolated.cpus_free_for_pinning) == (2, 4)
+
+
+def test_usage_pinnable_cpus_keep_what_shared_vms_need() -> None:
+    topo = make_host()
+    allocs = place_all(topo, [shared(10)], Policy(cpu_overcommit_ratio=2.0))
+    u = usage(topo, allocs, Policy(cpu_overcommit_ratio=2.0))
+    assert u.shared_pool_cpus == 16
+    assert u.pinnable_cpus == 11  # 5 CPUs x 2 carry the 10 shared vCPUs
+    ok(plan(topo, allocs, pinned(8, numa_nodes=2), Policy(cpu_overcommit_ratio=2.0)))
+    rejected(
+        plan(topo, allocs, pinned(12, numa_nodes=2), Policy(cpu_overcommit_ratio=2.0)),
+        "leave 4 CPUs x cpu ratio 2 = 8 vCPUs",
+        "already use 10",
+    )
+
+
 def test_plan_latency_on_a_2x24x2_host() -> None:
     topo = make_host(nodes=2, cores=24, mem_mib=256 * GIB)
     allocs = place_all(topo, [pinned(n) for n in (3, 5, 7, 4, 6, 2, 8)])
