@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import Literal
 
 import ops
 import pydantic
 
+from charms.vm_host.v0.vm_host import RelationRequests, VmHostProvider
 from charms.vm_host.v0.vm_host_access import AccessInfo, VmHostAccessProvider
-from vmhost import access, constraints, host, networks, placement, report, settings
+from vmhost import access, constraints, fleet, host, networks, placement, report, serve, settings
 from vmhost.backends import Backend, BackendUnavailableError
 from vmhost.model import (
     HostTopology,
@@ -27,6 +29,7 @@ from vmhost.model import (
     Rejection,
     VmHostError,
     VmRecord,
+    VmSpec,
 )
 
 logger = logging.getLogger(__name__)
@@ -196,6 +199,7 @@ class VmHostCharm(ops.CharmBase):
         self._backend_cache: Backend | None = None
         self._access_problems: list[str] = []
         self.access = VmHostAccessProvider(self, relation_name="access")
+        self.vms = VmHostProvider(self, relation_name="vms")
 
         for event in (
             self.on.install,
@@ -272,7 +276,126 @@ class VmHostCharm(ops.CharmBase):
             names = {pool.name for pool in snapshot.topology.pools}
             if host.DEFAULT_POOL_NAME not in names:
                 self._backend(config).ensure_pool(host.DEFAULT_POOL_NAME, host.DEFAULT_POOL_PATH)
-                self._snapshot(config, refresh=True)
+                snapshot = self._snapshot(config, refresh=True) or snapshot
+        self._reconcile_vms(config, snapshot)
+
+    # ----------------------------------------------------------------------------------------
+    # VMs requested over the `vms` relation
+
+    def _relation_requests(
+        self, config: CharmConfig, batches: list[RelationRequests]
+    ) -> list[serve.RelationRequest]:
+        """Every request of every related app: built into a spec, or refused with a reason."""
+        requests: list[serve.RelationRequest] = []
+        for batch in batches:
+            for bad in batch.invalid:
+                if bad.id is None:
+                    logger.warning("%s sent unusable requests: %s", batch.app_name, bad.reason)
+                    continue
+                try:
+                    key = fleet.RequestKey(batch.relation_id, batch.app_name, bad.id)
+                except ValueError:
+                    continue
+                requests.append(serve.RelationRequest(key, error=bad.reason))
+            for request in batch.valid:
+                built = serve.build_request(
+                    batch.relation_id,
+                    batch.app_name,
+                    request.model_dump(mode="json", by_alias=True, exclude_none=True),
+                    default_root_gb=config.default_root_disk_size,
+                )
+                if built is not None:
+                    requests.append(built)
+        return requests
+
+    def _assignment(
+        self,
+        config: CharmConfig,
+        requests: list[serve.RelationRequest],
+        own_report: str,
+    ) -> fleet.Assignment:
+        """Which unit hosts each request: decided by the leader, kept in peer app data."""
+        valid = [(r.key, r.spec, r.host) for r in requests if r.spec is not None]
+        peer = self.model.get_relation("hosts")
+        if peer is None:  # before the peer relation exists this unit is the whole fleet
+            return fleet.Assignment(units={key: self.unit.name for key, _, _ in valid})
+        peer.data[self.unit]["report"] = own_report
+        current, problem = fleet.assignment_from_json(peer.data[self.app].get("assignment"))
+        if problem:
+            logger.warning("peer assignment unreadable: %s", problem)
+        if not self.unit.is_leader():
+            return current
+        texts: dict[str, str | None] = {u.name: peer.data[u].get("report") for u in peer.units}
+        texts[self.unit.name] = own_report
+        reports, problems = fleet.collect_reports(texts)
+        for unit, reason in problems.items():
+            logger.warning("host report of %s ignored: %s", unit, reason)
+        mapping = networks.parse_networks_config(config.networks)
+
+        def eligible(_unit: str, host_report: fleet.HostReport, spec: VmSpec) -> str | None:
+            try:
+                networks.resolve(spec.interfaces, host_report.topology.nics, mapping)
+            except InvalidRequestError as exc:
+                return str(exc)
+            return None
+
+        assignment = fleet.assign(
+            valid,
+            reports,
+            current.units,
+            frozenset(),
+            config.policy,
+            eligible=eligible,
+            present=set(texts),
+        )
+        peer.data[self.app]["assignment"] = fleet.assignment_to_json(assignment)
+        return assignment
+
+    def _reconcile_vms(self, config: CharmConfig, snapshot: _Snapshot) -> None:
+        """Compose what related apps request here, delete what they withdrew, answer all."""
+        batches = self.vms.requests
+        requests = self._relation_requests(config, batches)
+        own_report = fleet.host_report(
+            snapshot.topology,
+            snapshot.allocations,
+            hostname=socket.gethostname(),
+            composed=fleet.composed_keys(snapshot.vms),
+        )
+        assignment = self._assignment(config, requests, own_report)
+        answer_errors: dict[fleet.RequestKey, str] = {}
+        if self.unit.is_leader():
+            answer_errors = {r.key: r.error for r in requests if r.error is not None}
+            answer_errors.update(assignment.unplaced)
+        address = self._access_address()
+        result = serve.serve(
+            self._backend(config),
+            snapshot.topology,
+            snapshot.vms,
+            requests,
+            assignment.for_unit(self.unit.name),
+            serve.HostSettings(
+                policy=config.policy,
+                release_policy=config.release_policy,
+                default_pool=config.storage_pool,
+                networks=networks.parse_networks_config(config.networks),
+                power_address=access.libvirt_uri(config.libvirt_user, address)
+                if address
+                else None,
+            ),
+            live_relation_ids={b.relation_id for b in batches},
+            answer_errors=answer_errors,
+        )
+        for name in result.composed:
+            logger.info("composed %s for a related application", name)
+        for name in result.deleted:
+            logger.info("deleted %s: its request or relation is gone", name)
+        for name in result.released:
+            logger.info("kept %s after its relation left (release-policy keep)", name)
+        for batch in batches:
+            if batch.relation is not None:
+                self.vms.publish(batch.relation, result.answers.get(batch.relation_id, []))
+        if result.composed or result.deleted:
+            self._snapshot(config, refresh=True)
 
     def _setup_host(self, config: CharmConfig, *, install: bool) -> None:
         """Install and configure libvirt; restart it only when its config really changed."""

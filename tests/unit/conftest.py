@@ -1,8 +1,16 @@
-"""Shared unit test fixtures."""
+"""Shared unit test fixtures: fixture paths, and the in-memory host for charm tests."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from ops import testing
+
+import charm
+from fake_backend import FakeBackend
+from vmhost import access, host
+from vmhost.model import PAGE_2M_KIB, HostTopology, VmHostError
+from vmhost.topology import parse_capabilities
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 """Host data fixtures; CI clones the repository beside shared/, so resolve relative to it."""
@@ -12,3 +20,141 @@ SHARED_FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtu
 def fixtures_dir() -> Path:
     """Return the shared fixtures directory (libvirt-caps/, lxd-resources/)."""
     return SHARED_FIXTURES
+
+
+# ---------------------------------------------------------------------------------------------
+# The charm in ops.testing: an in-memory backend, host and authorized_keys
+
+
+CAPS = "vdsm-intel-sandybridge-2socket-2node-smt-24cpu.xml"
+
+
+@pytest.fixture
+def topology(fixtures_dir: Path) -> HostTopology:
+    topo = parse_capabilities((fixtures_dir / "libvirt-caps" / CAPS).read_text())
+    # 64 free 2M pages on node 1 only, so hugepage requests have somewhere to go.
+    nodes = tuple(
+        replace(n, hugepages_total={PAGE_2M_KIB: 64}, hugepages_free={PAGE_2M_KIB: 64})
+        if n.id == 1
+        else n
+        for n in topo.nodes
+    )
+    return replace(topo, nodes=nodes)
+
+
+@pytest.fixture
+def backend(topology, monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
+    fake = FakeBackend(host=topology)
+    monkeypatch.setattr(charm, "make_backend", lambda config: fake)
+    return fake
+
+
+class FakeHost:
+    """Records host set-up calls; the kernel grants `granted` huge pages when set."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.granted: int | None = None
+        self.running = True
+
+    def install(self):
+        self.calls.append("install")
+
+    def write(self, path, content, mode=0o644):
+        self.calls.append(f"write:{path}")
+        assert "unix_sock_group" in content
+        return False
+
+    def ensure(self, changed):
+        self.calls.append("ensure_libvirtd")
+        if self.running:
+            return host.DaemonState(True, host.DaemonManager.EXTERNAL)
+        return host.DaemonState(False, host.DaemonManager.NONE, message="libvirtd is not running")
+
+    def hugepages(self, size_kib, count, node=None, sysfs_root="/sys"):
+        self.calls.append(f"hugepages:{size_kib}:{count}:{node}")
+        if node == 7:
+            raise VmHostError("hugepages: 2048 KiB pages are not available on NUMA node 7")
+        return count if self.granted is None else self.granted
+
+
+OPERATOR_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorOwnLineOutsideBlock op\n"
+HELPER = "/usr/bin/virt-ssh-helper qemu:///system"
+
+
+class FakeAccess:
+    """An authorized_keys file in memory, behind the real key parsing and rendering."""
+
+    def __init__(self):
+        self.text = (
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorOwnLineOutsideBlockAAAAAAAAAAA op\n"
+        )
+        self.users: list[str] = []
+        self.removed = False
+
+    def ensure_user(self, name="virsh"):
+        access.validate_user_name(name)
+        self.users.append(name)
+        return name
+
+    def current_keys(self, user):
+        return access.managed_keys(self.text)
+
+    def write(self, keys):
+        self.text = access.render_authorized_keys(
+            self.text, keys, command="/usr/bin/virt-ssh-helper qemu:///system"
+        )
+
+    def sync_keys(self, user, keys):
+        kept = [k for k in self.current_keys(user) if k.action_name is not None]
+        self.write([*keys, *kept])
+        return True
+
+    def authorize_key(self, user, key_text, name):
+        key = access.parse_public_key(key_text, f"action:{name}")
+        self.write([*self.current_keys(user), key])
+        return key
+
+    def revoke_key(self, user, wanted):
+        keys = self.current_keys(user)
+        gone = [k for k in keys if k.action_name == wanted or k.fingerprint == wanted]
+        if not gone:
+            raise access.InvalidRequestError("key", f"no key named {wanted!r}")
+        self.write([k for k in keys if k not in gone])
+        return gone
+
+    def remove_access(self, user):
+        self.removed = True
+        return False
+
+
+@pytest.fixture
+def fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
+    fake = FakeHost()
+    monkeypatch.setattr(host, "install_packages", fake.install)
+    monkeypatch.setattr(host, "write_if_changed", fake.write)
+    monkeypatch.setattr(host, "ensure_libvirtd", fake.ensure)
+    monkeypatch.setattr(host, "set_hugepages", fake.hugepages)
+    monkeypatch.setattr(host, "reload_sshd", lambda: False)
+    return fake
+
+
+@pytest.fixture
+def fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
+    fake = FakeAccess()
+    monkeypatch.setattr(access, "ensure_user", fake.ensure_user)
+    monkeypatch.setattr(access, "current_keys", fake.current_keys)
+    monkeypatch.setattr(access, "sync_keys", fake.sync_keys)
+    monkeypatch.setattr(access, "authorize_key", fake.authorize_key)
+    monkeypatch.setattr(access, "revoke_key", fake.revoke_key)
+    monkeypatch.setattr(access, "remove_access", fake.remove_access)
+    monkeypatch.setattr(access, "ensure_sshd_drop_in", lambda user: False)
+    monkeypatch.setattr(access, "remove_sshd_drop_in", lambda: False)
+    monkeypatch.setattr(access, "ssh_host_public_keys", lambda: ["ssh-ed25519 AAAAhostkey"])
+    return fake
+
+
+@pytest.fixture
+def ctx() -> testing.Context[charm.VmHostCharm]:
+    return testing.Context(charm.VmHostCharm)
+
