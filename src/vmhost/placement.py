@@ -230,6 +230,16 @@ class _Index:
                 self.core_of[cpu.id] = core
             self.node_cores[node.id] = tuple(sorted(cores))
         self.smt = any(len(c) > 1 for cores in self.node_cores.values() for c in cores)
+        self.dist = {a: {b: self._distance(a, b) for b in self.node_ids} for a in self.node_ids}
+
+    def _distance(self, a: int, b: int) -> int:
+        """NUMA distance between two nodes (10 local, 20 remote when the host does not say)."""
+        if a == b:
+            return 10
+        dist = self.node_by_id[a].distances.get(b)
+        if dist is None:
+            dist = self.node_by_id[b].distances.get(a)
+        return int(dist) if dist is not None else 20
 
 
 _INDEX_CACHE: dict[int, tuple[weakref.ref[HostTopology], _Index]] = {}
@@ -270,6 +280,7 @@ class _Host:
         self.core_of = index.core_of
         self.node_cores = index.node_cores
         self.smt = index.smt
+        self.dist = index.dist
         self.isolate = policy.smt_policy == "isolate"
         self.require = policy.smt_policy == "require" and self.smt
         self.reserved = frozenset(c for c in policy.reserved_cpus if c in self.node_of)
@@ -354,18 +365,9 @@ class _Host:
         """Shared vCPUs a pool of this many CPUs can carry."""
         return math.floor(pool_size * self.policy.cpu_overcommit_ratio)
 
-    def distance(self, a: int, b: int) -> int:
-        """NUMA distance between two nodes (10 local, 20 remote when the host does not say)."""
-        if a == b:
-            return 10
-        dist = self.node_by_id[a].distances.get(b)
-        if dist is None:
-            dist = self.node_by_id[b].distances.get(a)
-        return int(dist) if dist is not None else 20
-
     def distance_sum(self, nodes: Sequence[int]) -> int:
-        """Sum of pairwise distances of a node set."""
-        return sum(self.distance(a, b) for a, b in itertools.combinations(nodes, 2))
+        """Sum of pairwise NUMA distances of a node set."""
+        return sum(self.dist[a][b] for a, b in itertools.combinations(nodes, 2))
 
     def pool_budget(self) -> int:
         """How many CPUs may leave the shared pool without overbooking shared VMs."""
@@ -888,6 +890,7 @@ class _Search:
         self.usable = [nd for nd in cpu_nodes if self.hi[nd] >= self.lo]
         self.budget = self.host.pool_budget() if self.pinned else None
         self.over_budget = False
+        self._orders: list[list[int]] | None = None
 
     def run(self) -> _Candidate | str:
         """Return the best candidate, or the reason there is none."""
@@ -905,7 +908,6 @@ class _Search:
                 self.explain(list(strict), len(strict))
                 + f" (strict SR-IOV alignment to NUMA {_fmt_nodes(strict)})"
             )
-        self.over_budget = False
         for k in range(max(1, len(strict)), self.max_k + 1):
             best = self._best_of(k) if self._may_fit(k) else None
             if best is not None:
@@ -948,13 +950,31 @@ class _Search:
             return [s for s in combos if all(nd in s for nd in strict)]
         # Too many to enumerate: grow a set from every seed by NUMA distance, on ties the node
         # that completes the request most tightly (else the roomiest), and add the k roomiest
-        # nodes by CPUs and by memory.
-        sets: set[tuple[int, ...]] = set()
+        # nodes by CPUs and by memory. Growth does not depend on k: each seed's order is
+        # computed once and every k takes a prefix of it.
+        sets = {tuple(sorted(order[:k])) for order in self._growth() if len(order) >= k}
+        rest = [nd for nd in usable if nd not in strict]
+        for key in (
+            lambda nd: (-self.hi[nd], -self.free[nd], nd),
+            lambda nd: (-self.free[nd], -self.hi[nd], nd),
+        ):
+            top = list(strict) + sorted(rest, key=key)[: k - len(strict)]
+            sets.add(tuple(sorted(top)))
+        return sorted(sets)
+
+    def _growth(self) -> list[list[int]]:
+        """Per seed, the usable nodes in the order a span grows from it (up to max_k)."""
+        if self._orders is not None:
+            return self._orders
+        strict = self.sriov.strict_nodes
+        usable = self.usable
+        dist_of = self.host.dist
+        orders = []
         for seed in strict[:1] or usable:
             chosen = [seed, *(nd for nd in strict if nd != seed)]
-            dist = {nd: sum(self.host.distance(nd, c) for c in chosen) for nd in usable}
-            while len(chosen) < k:
-                need = self.spec.vcpus - sum(self.hi[c] for c in chosen)
+            dist = {nd: sum(dist_of[nd][c] for c in chosen) for nd in usable}
+            need = self.spec.vcpus - sum(self.hi[c] for c in chosen)
+            while len(chosen) < min(self.max_k, len(usable)):
                 nxt = min(
                     (nd for nd in usable if nd not in chosen),
                     key=lambda nd: (
@@ -966,17 +986,12 @@ class _Search:
                     ),
                 )
                 chosen.append(nxt)
+                need -= self.hi[nxt]
                 for nd in usable:
-                    dist[nd] += self.host.distance(nd, nxt)
-            sets.add(tuple(sorted(chosen)))
-        rest = [nd for nd in usable if nd not in strict]
-        for key in (
-            lambda nd: (-self.hi[nd], -self.free[nd], nd),
-            lambda nd: (-self.free[nd], -self.hi[nd], nd),
-        ):
-            top = list(strict) + sorted(rest, key=key)[: k - len(strict)]
-            sets.add(tuple(sorted(top)))
-        return sorted(sets)
+                    dist[nd] += dist_of[nd][nxt]
+            orders.append(chosen)
+        self._orders = orders
+        return orders
 
     def _evaluate(self, nodes: tuple[int, ...]) -> _Candidate | None:
         n = self.spec.vcpus
