@@ -27,8 +27,9 @@ Rules, and why they are what they are:
   them.
 * Guest cells mirror host nodes: a pinned or hugepage-backed VM gets one cell per host node
   used, in ascending host node order. Only nodes with CPUs hold cells (a memory-only node
-  never gets vCPUs). A VM uses as few nodes as it can (up to
-  ``VmSpec.numa_nodes``); spans choose the node set with the smallest NUMA distance sum.
+  never gets vCPUs). A VM uses as few nodes as it can (up to ``VmSpec.numa_nodes``); spans
+  choose the node set with the smallest NUMA distance sum. An explicit CPU list decides the
+  nodes itself; within each cell its CPUs keep the requester's order.
 * Split rule. vCPUs are split over the cells as evenly as the free capacity allows (the
   largest cell is as small as possible; ties give the extra vCPUs to the lower nodes).
   Memory follows the vCPUs: in whole units (MiB, or pages for hugepage-backed VMs) each cell
@@ -43,9 +44,11 @@ Rules, and why they are what they are:
   else (nothing left) the VM's own pinned CPUs.
 * SR-IOV. Interfaces in mode sriov with a ``parent`` NIC take one VF each, counted against
   the NIC's ``sriov_total_vfs`` (enabling VFs is the host layer's job, so the enabled count
-  does not limit). The VM prefers the NIC's NUMA node; ``numa_strict`` makes it a must. A
-  NIC whose NUMA node the kernel does not report constrains nothing. Interfaces without a
-  parent are resolved by the networks layer and not counted here.
+  does not limit). The VM prefers the NIC's NUMA node; ``numa_strict`` makes it a must (the
+  node must be one of the VM's nodes), which only a NUMA-bound VM (pinned or hugepage-backed)
+  can honour: a floating VM asking for it is rejected. A NIC whose NUMA node the kernel does
+  not report constrains nothing. Interfaces without a parent are resolved by the networks
+  layer and not counted here.
 * Scoring. Among the node sets that fit: honour the NIC preference, then the smallest
   distance sum, then strand as few 1G pages as possible (pages left on a node with fewer
   free CPUs than pages), then keep whole free nodes whole, then keep 1G pages placeable
