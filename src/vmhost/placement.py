@@ -444,7 +444,9 @@ def usage(topology: HostTopology, allocations: Sequence[Placement], policy: Poli
             NodeUsage(
                 node=node.id,
                 cpus_total=len(cpus),
-                cpus_reserved=sum(1 for c in cpus if c in host.reserved),
+                # A reserved CPU that a VM still uses (the reservation came later) counts as
+                # pinned, so every CPU is counted exactly once.
+                cpus_reserved=sum(1 for c in cpus if c in host.reserved and c not in host.pinned),
                 cpus_pinned=sum(1 for c in cpus if c in host.pinned),
                 cpus_held=sum(1 for c in cpus if c in host.held),
                 cpus_shared_pool=pool,

@@ -704,6 +704,18 @@ def test_usage_counts_and_summary() -> None:
     assert sum(h.allocated for n in u.nodes for h in n.hugepages) == 1
 
 
+def test_usage_counts_a_cpu_reserved_after_it_was_pinned_once() -> None:
+    topo = make_host()
+    allocs = place_all(topo, [replace(pinned(2), pinned_cpus=(0, 8))])
+    policy = Policy(reserved_cpus=frozenset({0, 1}))
+    node = usage(topo, allocs, policy).nodes[0]
+    assert (node.cpus_reserved, node.cpus_pinned, node.cpus_shared_pool) == (1, 2, 5)
+    rejected(
+        plan(topo, allocs, replace(pinned(1), pinned_cpus=(0,)), policy),
+        "host CPUs 0 are reserved",
+    )
+
+
 def test_usage_free_for_pinning_follows_the_policy() -> None:
     topo = make_host(nodes=1)
     allocs = place_all(topo, [replace(pinned(1), pinned_cpus=(c,)) for c in (0, 1)])
