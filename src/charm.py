@@ -12,7 +12,7 @@ import json
 import logging
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import ops
 import pydantic
@@ -166,6 +166,23 @@ class RevokeParams(pydantic.BaseModel):
     key: str
 
 
+class TrustParams(pydantic.BaseModel):
+    """Parameters of add-trusted-client."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    certificate: str
+
+
+class ClientParams(pydantic.BaseModel):
+    """Parameters of remove-trusted-client and get-trust-token."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+
+
 class _Snapshot:
     """What the hypervisor says right now; read once per hook, refreshed after changes."""
 
@@ -180,7 +197,14 @@ class _Snapshot:
 
 
 def make_backend(config: CharmConfig) -> Backend:
-    """Build the backend the config names (replaced by a fake in unit tests)."""
+    """Build the backend the config names (replaced by a fake in unit tests).
+
+    Imported lazily: an LXD host has no libvirt library for libvirt-python to load.
+    """
+    if config.backend == "lxd":
+        from vmhost.backends.lxd import LxdBackend
+
+        return LxdBackend(project=config.lxd_project)
     from vmhost.backends.libvirt import LibvirtBackend
 
     return LibvirtBackend(templates_dir=TEMPLATES_DIR)
@@ -194,6 +218,7 @@ class VmHostCharm(ops.CharmBase):
         self._config: CharmConfig | None = None
         self._config_error = ""
         self._setup_problem = ""
+        self._choice_problem = ""
         self._backend_error = ""
         self._snapshot_cache: _Snapshot | None = None
         self._backend_cache: Backend | None = None
@@ -225,6 +250,9 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(self.on.show_resources_action, self._on_show_resources)
         framework.observe(self.on.authorize_ssh_key_action, self._on_authorize_ssh_key)
         framework.observe(self.on.revoke_ssh_key_action, self._on_revoke_ssh_key)
+        framework.observe(self.on.add_trusted_client_action, self._on_add_trusted_client)
+        framework.observe(self.on.remove_trusted_client_action, self._on_remove_trusted_client)
+        framework.observe(self.on.get_trust_token_action, self._on_get_trust_token)
 
     # ----------------------------------------------------------------------------------------
     # Inputs
@@ -263,21 +291,42 @@ class VmHostCharm(ops.CharmBase):
         if config is None:
             logger.warning("not reconciling: invalid config: %s", self._config_error)
             return
-        if config.backend != "libvirt":
+        if not self._backend_choice_ok(config):
             return
         first_time = isinstance(event, (ops.InstallEvent, ops.UpgradeCharmEvent))
-        self._setup_host(config, install=first_time)
-        self._reconcile_access(config)
+        if config.backend == "libvirt":
+            self._setup_libvirt(install=first_time)
+            self._reconcile_access(config)
+        else:
+            self._setup_lxd(config, install=first_time)
+        self._apply_hugepages(config)
         snapshot = self._snapshot(config)
         if snapshot is None:
             logger.info("hypervisor not reachable yet: %s", self._backend_error)
             return
+        backend = self._backend(config)
         if not config.default_storage_pool:
             names = {pool.name for pool in snapshot.topology.pools}
             if host.DEFAULT_POOL_NAME not in names:
-                self._backend(config).ensure_pool(host.DEFAULT_POOL_NAME, host.DEFAULT_POOL_PATH)
+                backend.ensure_pool(host.DEFAULT_POOL_NAME, host.DEFAULT_POOL_PATH)
                 snapshot = self._snapshot(config, refresh=True) or snapshot
+        if config.backend == "lxd":
+            from vmhost.backends.lxd import LxdBackend
+
+            if isinstance(backend, LxdBackend):
+                backend.ensure_project(config.lxd_project, config.storage_pool)
+            self._reconcile_lxd_access(config)
         self._reconcile_vms(config, snapshot)
+
+    def _backend_choice_ok(self, config: CharmConfig) -> bool:
+        recorded = host.check_backend_choice(config.backend)
+        self._choice_problem = (
+            ""
+            if recorded is None
+            else f"backend is fixed after install (this host uses {recorded}); "
+            f"set backend={recorded}"
+        )
+        return recorded is None
 
     # ----------------------------------------------------------------------------------------
     # VMs requested over the `vms` relation
@@ -351,6 +400,15 @@ class VmHostCharm(ops.CharmBase):
         peer.data[self.app]["assignment"] = fleet.assignment_to_json(assignment)
         return assignment
 
+    @staticmethod
+    def _power_address(config: CharmConfig, address: str | None) -> str | None:
+        if address is None:
+            return None
+        if config.backend == "libvirt":
+            return access.libvirt_uri(config.libvirt_user, address)
+        url_host = f"[{address}]" if ":" in address else address
+        return f"https://{url_host}:{config.https_port}"
+
     def _reconcile_vms(self, config: CharmConfig, snapshot: _Snapshot) -> None:
         """Compose what related apps request here, delete what they withdrew, answer all."""
         batches = self.vms.requests
@@ -378,9 +436,8 @@ class VmHostCharm(ops.CharmBase):
                 release_policy=config.release_policy,
                 default_pool=config.storage_pool,
                 networks=networks.parse_networks_config(config.networks),
-                power_address=access.libvirt_uri(config.libvirt_user, address)
-                if address
-                else None,
+                power_type="virsh" if config.backend == "libvirt" else "lxd",
+                power_address=self._power_address(config, address),
             ),
             live_relation_ids={b.relation_id for b in batches},
             answer_errors=answer_errors,
@@ -397,7 +454,7 @@ class VmHostCharm(ops.CharmBase):
         if result.composed or result.deleted:
             self._snapshot(config, refresh=True)
 
-    def _setup_host(self, config: CharmConfig, *, install: bool) -> None:
+    def _setup_libvirt(self, *, install: bool) -> None:
         """Install and configure libvirt; restart it only when its config really changed."""
         if install:
             self.unit.status = ops.MaintenanceStatus("installing libvirt and QEMU")
@@ -408,6 +465,17 @@ class VmHostCharm(ops.CharmBase):
         daemon = host.ensure_libvirtd(changed)
         if not daemon.running:
             self._backend_error = daemon.message
+
+    def _setup_lxd(self, config: CharmConfig, *, install: bool) -> None:
+        """Install LXD from the snap where snapd exists, else adopt the running LXD."""
+        if install:
+            self.unit.status = ops.MaintenanceStatus("installing LXD")
+        daemon = host.ensure_lxd(config.lxd_snap_channel, install=install)
+        if not daemon.running:
+            self._backend_error = daemon.message
+
+    def _apply_hugepages(self, config: CharmConfig) -> None:
+        """Reserve the configured huge pages; report what the kernel did not grant."""
         problems = []
         for setting in settings.parse_hugepages_setting(config.hugepages):
             try:
@@ -468,6 +536,49 @@ class VmHostCharm(ops.CharmBase):
             )
         self._access_problems = problems
 
+    def _reconcile_lxd_access(self, config: CharmConfig) -> None:
+        """Serve HTTPS on the access address; trust exactly the related managers' certificates.
+
+        Certificates are restricted to lxd-project whatever projects a manager asks for: a
+        manager never gains access to projects vm-host does not own.
+        """
+        from vmhost.lxd_trust import LxdError, LxdTrust
+
+        try:
+            self._sync_lxd_trust(config, LxdTrust())
+        except LxdError as exc:
+            self._access_problems = [f"LXD trust: {exc}"]
+
+    def _sync_lxd_trust(self, config: CharmConfig, trust: Any) -> None:
+        address = self._access_address()
+        if address is not None:
+            trust.ensure_https(address, config.https_port)
+            self.unit.set_ports(config.https_port)
+        wanted: dict[str, tuple[str, list[str]]] = {}
+        for client in self.access.clients:
+            if not client.certificate:
+                continue
+            if client.projects and set(client.projects) != {config.lxd_project}:
+                logger.warning(
+                    "%s asked for projects %s; trusted for %s only",
+                    client.unit,
+                    ", ".join(client.projects),
+                    config.lxd_project,
+                )
+            wanted[client.unit] = (client.certificate, [config.lxd_project])
+        for unit, reason in trust.sync_relation_certificates(wanted).items():
+            logger.warning("certificate of %s refused: %s", unit, reason)
+        if address is not None and self.access.relations:
+            url_host = f"[{address}]" if ":" in address else address
+            self.access.sync(
+                AccessInfo(
+                    backend="lxd",
+                    url=f"https://{url_host}:{config.https_port}",
+                    server_certificate=trust.server_certificate(),
+                    project=config.lxd_project,
+                )
+            )
+
     # ----------------------------------------------------------------------------------------
     # Status
 
@@ -478,17 +589,13 @@ class VmHostCharm(ops.CharmBase):
                 ops.BlockedStatus(f"invalid config: {self._config_error}; fix with juju config")
             )
             return
-        if config.backend != "libvirt":
-            event.add_status(
-                ops.BlockedStatus(
-                    f"backend {config.backend!r} is not available in this revision; "
-                    "set backend=libvirt"
-                )
-            )
+        if self._choice_problem:
+            event.add_status(ops.BlockedStatus(self._choice_problem))
             return
         snapshot = self._snapshot(config)
         if snapshot is None:
-            event.add_status(ops.WaitingStatus(f"waiting for libvirtd: {self._backend_error}"))
+            daemon = "libvirtd" if config.backend == "libvirt" else "LXD"
+            event.add_status(ops.WaitingStatus(f"waiting for {daemon}: {self._backend_error}"))
             return
         if self._setup_problem:
             event.add_status(ops.BlockedStatus(f"{self._setup_problem}; lower `hugepages`"))
@@ -500,7 +607,7 @@ class VmHostCharm(ops.CharmBase):
         event.add_status(
             ops.ActiveStatus(
                 report.status_line(
-                    "libvirt",
+                    config.backend,
                     snapshot.version,
                     snapshot.topology,
                     snapshot.allocations,
@@ -518,8 +625,8 @@ class VmHostCharm(ops.CharmBase):
         if config is None:
             event.fail(f"invalid config, nothing done: {self._config_error}")
             return None
-        if config.backend != "libvirt":
-            event.fail(f"backend {config.backend!r} is not available in this revision")
+        if not self._backend_choice_ok(config):
+            event.fail(self._choice_problem)
             return None
         snapshot = self._snapshot(config)
         if snapshot is None:
@@ -678,6 +785,71 @@ class VmHostCharm(ops.CharmBase):
             return
         event.set_results({"revoked": ", ".join(k.fingerprint for k in removed)})
 
+    def _lxd_trust_inputs(self, event: ops.ActionEvent) -> tuple[CharmConfig, Any] | None:
+        config = self._load_config()
+        if config is None:
+            event.fail(f"invalid config, nothing done: {self._config_error}")
+            return None
+        if config.backend != "lxd":
+            event.fail("LXD trust needs backend=lxd; with libvirt use authorize-ssh-key")
+            return None
+        from vmhost.lxd_trust import LxdError, LxdTrust
+
+        try:
+            return config, LxdTrust()
+        except LxdError as exc:
+            event.fail(f"LXD not reachable: {exc}")
+            return None
+
+    def _on_add_trusted_client(self, event: ops.ActionEvent) -> None:
+        params = event.load_params(TrustParams, errors="fail")
+        inputs = self._lxd_trust_inputs(event)
+        if inputs is None:
+            return
+        config, trust = inputs
+        from vmhost.lxd_trust import action_certificate_name
+
+        try:
+            name = action_certificate_name(params.name)
+            trust.trust_certificate(params.certificate, name, [config.lxd_project])
+        except (InvalidRequestError, VmHostError) as exc:
+            event.fail(f"certificate not trusted, nothing changed: {exc}")
+            return
+        event.set_results({"name": name, "project": config.lxd_project})
+
+    def _on_remove_trusted_client(self, event: ops.ActionEvent) -> None:
+        params = event.load_params(ClientParams, errors="fail")
+        inputs = self._lxd_trust_inputs(event)
+        if inputs is None:
+            return
+        _, trust = inputs
+        from vmhost.lxd_trust import action_certificate_name
+
+        try:
+            name = action_certificate_name(params.name)
+            removed = trust.untrust(name)
+        except (InvalidRequestError, VmHostError) as exc:
+            event.fail(f"nothing removed: {exc}")
+            return
+        if not removed:
+            event.fail(f"no trusted client named {params.name!r}")
+            return
+        event.set_results({"removed": name})
+
+    def _on_get_trust_token(self, event: ops.ActionEvent) -> None:
+        params = event.load_params(ClientParams, errors="fail")
+        inputs = self._lxd_trust_inputs(event)
+        if inputs is None:
+            return
+        config, trust = inputs
+        try:
+            token = trust.issue_trust_token(params.name, [config.lxd_project])
+        except (InvalidRequestError, VmHostError) as exc:
+            event.fail(f"no token issued: {exc}")
+            return
+        # The token is a secret: it goes to the operator who asked, never to the log.
+        event.set_results({"token": token, "project": config.lxd_project})
+
     # ----------------------------------------------------------------------------------------
     # Removal
 
@@ -688,11 +860,21 @@ class VmHostCharm(ops.CharmBase):
         defined in libvirt and are listed in the log so the operator can decide.
         """
         config = self._load_config()
-        if config is None or config.backend != "libvirt":
+        if config is None:
             return
-        access.remove_access(config.libvirt_user)
-        if access.remove_sshd_drop_in():
-            host.reload_sshd()
+        if config.backend == "libvirt":
+            access.remove_access(config.libvirt_user)
+            if access.remove_sshd_drop_in():
+                host.reload_sshd()
+        else:
+            from vmhost.lxd_trust import LxdError, LxdTrust
+
+            try:
+                removed = LxdTrust().remove_managed()
+            except LxdError as exc:
+                logger.warning("could not remove trusted certificates: %s", exc)
+            else:
+                logger.info("untrusted %d vm-host certificates", len(removed))
         snapshot = self._snapshot(config)
         if snapshot is None:
             return

@@ -111,6 +111,7 @@ class DaemonManager(enum.StrEnum):
     """Who keeps libvirtd running."""
 
     SYSTEMD = "systemd"
+    SNAP = "snap"
     EXTERNAL = "external"
     """Running, started by someone else (tests, an adopted host): used as it is."""
     NONE = "none"
@@ -240,3 +241,42 @@ def reload_sshd(systemd_run_dir: Path = SYSTEMD_RUN_DIR) -> bool:
         return False
     logger.info("sshd drop-in changed; no systemd here, reload sshd to apply it")
     return False
+
+
+SNAPD_SOCKET = Path("/run/snapd.socket")
+BACKEND_MARKER = Path("/var/lib/vm-host/backend")
+"""Records the backend chosen at install: VMs of the other one would be stranded by a switch."""
+
+
+def ensure_lxd(channel: str, *, install: bool, snapd_socket: Path = SNAPD_SOCKET) -> DaemonState:
+    """Install LXD from the snap where snapd exists, or adopt an LXD that already runs.
+
+    The snap is installed or moved to `channel` only when `install` is set (install and
+    upgrade hooks), so ordinary hooks never refresh LXD under running VMs.
+    """
+    from vmhost.lxd_trust import LxdError, find_socket
+
+    if snapd_socket.exists() and install:
+        from charmlibs import snap
+
+        try:
+            snap.ensure_installed("lxd", channel)
+        except snap.Error as exc:
+            return DaemonState(False, DaemonManager.SNAP, message=f"lxd snap ({channel}): {exc}")
+    try:
+        find_socket()
+    except LxdError as exc:
+        hint = "" if snapd_socket.exists() else "; snapd is absent: install and start LXD"
+        return DaemonState(False, DaemonManager.NONE, message=f"{exc}{hint}")
+    manager = DaemonManager.SNAP if snapd_socket.exists() else DaemonManager.EXTERNAL
+    return DaemonState(True, manager, message="LXD running")
+
+
+def check_backend_choice(backend: str, marker: Path = BACKEND_MARKER) -> str | None:
+    """Record the backend on first use; return the recorded one when `backend` differs."""
+    try:
+        recorded = marker.read_text().strip()
+    except FileNotFoundError:
+        write_if_changed(marker, f"{backend}\n", 0o644)
+        return None
+    return None if recorded == backend else recorded

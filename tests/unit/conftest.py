@@ -56,6 +56,18 @@ class FakeHost:
         self.calls: list[str] = []
         self.granted: int | None = None
         self.running = True
+        self.recorded_backend: str | None = None
+
+    def backend_choice(self, backend):
+        if self.recorded_backend is None:
+            self.recorded_backend = backend
+        return None if self.recorded_backend == backend else self.recorded_backend
+
+    def lxd(self, channel, *, install):
+        self.calls.append(f"ensure_lxd:{channel}:{install}")
+        if self.running:
+            return host.DaemonState(True, host.DaemonManager.EXTERNAL)
+        return host.DaemonState(False, host.DaemonManager.NONE, message="LXD is not running")
 
     def install(self):
         self.calls.append("install")
@@ -136,6 +148,8 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
     monkeypatch.setattr(host, "ensure_libvirtd", fake.ensure)
     monkeypatch.setattr(host, "set_hugepages", fake.hugepages)
     monkeypatch.setattr(host, "reload_sshd", lambda: False)
+    monkeypatch.setattr(host, "check_backend_choice", fake.backend_choice)
+    monkeypatch.setattr(host, "ensure_lxd", fake.lxd)
     return fake
 
 
@@ -157,4 +171,3 @@ def fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
 @pytest.fixture
 def ctx() -> testing.Context[charm.VmHostCharm]:
     return testing.Context(charm.VmHostCharm)
-

@@ -73,11 +73,12 @@ def test_invalid_config_blocks_and_changes_nothing(ctx, backend, fake_host, opti
     assert not [c for c in backend.calls if c.startswith(("ensure_pool", "compose"))]
 
 
-def test_lxd_backend_is_blocked_until_available(ctx, backend, fake_host):
+def test_backend_is_fixed_after_install(ctx, backend, fake_host):
+    ctx.run(ctx.on.install(), testing.State())
     out = ctx.run(ctx.on.config_changed(), testing.State(config={"backend": "lxd"}))
-    assert isinstance(out.unit_status, testing.BlockedStatus)
-    assert "backend=libvirt" in out.unit_status.message
-    assert fake_host.calls == []
+    assert out.unit_status == testing.BlockedStatus(
+        "backend is fixed after install (this host uses libvirt); set backend=libvirt"
+    )
 
 
 def test_unreachable_hypervisor_is_waiting(ctx, backend, fake_host):
