@@ -84,9 +84,7 @@ def render(
             [VALIDATOR, str(path), "domain"], capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, result.stderr + xml
-    return ET.fromstring(
-        xml
-    )
+    return ET.fromstring(xml)
 
 
 def pins(root: ET.Element) -> dict[int, str]:
