@@ -1,4 +1,4 @@
-"""The allocator against an exhaustive search on small hosts.
+"""The allocator against an exhaustive search.
 
 On hosts of up to 3 nodes x 4 cores x 2 threads with random pre-existing allocations (made
 directly, so cores and nodes end up fragmented in ways the allocator itself would avoid), an
@@ -6,7 +6,8 @@ exhaustive search decides whether a single pinned request can be placed: every s
 `numa_nodes` nodes, every split of the vCPUs over them, every subset of free CPUs on each
 node, under the same rules (SMT policy, shared-pool budget, memory split by vCPUs in whole
 units, huge pages, general memory). The allocator must place every request the search can
-place, and whatever it places must be something the search accepts too.
+place, and whatever it places must be something the search accepts too. A second property
+does the same on hosts of 9-11 nodes, where spans are grown greedily instead of enumerated.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def scenarios(draw: st.DrawFn) -> tuple[HostTopology, list[Placement], Policy, V
         node = draw(st.sampled_from(nodes))
         free = [c.id for c in node.cpus if c.id not in taken]
         if not free or draw(st.integers(0, 4)) == 0:
-            allocs.append(Placement(vcpus=draw(st.integers(1, 3)), memory_mib=256))
+            allocs.append(Placement(vcpus=draw(st.integers(1, 8)), memory_mib=256))
             continue
         cpus = tuple(draw(st.lists(st.sampled_from(free), min_size=1, max_size=3, unique=True)))
         taken.update(cpus)
@@ -273,6 +274,68 @@ def test_allocator_never_rejects_what_exhaustive_search_places(
     if isinstance(result, Placement):
         assert brute.accepts(spec, result), (result, spec)
         assert possible
+
+
+@st.composite
+def wide_scenarios(draw: st.DrawFn) -> tuple[HostTopology, list[Placement], Policy, VmSpec]:
+    """9-11 nodes of 2 cores x 2 threads: too many node sets to enumerate, so spans grow."""
+    n_nodes = draw(st.integers(9, 11))
+    nodes = []
+    for n in range(n_nodes):
+        cpus = []
+        for c in range(2):
+            ids = (n * 2 + c, n_nodes * 2 + n * 2 + c)
+            cpus += [Cpu(id=i, core_id=c, socket_id=n, siblings=ids) for i in ids]
+        pages = {PAGE_1G_KIB: draw(st.integers(0, 3))}
+        general = draw(st.integers(1, 8)) * 512
+        dist = {m: 10 if m == n else draw(st.sampled_from([20, 30])) for m in range(n_nodes)}
+        nodes.append(
+            NumaNode(
+                id=n,
+                cpus=tuple(sorted(cpus, key=lambda c: c.id)),
+                memory_kib=general * KIB_PER_MIB + sum(s * k for s, k in pages.items()),
+                hugepages_total=pages,
+                hugepages_free=pages,
+                distances=dist,
+            )
+        )
+    allocs: list[Placement] = []
+    taken: set[int] = set()
+    for _ in range(draw(st.integers(0, 6))):
+        node = draw(st.sampled_from(nodes))
+        free = [c.id for c in node.cpus if c.id not in taken]
+        if not free:
+            continue
+        cpus = tuple(draw(st.lists(st.sampled_from(free), min_size=1, max_size=3, unique=True)))
+        taken.update(cpus)
+        memory = draw(st.sampled_from([256, 1024]))
+        cell = CellPlacement(host_node=node.id, vcpus=len(cpus), memory_mib=memory, cpus=cpus)
+        allocs.append(Placement(vcpus=len(cpus), memory_mib=memory, cells=(cell,)))
+    policy = Policy(smt_policy=draw(st.sampled_from(["prefer", "isolate", "require"])))
+    vcpus = draw(st.integers(4, 10))
+    spec = VmSpec(
+        name="vm",
+        vcpus=vcpus,
+        memory_mib=draw(st.sampled_from([1024, 2048, 4096, 6144])),
+        pinned_count=vcpus,
+        numa_nodes=draw(st.integers(3, 5)),
+        hugepages=draw(st.sampled_from([None, HugepageRequest.P1G])),
+    )
+    return HostTopology(nodes=tuple(nodes)), allocs, policy, spec
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario=wide_scenarios())
+def test_greedy_spans_on_wider_hosts_match_exhaustive_search(
+    scenario: tuple[HostTopology, list[Placement], Policy, VmSpec],
+) -> None:
+    topo, allocs, policy, spec = scenario
+    brute = Brute(topo, allocs, policy)
+    result = plan(topo, allocs, spec, policy)
+    if brute.can_place(spec):
+        assert isinstance(result, Placement), (result, spec)
+    if isinstance(result, Placement):
+        assert brute.accepts(spec, result), (result, spec)
 
 
 def test_uneven_split_when_the_even_one_does_not_fit() -> None:
