@@ -56,6 +56,9 @@ from bench.workload import (  # noqa: E402
 from vmhost.model import Policy  # noqa: E402
 
 LOADS = (0.5, 0.7, 0.8, 0.9)
+SIDES = ("ours", "nova", "nova_pack")
+"""vm-host; nova with its default cell order (emptiest first); nova with
+`[compute] packing_host_numa_cells_allocation_strategy = True` (fullest first)."""
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -123,16 +126,16 @@ def side_stats(
 
 
 def run_trace(worker: NovaWorker, host: BenchHost, trace: Trace, repeats: int) -> dict[str, Any]:
-    """Replay one trace through nova (in its worker) and through vm-host (in process)."""
-    nova_answer = worker.request(
-        {
-            "op": "replay",
-            "host": nova_host_json(host.topology),
-            "requests": {str(r.id): r.to_json() for r in trace.requests},
-            "events": trace.events,
-            "repeats": repeats,
-        }
-    )
+    """Replay one trace through nova (in its worker, spread and pack) and through vm-host."""
+    message = {
+        "op": "replay",
+        "host": nova_host_json(host.topology),
+        "requests": {str(r.id): r.to_json() for r in trace.requests},
+        "events": trace.events,
+        "repeats": repeats,
+    }
+    nova_answer = worker.request({**message, "pack": False})
+    pack_answer = worker.request({**message, "pack": True})
     ours_answer = ours.replay(host, trace, repeats)
     return {
         "host": host.name,
@@ -143,6 +146,7 @@ def run_trace(worker: NovaWorker, host: BenchHost, trace: Trace, repeats: int) -
         "ours": side_stats(trace, host, ours_answer["results"], ours_answer["violations"]),
         "ours_vms_sharing_a_core": ours_answer["shared_core_vms"],
         "nova": side_stats(trace, host, nova_answer["results"], []),
+        "nova_pack": side_stats(trace, host, pack_answer["results"], []),
     }
 
 
@@ -271,7 +275,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     per_load: dict[str, Any] = {}
     for load in sorted({r["load"] for r in runs}):
         row: dict[str, Any] = {}
-        for side in ("ours", "nova"):
+        for side in SIDES:
             sel = [r[side] for r in runs if r["load"] == load]
             counted = sum(s["counted"] for s in sel)
             rejected = sum(s["rejected"] for s in sel)
@@ -292,8 +296,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "mean_util_at_first_rejection": statistics.mean(utils) if utils else None,
                 "traces_without_rejection": sum(1 for s in sel if not s["first_rejection"]),
             }
-        o, n = row["ours"]["rate"], row["nova"]["rate"]
+        o, n, p = row["ours"]["rate"], row["nova"]["rate"], row["nova_pack"]["rate"]
         row["relative_reduction"] = (n - o) / n if n else None
+        row["relative_reduction_vs_pack"] = (p - o) / p if p else None
         per_load[f"{load:.1f}"] = row
     return per_load
 
@@ -303,7 +308,7 @@ def latency_by_host(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for host in dict.fromkeys(r["host"] for r in runs):
         row = {}
-        for side in ("ours", "nova"):
+        for side in SIDES:
             lat = [x for r in runs if r["host"] == host for x in r[side]["latencies_ms"]]
             row[side] = {
                 "calls": len(lat),
@@ -319,23 +324,29 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def rel(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.0f}%"
+
+
 def load_table(title: str, summary: dict[str, Any]) -> list[str]:
     """Markdown table of rejection rates and first-rejection utilisation per load."""
     lines = [
         f"## {title}",
         "",
-        "| load | vm-host | nova | fewer rejections (relative) | vCPUs rejected vm-host / nova "
-        "| vm-host util. at 1st rejection | nova util. at 1st rejection |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| load | vm-host | nova | nova pack | fewer than nova | fewer than nova pack "
+        "| vCPUs rejected (vm-host / nova / pack) | util. at 1st rejection (vm-host / nova "
+        "/ pack) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for load, row in summary.items():
-        red = row["relative_reduction"]
+        o, n, p = row["ours"], row["nova"], row["nova_pack"]
         lines.append(
-            f"| {load} | {pct(row['ours']['rate'])} | {pct(row['nova']['rate'])} | "
-            f"{'-' if red is None else f'{100 * red:+.0f}%'} | "
-            f"{pct(row['ours']['vcpu_rate'])} / {pct(row['nova']['vcpu_rate'])} | "
-            f"{pct(row['ours']['mean_util_at_first_rejection'])} | "
-            f"{pct(row['nova']['mean_util_at_first_rejection'])} |"
+            f"| {load} | {pct(o['rate'])} | {pct(n['rate'])} | {pct(p['rate'])} | "
+            f"{rel(row['relative_reduction'])} | {rel(row['relative_reduction_vs_pack'])} | "
+            f"{pct(o['vcpu_rate'])} / {pct(n['vcpu_rate'])} / {pct(p['vcpu_rate'])} | "
+            f"{pct(o['mean_util_at_first_rejection'])} / "
+            f"{pct(n['mean_util_at_first_rejection'])} / "
+            f"{pct(p['mean_util_at_first_rejection'])} |"
         )
     lines.append("")
     return lines
@@ -363,11 +374,14 @@ def markdown(report: dict[str, Any]) -> str:
     )
     lines += [
         "",
+        "nova: default settings (host cells with the most free resources tried first). "
+        "nova pack: `[compute] packing_host_numa_cells_allocation_strategy = True` (fullest "
+        "cells first). "
         "vCPUs rejected: share of the requested vCPUs (not requests) that were turned away. "
         "Utilisation at first rejection: pinned CPUs / host CPUs just before the first request "
         "that was turned away, averaged over the traces that had a rejection.",
         "",
-        "## Rejection rate per request kind, all hosts pooled (vm-host / nova)",
+        "## Rejection rate per request kind, all hosts pooled (vm-host / nova / nova pack)",
         "",
         "| load | " + " | ".join(KINDS) + " |",
         "| ---: | " + " | ".join("---:" for _ in KINDS) + " |",
@@ -375,13 +389,16 @@ def markdown(report: dict[str, Any]) -> str:
     for load, row in report["summary"].items():
         cells = []
         for k in KINDS:
-            o = row["ours"]["per_kind"].get(k)
-            n = row["nova"]["per_kind"].get(k)
-            cells.append("-" if not o else f"{pct(o['rate'])} / {pct(n['rate'] if n else None)}")
+            o, n, p = (row[side]["per_kind"].get(k) for side in SIDES)
+            cells.append(
+                "-"
+                if not (o and n and p)
+                else f"{pct(o['rate'])} / {pct(n['rate'])} / {pct(p['rate'])}"
+            )
         lines.append(f"| {load} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## Per host (rejection rate vm-host / nova)",
+        "## Per host (rejection rate vm-host / nova / nova pack)",
         "",
         "| host | nodes | CPUs | " + " | ".join(f"load {x:.1f}" for x in meta["loads"]) + " |",
         "| --- | ---: | ---: | " + " | ".join("---:" for _ in meta["loads"]) + " |",
@@ -394,7 +411,7 @@ def markdown(report: dict[str, Any]) -> str:
                 (r for r in report["runs"] if r["host"] == name and r["load"] == load), None
             )
             cells.append(
-                "-" if run is None else f"{pct(run['ours']['rate'])} / {pct(run['nova']['rate'])}"
+                "-" if run is None else " / ".join(pct(run[side]["rate"]) for side in SIDES)
             )
         lines.append(f"| {name} | {host['nodes']} | {host['cpus']} | " + " | ".join(cells) + " |")
     lines += [
@@ -402,14 +419,15 @@ def markdown(report: dict[str, Any]) -> str:
         "## Plan latency per host (every call, all loads; ms)",
         "",
         "| host | calls | vm-host p50 | vm-host p99 | vm-host max "
-        "| nova p50 | nova p99 | nova max |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| nova p50 | nova p99 | nova max | nova pack p99 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in report["latency"].items():
-        o, n = row["ours"], row["nova"]
+        o, n, p = row["ours"], row["nova"], row["nova_pack"]
         lines.append(
             f"| {name} | {o['calls']} | {o['p50_ms']:.2f} | {o['p99_ms']:.2f} | "
-            f"{o['max_ms']:.2f} | {n['p50_ms']:.2f} | {n['p99_ms']:.2f} | {n['max_ms']:.2f} |"
+            f"{o['max_ms']:.2f} | {n['p50_ms']:.2f} | {n['p99_ms']:.2f} | {n['max_ms']:.2f} | "
+            f"{p['p99_ms']:.2f} |"
         )
     lines += [
         "",
@@ -476,7 +494,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
     loads = [float(x) for x in report["summary"]]
     ax = axes[0]
-    for side, label, style in (("ours", "vm-host", "-o"), ("nova", "nova " + NOVA_VERSION, "--s")):
+    for side, label, style in (
+        ("ours", "vm-host", "-o"),
+        ("nova", f"nova {NOVA_VERSION} (default: spread)", "--s"),
+        ("nova_pack", f"nova {NOVA_VERSION} (packing strategy)", ":^"),
+    ):
         ax.plot(
             loads,
             [100 * report["summary"][f"{x:.1f}"][side]["rate"] for x in loads],
@@ -573,6 +595,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    measured = placement_version()  # vmhost.placement was imported with this module
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {msg}", flush=True)
@@ -599,10 +622,11 @@ def main(argv: list[str] | None = None) -> int:
                 trace = make_trace(host, load, arrivals, args.seed)
                 run = run_trace(worker, host, trace, args.repeats)
                 runs.append(run)
-                o, n = run["ours"], run["nova"]
+                o, n, p = run["ours"], run["nova"], run["nova_pack"]
                 log(
-                    f"{host.name:58s} load {load:.1f}: rejected vm-host {pct(o['rate']):>6s} "
-                    f"nova {pct(n['rate']):>6s}; p99 {o['latency_ms']['p99']:.2f} / "
+                    f"{host.name[:40]:40s} load {load:.1f}: rejected vm-host "
+                    f"{pct(o['rate']):>6s} nova {pct(n['rate']):>6s} pack {pct(p['rate']):>6s}; "
+                    f"p99 {o['latency_ms']['p99']:.2f} / "
                     f"{n['latency_ms']['p99']:.2f} ms"
                     + (f"; {o['violation_count']} VIOLATIONS" if o["violation_count"] else "")
                 )
@@ -614,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "meta": {
             "nova_version": nova_version,
-            "placement": placement_version(),
+            "placement": measured,
             "seed": args.seed,
             "repeats": args.repeats,
             "quick": args.quick,
@@ -655,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     slim = json.loads(json.dumps(report))
     for run in slim["runs"]:
-        for side in ("ours", "nova"):
+        for side in SIDES:
             del run[side]["latencies_ms"], run[side]["accepted_ids"]
     (args.out / "allocator.json").write_text(json.dumps(slim, indent=1) + "\n")
     (args.out / "allocator.md").write_text(markdown(report))

@@ -4,7 +4,7 @@ Protocol: one JSON object per line on stdin, one JSON answer per line on stdout.
 
 * ``{"op": "hello"}`` -> ``{"ok": true, "nova": "<version>"}``
 * ``{"op": "replay", "host": H, "requests": {id: R}, "events": [["arrive"|"depart", id]],
-  "repeats": k}``
+  "repeats": k, "pack": bool}``
   -> ``{"ok": true, "results": [{"id", "accepted", "latency_s", "pinned_before",
   "cells"}]}`` (one entry per arrival, in event order). Departures of rejected requests are
   skipped, as a real cloud would never have started those VMs.
@@ -35,6 +35,7 @@ import warnings
 warnings.simplefilter("ignore")  # eventlet and oslo deprecation noise; logging stays as nova
 # leaves it unconfigured (WARNING and above, to stderr)
 
+import nova.conf  # noqa: E402
 from nova import objects  # noqa: E402
 from nova.virt import hardware  # noqa: E402
 
@@ -106,7 +107,22 @@ def pinned_count(host):
 
 
 def replay(msg):
-    """Replay a trace; see the module docstring."""
+    """Replay a trace; see the module docstring.
+
+    ``"pack": true`` sets ``[compute] packing_host_numa_cells_allocation_strategy = True``
+    for this replay (nova's default, False, tries the emptiest host cells first).
+    """
+    conf = nova.conf.CONF
+    conf.set_override(
+        "packing_host_numa_cells_allocation_strategy", bool(msg.get("pack")), group="compute"
+    )
+    try:
+        return _replay(msg)
+    finally:
+        conf.clear_override("packing_host_numa_cells_allocation_strategy", group="compute")
+
+
+def _replay(msg):
     host = build_host(msg["host"])
     requests = msg["requests"]
     live = {}
