@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -675,6 +678,48 @@ def test_same_input_same_plan_whatever_the_allocation_order() -> None:
     first = plan(topo, allocs, spec, Policy())
     assert plan(topo, allocs, spec, Policy()) == first
     assert plan(topo, list(reversed(allocs)), spec, Policy()) == first
+
+
+_HASH_SEED_PROBE = """
+from vmhost.model import Cpu, HostTopology, NumaNode, Placement, Policy, VmSpec
+from vmhost.placement import plan
+nodes = []
+for n in range(3):
+    cpus = []
+    for c in range(4):
+        ids = (n * 4 + c, 12 + n * 4 + c)
+        cpus += [Cpu(id=i, core_id=c, socket_id=n, siblings=ids) for i in ids]
+    nodes.append(NumaNode(id=n, cpus=tuple(cpus), memory_kib=1 << 25, distances={}))
+topo = HostTopology(nodes=tuple(nodes))
+allocs, answers = [], []
+for size in (3, 5, 2, 7, 1, 6, 4, 3):
+    spec = VmSpec(name="vm", vcpus=size, memory_mib=512, pinned_count=size, numa_nodes=2)
+    answer = plan(topo, allocs, spec, Policy(smt_policy="isolate"))
+    answers.append(answer)
+    if isinstance(answer, Placement):
+        allocs.append(answer)
+print(repr(answers))
+"""
+
+
+def test_plans_do_not_depend_on_the_hash_seed() -> None:
+    """Set and dict order change with PYTHONHASHSEED; the plans must not."""
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    outputs = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": src}
+        done = subprocess.run(
+            [sys.executable, "-c", _HASH_SEED_PROBE],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        outputs.add(done.stdout)
+    assert len(outputs) == 1
+    answers = outputs.pop()
+    assert "Placement(" in answers
+    assert "Rejection(" in answers
 
 
 def test_usage_counts_and_summary() -> None:
