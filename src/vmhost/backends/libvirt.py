@@ -38,9 +38,9 @@ import jinja2
 import libvirt
 import yaml
 
+from vmhost import cloudinit
 from vmhost.backends import BackendUnavailableError
 from vmhost.constraints import (
-    guest_interface_name,
     spec_hash,
     validate_host_device,
     validate_name,
@@ -506,35 +506,10 @@ def seed_documents(
     Network config (version 2) matches each NIC by MAC so it does not depend on the guest's
     device naming; NICs without a static address use DHCP.
     """
-    static = any(n.ip for n in nics)
-    if not (spec.user_data or spec.ssh_public_keys or static):
+    if not cloudinit.needs_cloud_init(spec, nics):
         return None
-    user_data = spec.user_data or "#cloud-config\n"
-    if spec.ssh_public_keys:
-        if not user_data.startswith("#cloud-config"):
-            raise InvalidRequestError(
-                "ssh-public-keys",
-                "can only be combined with #cloud-config user-data; put the keys in the "
-                "user-data instead",
-            )
-        config = yaml.safe_load(user_data) or {}
-        if not isinstance(config, dict):
-            raise InvalidRequestError("user-data", "#cloud-config must be a YAML mapping")
-        keys = list(config.get("ssh_authorized_keys") or [])
-        keys += [k for k in spec.ssh_public_keys if k not in keys]
-        config["ssh_authorized_keys"] = keys
-        user_data = "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False)
-    ethernets: dict[str, Any] = {}
-    for nic in nics:
-        entry: dict[str, Any] = {"match": {"macaddress": nic.mac}}
-        name = nic.guest_name or guest_interface_name(nic.label)
-        entry["set-name"] = name
-        if nic.ip:
-            entry["addresses"] = [nic.ip]
-        else:
-            entry["dhcp4"] = True
-        ethernets[name] = entry
-    network = yaml.safe_dump({"version": 2, "ethernets": ethernets}, sort_keys=False)
+    user_data = cloudinit.user_data(spec)
+    network = cloudinit.network_config(nics)
     meta = yaml.safe_dump({"instance-id": instance_id, "local-hostname": spec.name})
     return {"user-data": user_data, "meta-data": meta, "network-config": network}
 

@@ -34,8 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from vmhost import cloudinit
 from vmhost.backends import BackendUnavailableError
 from vmhost.codec import CodecError, placement_from_dict, placement_to_dict
 from vmhost.constraints import guest_interface_name, spec_hash, validate_host_device, validate_name
@@ -234,38 +233,11 @@ def cloud_init_config(spec: VmSpec, nics: Sequence[NicAttachment]) -> dict[str, 
     guest kernel gives LXD's virtio NICs; NICs without a static address use DHCP. SSH keys
     are merged into #cloud-config user data.
     """
-    static = any(n.ip for n in nics)
-    if not (spec.user_data or spec.ssh_public_keys or static):
+    if not cloudinit.needs_cloud_init(spec, nics):
         return {}
-    user_data = spec.user_data or "#cloud-config\n"
-    if spec.ssh_public_keys:
-        if not user_data.startswith("#cloud-config"):
-            raise InvalidRequestError(
-                "ssh-public-keys",
-                "can only be combined with #cloud-config user-data; put the keys in the "
-                "user-data instead",
-            )
-        config = yaml.safe_load(user_data) or {}
-        if not isinstance(config, dict):
-            raise InvalidRequestError("user-data", "#cloud-config must be a YAML mapping")
-        keys = list(config.get("ssh_authorized_keys") or [])  # type: ignore[reportUnknownArgumentType]
-        keys += [k for k in spec.ssh_public_keys if k not in keys]
-        config["ssh_authorized_keys"] = keys
-        user_data = "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False)
-    result = {"cloud-init.user-data": user_data}
+    result = {"cloud-init.user-data": cloudinit.user_data(spec)}
     if nics:
-        ethernets: dict[str, Any] = {}
-        for nic in nics:
-            name = nic.guest_name or guest_interface_name(nic.label)
-            entry: dict[str, Any] = {"match": {"macaddress": nic.mac}, "set-name": name}
-            if nic.ip:
-                entry["addresses"] = [nic.ip]
-            else:
-                entry["dhcp4"] = True
-            ethernets[name] = entry
-        result["cloud-init.network-config"] = yaml.safe_dump(
-            {"version": 2, "ethernets": ethernets}, sort_keys=False
-        )
+        result["cloud-init.network-config"] = cloudinit.network_config(nics)
     return result
 
 
