@@ -710,22 +710,37 @@ def _check_hugepage_memory(memory_mib: int, hugepages: HugepageRequest, cells: i
 # Image, user data, SSH keys
 
 
+_IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$")
+
+
 def _validate_image(value: object) -> str | None:
+    """An absolute path of an image file (libvirt) or an image store name (LXD alias).
+
+    Which form the host can use is the backend's call; both are checked for safety here.
+    """
     if value is None or value == "":
         return None
-    path = _str_value(value, "image", "the image")
+    image = _str_value(value, "image", "the image")
+    if not image.startswith("/"):
+        if _IMAGE_NAME.fullmatch(image) and ".." not in image.split("/"):
+            return image
+        raise InvalidRequestError(
+            "image",
+            f"{_describe(image)} is neither an absolute path on the host (libvirt, for example "
+            "/var/lib/vm-host/images/jammy.img) nor an image alias or fingerprint (LXD, for "
+            "example jammy-vm)",
+        )
     if (
-        not path.startswith("/")
-        or ".." in path.split("/")
-        or any(ord(c) < 32 or ord(c) == 127 for c in path)
-        or len(path) > MAX_IMAGE_PATH
+        ".." in image.split("/")
+        or any(ord(c) < 32 or ord(c) == 127 for c in image)
+        or len(image) > MAX_IMAGE_PATH
     ):
         raise InvalidRequestError(
             "image",
-            f"{_describe(path)} is not an absolute path on the host without '..' or control "
+            f"{_describe(image)} is not an absolute path on the host without '..' or control "
             "characters; give for example /var/lib/vm-host/images/jammy.img",
         )
-    return path
+    return image
 
 
 def _validate_user_data(value: object) -> str | None:

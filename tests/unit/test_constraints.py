@@ -527,6 +527,10 @@ def test_build_spec_default_interface_on_bridge():
     assert requested.interfaces == (InterfaceSpec("data", vlan=5),)
 
 
+def test_image_may_be_an_image_store_alias():
+    assert build_spec(name="k", memory_mib=512, image="jammy-vm").image == "jammy-vm"
+
+
 def test_build_spec_ssh_keys_as_one_string():
     text = f"{KEYS['ssh-ed25519']}\n\n{KEYS['ecdsa-sha2-nistp256']}\n{KEYS['ssh-ed25519']}\n"
     spec = build_spec(name="k", memory_mib=512, ssh_public_keys=text)
@@ -601,7 +605,8 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"name": "v" * 60, "storage": "root:10"}, "storage", "shorten the VM name or the label"),
     ({"interfaces": "eth0:fabric=x"}, "interfaces", "not supported by vm-host"),
     ({"default_interface_bridge": "no/slash"}, "interfaces", "not a valid host interface"),
-    ({"image": "relative.img"}, "image", "absolute path"),
+    ({"image": "no spaces.img"}, "image", "absolute path"),
+    ({"image": "a/../b"}, "image", "absolute path"),
     ({"image": "/var/lib/../../etc/shadow"}, "image", "without '..'"),
     ({"image": "/var/lib/x\n.img"}, "image", "control characters"),
     ({"image": 5}, "image", "must be a string"),

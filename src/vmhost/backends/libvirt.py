@@ -791,6 +791,12 @@ class LibvirtBackend:
                 failed (everything this call created was removed again).
         """
         resolved = _validate_request(spec, nics, default_pool)
+        if spec.image and not spec.image.startswith("/"):
+            raise InvalidRequestError(
+                "image",
+                f"{spec.image!r} is an image store name; the libvirt backend copies an image "
+                "file: give its absolute path on the host",
+            )
         image = image_info(Path(spec.image)) if spec.image else None
         conn = self.conn
         if spec.name in {d.name() for d in conn.listAllDomains(0)}:
