@@ -226,6 +226,7 @@ def resources_table(data: dict[str, Any]) -> str:
         )
     shared = data["shared"]
     parts = [
+        f"{data['backend']} {data['version']}".strip(),
         _table(
             ("NUMA", "CPUS-FREE", "PINNED", "RESERVED", "MEM-FREE-MIB", "HUGEPAGES-FREE", "VMS"),
             node_rows,

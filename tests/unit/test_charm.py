@@ -255,7 +255,8 @@ def test_show_resources(ctx, backend, fake_host):
     pinned = sum(len(n["cpus"]["pinned"]) for n in data["nodes"])
     assert pinned == 2
     assert "db-0" in results["table"]
-    assert "NUMA node 0" in results["table"] or "node 0" in results["table"]
+    assert results["table"].splitlines()[0] == "libvirt"
+    assert "node 0" in results["table"]
 
 
 def test_remove_keeps_vms(ctx, backend, fake_host):

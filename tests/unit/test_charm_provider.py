@@ -134,3 +134,19 @@ def test_non_leader_composes_what_the_leader_assigned_to_it(ctx, backend, fake_h
     )
     assert sorted(backend.vms) == ["pg-7-web-0"]
     assert set(answers(out, relation)) == {"web-0"}
+
+
+def test_requests_of_a_departed_unit_are_reassigned_when_not_composed(ctx, backend, fake_host):
+    relation = vm_lib.requirer_relation([DB, WEB], remote_app_name="pg", relation_id=7)
+    key_db = fleet.RequestKey(7, "pg", "db-0")
+    key_web = fleet.RequestKey(7, "pg", "web-0")
+    # vm-host/1 was given web-0 but has left the peer relation before composing it.
+    before = fleet.Assignment(units={key_db: "vm-host/0", key_web: "vm-host/1"})
+    peer = testing.PeerRelation(
+        "hosts", local_app_data={"assignment": fleet.assignment_to_json(before)}
+    )
+    state = testing.State(leader=True, relations={relation, peer})
+    out = ctx.run(ctx.on.relation_departed(peer, remote_unit=1, departing_unit=1), state)
+    after, _ = fleet.assignment_from_json(out.get_relation(peer.id).local_app_data["assignment"])
+    assert after.units == {key_db: "vm-host/0", key_web: "vm-host/0"}
+    assert sorted(backend.vms) == ["pg-7-db-0", "pg-7-web-0"]
