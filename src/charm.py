@@ -107,6 +107,18 @@ class CharmConfig(pydantic.BaseModel):
         networks.parse_networks_config(value)
         return value
 
+    @pydantic.field_validator("libvirt_user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        return access.validate_user_name(value)
+
+    @pydantic.field_validator("lxd_project")
+    @classmethod
+    def _project(cls, value: str) -> str:
+        from vmhost.lxd_trust import validate_project
+
+        return validate_project(value)
+
     @property
     def policy(self) -> Policy:
         """The placement rules these options describe."""

@@ -62,6 +62,9 @@ def test_configured_pool_is_not_created(ctx, backend, fake_host):
         ("smt-policy", "sometimes", "smt-policy"),
         ("default-storage-pool", "Bad Pool", "default-storage-pool"),
         ("release-policy", "shred", "release-policy"),
+        ("libvirt-user", "root;rm", "libvirt-user"),
+        ("lxd-project", "Bad/Project", "lxd-project"),
+        ("https-port", 70000, "https-port"),
     ],
 )
 def test_invalid_config_blocks_and_changes_nothing(ctx, backend, fake_host, option, value, phrase):
