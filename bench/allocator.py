@@ -484,64 +484,50 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PLOT_STYLES = (
+    ("ours", "vm-host", "-o", "tab:blue"),
+    ("nova", f"nova {NOVA_VERSION} (default: spread)", "--s", "tab:orange"),
+    ("nova_pack", f"nova {NOVA_VERSION} (packing strategy)", ":^", "tab:green"),
+)
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Draw rejection rate against offered load: pooled, and per synthetic host."""
+    """Draw rejection rate against offered load: all hosts pooled, and per synthetic host."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    fig = plt.figure(figsize=(14, 5.6), layout="constrained")
+    grid = fig.add_gridspec(2, 4)
     loads = [float(x) for x in report["summary"]]
-    ax = axes[0]
-    for side, label, style in (
-        ("ours", "vm-host", "-o"),
-        ("nova", f"nova {NOVA_VERSION} (default: spread)", "--s"),
-        ("nova_pack", f"nova {NOVA_VERSION} (packing strategy)", ":^"),
-    ):
-        ax.plot(
-            loads,
-            [100 * report["summary"][f"{x:.1f}"][side]["rate"] for x in loads],
-            style,
-            label=label,
-            linewidth=2,
-        )
+    ax = fig.add_subplot(grid[:, :2])
+    for side, label, style, color in PLOT_STYLES:
+        rates = [100 * report["summary"][f"{x:.1f}"][side]["rate"] for x in loads]
+        ax.plot(loads, rates, style, color=color, label=label, linewidth=2)
     ax.set_title(f"All {len(report['hosts'])} hosts pooled")
     ax.set_xlabel("offered load (mean demanded CPUs / host CPUs)")
     ax.set_ylabel("requests rejected (%)")
     ax.set_xticks(loads)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax = axes[1]
-    synth = [h["name"] for h in report["hosts"] if h["source"] == "synthetic"]
-    colors = plt.get_cmap("tab10")
-    for i, name in enumerate(synth):
-        runs = sorted((r for r in report["runs"] if r["host"] == name), key=lambda r: r["load"])
+    ax.legend(loc="lower right")
+    synth = [h for h in report["hosts"] if h["source"] == "synthetic"][:4]
+    for i, host in enumerate(synth):
+        ax = fig.add_subplot(grid[i // 2, 2 + i % 2])
+        runs = sorted(
+            (r for r in report["runs"] if r["host"] == host["name"]), key=lambda r: r["load"]
+        )
         xs = [r["load"] for r in runs]
-        nodes = next(h["nodes"] for h in report["hosts"] if h["name"] == name)
-        ax.plot(
-            xs,
-            [100 * r["ours"]["rate"] for r in runs],
-            "-o",
-            color=colors(i),
-            label=f"{nodes} nodes vm-host",
-        )
-        ax.plot(
-            xs,
-            [100 * r["nova"]["rate"] for r in runs],
-            "--s",
-            color=colors(i),
-            alpha=0.7,
-            label=f"{nodes} nodes nova",
-        )
-    ax.set_title("Synthetic SMT hosts (solid: vm-host, dashed: nova)")
-    ax.set_xlabel("offered load (mean demanded CPUs / host CPUs)")
-    ax.set_ylabel("requests rejected (%)")
-    ax.set_xticks(loads)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+        for side, _label, style, color in PLOT_STYLES:
+            ax.plot(xs, [100 * r[side]["rate"] for r in runs], style, color=color)
+        ax.set_title(f"synthetic {host['nodes']} nodes x 24 CPUs", fontsize=10)
+        ax.set_xticks(xs)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        if i % 2 == 0:
+            ax.set_ylabel("rejected (%)", fontsize=9)
     fig.suptitle("Pinned-VM requests rejected: vm-host allocator vs nova's NUMA fitter")
     fig.savefig(path, dpi=110)
     plt.close(fig)
