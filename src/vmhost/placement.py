@@ -50,11 +50,12 @@ Rules, and why they are what they are:
   not report constrains nothing. Interfaces without a parent are resolved by the networks
   layer and not counted here.
 * Scoring. Among the node sets that fit: honour the NIC preference, then the smallest
-  distance sum, then strand as few 1G pages as possible (pages left on a node with fewer
-  free CPUs than pages), then keep whole free nodes whole, then keep 1G pages placeable
-  (best fit on 1G pages for 1G requests; other requests stay off nodes with free 1G pages,
-  whose CPUs a 1G request will need), then break as few whole free cores as possible, then
-  best fit on free CPUs and memory, then the lowest node ids. Everything iterates in sorted
+  distance sum, then strand as few more 1G pages as possible (pages left on a node with
+  fewer free CPUs than pages; pages already stranded do not count), then keep whole free
+  nodes whole, then keep 1G pages placeable (best fit on 1G pages for 1G requests; other
+  requests stay off nodes with free 1G pages, whose CPUs a 1G request will need), then break
+  as few whole free cores as possible, then best fit on free CPUs and memory, then the lowest
+  node ids. Everything iterates in sorted
   order, so equal inputs give equal plans.
 * Speed. Node sets are never permuted: single nodes are scored one by one; spans enumerate
   combinations only while there are few of them, and otherwise grow sets greedily from every
@@ -1043,10 +1044,14 @@ class _Search:
             if pool == host.node_usable[nd] and used < pool:
                 whole_nodes += 1
             left_cpus += pool - used
-            pages_left = host.pages_free(nd, PAGE_1G_KIB) - (got if is_1g else 0)
+            pages_before = host.pages_free(nd, PAGE_1G_KIB)
+            pages_left = pages_before - (got if is_1g else 0)
             # 1G pages left with fewer free CPUs than pages on their node cannot all be used
-            # even by the densest 1G VM (one page per vCPU): they would be stranded.
-            stranded += max(0, pages_left - (pool - used))
+            # even by the densest 1G VM (one page per vCPU): they would be stranded. Only the
+            # pages this placement strands count: pages a node had already stranded are lost
+            # whichever node is chosen, and counting them would push small VMs off a nearly
+            # full node onto a whole free one.
+            stranded += max(0, pages_left - (pool - used)) - max(0, pages_before - pool)
             # 1G requests: best fit on the pages; others: stay off nodes with free 1G pages.
             one_g += pages_left
         left_units = sum(self.free[nd] - got for nd, got in zip(nodes, split, strict=True))

@@ -514,6 +514,23 @@ def test_scoring_avoids_stranding_1g_pages_before_keeping_nodes_whole() -> None:
     assert p.host_nodes == (1,)
 
 
+def test_pages_already_stranded_do_not_push_vms_off_a_nearly_full_node() -> None:
+    topo = pages_on(make_host(), {0: {PAGE_1G_KIB: 4}, 1: {PAGE_1G_KIB: 4}})
+    allocs = place_all(
+        topo,
+        [
+            replace(pinned(6), pinned_cpus=(0, 8, 1, 9, 2, 10)),  # node 0: 2 CPUs, 4 pages
+            replace(pinned(4), pinned_cpus=(4, 12, 5, 13)),  # node 1: 4 CPUs, 4 pages
+        ],
+    )
+    # Either node strands 2 more pages; node 0 had 2 stranded already, which no choice
+    # brings back, so the VM fills node 0 and node 1 keeps room for a 4-page 1G VM.
+    small = ok(plan(topo, allocs, pinned(2), Policy()))
+    assert small.host_nodes == (0,)
+    big_1g = pinned(4, 4 * GIB, hugepages=HugepageRequest.P1G)
+    assert ok(plan(topo, [*allocs, small], big_1g, Policy())).host_nodes == (1,)
+
+
 def test_1g_requests_best_fit_on_pages() -> None:
     topo = pages_on(make_host(), {0: {PAGE_1G_KIB: 4}, 1: {PAGE_1G_KIB: 2}})
     p = ok(plan(topo, [], pinned(2, 2 * GIB, hugepages=HugepageRequest.P1G), Policy()))
