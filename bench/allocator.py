@@ -60,6 +60,8 @@ SIDES = ("ours", "nova", "nova_pack")
 """vm-host; nova with its default cell order (emptiest first); nova with
 `[compute] packing_host_numa_cells_allocation_strategy = True` (fullest first)."""
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+QUICK_OUT = Path(__file__).resolve().parent / ".cache" / "results-quick"
+"""--quick writes here by default (git-ignored), so it never overwrites the committed run."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +567,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="short run (< 2 minutes)")
     parser.add_argument("--seed", type=int, default=1, help="trace seed (default 1)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default bench/results; with --quick bench/.cache/results-quick)",
+    )
     parser.add_argument(
         "--arrivals", type=int, help="arrivals per trace (default 1200; quick 300)"
     )
@@ -662,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
         "isolate": isolate,
         "runs": runs,
     }
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     args.out.mkdir(parents=True, exist_ok=True)
     slim = json.loads(json.dumps(report))
     for run in slim["runs"]:
