@@ -84,7 +84,11 @@ def main() -> int:
     status = ctx.run(ctx.on.update_status(), state).unit_status
     print(f"unit status: {status}")
     print(f"inspect: virsh dumpxml {request['name']} | grep -A6 cputune")
-    print("remove:  bash tests/bin/quickstart --delete")
+    if request["name"] == DEFAULT_REQUEST["name"]:
+        print("remove:  bash tests/bin/quickstart --delete")
+    else:
+        named = json.dumps({"name": request["name"]})
+        print(f"remove:  bash tests/bin/quickstart --delete --request '{named}'")
     return 0
 
 
