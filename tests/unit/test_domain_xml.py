@@ -18,6 +18,7 @@ from vmhost.backends.libvirt import (
     METADATA_NS,
     TEMPLATES_DIR,
     LibvirtBackend,
+    VirtualFunction,
     Volume,
     disabled_cpu_features,
     domain_context,
@@ -250,11 +251,24 @@ def test_nics_bridge_and_macvtap(tmp_path: Path) -> None:
     ]
 
 
-def test_sriov_is_refused_clearly() -> None:
+def test_sriov_nic_without_a_chosen_vf_is_refused() -> None:
+    # The VF is chosen against the host's domains before rendering; a context without one
+    # (or with a VF of another PF) would pass nothing through, so it is an error.
     nic = NicAttachment("vf0", AttachmentKind.HOSTDEV, "enp5s0f0", mac="52:54:00:00:00:03")
-    with pytest.raises(VmHostError, match="SR-IOV"):
+    with pytest.raises(VmHostError, match=r"no VF of enp5s0f0"):
         domain_context(
             spec(), Placement(vcpus=2, memory_mib=2048), (nic,), (ROOT,), None, uuid=UUID
+        )
+    other = VirtualFunction("enp6s0f0", 0, "0000:06:02.0")
+    with pytest.raises(VmHostError, match=r"no VF of enp5s0f0"):
+        domain_context(
+            spec(),
+            Placement(vcpus=2, memory_mib=2048),
+            (nic,),
+            (ROOT,),
+            None,
+            uuid=UUID,
+            vfs={"vf0": other},
         )
 
 
@@ -346,9 +360,13 @@ def test_bad_volume_pool_and_bridge_names_are_refused() -> None:
     bad_bridge = NicAttachment("eth0", AttachmentKind.BRIDGE, "br0'><x")
     with pytest.raises(InvalidRequestError, match=r"interfaces\[eth0\]\.source"):
         backend.compose(spec(), placement, (bad_bridge,), "vm-host")
-    sriov = NicAttachment("eth0", AttachmentKind.HOSTDEV, "enp5s0f0")
-    with pytest.raises(InvalidRequestError, match="sriov"):
-        backend.compose(spec(), placement, (sriov,), "vm-host")
+    bad_pf = NicAttachment("eth0", AttachmentKind.HOSTDEV, "enp5s0f0/../x")
+    with pytest.raises(InvalidRequestError, match=r"interfaces\[eth0\]\.source.*SR-IOV PF"):
+        backend.compose(spec(), placement, (bad_pf,), "vm-host")
+    for vlan in (0, 4095, -1):
+        bad_vlan = NicAttachment("eth0", AttachmentKind.HOSTDEV, "enp5s0f0", vlan=vlan)
+        with pytest.raises(InvalidRequestError, match=r"interfaces\[eth0\]\.vlan.*1-4094"):
+            backend.compose(spec(), placement, (bad_vlan,), "vm-host")
     with pytest.raises(InvalidRequestError, match="seed"):
         backend.compose(spec(disks=(DiskSpec("seed", 1),)), placement, (), "vm-host")
 

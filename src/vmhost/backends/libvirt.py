@@ -10,6 +10,10 @@ content is uploaded from the local image file through libvirt's stream API (it w
 pool type, not only directories), then grown to the requested size. Cloud-init gets a NoCloud
 seed ISO built with genisoimage and uploaded the same way.
 
+SR-IOV NICs pass one VF of the requested PF through (`<interface type='hostdev'>`). The VF is
+the lowest-index one (sysfs `virtfn<N>`) that no defined domain passes through, chosen before
+anything is created; the ledger records it as "<pf>/vf<N> (<PCI address>)".
+
 Every XML document (domain, pool, volume) comes from templates/ with autoescape on, and every
 name is validated before it reaches libvirt.
 """
@@ -170,6 +174,7 @@ def domain_context(
     domain_type: str = "kvm",
     arch: str = "x86_64",
     cpu_disabled_features: Sequence[str] = (),
+    vfs: Mapping[str, VirtualFunction] | None = None,
 ) -> dict[str, Any]:
     """Build the template context of a domain from a spec, its placement and its devices.
 
@@ -187,6 +192,7 @@ def domain_context(
         domain_type: "kvm", or "qemu" on hosts without /dev/kvm.
         arch: guest architecture (the host's).
         cpu_disabled_features: CPU features to hide from the guest (disabled_cpu_features()).
+        vfs: NIC label -> the VF each SR-IOV (hostdev) NIC passes through (choose_vfs()).
     """
     cells = []
     vcpupins = []
@@ -215,16 +221,7 @@ def domain_context(
             "nodeset": format_cpu_list(placement.host_nodes),
             "memnodes": memnodes,
         }
-    interfaces = []
-    for nic in nics:
-        if nic.kind == AttachmentKind.HOSTDEV:
-            raise VmHostError(
-                f"interface {nic.label}: SR-IOV (hostdev) NICs are not supported by the libvirt "
-                "backend yet; use mode bridge or macvtap"
-            )
-        interfaces.append(
-            {"kind": nic.kind.value, "source": nic.source, "mac": nic.mac, "label": nic.label}
-        )
+    interfaces = [_interface_context(nic, vfs or {}) for nic in nics]
     volumes = [*disks, *([seed] if seed else [])]
     metadata = {
         "owner": spec.owner,
@@ -245,7 +242,7 @@ def domain_context(
             }
             for c in placement.cells
         ],
-        "vfs": [{"nic": vf.nic, "count": vf.count} for vf in placement.vfs],
+        "vfs": [{"nic": nic, "count": count} for nic, count in _vf_counts(placement, nics)],
         "volumes": [{"pool": v.pool, "name": v.name} for v in volumes],
         "interfaces": interfaces,
     }
@@ -288,6 +285,45 @@ def domain_context(
     }
 
 
+def _interface_context(nic: NicAttachment, vfs: Mapping[str, VirtualFunction]) -> dict[str, Any]:
+    """Return one NIC's template context; an SR-IOV NIC carries its VF's PCI address."""
+    item: dict[str, Any] = {
+        "kind": nic.kind.value,
+        "source": nic.source,
+        "mac": nic.mac,
+        "label": nic.label,
+    }
+    if nic.kind == AttachmentKind.HOSTDEV:
+        vf = vfs.get(nic.label)
+        if vf is None or vf.pf != nic.source:
+            raise VmHostError(
+                f"interface {nic.label}: no VF of {nic.source} was chosen for this SR-IOV NIC "
+                "(choose_vfs gives each one its VF)"
+            )
+        item |= {
+            "source": vf.description,
+            "address": pci_address_attrs(vf.address),
+            "vlan": nic.vlan,
+        }
+    return item
+
+
+def _vf_counts(placement: Placement, nics: Sequence[NicAttachment]) -> list[tuple[str, int]]:
+    """Return the VFs per PF the ledger records: the placement's, and at least the NICs'.
+
+    The placement engine counts the VFs a request takes; the hostdev NICs are what the domain
+    really holds, so a placement that counted fewer never lets the ledger undercount.
+    """
+    counts = {vf.nic: vf.count for vf in placement.vfs}
+    held: dict[str, int] = {}
+    for nic in nics:
+        if nic.kind == AttachmentKind.HOSTDEV:
+            held[nic.source] = held.get(nic.source, 0) + 1
+    for pf, count in held.items():
+        counts[pf] = max(counts.get(pf, 0), count)
+    return list(counts.items())
+
+
 def _environment(templates_dir: Path) -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir)),
@@ -301,6 +337,198 @@ def _environment(templates_dir: Path) -> jinja2.Environment:
 def render_template(templates_dir: Path, name: str, context: Mapping[str, Any]) -> str:
     """Render one XML template with autoescape on (names and metadata are escaped)."""
     return _environment(templates_dir).get_template(name).render(**context)
+
+
+# ---------------------------------------------------------------------------------------------
+# SR-IOV VFs (pure: sysfs paths and domain XML strings in, addresses out)
+
+_PCI_RE = re.compile(r"^([0-9a-f]{4,8}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$")
+_VIRTFN_RE = re.compile(r"^virtfn(\d+)$")
+
+
+def pci_address_attrs(address: str) -> dict[str, str]:
+    """Split "0000:3b:02.1" into the hex attributes libvirt's `<address type='pci'>` takes.
+
+    Raises:
+        VmHostError: the text is not a PCI address in domain:bus:slot.function form.
+    """
+    match = _PCI_RE.match(address.lower())
+    if match is None:
+        raise VmHostError(f"{address!r} is not a PCI address (domain:bus:slot.function)")
+    domain, bus, slot, function = match.groups()
+    return {
+        "domain": f"0x{domain}",
+        "bus": f"0x{bus}",
+        "slot": f"0x{slot}",
+        "function": f"0x{function}",
+    }
+
+
+def _pci_from_element(address: ET.Element) -> str | None:
+    """Return "dddd:bb:ss.f" from a libvirt `<address>` element, None when it is no PCI one."""
+    if address.get("type", "pci") != "pci":
+        return None
+    try:
+        domain, bus, slot, function = (
+            int(address.get(key, "0"), 0) for key in ("domain", "bus", "slot", "function")
+        )
+    except ValueError:
+        return None
+    return f"{domain:04x}:{bus:02x}:{slot:02x}.{function:x}"
+
+
+@dataclasses.dataclass(frozen=True)
+class VirtualFunction:
+    """One SR-IOV VF of a PF: its index under the PF and its PCI address."""
+
+    pf: str
+    index: int
+    address: str
+    """domain:bus:slot.function, for example "0000:3b:02.1"."""
+
+    @property
+    def description(self) -> str:
+        """Return how the VF is shown as a NIC's attached-to: "enp59s0f0/vf3 (0000:3b:02.1)"."""
+        return f"{self.pf}/vf{self.index} ({self.address})"
+
+
+def virtual_functions(sysfs_root: str | Path, pf: str) -> list[VirtualFunction]:
+    """Return a PF's VFs in VF index order (virtfn0, virtfn1, ...).
+
+    The kernel names each VF by a `virtfn<N>` symlink in the PF's device directory pointing at
+    the VF's PCI device directory, whose name is its address. A NIC without VFs (or without
+    a PCI device) has none.
+    """
+    device = Path(sysfs_root) / "class" / "net" / pf / "device"
+    found: list[VirtualFunction] = []
+    try:
+        entries = list(device.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        match = _VIRTFN_RE.match(entry.name)
+        if match is None:
+            continue
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        address = Path(target).name.lower()
+        if _PCI_RE.match(address):
+            found.append(VirtualFunction(pf, int(match.group(1)), address))
+    return sorted(found, key=lambda vf: vf.index)
+
+
+def list_vfs(sysfs_root: str | Path, pf: str) -> list[str]:
+    """Return the PCI addresses of a PF's VFs in VF index order."""
+    return [vf.address for vf in virtual_functions(sysfs_root, pf)]
+
+
+def vf_parent(sysfs_root: str | Path, address: str) -> str | None:
+    """Return the network interface name of the PF a VF belongs to, None when unknown.
+
+    The VF's PCI device has a `physfn` link to its PF's device, and the PF's interface name is
+    the entry under that device's `net/`. A VF of a PF without a network interface (or a PCI
+    device that is no VF) has no PF name.
+    """
+    net = Path(sysfs_root) / "bus" / "pci" / "devices" / address / "physfn" / "net"
+    try:
+        names = sorted(p.name for p in net.iterdir())
+    except OSError:
+        return None
+    return names[0] if names else None
+
+
+def hostdev_addresses(xml: str) -> set[str]:
+    """Return the host PCI addresses a domain's XML passes through.
+
+    Both forms count: `<hostdev type='pci'>` and `<interface type='hostdev'>`. Only the
+    `<source>` address is the host device; the `<address>` directly under a device is where
+    it sits inside the guest.
+    """
+    return _hostdev_addresses(ET.fromstring(xml))  # noqa: S314 - libvirtd's own output or ours
+
+
+def _hostdev_addresses(root: ET.Element) -> set[str]:
+    found: set[str] = set()
+    devices = [
+        *root.findall("devices/hostdev"),
+        *(i for i in root.findall("devices/interface") if i.get("type") == "hostdev"),
+    ]
+    for device in devices:
+        if device.tag == "hostdev" and device.get("type", "pci") != "pci":
+            continue  # USB, SCSI and mediated devices are not VFs
+        address = device.find("source/address")
+        if address is not None and (pci := _pci_from_element(address)) is not None:
+            found.add(pci)
+    return found
+
+
+def choose_vfs(
+    sysfs_root: str | Path,
+    nics: Sequence[NicAttachment],
+    domain_xmls: Sequence[str],
+) -> dict[str, VirtualFunction]:
+    """Give each hostdev NIC the lowest-index VF of its PF that no domain uses.
+
+    A VF counts as used when any defined domain (running or not, vm-host's or not) passes it
+    through, so a VF reserved by a stopped VM is never handed out twice. Several NICs of one
+    request on the same PF get different VFs.
+
+    Args:
+        sysfs_root: where sysfs is mounted; a fake tree in tests.
+        nics: the request's NICs; only those of kind HOSTDEV get a VF.
+        domain_xmls: the XML of every existing domain.
+
+    Returns:
+        NIC label -> its VF.
+
+    Raises:
+        VmHostError: a PF has no free VF (naming the PF and how many VFs it has).
+    """
+    used: set[str] = set()
+    for xml in domain_xmls:
+        used |= hostdev_addresses(xml)
+    chosen: dict[str, VirtualFunction] = {}
+    for nic in nics:
+        if nic.kind != AttachmentKind.HOSTDEV:
+            continue
+        vfs = virtual_functions(sysfs_root, nic.source)
+        free = [vf for vf in vfs if vf.address not in used]
+        if not free:
+            if not vfs:
+                raise VmHostError(
+                    f"interface {nic.label}: {nic.source} has no SR-IOV VFs enabled; enable "
+                    f"VFs on it (sriov_numvfs) or use another network mode"
+                )
+            raise VmHostError(
+                f"interface {nic.label}: all {len(vfs)} SR-IOV VFs of {nic.source} are in use "
+                "by other domains; enable more VFs or free one"
+            )
+        chosen[nic.label] = free[0]
+        used.add(free[0].address)
+    return chosen
+
+
+def known_vfs(sysfs_root: str | Path, addresses: set[str]) -> dict[str, VirtualFunction]:
+    """Map PCI addresses that are VFs of a PF with a network interface to those VFs.
+
+    Used for domains vm-host did not create: their passed-through VFs count against the PF
+    (Placement.vfs) only when sysfs says which PF that is (`physfn`). Other addresses (plain
+    PCI devices, VFs of PFs without an interface) are left out.
+    """
+    found: dict[str, VirtualFunction] = {}
+    by_pf: dict[str, list[VirtualFunction]] = {}
+    for address in sorted(addresses):
+        pf = vf_parent(sysfs_root, address)
+        if pf is None:
+            continue
+        if pf not in by_pf:
+            by_pf[pf] = virtual_functions(sysfs_root, pf)
+        for vf in by_pf[pf]:
+            if vf.address == address:
+                found[address] = vf
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,13 +613,20 @@ def parse_metadata(vm: ET.Element) -> tuple[Placement, dict[str, Any]]:
     return placement, fields
 
 
-def placement_from_domain_xml(root: ET.Element, topology: HostTopology | None) -> Placement:
+def placement_from_domain_xml(
+    root: ET.Element,
+    topology: HostTopology | None,
+    vfs: Mapping[str, VirtualFunction] | None = None,
+) -> Placement:
     """Reconstruct what a domain vm-host did not create takes from the host.
 
     vCPUs pinned one-to-one to single host CPUs count as pinned; anything looser floats over
     the shared pool. Guest NUMA cells map to host nodes through `<memnode>`; without them the
     whole domain is one cell on the `<numatune>` node, or on the node of its pinned CPUs.
+    Passed-through PCI devices found in `vfs` (PCI address -> VF, see known_vfs()) count as
+    VFs taken from their PF.
     """
+    taken = _foreign_vfs(root, vfs or {})
     vcpus = int((root.findtext("vcpu") or "1").strip())
     memory_mib = _to_mib(root.find("currentMemory")) or _to_mib(root.find("memory"))
     pins: dict[int, tuple[int, ...]] = {}
@@ -419,7 +654,7 @@ def placement_from_domain_xml(root: ET.Element, topology: HostTopology | None) -
     if default_node is None and pinned and topology is not None:
         default_node = topology.node_of_cpu(pins[0][0])
     if not pinned and page_kib is None and default_node is None:
-        return Placement(vcpus=vcpus, memory_mib=memory_mib)
+        return Placement(vcpus=vcpus, memory_mib=memory_mib, vfs=taken)
 
     guest_cells = root.findall("cpu/numa/cell")
     specs: list[tuple[int, tuple[int, ...], int]] = []  # host node, vcpu ids, memory MiB
@@ -445,8 +680,18 @@ def placement_from_domain_xml(root: ET.Element, topology: HostTopology | None) -
             )
         )
     return Placement(
-        vcpus=vcpus, memory_mib=memory_mib, cells=tuple(cells), emulator_cpus=emulator
+        vcpus=vcpus, memory_mib=memory_mib, cells=tuple(cells), emulator_cpus=emulator, vfs=taken
     )
+
+
+def _foreign_vfs(root: ET.Element, vfs: Mapping[str, VirtualFunction]) -> tuple[VfAssignment, ...]:
+    """Count a domain's passed-through VFs per PF (those whose PF sysfs could name)."""
+    counts: dict[str, int] = {}
+    for address in _hostdev_addresses(root):
+        vf = vfs.get(address)
+        if vf is not None:
+            counts[vf.pf] = counts.get(vf.pf, 0) + 1
+    return tuple(VfAssignment(nic=pf, count=n) for pf, n in sorted(counts.items()))
 
 
 def _as_memory(cell: ET.Element) -> ET.Element:
@@ -457,9 +702,16 @@ def _as_memory(cell: ET.Element) -> ET.Element:
 
 
 def record_from_domain_xml(
-    xml: str, state: VmState, topology: HostTopology | None = None
+    xml: str,
+    state: VmState,
+    topology: HostTopology | None = None,
+    vfs: Mapping[str, VirtualFunction] | None = None,
 ) -> VmRecord:
-    """Build a VmRecord from a domain's XML: from vm-host's metadata, else from its devices."""
+    """Build a VmRecord from a domain's XML: from vm-host's metadata, else from its devices.
+
+    `vfs` (PCI address -> VF, see known_vfs()) names the PF of a foreign domain's
+    passed-through VFs, in its placement and its interfaces' attached-to.
+    """
     root = ET.fromstring(xml)  # noqa: S314 - libvirtd's own output
     name = (root.findtext("name") or "").strip()
     domain_uuid = (root.findtext("uuid") or "").strip()
@@ -475,6 +727,11 @@ def record_from_domain_xml(
         attached = ""
         if source is not None:
             attached = source.get("bridge") or source.get("dev") or source.get("network") or ""
+            address = source.find("address")
+            pci = _pci_from_element(address) if address is not None else None
+            if iface.get("type") == "hostdev" and pci is not None:
+                vf = (vfs or {}).get(pci)
+                attached = vf.description if vf is not None else pci
         mac = iface.find("mac")
         interfaces.append(
             {
@@ -487,7 +744,7 @@ def record_from_domain_xml(
         name=name,
         uuid=domain_uuid,
         state=state,
-        placement=placement_from_domain_xml(root, topology),
+        placement=placement_from_domain_xml(root, topology, vfs),
         owner="",
         interfaces=tuple(interfaces),
         managed=False,
@@ -599,11 +856,17 @@ def _validate_request(
     resolved: list[NicAttachment] = []
     for nic in nics:
         what = "bridge" if nic.kind == AttachmentKind.BRIDGE else "parent interface"
-        validate_host_device(nic.source, f"interfaces[{nic.label}].source", what)
         if nic.kind == AttachmentKind.HOSTDEV:
+            what = "SR-IOV PF"
+        validate_host_device(nic.source, f"interfaces[{nic.label}].source", what)
+        if (
+            nic.kind == AttachmentKind.HOSTDEV
+            and nic.vlan is not None
+            and (isinstance(nic.vlan, bool) or not 1 <= nic.vlan <= 4094)
+        ):
             raise InvalidRequestError(
-                f"interfaces[{nic.label}].mode",
-                "sriov is not supported by the libvirt backend yet; use bridge or macvtap",
+                f"interfaces[{nic.label}].vlan",
+                f"{nic.vlan!r} is not a VLAN id; use 1-4094, or none for an untagged VF",
             )
         mac = (nic.mac or generate_mac(spec.name, nic.label)).lower()
         if not _MAC_RE.match(mac):
@@ -622,6 +885,21 @@ def _detail(error: BaseException) -> str:
             stderr = stderr.decode(errors="replace")
         return f"{error}: {stderr.strip()}"
     return str(error)
+
+
+def _domain_xmls(domains: Sequence[libvirt.virDomain]) -> Iterator[str]:
+    """Yield the XML of every domain, and its next-boot XML too when that differs.
+
+    A running domain's persistent definition can name other devices than it runs with; both
+    hold their VFs (the running one now, the stored one at its next start).
+    """
+    for dom in domains:
+        try:
+            yield dom.XMLDesc(0)
+            if dom.isActive() and dom.isPersistent():
+                yield dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        except libvirt.libvirtError:
+            continue  # undefined while we looked
 
 
 def host_arch() -> str:
@@ -748,18 +1026,22 @@ class LibvirtBackend:
 
     def list_vms(self) -> list[VmRecord]:
         """Return every domain; vm-host's from their metadata, others reconstructed."""
-        records = []
-        topology: HostTopology | None = None
+        found: list[tuple[str, VmState]] = []
         for dom in self.conn.listAllDomains(0):
             try:
-                xml = dom.XMLDesc(0)
-                state = _state(int(dom.state()[0]))
+                found.append((dom.XMLDesc(0), _state(int(dom.state()[0]))))
             except libvirt.libvirtError:
                 continue  # undefined while we looked
-            if METADATA_NS not in xml and topology is None:
-                # Only foreign domains need the host map (to find the node of pinned CPUs).
-                topology = parse_capabilities(self.conn.getCapabilities())
-            records.append(record_from_domain_xml(xml, state, topology))
+        topology: HostTopology | None = None
+        vfs: dict[str, VirtualFunction] = {}
+        foreign = [xml for xml, _ in found if METADATA_NS not in xml]
+        if foreign:
+            # Only foreign domains need the host map (to find the node of pinned CPUs) and
+            # the PF of each VF they pass through (vm-host's own record theirs).
+            topology = parse_capabilities(self.conn.getCapabilities())
+            addresses = set().union(*(hostdev_addresses(xml) for xml in foreign))
+            vfs = known_vfs(self.sysfs_root, addresses)
+        records = [record_from_domain_xml(xml, state, topology, vfs) for xml, state in found]
         return sorted(records, key=lambda r: r.name)
 
     def _lookup(self, name: str) -> libvirt.virDomain:
@@ -799,8 +1081,12 @@ class LibvirtBackend:
             )
         image = image_info(Path(spec.image)) if spec.image else None
         conn = self.conn
-        if spec.name in {d.name() for d in conn.listAllDomains(0)}:
+        domains = conn.listAllDomains(0)
+        if spec.name in {d.name() for d in domains}:
             raise VmHostError(f"name: a VM named {spec.name!r} already exists on this host")
+        vfs: dict[str, VirtualFunction] = {}
+        if any(nic.kind == AttachmentKind.HOSTDEV for nic in resolved):
+            vfs = choose_vfs(self.sysfs_root, resolved, list(_domain_xmls(domains)))
         domain_uuid = str(uuid_module.uuid4())
         seed_files = seed_documents(spec, resolved, domain_uuid)
         planned = [
@@ -847,6 +1133,7 @@ class LibvirtBackend:
                 domain_type=_domain_type(),
                 arch=arch,
                 cpu_disabled_features=disabled_cpu_features(arch, host_cpu_flags()),
+                vfs=vfs,
             )
             xml = render_template(self.templates_dir, "domain.xml.j2", context)
             step = "defining the domain"
