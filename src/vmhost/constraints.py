@@ -67,7 +67,8 @@ __all__ = [
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 REQUEST_ID_PATTERN = re.compile(r"^[a-z0-9-]{1,40}$")
 LABEL_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
-HOST_DEVICE_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:-]{0,14}$")
+HOST_DEVICE_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,14}$")
+"""A conservative subset of what the kernel accepts (it refuses ':', '/' and whitespace)."""
 SPACE_PATTERN = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 """Juju space names: lower-case words joined by single hyphens (as the networks option)."""
 
@@ -186,7 +187,7 @@ def validate_host_device(value: object, field: str, what: str) -> str:
         raise InvalidRequestError(
             field,
             f"{what} {_describe(name)} is not a valid host interface name; use 1-15 letters, "
-            "digits, '_', '.', ':' or '-', starting with a letter or digit (for example 'br0')",
+            "digits, '_', '.' or '-', starting with a letter or digit (for example 'br0')",
         )
     return name
 

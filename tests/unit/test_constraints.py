@@ -276,6 +276,7 @@ def test_parse_interfaces(value: Any, expected: tuple[InterfaceSpec, ...]):
         ("eth0:mode=sriov,numa_strict=maybe", "true or false"),
         ("eth0:bridge=thisbridgeiswaytoolong", "not a valid host interface name"),
         ("eth0:bridge=br/0", "not a valid host interface name"),
+        ("eth0:bridge=br:0", "not a valid host interface name"),
         ("eth0:parent=-eth1", "not a valid host interface name"),
         ("eth0:space=o am", "not a valid space name"),
         ("eth0:space=OAM", "not a valid space name"),
