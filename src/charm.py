@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 CHARM_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = CHARM_DIR / "templates"
-LIBVIRTD_CONF = Path("/etc/libvirt/libvirtd.conf")
-ACTION_OWNER = "action"
 
 
 def _pydantic_message(exc: pydantic.ValidationError) -> str:
@@ -154,7 +152,7 @@ class ComposeParams(pydantic.BaseModel):
 
 
 class NameParams(pydantic.BaseModel):
-    """Parameters of actions that take a VM name."""
+    """Parameters of actions that take only a name (delete-vm, remove-trusted-client, ...)."""
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
@@ -185,14 +183,6 @@ class TrustParams(pydantic.BaseModel):
 
     name: str
     certificate: str
-
-
-class ClientParams(pydantic.BaseModel):
-    """Parameters of remove-trusted-client and get-trust-token."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-
-    name: str
 
 
 class _Snapshot:
@@ -414,6 +404,7 @@ class VmHostCharm(ops.CharmBase):
 
     @staticmethod
     def _power_address(config: CharmConfig, address: str | None) -> str | None:
+        """How managers reach this hypervisor: the libvirt URI or the LXD HTTPS URL."""
         if address is None:
             return None
         if config.backend == "libvirt":
@@ -472,7 +463,7 @@ class VmHostCharm(ops.CharmBase):
             self.unit.status = ops.MaintenanceStatus("installing libvirt and QEMU")
             host.install_packages()
         changed = host.write_if_changed(
-            LIBVIRTD_CONF, host.render_libvirtd_conf(TEMPLATES_DIR), 0o644
+            host.LIBVIRTD_CONF_PATH, host.render_libvirtd_conf(TEMPLATES_DIR), 0o644
         )
         daemon = host.ensure_libvirtd(changed)
         if not daemon.running:
@@ -581,11 +572,10 @@ class VmHostCharm(ops.CharmBase):
         for unit, reason in trust.sync_relation_certificates(wanted).items():
             logger.warning("certificate of %s refused: %s", unit, reason)
         if address is not None and self.access.relations:
-            url_host = f"[{address}]" if ":" in address else address
             self.access.sync(
                 AccessInfo(
                     backend="lxd",
-                    url=f"https://{url_host}:{config.https_port}",
+                    url=self._power_address(config, address),
                     server_certificate=trust.server_certificate(),
                     project=config.lxd_project,
                 )
@@ -667,7 +657,7 @@ class VmHostCharm(ops.CharmBase):
                 storage=params.storage,
                 interfaces=params.interfaces,
                 image=params.image,
-                owner=ACTION_OWNER,
+                owner=fleet.ACTION_OWNER,
                 default_root_gb=config.default_root_disk_size,
             )
             if any(vm.name == spec.name for vm in snapshot.vms):
@@ -722,7 +712,7 @@ class VmHostCharm(ops.CharmBase):
         if not vm.managed:
             event.fail(f"{name} was not composed by vm-host; it is left alone")
             return
-        if vm.owner != ACTION_OWNER:
+        if vm.owner != fleet.ACTION_OWNER:
             event.fail(
                 f"{name} belongs to {vm.owner}; withdraw the request or remove that "
                 "relation instead"
@@ -830,7 +820,7 @@ class VmHostCharm(ops.CharmBase):
         event.set_results({"name": name, "project": config.lxd_project})
 
     def _on_remove_trusted_client(self, event: ops.ActionEvent) -> None:
-        params = event.load_params(ClientParams, errors="fail")
+        params = event.load_params(NameParams, errors="fail")
         inputs = self._lxd_trust_inputs(event)
         if inputs is None:
             return
@@ -849,7 +839,7 @@ class VmHostCharm(ops.CharmBase):
         event.set_results({"removed": name})
 
     def _on_get_trust_token(self, event: ops.ActionEvent) -> None:
-        params = event.load_params(ClientParams, errors="fail")
+        params = event.load_params(NameParams, errors="fail")
         inputs = self._lxd_trust_inputs(event)
         if inputs is None:
             return
