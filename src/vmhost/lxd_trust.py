@@ -215,7 +215,11 @@ class LxdTrust:
 
     # -- transport ---------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Call LXD's API over the unix socket; return the response metadata (LxdError on failure).
+
+        Shared with the LXD backend, so there is one LXD client in vm-host.
+        """
         conn = _UnixConnection(self.socket_path, self.timeout)
         try:
             payload = json.dumps(body) if body is not None else None
@@ -238,7 +242,7 @@ class LxdTrust:
         return data.get("metadata")
 
     def _wait(self, operation: str) -> Any:
-        meta = self._request("GET", f"{operation}/wait?timeout={int(self.timeout)}")
+        meta = self.request("GET", f"{operation}/wait?timeout={int(self.timeout)}")
         if meta.get("status") != "Success":
             raise LxdError(f"LXD operation failed: {meta.get('err') or meta.get('status')}")
         return meta
@@ -247,7 +251,7 @@ class LxdTrust:
 
     def server_info(self) -> dict[str, Any]:
         """Return GET /1.0 (config, environment, api extensions)."""
-        return self._request("GET", "/1.0")
+        return self.request("GET", "/1.0")
 
     def server_certificate(self) -> str:
         """Return the server's PEM certificate, for clients to pin."""
@@ -266,7 +270,7 @@ class LxdTrust:
         current = self.server_info().get("config", {}).get("core.https_address")
         if current == wanted:
             return False
-        self._request("PATCH", "/1.0", {"config": {"core.https_address": wanted}})
+        self.request("PATCH", "/1.0", {"config": {"core.https_address": wanted}})
         logger.info("LXD now listens for HTTPS on %s", wanted)
         return True
 
@@ -278,14 +282,14 @@ class LxdTrust:
         """Stop listening on the network (on removal); returns whether it changed."""
         if not self.https_address():
             return False
-        self._request("PATCH", "/1.0", {"config": {"core.https_address": ""}})
+        self.request("PATCH", "/1.0", {"config": {"core.https_address": ""}})
         return True
 
     # -- projects ----------------------------------------------------------------------------
 
     def projects(self) -> list[str]:
         """Return the names of LXD's projects."""
-        return [url.rsplit("/", 1)[1] for url in self._request("GET", "/1.0/projects")]
+        return [url.rsplit("/", 1)[1] for url in self.request("GET", "/1.0/projects")]
 
     def ensure_project(self, name: str, storage_pool: str | None = None) -> bool:
         """Create the project when missing; returns whether it was created.
@@ -296,7 +300,7 @@ class LxdTrust:
         validate_project(name)
         created = False
         if name not in self.projects():
-            self._request(
+            self.request(
                 "POST",
                 "/1.0/projects",
                 {"name": name, "description": "vm-host managers", "config": PROJECT_FEATURES},
@@ -304,30 +308,31 @@ class LxdTrust:
             created = True
             logger.info("created LXD project %s", name)
         if storage_pool:
-            self._ensure_root_disk(name, storage_pool)
+            self.ensure_root_disk(name, storage_pool)
         return created
 
-    def _ensure_root_disk(self, project: str, pool: str) -> None:
+    def ensure_root_disk(self, project: str, pool: str) -> None:
+        """Give the project's default profile a root disk on `pool` when it has none."""
         path = f"/1.0/profiles/default?project={urllib.parse.quote(project)}"
-        profile = self._request("GET", path)
+        profile = self.request("GET", path)
         devices = profile.get("devices") or {}
         if any(d.get("type") == "disk" and d.get("path") == "/" for d in devices.values()):
             return
         devices["root"] = {"type": "disk", "path": "/", "pool": pool}
-        self._request("PATCH", path, {"devices": devices})
+        self.request("PATCH", path, {"devices": devices})
 
     def delete_project(self, name: str) -> None:
         """Delete an (empty) project; used by tests and on removal of an unused project."""
         validate_project(name)
         if name in self.projects():
-            self._request("DELETE", f"/1.0/projects/{name}")
+            self.request("DELETE", f"/1.0/projects/{name}")
 
     # -- trust -------------------------------------------------------------------------------
 
     def trusted(self) -> list[TrustedCertificate]:
         """Return every certificate in LXD's trust store."""
         found = []
-        for item in self._request("GET", "/1.0/certificates?recursion=1"):
+        for item in self.request("GET", "/1.0/certificates?recursion=1"):
             found.append(
                 TrustedCertificate(
                     name=item.get("name", ""),
@@ -371,20 +376,20 @@ class LxdTrust:
                     "certificate", f"this certificate is already trusted as {other.name!r}"
                 )
             if other.name == name and other.fingerprint != cert.fingerprint:
-                self._request("DELETE", f"/1.0/certificates/{other.fingerprint}")
+                self.request("DELETE", f"/1.0/certificates/{other.fingerprint}")
                 changed = True
         same = [c for c in existing if c.fingerprint == cert.fingerprint]
         if same:
             current = same[0]
             if current.restricted and sorted(current.projects) == wanted_projects:
                 return changed
-            self._request(
+            self.request(
                 "PATCH",
                 f"/1.0/certificates/{cert.fingerprint}",
                 {"restricted": True, "projects": wanted_projects},
             )
             return True
-        self._request(
+        self.request(
             "POST",
             "/1.0/certificates",
             {
@@ -434,11 +439,11 @@ class LxdTrust:
         removed = False
         for cert in self.trusted():
             if cert.name == name:
-                self._request("DELETE", f"/1.0/certificates/{cert.fingerprint}")
+                self.request("DELETE", f"/1.0/certificates/{cert.fingerprint}")
                 removed = True
         for token in self._pending_tokens():
             if token.get("name") == name:
-                self._request("DELETE", f"/1.0/operations/{token['id']}")
+                self.request("DELETE", f"/1.0/operations/{token['id']}")
                 removed = True
         if removed:
             logger.info("removed trust for %s", name)
@@ -465,7 +470,7 @@ class LxdTrust:
         return sorted(names)
 
     def _pending_tokens(self) -> list[dict[str, Any]]:
-        ops = self._request("GET", "/1.0/operations?recursion=1") or {}
+        ops = self.request("GET", "/1.0/operations?recursion=1") or {}
         found = []
         for op in ops.get("running", []) or []:
             meta = op.get("metadata") or {}

@@ -36,10 +36,10 @@ def cleanup(trust: LxdTrust) -> None:
             trust.untrust(cert.name)
     for project in trust.projects():
         if project.startswith(PREFIX):
-            for profile in trust._request("GET", f"/1.0/profiles?project={project}"):
+            for profile in trust.request("GET", f"/1.0/profiles?project={project}"):
                 name = profile.rsplit("/", 1)[1].split("?")[0]
                 if name != "default":
-                    trust._request("DELETE", f"/1.0/profiles/{name}?project={project}")
+                    trust.request("DELETE", f"/1.0/profiles/{name}?project={project}")
             trust.delete_project(project)
 
 
@@ -60,7 +60,7 @@ def lxd() -> Iterator[LxdTrust]:
     if not previous:
         trust.disable_https()
     elif previous != trust.https_address():
-        trust._request("PATCH", "/1.0", {"config": {"core.https_address": previous}})
+        trust.request("PATCH", "/1.0", {"config": {"core.https_address": previous}})
 
 
 @dataclass(frozen=True)

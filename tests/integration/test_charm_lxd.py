@@ -110,7 +110,7 @@ def test_trust_token_lets_a_client_in_once(ctx, lxd_host: LxdTrust, tmp_path: Pa
 
 def test_compose_vm_is_refused_with_the_daemons_reason_and_leaves_nothing(ctx, lxd_host):
     ctx.run(ctx.on.config_changed(), state())
-    before = lxd_host._request("GET", f"/1.0/instances?project={PROJECT}")
+    before = lxd_host.request("GET", f"/1.0/instances?project={PROJECT}")
     with pytest.raises(testing.ActionFailed) as failed:
         ctx.run(
             ctx.on.action(
@@ -123,4 +123,4 @@ def test_compose_vm_is_refused_with_the_daemons_reason_and_leaves_nothing(ctx, l
     if "vhost_vsock" not in message and "not supported" not in message:
         pytest.fail(f"unexpected refusal: {message}")
     assert "rolled back" in message
-    assert lxd_host._request("GET", f"/1.0/instances?project={PROJECT}") == before
+    assert lxd_host.request("GET", f"/1.0/instances?project={PROJECT}") == before

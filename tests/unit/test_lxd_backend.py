@@ -526,7 +526,7 @@ class FakeLxd:
     def projects(self) -> list[str]:
         return ["default", "vm-host"]
 
-    def _request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None) -> Any:
         url = urlsplit(path)
         query = parse_qs(url.query)
         parts = url.path.strip("/").split("/")[1:]

@@ -699,7 +699,7 @@ class LxdBackend:
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         """Call LXD; an unreachable daemon is BackendUnavailableError, a refusal LxdError."""
         try:
-            return self.client._request(method, path, body)
+            return self.client.request(method, path, body)
         except LxdError as e:
             if isinstance(e.__cause__, OSError):
                 raise BackendUnavailableError(f"{e}; is LXD running?") from e
@@ -818,7 +818,7 @@ class LxdBackend:
             created = True
             logger.info("created LXD project %s", name)
         try:
-            self.client._ensure_root_disk(name, storage_pool)
+            self.client.ensure_root_disk(name, storage_pool)
         except LxdError as e:
             raise VmHostError(f"LXD project {name}: root disk on {storage_pool}: {e}") from e
         return created
