@@ -525,8 +525,6 @@ class VmHostCharm(ops.CharmBase):
                 keys.append(access.parse_public_key(client.ssh_public_key, client.source))
             except InvalidRequestError as exc:
                 logger.warning("not authorizing the key of %s: %s", client.unit, exc)
-        for bad in self.access.invalid_clients:
-            logger.warning("ignoring access request of %s: %s", bad.unit, bad.reason)
         access.sync_keys(user, keys)
         address = self._access_address()
         if address is not None and self.access.relations:

@@ -151,7 +151,8 @@ def serve(
         gone.add(vm.name)
         result.deleted.append(vm.name)
     result.released = [vm.name for vm in changes.released]
-    allocations = [vm.placement for vm in vms if vm.name not in gone]
+    now = [vm for vm in vms if vm.name not in gone]
+    allocations = [vm.placement for vm in now]
     for key, spec in changes.to_compose:
         try:
             nics = networks.resolve(spec.interfaces, topology.nics, settings.networks)
@@ -167,9 +168,9 @@ def serve(
         except VmHostError as exc:
             result.failures[key] = f"compose failed and was rolled back: {exc}"
             continue
+        now.append(vm)
         allocations.append(vm.placement)
         result.composed.append(vm.name)
-    now = backend.list_vms() if (result.composed or result.deleted) else list(vms)
     by_key = {k: vm for vm in now if (k := fleet.request_key_of(vm)) is not None}
     errors = {**(answer_errors or {}), **result.failures}
     keys = set(desired) | set(answer_errors or {})
