@@ -49,6 +49,7 @@ __all__ = [
     "NAME_PATTERN",
     "SUPPORTED_INTERFACE_KEYS",
     "build_spec",
+    "disk_name",
     "format_interfaces",
     "format_storage",
     "guest_interface_name",
@@ -62,6 +63,7 @@ __all__ = [
     "validate_name",
     "validate_request_id",
     "validate_ssh_public_key",
+    "volume_name",
 ]
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -808,6 +810,20 @@ def _check_numa(numa_nodes: int, vcpus: int, memory_mib: int) -> None:
         )
 
 
+def disk_name(label: str) -> str:
+    """Fold a disk label to name rules: lower-case, '_' as '-' (MAAS labels allowed both)."""
+    return label.lower().replace("_", "-")
+
+
+def volume_name(vm: str, label: str) -> str:
+    """Return the storage volume name of a VM's disk, `<vm>-<label>`, on every backend.
+
+    Volume names are file names in directory pools; this one rule is what the clash check
+    below and both backends use.
+    """
+    return f"{vm}-{disk_name(label)}"
+
+
 def _check_volume_names(name: str, disks: tuple[DiskSpec, ...]) -> None:
     """Refuse disks whose volume names (`<vm>-<label>` folded to name rules) would be bad.
 
@@ -817,8 +833,8 @@ def _check_volume_names(name: str, disks: tuple[DiskSpec, ...]) -> None:
     """
     seen: dict[str, str] = {}
     for disk in disks:
-        folded = disk.label.lower().replace("_", "-")
-        volume = f"{name}-{folded}"
+        folded = disk_name(disk.label)
+        volume = volume_name(name, disk.label)
         if folded in seen:
             raise InvalidRequestError(
                 "storage",

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Protocol
 
 from vmhost.model import HostTopology, NicAttachment, Placement, VmRecord, VmSpec
+
+
+def stable_mac(prefix: str, vm: str, label: str) -> str:
+    """Return a MAC under `prefix` (three octets) derived from the VM and NIC names.
+
+    A re-run compose of the same request gets the same MAC (the guest keeps its DHCP lease),
+    and the MAC is known before the hypervisor creates anything, so cloud-init's network config
+    can match it.
+    """
+    digest = hashlib.sha256(f"{vm}\0{label}".encode()).digest()
+    return prefix + "".join(f":{b:02x}" for b in digest[:3])
 
 
 class BackendUnavailableError(Exception):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -43,11 +42,12 @@ import libvirt
 import yaml
 
 from vmhost import cloudinit
-from vmhost.backends import BackendUnavailableError
+from vmhost.backends import BackendUnavailableError, stable_mac
 from vmhost.constraints import (
     spec_hash,
     validate_host_device,
     validate_name,
+    volume_name,
 )
 from vmhost.model import (
     AttachmentKind,
@@ -111,23 +111,9 @@ class Volume:
         return f"{self.pool}/{self.name}"
 
 
-def volume_name(vm: str, label: str) -> str:
-    """Return the volume name of a VM's disk: `<vm>-<label>`.
-
-    Disk labels may carry capitals and '_' (MAAS allowed them); volume names are file names in
-    directory pools, so they are folded to the lower-case, hyphenated form VM names use.
-    """
-    return f"{vm}-{label.lower().replace('_', '-')}"
-
-
 def generate_mac(vm: str, label: str) -> str:
-    """Return a stable locally administered MAC (QEMU's 52:54:00 prefix) for a VM's NIC.
-
-    Derived from the names so a re-run compose of the same request gets the same MAC (and the
-    guest keeps its DHCP lease); it is recorded in the metadata either way.
-    """
-    digest = hashlib.sha256(f"{vm}\0{label}".encode()).digest()
-    return MAC_PREFIX + "".join(f":{b:02x}" for b in digest[:3])
+    """Return a stable MAC in QEMU's 52:54:00 range for a VM's NIC (see backends.stable_mac)."""
+    return stable_mac(MAC_PREFIX, vm, label)
 
 
 def _domain_type() -> str:

@@ -25,7 +25,6 @@ pages, emulator CPUs, VFs), so the allocator's books stay exact.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -35,9 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from vmhost import cloudinit
-from vmhost.backends import BackendUnavailableError
+from vmhost.backends import BackendUnavailableError, stable_mac
 from vmhost.codec import CodecError, placement_from_dict, placement_to_dict
-from vmhost.constraints import guest_interface_name, spec_hash, validate_host_device, validate_name
+from vmhost.constraints import (
+    disk_name,
+    guest_interface_name,
+    spec_hash,
+    validate_host_device,
+    validate_name,
+    volume_name,
+)
 from vmhost.lxd_resources import parse_resources
 from vmhost.lxd_trust import LxdError, LxdTrust, validate_project
 from vmhost.model import (
@@ -152,29 +158,9 @@ class LxdVmUnsupportedError(VmHostError):
 # Pure helpers (unit tested without LXD)
 
 
-def volume_name(vm: str, label: str) -> str:
-    """Return the custom volume name of a VM's extra disk: `<vm>-<label>`, folded to name rules.
-
-    The same rule constraints applies when it checks disk labels, so a request it accepted
-    never clashes here.
-    """
-    return f"{vm}-{label.lower().replace('_', '-')}"
-
-
-def disk_device_name(label: str) -> str:
-    """Return the LXD device name of an extra disk (its label folded like volume names)."""
-    return label.lower().replace("_", "-")
-
-
 def generate_mac(vm: str, label: str) -> str:
-    """Return a stable MAC in LXD's 00:16:3e range for a VM's NIC.
-
-    Derived from the names so a re-run compose of the same request gets the same MAC (and the
-    guest keeps its DHCP lease), and known before LXD creates anything, so cloud-init's network
-    config can match it.
-    """
-    digest = hashlib.sha256(f"{vm}\0{label}".encode()).digest()
-    return MAC_PREFIX + "".join(f":{b:02x}" for b in digest[:3])
+    """Return a stable MAC in LXD's 00:16:3e range for a VM's NIC (see backends.stable_mac)."""
+    return stable_mac(MAC_PREFIX, vm, label)
 
 
 def limits_cpu(placement: Placement) -> str:
@@ -338,7 +324,7 @@ def instance_definition(
     ):
         validate_name(pool, f"storage[{disk.label}].pool")
         validate_name(volume, f"storage[{disk.label}].label")
-        device = disk_device_name(disk.label)
+        device = disk_name(disk.label)
         if device in devices:
             raise InvalidRequestError(
                 "storage", f"disk {disk.label!r} would be device {device!r}, which is taken"
