@@ -6,13 +6,12 @@ import base64
 import datetime
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
+from credentials import self_signed_pem
 from vmhost import access, lxd_trust
 from vmhost.access import (
     BLOCK_BEGIN,
@@ -370,19 +369,7 @@ def test_sshd_drop_in_confines_the_user():
 def _certificate(
     not_before: datetime.datetime, not_after: datetime.datetime, cn: str = "vmhost-test"
 ) -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
+    return self_signed_pem(cn, not_before, not_after)
 
 
 NOW = datetime.datetime.now(datetime.UTC)

@@ -9,6 +9,7 @@ import pytest
 from ops import testing
 
 import charms.vm_host.v0.vm_host_access as access_lib
+from credentials import ed25519_public_key
 from vmhost import access, host
 
 pytestmark = pytest.mark.usefixtures("fake_access")
@@ -281,19 +282,10 @@ def test_networks_mapping_to_missing_bridge_blocks(ctx, backend, fake_host):
 # Hypervisor access (libvirt over SSH)
 
 
-def ssh_key() -> str:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    public = ed25519.Ed25519PrivateKey.generate().public_key()
-    raw = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return raw.decode()
-
-
 def test_config_keys_are_authorized_and_operator_lines_survive(
     ctx, backend, fake_host, fake_access
 ):
-    key = ssh_key()
+    key = ed25519_public_key()
     ctx.run(ctx.on.config_changed(), testing.State(config={"ssh-authorized-keys": key}))
     managed = access.managed_keys(fake_access.text)
     assert [(k.source, f"{k.key_type} {k.blob}") for k in managed] == [("config", key)]
@@ -302,7 +294,7 @@ def test_config_keys_are_authorized_and_operator_lines_survive(
 
 
 def test_bad_config_key_blocks_naming_the_option(ctx, backend, fake_host, fake_access):
-    good = ssh_key()
+    good = ed25519_public_key()
     state = ctx.run(ctx.on.config_changed(), testing.State(config={"ssh-authorized-keys": good}))
     bad_state = testing.State(
         config={"ssh-authorized-keys": f"{good}\nssh-ed25519 not-base64!"},
@@ -316,7 +308,7 @@ def test_bad_config_key_blocks_naming_the_option(ctx, backend, fake_host, fake_a
 
 
 def test_related_manager_key_is_authorized_and_uri_published(ctx, backend, fake_host, fake_access):
-    key = ssh_key()
+    key = ed25519_public_key()
     relation = access_lib.requirer_relation({0: access_lib.requirer_databag(ssh_public_key=key)})
     out = ctx.run(ctx.on.relation_changed(relation), testing.State(relations={relation}))
     managed = access.managed_keys(fake_access.text)
@@ -343,7 +335,7 @@ def test_related_manager_with_bad_key_is_skipped(ctx, backend, fake_host, fake_a
 
 
 def test_authorize_and_revoke_ssh_key_actions(ctx, backend, fake_host, fake_access):
-    key = ssh_key()
+    key = ed25519_public_key()
     results = run_action(ctx, "authorize-ssh-key", {"name": "laptop", "key": key})
     assert results["fingerprint"].startswith("SHA256:")
     assert results["uri"].startswith("qemu+ssh://virsh@")

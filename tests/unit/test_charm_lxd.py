@@ -5,38 +5,15 @@ from __future__ import annotations
 from typing import ClassVar
 
 import pytest
-from conftest import FakeHost
 from ops import testing
 
 import charms.vm_host.v0.vm_host_access as access_lib
+from conftest import FakeHost
+from credentials import self_signed_pem
 from fake_backend import FakeBackend
 from vmhost import lxd_trust
 
 LXD = {"backend": "lxd"}
-
-
-def make_certificate() -> str:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "manager")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 class FakeTrust:
@@ -110,7 +87,7 @@ def test_lxd_not_running_is_waiting(ctx, backend, fake_host: FakeHost):
 def test_related_manager_certificate_is_trusted_for_the_project_only(
     ctx, backend, fake_host, fake_trust
 ):
-    pem = make_certificate()
+    pem = self_signed_pem("manager")
     relation = access_lib.requirer_relation(
         {0: access_lib.requirer_databag(certificate=pem, projects=["default"])}
     )

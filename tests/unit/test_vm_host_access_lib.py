@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 
 import ops
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from ops import testing
 from pydantic import ValidationError
 
 from charms.vm_host.v0 import vm_host_access as lib
+from credentials import self_signed_pem
 
 KEY = (
     ed25519.Ed25519PrivateKey.generate()
@@ -24,24 +22,7 @@ KEY = (
 )
 
 
-def _pem() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "maas")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-PEM = _pem()
+PEM = self_signed_pem("maas")
 LIBVIRT_INFO = lib.AccessInfo(
     backend="libvirt",
     uri="qemu+ssh://virsh@10.0.0.5/system",
