@@ -6,10 +6,10 @@ import json
 from dataclasses import replace
 
 import pytest
-from conftest import FakeHost
 from ops import testing
 
 import charms.vm_host.v0.vm_host as vm_lib
+from conftest import FakeHost
 from vmhost import fleet
 
 pytestmark = pytest.mark.usefixtures("fake_access")
