@@ -26,8 +26,9 @@ case "$(uname -m)" in
     aarch64 | arm64) qemu_pkg="qemu-system-arm" ;;
     *) qemu_pkg="qemu-system-x86" ;;
 esac
+# libxml2-utils: xmllint, which virt-xml-validate needs to check rendered XML in the tests.
 packages=(libvirt-daemon-system libvirt-clients "$qemu_pkg" qemu-utils libvirt-dev pkg-config
-    genisoimage iproute2 procps)
+    genisoimage iproute2 procps libxml2-utils)
 
 missing=()
 for pkg in "${packages[@]}"; do
