@@ -63,6 +63,13 @@ ensure_hugetlbfs() {
         mounted_now=1
     fi
 }
+# udev gives /dev/kvm group kvm, mode 0660 on a normal host (QEMU runs as libvirt-qemu, in group
+# kvm); where no udev runs the node stays root-only and every type='kvm' domain fails to start.
+if [ -c /dev/kvm ] && [ "$(stat -c %G:%a /dev/kvm)" != "kvm:660" ] && getent group kvm >/dev/null; then
+    say "giving /dev/kvm to group kvm, mode 0660, as udev does"
+    chgrp kvm /dev/kvm
+    chmod 0660 /dev/kvm
+fi
 if [ -d /sys/kernel/mm/hugepages/hugepages-2048kB ]; then
     ensure_hugetlbfs /dev/hugepages pagesize=2M
 fi
