@@ -8,29 +8,34 @@ the ledger: allocations are read back from it on every hook, nothing is kept in 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
+import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import ops
 import pydantic
 
-from charms.vm_host.v0.vm_host import RelationRequests, VmHostProvider
+from charms.vm_host.v0.vm_host import VmHostProvider
 from charms.vm_host.v0.vm_host_access import AccessInfo, VmHostAccessProvider
-from vmhost import access, constraints, fleet, host, networks, placement, report, serve, settings
-from vmhost.backends import Backend, BackendUnavailableError
+from vmhost import access, backends, compose, constraints, host, networks, report, settings
+from vmhost.backends import Backend, BackendUnavailableError, make_trust
 from vmhost.model import (
     HostTopology,
     InvalidRequestError,
     Placement,
     Policy,
-    Rejection,
     VmHostError,
     VmRecord,
-    VmSpec,
 )
+from vmhost.relation import fleet, keys, serve
+
+if TYPE_CHECKING:
+    from vmhost.lxd_trust import LxdTrust
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,12 @@ def _pydantic_message(exc: pydantic.ValidationError) -> str:
             message = f"{message} (got {given!r})"
         parts.append(f"{name}: {message}")
     return "; ".join(parts)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_networks(text: str) -> Mapping[str, networks.NetworkMapping]:
+    """The `networks` option, parsed once per hook (config validation and every use)."""
+    return types.MappingProxyType(networks.parse_networks_config(text))
 
 
 class CharmConfig(pydantic.BaseModel):
@@ -102,7 +113,7 @@ class CharmConfig(pydantic.BaseModel):
     @pydantic.field_validator("networks")
     @classmethod
     def _networks(cls, value: str) -> str:
-        networks.parse_networks_config(value)
+        _parse_networks(value)
         return value
 
     @pydantic.field_validator("libvirt_user")
@@ -113,9 +124,7 @@ class CharmConfig(pydantic.BaseModel):
     @pydantic.field_validator("lxd_project")
     @classmethod
     def _project(cls, value: str) -> str:
-        from vmhost.lxd_trust import validate_project
-
-        return validate_project(value)
+        return constraints.validate_project(value)
 
     @property
     def policy(self) -> Policy:
@@ -199,17 +208,10 @@ class _Snapshot:
 
 
 def make_backend(config: CharmConfig) -> Backend:
-    """Build the backend the config names (replaced by a fake in unit tests).
-
-    Imported lazily: an LXD host has no libvirt library for libvirt-python to load.
-    """
-    if config.backend == "lxd":
-        from vmhost.backends.lxd import LxdBackend
-
-        return LxdBackend(project=config.lxd_project)
-    from vmhost.backends.libvirt import LibvirtBackend
-
-    return LibvirtBackend(templates_dir=TEMPLATES_DIR)
+    """Build the backend the config names (replaced by a fake in unit tests)."""
+    return backends.make_backend(
+        config.backend, project=config.lxd_project, templates_dir=TEMPLATES_DIR
+    )
 
 
 class VmHostCharm(ops.CharmBase):
@@ -269,6 +271,9 @@ class VmHostCharm(ops.CharmBase):
                 self._config_error = str(exc)
         return self._config
 
+    def _mapping(self, config: CharmConfig) -> Mapping[str, networks.NetworkMapping]:
+        return _parse_networks(config.networks)
+
     def _backend(self, config: CharmConfig) -> Backend:
         if self._backend_cache is None:
             self._backend_cache = make_backend(config)
@@ -284,6 +289,28 @@ class VmHostCharm(ops.CharmBase):
                 self._snapshot_cache = None
                 self._backend_error = str(exc)
         return self._snapshot_cache
+
+    def _host_state(self, config: CharmConfig, snapshot: _Snapshot) -> compose.HostState:
+        return compose.HostState(
+            topology=snapshot.topology,
+            vms=snapshot.vms,
+            policy=config.policy,
+            networks=self._mapping(config),
+            default_pool=config.storage_pool,
+        )
+
+    def _access_address(self) -> str | None:
+        binding = self.model.get_binding("access")
+        address = binding.network.ingress_address if binding is not None else None
+        return str(address) if address is not None else None
+
+    def _manager_address(self, config: CharmConfig) -> str | None:
+        return access.manager_address(
+            config.backend,
+            self._access_address(),
+            user=config.libvirt_user,
+            https_port=config.https_port,
+        )
 
     # ----------------------------------------------------------------------------------------
     # Reconcile
@@ -301,7 +328,9 @@ class VmHostCharm(ops.CharmBase):
             self._reconcile_access(config)
         else:
             self._setup_lxd(config, install=first_time)
-        self._apply_hugepages(config)
+        self._setup_problem = "; ".join(
+            host.reserve_hugepages(settings.parse_hugepages_setting(config.hugepages))
+        )
         snapshot = self._snapshot(config)
         if snapshot is None:
             logger.info("hypervisor not reachable yet: %s", self._backend_error)
@@ -312,11 +341,8 @@ class VmHostCharm(ops.CharmBase):
             if host.DEFAULT_POOL_NAME not in names:
                 backend.ensure_pool(host.DEFAULT_POOL_NAME, host.DEFAULT_POOL_PATH)
                 snapshot = self._snapshot(config, refresh=True) or snapshot
+        backend.ensure_project(config.lxd_project, config.storage_pool)
         if config.backend == "lxd":
-            from vmhost.backends.lxd import LxdBackend
-
-            if isinstance(backend, LxdBackend):
-                backend.ensure_project(config.lxd_project, config.storage_pool)
             self._reconcile_lxd_access(config)
         self._reconcile_vms(config, snapshot)
 
@@ -333,117 +359,32 @@ class VmHostCharm(ops.CharmBase):
     # ----------------------------------------------------------------------------------------
     # VMs requested over the `vms` relation
 
-    def _relation_requests(
-        self, config: CharmConfig, batches: list[RelationRequests]
-    ) -> list[serve.RelationRequest]:
-        """Every request of every related app: built into a spec, or refused with a reason."""
-        requests: list[serve.RelationRequest] = []
-        for batch in batches:
-            for bad in batch.invalid:
-                if bad.id is None:
-                    logger.warning("%s sent unusable requests: %s", batch.app_name, bad.reason)
-                    continue
-                try:
-                    key = fleet.RequestKey(batch.relation_id, batch.app_name, bad.id)
-                except ValueError:
-                    continue
-                requests.append(serve.RelationRequest(key, error=bad.reason))
-            for request in batch.valid:
-                built = serve.build_request(
-                    batch.relation_id,
-                    batch.app_name,
-                    request.model_dump(mode="json", by_alias=True, exclude_none=True),
-                    default_root_gb=config.default_root_disk_size,
-                )
-                if built is not None:
-                    requests.append(built)
-        return requests
-
-    def _assignment(
-        self,
-        config: CharmConfig,
-        requests: list[serve.RelationRequest],
-        own_report: str,
-    ) -> fleet.Assignment:
-        """Which unit hosts each request: decided by the leader, kept in peer app data."""
-        valid = [(r.key, r.spec, r.host) for r in requests if r.spec is not None]
-        peer = self.model.get_relation("hosts")
-        if peer is None:  # before the peer relation exists this unit is the whole fleet
-            return fleet.Assignment(units={key: self.unit.name for key, _, _ in valid})
-        peer.data[self.unit]["report"] = own_report
-        current, problem = fleet.assignment_from_json(peer.data[self.app].get("assignment"))
-        if problem:
-            logger.warning("peer assignment unreadable: %s", problem)
-        if not self.unit.is_leader():
-            return current
-        texts: dict[str, str | None] = {u.name: peer.data[u].get("report") for u in peer.units}
-        texts[self.unit.name] = own_report
-        reports, problems = fleet.collect_reports(texts)
-        for unit, reason in problems.items():
-            logger.warning("host report of %s ignored: %s", unit, reason)
-        mapping = networks.parse_networks_config(config.networks)
-
-        def eligible(_unit: str, host_report: fleet.HostReport, spec: VmSpec) -> str | None:
-            try:
-                networks.resolve(spec.interfaces, host_report.topology.nics, mapping)
-            except InvalidRequestError as exc:
-                return str(exc)
-            return None
-
-        assignment = fleet.assign(
-            valid,
-            reports,
-            current.units,
-            frozenset(),
-            config.policy,
-            eligible=eligible,
-            present=set(texts),
-        )
-        peer.data[self.app]["assignment"] = fleet.assignment_to_json(assignment)
-        return assignment
-
-    @staticmethod
-    def _power_address(config: CharmConfig, address: str | None) -> str | None:
-        """How managers reach this hypervisor: the libvirt URI or the LXD HTTPS URL."""
-        if address is None:
-            return None
-        if config.backend == "libvirt":
-            return access.libvirt_uri(config.libvirt_user, address)
-        url_host = f"[{address}]" if ":" in address else address
-        return f"https://{url_host}:{config.https_port}"
-
     def _reconcile_vms(self, config: CharmConfig, snapshot: _Snapshot) -> None:
         """Compose what related apps request here, delete what they withdrew, answer all."""
         batches = self.vms.requests
-        requests = self._relation_requests(config, batches)
-        own_report = fleet.host_report(
-            snapshot.topology,
-            snapshot.allocations,
-            hostname=socket.gethostname(),
-            composed=fleet.composed_keys(snapshot.vms),
-        )
-        assignment = self._assignment(config, requests, own_report)
-        answer_errors: dict[fleet.RequestKey, str] = {}
-        if self.unit.is_leader():
-            answer_errors = {r.key: r.error for r in requests if r.error is not None}
-            answer_errors.update(assignment.unplaced)
-        address = self._access_address()
+        requests = [
+            request
+            for batch in batches
+            for request in serve.gather(
+                batch.relation_id,
+                batch.app_name,
+                [r.model_dump(mode="json", by_alias=True, exclude_none=True) for r in batch.valid],
+                [(bad.id, bad.reason) for bad in batch.invalid],
+                default_root_gb=config.default_root_disk_size,
+            )
+        ]
+        decision = self._lead(config, snapshot, requests)
         result = serve.serve(
             self._backend(config),
-            snapshot.topology,
-            snapshot.vms,
+            self._host_state(config, snapshot),
             requests,
-            assignment.for_unit(self.unit.name),
-            serve.HostSettings(
-                policy=config.policy,
-                release_policy=config.release_policy,
-                default_pool=config.storage_pool,
-                networks=networks.parse_networks_config(config.networks),
-                power_type="virsh" if config.backend == "libvirt" else "lxd",
-                power_address=self._power_address(config, address),
-            ),
+            decision.mine,
+            release_policy=config.release_policy,
             live_relation_ids={b.relation_id for b in batches},
-            answer_errors=answer_errors,
+            power=serve.Power(
+                "virsh" if config.backend == "libvirt" else "lxd", self._manager_address(config)
+            ),
+            answer_errors=decision.answer_errors,
         )
         for name in result.composed:
             logger.info("composed %s for a related application", name)
@@ -456,6 +397,36 @@ class VmHostCharm(ops.CharmBase):
                 self.vms.publish(batch.relation, result.answers.get(batch.relation_id, []))
         if result.composed or result.deleted:
             self._snapshot(config, refresh=True)
+
+    def _lead(
+        self, config: CharmConfig, snapshot: _Snapshot, requests: list[serve.RelationRequest]
+    ) -> fleet.Decision:
+        """Which requests this unit hosts: read the peer relation, decide, write it back."""
+        peer = self.model.get_relation("hosts")
+        peers = None
+        if peer is not None:
+            peers = fleet.Peers(
+                reports={u.name: peer.data[u].get("report") for u in peer.units},
+                assignment=peer.data[self.app].get("assignment"),
+            )
+        decision = fleet.lead(
+            self.unit.name,
+            leader=self.unit.is_leader(),
+            requests=requests,
+            topology=snapshot.topology,
+            vms=snapshot.vms,
+            hostname=socket.gethostname(),
+            peers=peers,
+            policy=config.policy,
+            mapping=self._mapping(config),
+        )
+        for problem in decision.problems:
+            logger.warning("%s", problem)
+        if peer is not None:
+            peer.data[self.unit]["report"] = decision.report
+            if decision.assignment_text is not None:
+                peer.data[self.app]["assignment"] = decision.assignment_text
+        return decision
 
     def _setup_libvirt(self, *, install: bool) -> None:
         """Install and configure libvirt; restart it only when its config really changed."""
@@ -477,35 +448,12 @@ class VmHostCharm(ops.CharmBase):
         if not daemon.running:
             self._backend_error = daemon.message
 
-    def _apply_hugepages(self, config: CharmConfig) -> None:
-        """Reserve the configured huge pages; report what the kernel did not grant."""
-        problems = []
-        for setting in settings.parse_hugepages_setting(config.hugepages):
-            try:
-                granted = host.set_hugepages(setting.size_kib, setting.count, setting.node)
-            except VmHostError as exc:
-                problems.append(str(exc))
-                continue
-            if granted < setting.count:
-                where = "host-wide" if setting.node is None else f"on node {setting.node}"
-                problems.append(
-                    f"kernel granted {granted} of {setting.count} huge pages of "
-                    f"{setting.size_kib // 1024} MiB {where}"
-                )
-        self._setup_problem = "; ".join(problems)
-
-    def _access_address(self) -> str | None:
-        binding = self.model.get_binding("access")
-        address = binding.network.ingress_address if binding is not None else None
-        return str(address) if address is not None else None
-
     def _reconcile_access(self, config: CharmConfig) -> None:
         """Authorize exactly the SSH keys of config and related managers; publish the URI.
 
         Keys added by the authorize-ssh-key action live in the managed block itself (tagged
         with their source), so they survive every reconcile without unit state.
         """
-        problems: list[str] = []
         try:
             user = access.ensure_user(config.libvirt_user)
         except (VmHostError, InvalidRequestError) as exc:
@@ -513,71 +461,39 @@ class VmHostCharm(ops.CharmBase):
             return
         if access.ensure_sshd_drop_in(config.libvirt_user):
             host.reload_sshd()
-        try:
-            keys = access.parse_public_keys(config.ssh_authorized_keys, "config")
-        except InvalidRequestError as exc:
-            problems.append(str(exc))
-            keys = [k for k in access.current_keys(user) if k.source == "config"]
-        for client in self.access.clients:
-            if not client.ssh_public_key:
-                continue
-            try:
-                keys.append(access.parse_public_key(client.ssh_public_key, client.source))
-            except InvalidRequestError as exc:
-                logger.warning("not authorizing the key of %s: %s", client.unit, exc)
+        keys, self._access_problems = access.wanted_keys(
+            user, config.ssh_authorized_keys, self.access.clients
+        )
         access.sync_keys(user, keys)
-        address = self._access_address()
-        if address is not None and self.access.relations:
+        uri = self._manager_address(config)
+        if uri is not None and self.access.relations:
             self.access.sync(
-                AccessInfo(
-                    backend="libvirt",
-                    uri=access.libvirt_uri(config.libvirt_user, address),
-                    ssh_host_keys=access.ssh_host_public_keys(),
-                )
+                AccessInfo(backend="libvirt", uri=uri, ssh_host_keys=access.ssh_host_public_keys())
             )
-        self._access_problems = problems
 
     def _reconcile_lxd_access(self, config: CharmConfig) -> None:
-        """Serve HTTPS on the access address; trust exactly the related managers' certificates.
-
-        Certificates are restricted to lxd-project whatever projects a manager asks for: a
-        manager never gains access to projects vm-host does not own.
-        """
-        from vmhost.lxd_trust import LxdError, LxdTrust
-
+        """Serve HTTPS on the access address; trust exactly the related managers' certificates."""
         try:
-            self._sync_lxd_trust(config, LxdTrust())
-        except LxdError as exc:
+            trust = make_trust()
+            address = self._access_address()
+            if address is not None:
+                trust.ensure_https(address, config.https_port)
+                self.unit.set_ports(config.https_port)
+            wanted = access.wanted_certificates(self.access.clients, config.lxd_project)
+            for unit, reason in trust.sync_relation_certificates(wanted).items():
+                logger.warning("certificate of %s refused: %s", unit, reason)
+            url = self._manager_address(config)
+            if url is not None and self.access.relations:
+                self.access.sync(
+                    AccessInfo(
+                        backend="lxd",
+                        url=url,
+                        server_certificate=trust.server_certificate(),
+                        project=config.lxd_project,
+                    )
+                )
+        except VmHostError as exc:
             self._access_problems = [f"LXD trust: {exc}"]
-
-    def _sync_lxd_trust(self, config: CharmConfig, trust: Any) -> None:
-        address = self._access_address()
-        if address is not None:
-            trust.ensure_https(address, config.https_port)
-            self.unit.set_ports(config.https_port)
-        wanted: dict[str, tuple[str, list[str]]] = {}
-        for client in self.access.clients:
-            if not client.certificate:
-                continue
-            if client.projects and set(client.projects) != {config.lxd_project}:
-                logger.warning(
-                    "%s asked for projects %s; trusted for %s only",
-                    client.unit,
-                    ", ".join(client.projects),
-                    config.lxd_project,
-                )
-            wanted[client.unit] = (client.certificate, [config.lxd_project])
-        for unit, reason in trust.sync_relation_certificates(wanted).items():
-            logger.warning("certificate of %s refused: %s", unit, reason)
-        if address is not None and self.access.relations:
-            self.access.sync(
-                AccessInfo(
-                    backend="lxd",
-                    url=self._power_address(config, address),
-                    server_certificate=trust.server_certificate(),
-                    project=config.lxd_project,
-                )
-            )
 
     # ----------------------------------------------------------------------------------------
     # Status
@@ -601,8 +517,9 @@ class VmHostCharm(ops.CharmBase):
             event.add_status(ops.BlockedStatus(f"{self._setup_problem}; lower `hugepages`"))
         for problem in self._access_problems:
             event.add_status(ops.BlockedStatus(f"{problem}; fix with juju config"))
-        mapping = networks.parse_networks_config(config.networks)
-        for problem in networks.check_networks_on_host(mapping, snapshot.topology.nics):
+        for problem in networks.check_networks_on_host(
+            self._mapping(config), snapshot.topology.nics
+        ):
             event.add_status(ops.BlockedStatus(f"networks: {problem}"))
         event.add_status(
             ops.ActiveStatus(
@@ -655,38 +572,34 @@ class VmHostCharm(ops.CharmBase):
                 storage=params.storage,
                 interfaces=params.interfaces,
                 image=params.image,
-                owner=fleet.ACTION_OWNER,
+                owner=keys.ACTION_OWNER,
                 default_root_gb=config.default_root_disk_size,
-            )
-            if any(vm.name == spec.name for vm in snapshot.vms):
-                raise InvalidRequestError(
-                    "name", f"a VM named {spec.name!r} already exists; choose another name"
-                )
-            nics = networks.resolve(
-                spec.interfaces,
-                snapshot.topology.nics,
-                networks.parse_networks_config(config.networks),
             )
         except InvalidRequestError as exc:
             event.fail(f"bad request, nothing done: {exc}")
             return
-        result = placement.plan(snapshot.topology, snapshot.allocations, spec, config.policy)
-        if isinstance(result, Rejection):
-            event.fail(f"cannot place {spec.name}, nothing done: {result.reason}")
-            return
-        if params.dry_run:
-            event.set_results({"dry-run": True, "placement": report.placement_json(result)})
-            return
-        event.log(f"composing {spec.name} on host nodes {list(result.host_nodes) or 'any'}")
-        try:
-            vm = self._backend(config).compose(spec, result, nics, config.storage_pool)
-        except VmHostError as exc:
-            event.fail(f"compose failed and was rolled back: {exc}")
-            return
-        finally:
+        outcome = compose.compose(
+            self._backend(config),
+            spec,
+            self._host_state(config, snapshot),
+            dry_run=params.dry_run,
+            progress=event.log,
+        )
+        if outcome.vm is not None or outcome.failed:
             self._snapshot(config, refresh=True)
-        logger.info("composed %s (%s)", vm.name, vm.uuid)
-        event.set_results(report.vm_result(vm))
+        if outcome.refused:
+            event.fail(f"bad request, nothing done: {outcome.refused}")
+        elif outcome.rejected:
+            event.fail(f"cannot place {spec.name}, nothing done: {outcome.rejected}")
+        elif outcome.failed:
+            event.fail(outcome.error or "compose failed")
+        elif outcome.vm is not None:
+            logger.info("composed %s (%s)", outcome.vm.name, outcome.vm.uuid)
+            event.set_results(report.vm_result(outcome.vm))
+        elif outcome.placement is not None:
+            event.set_results(
+                {"dry-run": True, "placement": report.placement_json(outcome.placement)}
+            )
 
     def _on_delete_vm(self, event: ops.ActionEvent) -> None:
         try:
@@ -710,7 +623,7 @@ class VmHostCharm(ops.CharmBase):
         if not vm.managed:
             event.fail(f"{name} was not composed by vm-host; it is left alone")
             return
-        if vm.owner != fleet.ACTION_OWNER:
+        if vm.owner != keys.ACTION_OWNER:
             event.fail(
                 f"{name} belongs to {vm.owner}; withdraw the request or remove that "
                 "relation instead"
@@ -785,7 +698,7 @@ class VmHostCharm(ops.CharmBase):
             return
         event.set_results({"revoked": ", ".join(k.fingerprint for k in removed)})
 
-    def _lxd_trust_inputs(self, event: ops.ActionEvent) -> tuple[CharmConfig, Any] | None:
+    def _lxd_trust_inputs(self, event: ops.ActionEvent) -> tuple[CharmConfig, LxdTrust] | None:
         config = self._load_config()
         if config is None:
             event.fail(f"invalid config, nothing done: {self._config_error}")
@@ -793,11 +706,9 @@ class VmHostCharm(ops.CharmBase):
         if config.backend != "lxd":
             event.fail("LXD trust needs backend=lxd; with libvirt use authorize-ssh-key")
             return None
-        from vmhost.lxd_trust import LxdError, LxdTrust
-
         try:
-            return config, LxdTrust()
-        except LxdError as exc:
+            return config, make_trust()
+        except VmHostError as exc:
             event.fail(f"LXD not reachable: {exc}")
             return None
 
@@ -807,11 +718,8 @@ class VmHostCharm(ops.CharmBase):
         if inputs is None:
             return
         config, trust = inputs
-        from vmhost.lxd_trust import action_certificate_name
-
         try:
-            name = action_certificate_name(params.name)
-            trust.trust_certificate(params.certificate, name, [config.lxd_project])
+            name = trust.trust_action_client(params.name, params.certificate, [config.lxd_project])
         except (InvalidRequestError, VmHostError) as exc:
             event.fail(f"certificate not trusted, nothing changed: {exc}")
             return
@@ -823,15 +731,12 @@ class VmHostCharm(ops.CharmBase):
         if inputs is None:
             return
         _, trust = inputs
-        from vmhost.lxd_trust import action_certificate_name
-
         try:
-            name = action_certificate_name(params.name)
-            removed = trust.untrust(name)
+            name = trust.untrust_action_client(params.name)
         except (InvalidRequestError, VmHostError) as exc:
             event.fail(f"nothing removed: {exc}")
             return
-        if not removed:
+        if name is None:
             event.fail(f"no trusted client named {params.name!r}")
             return
         event.set_results({"removed": name})
@@ -867,11 +772,9 @@ class VmHostCharm(ops.CharmBase):
             if access.remove_sshd_drop_in():
                 host.reload_sshd()
         else:
-            from vmhost.lxd_trust import LxdError, LxdTrust
-
             try:
-                removed = LxdTrust().remove_managed()
-            except LxdError as exc:
+                removed = make_trust().remove_managed()
+            except VmHostError as exc:
                 logger.warning("could not remove trusted certificates: %s", exc)
             else:
                 logger.info("untrusted %d vm-host certificates", len(removed))

@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import jinja2
 
@@ -565,7 +566,102 @@ def remove_access(user: UserRef) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Related managers
+
+
+class Client(Protocol):
+    """One related manager's access request (the access library's AccessClient)."""
+
+    @property
+    def unit(self) -> str:
+        """The remote unit."""
+        ...
+
+    @property
+    def source(self) -> str:
+        """The tag its key carries: "relation:<id>:<unit>"."""
+        ...
+
+    @property
+    def ssh_public_key(self) -> str | None:
+        """The key it asks to have authorized (libvirt)."""
+        ...
+
+    @property
+    def certificate(self) -> str | None:
+        """The certificate it asks to have trusted (LXD)."""
+        ...
+
+    @property
+    def projects(self) -> tuple[str, ...] | None:
+        """The LXD projects it asks for."""
+        ...
+
+
+def wanted_keys(
+    user: UserRef, config_keys: str, clients: Iterable[Client]
+) -> tuple[list[AuthorizedKey], list[str]]:
+    """The keys to authorize: the config's and every related manager's.
+
+    A bad `ssh-authorized-keys` option keeps the config keys already authorized (a typo
+    must not lock the operator out) and is returned as a problem; a manager's bad key is
+    left out and logged.
+
+    Returns:
+        (keys, problems for the operator).
+    """
+    problems: list[str] = []
+    try:
+        keys = parse_public_keys(config_keys, "config")
+    except InvalidRequestError as exc:
+        problems.append(str(exc))
+        keys = [k for k in current_keys(user) if k.source == "config"]
+    for client in clients:
+        if not client.ssh_public_key:
+            continue
+        try:
+            keys.append(parse_public_key(client.ssh_public_key, client.source))
+        except InvalidRequestError as exc:
+            logger.warning("not authorizing the key of %s: %s", client.unit, exc)
+    return keys, problems
+
+
+def wanted_certificates(
+    clients: Iterable[Client], project: str
+) -> dict[str, tuple[str, Sequence[str]]]:
+    """Unit -> (certificate, projects) to trust: always restricted to vm-host's project.
+
+    A manager never gains access to projects vm-host does not own, whatever it asks for.
+    """
+    wanted: dict[str, tuple[str, Sequence[str]]] = {}
+    for client in clients:
+        if not client.certificate:
+            continue
+        if client.projects and set(client.projects) != {project}:
+            logger.warning(
+                "%s asked for projects %s; trusted for %s only",
+                client.unit,
+                ", ".join(client.projects),
+                project,
+            )
+        wanted[client.unit] = (client.certificate, [project])
+    return wanted
+
+
+# ---------------------------------------------------------------------------------------------
 # What clients need
+
+
+def manager_address(
+    backend: str, address: str | None, *, user: str, https_port: int
+) -> str | None:
+    """How managers reach this hypervisor: the libvirt URI or the LXD HTTPS URL."""
+    if address is None:
+        return None
+    if backend == "libvirt":
+        return libvirt_uri(user, address)
+    url_host = f"[{address}]" if ":" in address else address
+    return f"https://{url_host}:{https_port}"
 
 
 def libvirt_uri(user: str, address: str, port: int = 22) -> str:

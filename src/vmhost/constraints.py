@@ -71,6 +71,7 @@ REQUEST_ID_PATTERN = re.compile(r"^[a-z0-9-]{1,40}$")
 LABEL_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
 HOST_DEVICE_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,14}$")
 """A conservative subset of what the kernel accepts (it refuses ':', '/' and whitespace)."""
+PROJECT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SPACE_PATTERN = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 """Juju space names: lower-case words joined by single hyphens (as the networks option)."""
 
@@ -166,6 +167,17 @@ def validate_name(value: object, field: str = "name") -> str:
             field,
             f"{_describe(name)} is not a valid name; use 1-63 lower-case letters, digits and "
             "hyphens, starting and ending with a letter or digit (for example 'web-1')",
+        )
+    return name
+
+
+def validate_project(name: object, field: str = "lxd-project") -> str:
+    """Refuse LXD project names LXD would reject or that could escape a URL path."""
+    if not isinstance(name, str) or not PROJECT_PATTERN.fullmatch(name):
+        raise InvalidRequestError(
+            field,
+            f"{name!r} is not a valid project name: use 1-63 characters of a-z, 0-9 and '-', "
+            "starting with a letter or digit",
         )
     return name
 

@@ -12,13 +12,14 @@ import logging
 import os
 import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import jinja2
 from charmlibs import apt, systemd
 
 from vmhost.model import VmHostError
+from vmhost.settings import HugepageSetting
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,24 @@ def set_hugepages(
     if granted < count:
         logger.warning("kernel granted %d of %d %d KiB huge pages", granted, count, size_kib)
     return granted
+
+
+def reserve_hugepages(settings: Iterable[HugepageSetting]) -> list[str]:
+    """Reserve each configured size and count; return what the kernel did not grant."""
+    problems = []
+    for setting in settings:
+        try:
+            granted = set_hugepages(setting.size_kib, setting.count, setting.node)
+        except VmHostError as exc:
+            problems.append(str(exc))
+            continue
+        if granted < setting.count:
+            where = "host-wide" if setting.node is None else f"on node {setting.node}"
+            problems.append(
+                f"kernel granted {granted} of {setting.count} huge pages of "
+                f"{setting.size_kib // 1024} MiB {where}"
+            )
+    return problems
 
 
 def reload_sshd(systemd_run_dir: Path = SYSTEMD_RUN_DIR) -> bool:

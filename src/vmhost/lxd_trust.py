@@ -28,6 +28,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from vmhost.constraints import validate_project
 from vmhost.model import InvalidRequestError, VmHostError
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ PROJECT_FEATURES = {
 }
 """What LXD 5.0 can keep per project: each manager's images, profiles and volumes apart."""
 
-_PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _CLIENT_RE = re.compile(r"^[a-z0-9][a-z0-9./_-]{0,99}$")
 
 
@@ -110,17 +110,6 @@ def parse_certificate(
         subject=cert.subject.rfc4514_string(),
         not_after=cert.not_valid_after_utc,
     )
-
-
-def validate_project(name: str, field: str = "lxd-project") -> str:
-    """Refuse project names LXD would reject or that could escape a URL path."""
-    if not isinstance(name, str) or not _PROJECT_RE.fullmatch(name):
-        raise InvalidRequestError(
-            field,
-            f"{name!r} is not a valid project name: use 1-63 characters of a-z, 0-9 and '-', "
-            "starting with a letter or digit",
-        )
-    return name
 
 
 def certificate_name(client: str) -> str:
@@ -431,6 +420,17 @@ class LxdTrust:
             if cert.from_relation and cert.name not in keep:
                 self.untrust(cert.name)
         return refused
+
+    def trust_action_client(self, client: str, pem: str, projects: Sequence[str]) -> str:
+        """Trust a client added by the add-trusted-client action; return its trust-store name."""
+        name = action_certificate_name(client)
+        self.trust_certificate(pem, name, projects)
+        return name
+
+    def untrust_action_client(self, client: str) -> str | None:
+        """Remove a client added by action; return its trust-store name, None if unknown."""
+        name = action_certificate_name(client)
+        return name if self.untrust(name) else None
 
     def untrust(self, name: str) -> bool:
         """Remove every certificate named `name` and its pending tokens; returns whether any."""

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from vmhost.backends import BackendUnavailableError
+from vmhost.constraints import spec_hash
 from vmhost.model import (
     HostTopology,
     NicAttachment,
@@ -60,6 +61,11 @@ class FakeBackend:
             ),
         )
 
+    def ensure_project(self, project: str | None = None, storage_pool: str = "default") -> bool:
+        self._check()
+        self.calls.append(f"ensure_project:{project}:{storage_pool}")
+        return False
+
     def compose(
         self,
         spec: VmSpec,
@@ -80,6 +86,7 @@ class FakeBackend:
             placement=placement,
             owner=spec.owner,
             request_id=spec.request_id,
+            spec_hash=spec_hash(spec),
             volumes=tuple(f"{d.pool or default_pool}/{spec.name}-{d.label}" for d in spec.disks),
             interfaces=tuple(
                 {"label": n.label, "mac": f"52:54:00:00:00:{i:02x}", "attached-to": n.source}

@@ -7,6 +7,7 @@ from typing import ClassVar
 import pytest
 from ops import testing
 
+import charm
 import charms.vm_host.v0.vm_host_access as access_lib
 from conftest import FakeHost
 from credentials import self_signed_pem
@@ -44,6 +45,15 @@ class FakeTrust:
         self.certificates[name] = (pem, list(projects))
         return True
 
+    def trust_action_client(self, client, pem, projects):
+        name = lxd_trust.action_certificate_name(client)
+        self.trust_certificate(pem, name, projects)
+        return name
+
+    def untrust_action_client(self, client):
+        name = lxd_trust.action_certificate_name(client)
+        return name if self.untrust(name) else None
+
     def untrust(self, name):
         return self.certificates.pop(name, None) is not None
 
@@ -63,7 +73,7 @@ def fake_trust(monkeypatch: pytest.MonkeyPatch) -> type[FakeTrust]:
     FakeTrust.certificates = {}
     FakeTrust.https = None
     FakeTrust.tokens = []
-    monkeypatch.setattr(lxd_trust, "LxdTrust", FakeTrust)
+    monkeypatch.setattr(charm, "make_trust", FakeTrust)
     return FakeTrust
 
 

@@ -10,7 +10,7 @@ from ops import testing
 
 import charms.vm_host.v0.vm_host as vm_lib
 from conftest import FakeHost
-from vmhost import fleet
+from vmhost.relation import fleet, keys, serve
 
 pytestmark = pytest.mark.usefixtures("fake_access")
 
@@ -90,6 +90,11 @@ def test_broken_relation_releases_by_policy(ctx, backend, fake_host, policy, kep
 def test_changed_request_keeps_the_vm_and_says_why(ctx, backend, fake_host):
     relation = vm_lib.requirer_relation([DB], remote_app_name="pg")
     ctx.run(ctx.on.relation_changed(relation), testing.State(leader=True, relations={relation}))
+    # The same request again is unchanged (the backend recorded what it composed).
+    same = ctx.run(
+        ctx.on.relation_changed(relation), testing.State(leader=True, relations={relation})
+    )
+    assert answers(same, relation)["db-0"].error is None
     bigger = replace(
         relation,
         remote_app_data={"version": '"0"', "requests": json.dumps([{**DB, "memory": 2048}])},
@@ -97,7 +102,7 @@ def test_changed_request_keeps_the_vm_and_says_why(ctx, backend, fake_host):
     out = ctx.run(ctx.on.relation_changed(bigger), testing.State(leader=True, relations={bigger}))
     got = answers(out, bigger)["db-0"]
     assert got.state == "running"
-    assert got.error == fleet.CHANGED_ERROR
+    assert got.error == serve.CHANGED_ERROR
     assert backend.vms[f"pg-{relation.id}-db-0"].placement.memory_mib == 1024
 
 
@@ -123,8 +128,8 @@ def test_leader_assigns_to_the_unit_a_request_pins(ctx, backend, fake_host, topo
 
 def test_non_leader_composes_what_the_leader_assigned_to_it(ctx, backend, fake_host, topology):
     relation = vm_lib.requirer_relation([DB, WEB], remote_app_name="pg", relation_id=7)
-    key_db = fleet.RequestKey(7, "pg", "db-0")
-    key_web = fleet.RequestKey(7, "pg", "web-0")
+    key_db = keys.RequestKey(7, "pg", "db-0")
+    key_web = keys.RequestKey(7, "pg", "web-0")
     assignment = fleet.Assignment(units={key_db: "vm-host/1", key_web: "vm-host/0"})
     peer = testing.PeerRelation(
         "hosts", local_app_data={"assignment": fleet.assignment_to_json(assignment)}
@@ -138,8 +143,8 @@ def test_non_leader_composes_what_the_leader_assigned_to_it(ctx, backend, fake_h
 
 def test_requests_of_a_departed_unit_are_reassigned_when_not_composed(ctx, backend, fake_host):
     relation = vm_lib.requirer_relation([DB, WEB], remote_app_name="pg", relation_id=7)
-    key_db = fleet.RequestKey(7, "pg", "db-0")
-    key_web = fleet.RequestKey(7, "pg", "web-0")
+    key_db = keys.RequestKey(7, "pg", "db-0")
+    key_web = keys.RequestKey(7, "pg", "web-0")
     # vm-host/1 was given web-0 but has left the peer relation before composing it.
     before = fleet.Assignment(units={key_db: "vm-host/0", key_web: "vm-host/1"})
     peer = testing.PeerRelation(

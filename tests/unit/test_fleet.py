@@ -13,29 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from charms.vm_host.v0.vm_host import VmAnswer
+from fake_backend import FakeBackend
+from vmhost.compose import HostState
 from vmhost.constraints import build_spec, spec_hash, validate_name
-from vmhost.fleet import (
-    CHANGED_ERROR,
-    VM_NAME_MAX,
-    Assignment,
-    Changes,
-    HostReport,
-    RequestKey,
-    answer_for,
-    answers_by_relation,
-    assign,
-    assignment_from_json,
-    assignment_to_json,
-    collect_reports,
-    composed_keys,
-    host_report,
-    parse_host_report,
-    parse_owner,
-    plan_changes,
-    relation_owner,
-    request_key_of,
-    vm_name,
-)
 from vmhost.model import (
     PAGE_1G_KIB,
     CellPlacement,
@@ -49,6 +29,38 @@ from vmhost.model import (
     VmState,
 )
 from vmhost.placement import plan
+from vmhost.relation.fleet import (
+    Assignment,
+    HostReport,
+    Peers,
+    assign,
+    assignment_from_json,
+    assignment_to_json,
+    collect_reports,
+    host_report,
+    lead,
+    parse_host_report,
+)
+from vmhost.relation.keys import (
+    VM_NAME_MAX,
+    RequestKey,
+    composed_keys,
+    parse_owner,
+    relation_owner,
+    request_key_of,
+    vm_name,
+)
+from vmhost.relation.serve import (
+    CHANGED_ERROR,
+    Changes,
+    Power,
+    RelationRequest,
+    Round,
+    answer_for,
+    answers_by_relation,
+    plan_changes,
+    serve,
+)
 
 GIB = 1024
 POLICY = Policy()
@@ -126,6 +138,24 @@ def names(vms: Sequence[VmRecord]) -> list[str]:
 
 def keys(pairs: Sequence[tuple[RequestKey, object]]) -> list[RequestKey]:
     return [k for k, _ in pairs]
+
+
+def serve_round(
+    existing: Sequence[VmRecord], desired: Mapping[RequestKey, VmSpec], *, live: set[int]
+) -> tuple[FakeBackend, Round]:
+    """One unit's round against an in-memory backend holding `existing`."""
+    backend = FakeBackend(host=host(cpus=8), vms={vm.name: vm for vm in existing})
+    state = HostState(backend.topology(), backend.list_vms(), POLICY, {}, "vm-host")
+    result = serve(
+        backend,
+        state,
+        [RelationRequest(k, s) for k, s in desired.items()],
+        set(desired),
+        release_policy="delete",
+        live_relation_ids=live,
+        power=Power(),
+    )
+    return backend, result
 
 
 def touched(changes: Changes) -> set[str]:
@@ -276,11 +306,17 @@ def test_isolation_removing_app_a_request_touches_only_app_a_vm():
     changes = plan_changes(desired, existing, release_policy="delete", live_relation_ids={1, 2})
     assert names(changes.to_delete) == [a_x.name]
     assert keys(changes.unchanged) == [A_Y, B_Y]
-    assert changes.to_compose == ()
-    assert keys(changes.conflicts) == [B_Z]
-    assert "already taken" in changes.errors[B_Z]
     # The action and foreign VMs appear nowhere, whatever happens.
-    assert not touched(changes) & {"app-b-2-z", "ops", "legacy"}
+    composing = {spec.name for _, spec in changes.to_compose}
+    assert not (touched(changes) - composing) & {"app-b-2-z", "ops", "legacy"}
+    # z's name is taken: the round's compose step refuses it and composes nothing.
+    backend, result = serve_round(existing, desired, live={1, 2})
+    assert result.composed == []
+    assert list(result.failures) == [B_Z]
+    assert "already taken" in result.failures[B_Z]
+    assert not [c for c in backend.calls if c.startswith("compose:")]
+    assert [c for c in backend.calls if c.startswith("delete:")] == [f"delete:{a_x.name}"]
+    assert backend.vms["app-b-2-z"].owner == "action"
 
 
 def test_isolation_same_request_id_in_two_apps_never_matches_across():
@@ -380,11 +416,10 @@ def test_two_requests_with_one_name_conflict():
     first, second = RequestKey(1, "app", "x"), RequestKey(1, "app", "y")
     spec = spec_for(first)
     clash = replace(spec_for(second), name=spec.name)
-    changes = plan_changes(
-        {first: spec, second: clash}, [], release_policy="delete", live_relation_ids={1}
-    )
-    assert keys(changes.to_compose) == [first]
-    assert keys(changes.conflicts) == [second]
+    _, result = serve_round([], {first: spec, second: clash}, live={1})
+    assert result.composed == [spec.name]
+    assert list(result.failures) == [second]
+    assert "already taken" in result.failures[second]
 
 
 def test_bugs_in_the_caller_raise():
@@ -939,3 +974,70 @@ def test_a_whole_round_composes_each_request_once_and_is_stable():
         unit.reconcile(text, specs)
     assert composed_keys(vm for u in units for vm in u.vms) == set(specs)
     assert assignment_from_json(text)[0].unplaced == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# lead: one hook's decision
+
+
+def lead_args(**overrides: object) -> dict[str, object]:
+    args: dict[str, object] = {
+        "leader": True,
+        "requests": [RelationRequest(A_X, spec_for(A_X)), RelationRequest(A_Y, error="bad")],
+        "topology": host(),
+        "vms": [],
+        "hostname": "a",
+        "peers": None,
+        "policy": POLICY,
+        "mapping": {},
+    }
+    args.update(overrides)
+    return args
+
+
+def test_lead_without_peers_hosts_everything_here():
+    decision = lead("vm-host/0", **lead_args())  # type: ignore[arg-type]
+    assert decision.mine == {A_X}
+    assert decision.answer_errors == {A_Y: "bad"}
+    assert decision.assignment_text is None
+    assert parse_host_report(decision.report)[0] is not None
+    follower = lead("vm-host/0", **lead_args(leader=False))  # type: ignore[arg-type]
+    assert follower.mine == {A_X}
+    assert follower.answer_errors == {}
+
+
+def test_a_follower_takes_the_assignment_in_force_and_answers_no_refusals():
+    text = assignment_to_json(Assignment(units={A_X: "vm-host/1"}))
+    peers = Peers(reports={"vm-host/0": None}, assignment=text)
+    decision = lead("vm-host/1", **lead_args(leader=False, peers=peers))  # type: ignore[arg-type]
+    assert decision.mine == {A_X}
+    assert decision.answer_errors == {}
+    assert decision.assignment_text is None
+    bad = lead("vm-host/1", **lead_args(leader=False, peers=Peers({}, "{")))  # type: ignore[arg-type]
+    assert bad.mine == frozenset()
+    assert bad.problems == ("peer assignment unreadable: assignment is not JSON",)
+
+
+def test_the_leader_assigns_writes_and_answers_the_unplaceable():
+    other = host_report(host(), [], hostname="b")
+    peers = Peers(reports={"vm-host/1": other, "vm-host/2": "nonsense"}, assignment=None)
+    big = replace(spec_for(B_Y), vcpus=64)
+    requests = [RelationRequest(A_X, spec_for(A_X)), RelationRequest(B_Y, big)]
+    decision = lead("vm-host/0", **lead_args(peers=peers, requests=requests))  # type: ignore[arg-type]
+    assignment, problem = assignment_from_json(decision.assignment_text)
+    assert problem is None
+    assert set(assignment.units) == {A_X}
+    assert set(decision.answer_errors) == {B_Y}
+    assert "fits on no vm-host unit" in decision.answer_errors[B_Y]
+    assert decision.problems == ("host report of vm-host/2 ignored: host report is not JSON",)
+    assert decision.mine == assignment.for_unit("vm-host/0")
+
+
+def test_the_leader_places_nothing_where_the_networks_cannot_serve_it():
+    wired = spec_for(A_X, interfaces="eth0:space=storage")
+    decision = lead(
+        "vm-host/0",
+        **lead_args(requests=[RelationRequest(A_X, wired)], peers=Peers({}, None)),  # type: ignore[arg-type]
+    )
+    assert decision.mine == frozenset()
+    assert "storage" in decision.answer_errors[A_X]

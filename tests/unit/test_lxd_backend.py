@@ -33,9 +33,9 @@ from vmhost.backends.lxd import (
     vm_support_problem,
     volume_name,
 )
+from vmhost.backends.lxd_resources import parse_resources
 from vmhost.codec import placement_to_dict
 from vmhost.constraints import spec_hash
-from vmhost.lxd_resources import parse_resources
 from vmhost.lxd_trust import LxdError
 from vmhost.model import (
     AttachmentKind,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmhost.lxd_resources import parse_network, parse_resources
+from vmhost.backends.lxd_resources import parse_network, parse_resources
 from vmhost.model import NicKind
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "lxd-resources"

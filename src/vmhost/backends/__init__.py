@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from vmhost.model import HostTopology, NicAttachment, Placement, VmRecord, VmSpec
+
+if TYPE_CHECKING:
+    from vmhost.lxd_trust import LxdTrust
 
 
 def stable_mac(prefix: str, vm: str, label: str) -> str:
@@ -50,6 +54,14 @@ class Backend(Protocol):
         """Create and start a directory storage pool when it does not exist."""
         ...
 
+    def ensure_project(self, project: str | None = None, storage_pool: str = "default") -> bool:
+        """Create the project VMs live in when missing (LXD); no-op where there are none.
+
+        Returns:
+            Whether anything was created.
+        """
+        ...
+
     def compose(
         self,
         spec: VmSpec,
@@ -71,3 +83,24 @@ class Backend(Protocol):
     def stop(self, name: str) -> None:
         """Stop a running VM (graceful shutdown, then destroy)."""
         ...
+
+
+def make_backend(kind: str, *, project: str, templates_dir: Path) -> Backend:
+    """Build the backend of that kind ("libvirt" or "lxd").
+
+    Imported lazily: an LXD host has no libvirt library for libvirt-python to load.
+    """
+    if kind == "lxd":
+        from vmhost.backends.lxd import LxdBackend
+
+        return LxdBackend(project=project)
+    from vmhost.backends.libvirt import LibvirtBackend
+
+    return LibvirtBackend(templates_dir=templates_dir)
+
+
+def make_trust() -> LxdTrust:
+    """Open LXD's trust store (imported lazily: only LXD hosts need it and cryptography)."""
+    from vmhost.lxd_trust import LxdTrust
+
+    return LxdTrust()

@@ -1008,6 +1008,10 @@ class LibvirtBackend:
         except libvirt.libvirtError as e:
             raise VmHostError(f"storage pool {name}: start failed: {e}") from e
 
+    def ensure_project(self, project: str | None = None, storage_pool: str = "default") -> bool:
+        """Libvirt has no projects: nothing to create."""
+        return False
+
     # -- reading VMs
 
     def list_vms(self) -> list[VmRecord]:

@@ -35,6 +35,7 @@ from typing import Any
 
 from vmhost import cloudinit
 from vmhost.backends import BackendUnavailableError, stable_mac
+from vmhost.backends.lxd_resources import parse_resources
 from vmhost.codec import CodecError, placement_from_dict, placement_to_dict
 from vmhost.constraints import (
     disk_name,
@@ -44,7 +45,6 @@ from vmhost.constraints import (
     validate_name,
     volume_name,
 )
-from vmhost.lxd_resources import parse_resources
 from vmhost.lxd_trust import LxdError, LxdTrust, validate_project
 from vmhost.model import (
     AttachmentKind,

@@ -1,0 +1,111 @@
+"""The one path from a spec to a VM: name check, NICs, placement, backend.compose.
+
+The compose-vm action and the relation round both come through `compose`, so a VM is checked
+and placed the same way whoever asked for it; a dry run stops after placement. Nothing here
+raises for a bad request: the outcome says which step refused it and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from vmhost import networks, placement
+from vmhost.backends import Backend
+from vmhost.model import (
+    HostTopology,
+    InvalidRequestError,
+    Placement,
+    Policy,
+    Rejection,
+    VmHostError,
+    VmRecord,
+    VmSpec,
+)
+
+__all__ = ["HostState", "Outcome", "compose", "name_taken"]
+
+
+@dataclass(frozen=True)
+class HostState:
+    """What composing needs to know about the host, as read in this hook."""
+
+    topology: HostTopology
+    vms: Sequence[VmRecord]
+    """Every VM on the host (all owners): their names are taken, their placements used."""
+    policy: Policy
+    networks: Mapping[str, networks.NetworkMapping]
+    default_pool: str
+
+    @property
+    def allocations(self) -> list[Placement]:
+        """The placements of every VM on the host."""
+        return [vm.placement for vm in self.vms]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one spec; exactly one of vm, a dry-run placement or an error."""
+
+    spec: VmSpec
+    placement: Placement | None = None
+    vm: VmRecord | None = None
+    refused: str = ""
+    """The request cannot be served as written (name taken, interfaces that resolve to
+    nothing on this host)."""
+    rejected: str = ""
+    """It does not fit on this host (the allocator's reason)."""
+    failed: str = ""
+    """The hypervisor failed; what it made was rolled back."""
+
+    @property
+    def error(self) -> str | None:
+        """The reason for the requester, or None when it succeeded."""
+        if self.failed:
+            return f"compose failed and was rolled back: {self.failed}"
+        return self.refused or self.rejected or None
+
+
+def name_taken(spec: VmSpec, vms: Sequence[VmRecord]) -> str | None:
+    """Why the spec's name cannot be used on this host, or None when it is free.
+
+    The one place that checks names: an action and a relation request alike are refused,
+    never matched to a VM by its name.
+    """
+    if not any(vm.name == spec.name for vm in vms):
+        return None
+    fix = "request it under another id" if spec.request_id else "choose another name"
+    return f"VM name {spec.name!r} is already taken: a VM of that name already exists; {fix}"
+
+
+def compose(
+    backend: Backend,
+    spec: VmSpec,
+    host: HostState,
+    *,
+    dry_run: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Outcome:
+    """Check the name, resolve the NICs, plan, then compose (unless a dry run).
+
+    `progress` hears one line before the slow part (volumes, define, boot) starts.
+    """
+    taken = name_taken(spec, host.vms)
+    if taken:
+        return Outcome(spec, refused=taken)
+    try:
+        nics = networks.resolve(spec.interfaces, host.topology.nics, host.networks)
+    except InvalidRequestError as exc:
+        return Outcome(spec, refused=str(exc))
+    result = placement.plan(host.topology, host.allocations, spec, host.policy)
+    if isinstance(result, Rejection):
+        return Outcome(spec, rejected=result.reason)
+    if dry_run:
+        return Outcome(spec, placement=result)
+    if progress is not None:
+        progress(f"composing {spec.name} on host nodes {list(result.host_nodes) or 'any'}")
+    try:
+        vm = backend.compose(spec, result, nics, host.default_pool)
+    except VmHostError as exc:
+        return Outcome(spec, placement=result, failed=str(exc))
+    return Outcome(spec, placement=result, vm=vm)

@@ -1,0 +1,540 @@
+"""Which vm-host unit hosts each relation request: peer reports and the leader's choice.
+
+Pure and deterministic (no I/O, no clock, no ops): the charm reads and writes the peer
+databags; `lead` decides. Every unit publishes a host report (topology, the placements of all
+its VMs, the requests it has composed) in its peer unit databag; the leader runs `assign` and
+writes the result to the peer application databag; each unit composes what is assigned to
+it. Assignments of composed requests never move; a request not yet composed moves only when
+its unit left, its `host` pin no longer names that unit, or it no longer fits there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmhost import networks
+from vmhost.codec import (
+    CodecError,
+    placement_from_dict,
+    placement_to_dict,
+    topology_from_dict,
+    topology_to_dict,
+)
+from vmhost.model import (
+    HostTopology,
+    InvalidRequestError,
+    Placement,
+    Policy,
+    Rejection,
+    VmRecord,
+    VmSpec,
+)
+from vmhost.placement import plan, usage
+from vmhost.relation.keys import RequestKey, composed_keys
+from vmhost.relation.serve import RelationRequest
+
+__all__ = [
+    "WIRE_VERSION",
+    "Assignment",
+    "Decision",
+    "HostReport",
+    "Peers",
+    "assign",
+    "assignment_from_json",
+    "assignment_to_json",
+    "collect_reports",
+    "host_report",
+    "lead",
+    "parse_host_report",
+]
+
+WIRE_VERSION = "0"
+"""Schema version of the peer data written here (host reports and assignments)."""
+_REASON_PER_UNIT = 200
+_REASON_MAX = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Host reports (peer unit data)
+
+
+@dataclass(frozen=True)
+class HostReport:
+    """What one vm-host unit tells the leader about itself."""
+
+    topology: HostTopology
+    allocations: tuple[Placement, ...] = ()
+    """Placements of every VM on the unit's host (all owners, foreign domains included)."""
+    hostname: str | None = None
+    """The machine's hostname, so a request's `host` may name it instead of the unit."""
+    composed: frozenset[RequestKey] = frozenset()
+    """Relation requests whose VM exists on this host."""
+
+
+def _key_to_list(key: RequestKey) -> list[Any]:
+    return [key.relation_id, key.app, key.request_id]
+
+
+def _key_from_list(value: object, path: str) -> RequestKey:
+    if not isinstance(value, list) or len(value) != 3:  # pyright: ignore[reportUnknownArgumentType]
+        raise CodecError(path, "expected [relation id, app, request id]")
+    rel, app, rid = value  # pyright: ignore[reportUnknownVariableType]
+    if isinstance(rel, bool) or not isinstance(rel, int):
+        raise CodecError(f"{path}[0]", "expected an integer relation id")
+    if not isinstance(app, str) or not isinstance(rid, str):
+        raise CodecError(path, "expected strings for app and request id")
+    try:
+        return RequestKey(rel, app, rid)
+    except ValueError as exc:
+        raise CodecError(path, str(exc)) from None
+
+
+def _dumps(data: object) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def host_report(
+    topology: HostTopology,
+    allocations: Sequence[Placement],
+    *,
+    hostname: str | None = None,
+    composed: AbstractSet[RequestKey] = frozenset(),
+) -> str:
+    """Return a unit's host report as the JSON text for its peer unit databag.
+
+    Allocations are sorted by their JSON form, so the same host gives the same text whatever
+    order the hypervisor listed its VMs in (no needless relation-changed events).
+    """
+    placements = sorted((placement_to_dict(p) for p in allocations), key=_dumps)
+    return _dumps(
+        {
+            "version": WIRE_VERSION,
+            "topology": topology_to_dict(topology),
+            "allocations": placements,
+            "hostname": hostname,
+            "composed": [_key_to_list(k) for k in sorted(composed)],
+        }
+    )
+
+
+def parse_host_report(text: str | None) -> tuple[HostReport | None, str | None]:
+    """Read a host report; never raises.
+
+    Returns:
+        (report, None), or (None, reason) when the text is missing, not JSON, of another
+        version or of the wrong shape; the reason names the bad field, never its value.
+    """
+    if not text:
+        return None, "no host report yet"
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None, "host report is not JSON"
+    if not isinstance(data, dict):
+        return None, "host report is not a JSON object"
+    version = data.get("version")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    if version != WIRE_VERSION:
+        return None, f"host report version is not {WIRE_VERSION!r}"
+    try:
+        topology = topology_from_dict(data.get("topology"))  # pyright: ignore[reportUnknownMemberType]
+        raw_allocations = data.get("allocations", [])  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        if not isinstance(raw_allocations, list):
+            raise CodecError("allocations", "expected an array")
+        allocations = tuple(
+            placement_from_dict(p, f"allocations[{i}]")
+            for i, p in enumerate(raw_allocations)  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
+        )
+        hostname = data.get("hostname")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        if hostname is not None and not isinstance(hostname, str):
+            raise CodecError("hostname", "expected a string")
+        raw_composed = data.get("composed", [])  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        if not isinstance(raw_composed, list):
+            raise CodecError("composed", "expected an array")
+        composed = frozenset(
+            _key_from_list(k, f"composed[{i}]")
+            for i, k in enumerate(raw_composed)  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
+        )
+    except CodecError as exc:
+        return None, f"host report: {exc}"
+    return HostReport(topology, allocations, hostname or None, composed), None
+
+
+def collect_reports(
+    texts: Mapping[str, str | None],
+) -> tuple[dict[str, HostReport], dict[str, str]]:
+    """Read every unit's host report.
+
+    Args:
+        texts: unit name -> the text of its `topology` report (None when absent).
+
+    Returns:
+        (unit -> report) for the usable ones and (unit -> reason) for the others, both
+        sorted by unit name.
+    """
+    reports: dict[str, HostReport] = {}
+    problems: dict[str, str] = {}
+    for unit in sorted(texts):
+        report, reason = parse_host_report(texts[unit])
+        if report is not None:
+            reports[unit] = report
+        else:
+            problems[unit] = reason or "unusable host report"
+    return reports, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Assignment (leader)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Which unit hosts each request, and why the others have none."""
+
+    units: Mapping[RequestKey, str] = field(default_factory=dict[RequestKey, str])
+    """Request -> unit name."""
+    unplaced: Mapping[RequestKey, str] = field(default_factory=dict[RequestKey, str])
+    """Request -> why no unit can host it (the per-unit rejections, shortened)."""
+
+    def for_unit(self, unit: str) -> frozenset[RequestKey]:
+        """The requests assigned to one unit."""
+        return frozenset(k for k, u in self.units.items() if u == unit)
+
+
+Eligibility = Callable[[str, HostReport, VmSpec], str | None]
+"""(unit, report, spec) -> None when the unit may host the spec, else why not (for checks
+`assign` cannot make itself, such as whether the unit's networks reach a requested space)."""
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _matches_host(unit: str, report: HostReport, host: str | None) -> bool:
+    return host is None or host in (unit, report.hostname)
+
+
+def _fit_score(
+    report: HostReport, allocations: Sequence[Placement], placement: Placement, policy: Policy
+) -> tuple[int, int]:
+    """How much room is left where the placement landed (less is a better fit)."""
+    use = usage(report.topology, allocations, policy)
+    nodes = {n.node: n for n in use.nodes}
+    chosen = [nodes[n] for n in placement.host_nodes if n in nodes]
+    if placement.pinned:
+        cpus = sum(n.cpus_free_for_pinning for n in chosen)
+    else:
+        cpus = use.shared_vcpus_capacity - use.shared_vcpus_allocated
+    if placement.hugepage_backed:
+        size = next(c.hugepage_size_kib for c in placement.cells if c.hugepages)
+        memory = sum(
+            h.free * h.size_kib // 1024 for n in chosen for h in n.hugepages if h.size_kib == size
+        )
+    elif placement.cells:
+        memory = sum(n.memory_free_mib for n in chosen)
+    else:
+        memory = use.memory_capacity_mib - use.memory_allocated_mib
+    return cpus, memory
+
+
+def assign(
+    requests: Sequence[tuple[RequestKey, VmSpec, str | None]],
+    reports: Mapping[str, HostReport],
+    current: Mapping[RequestKey, str],
+    composed: AbstractSet[RequestKey],
+    policy: Policy,
+    *,
+    eligible: Eligibility | None = None,
+    present: AbstractSet[str] | None = None,
+) -> Assignment:
+    """Assign each request to the vm-host unit that hosts it best.
+
+    Rules, in order:
+
+    1. A composed request (in any report's `composed`, or in `composed`) stays where it
+       is: on its current unit when that unit reports it composed (or no unit reports it),
+       else on the first unit reporting it. A request composed on a unit that left is not
+       in any report, so it is placed anew (its VM went with its unit).
+    2. A request assigned to a unit that is still a member of the peer relation but whose
+       report is unusable stays there: it cannot be checked, and moving it could give the
+       requester a second VM.
+    3. A request already assigned, not composed, whose unit is still reporting, still
+       matches the request's `host` and still fits there, stays.
+    4. Every other request (new, its unit left, or it no longer fits) goes, in key order,
+       to the unit where `placement.plan` fits best: the fewest CPUs left free on the nodes
+       it takes (pinned CPUs for pinned VMs, shared vCPU headroom for shared ones), then
+       the least memory left there, then the unit name. A `host` pins it to the unit of
+       that name or hostname.
+
+    The placements of rules 3 and 4 are added to their unit's allocations as they are made,
+    so two requests never count the same free CPUs.
+
+    Args:
+        requests: (key, spec, host) for every valid request of every relation.
+        reports: unit name -> its host report (units whose report is unusable left out).
+        current: the assignment in force (peer application data).
+        composed: requests known to have a VM besides what the reports say (usually
+            empty: the reports carry it).
+        policy: the placement rules (the same config on every unit).
+        eligible: an extra per-unit check (see Eligibility).
+        present: every unit in the peer relation, readable or not (default: the units of
+            `reports`).
+
+    Returns:
+        The new Assignment; every request is either assigned or has a reason.
+
+    Raises:
+        ValueError: two requests share a key (a bug in the caller).
+    """
+    ordered = sorted(requests, key=lambda r: r[0])
+    keys = [r[0] for r in ordered]
+    if len(set(keys)) != len(keys):
+        raise ValueError("two requests share a key")
+    fleet = _Fleet(reports, policy, eligible, set(reports) if present is None else set(present))
+    pending: list[tuple[RequestKey, VmSpec, str | None]] = []
+    for key, spec, host in ordered:
+        if not fleet.keep(key, spec, host, current.get(key), key in composed):
+            pending.append((key, spec, host))
+    for key, spec, host in pending:
+        fleet.place(key, spec, host)
+    return Assignment(
+        units=dict(sorted(fleet.units.items())), unplaced=dict(sorted(fleet.unplaced.items()))
+    )
+
+
+class _Fleet:
+    """The leader's working view: every unit's allocations as assignments accumulate."""
+
+    def __init__(
+        self,
+        reports: Mapping[str, HostReport],
+        policy: Policy,
+        eligible: Eligibility | None,
+        members: set[str],
+    ):
+        self.reports = reports
+        self.policy = policy
+        self.eligible = eligible
+        self.members = members
+        self.simulated = {u: list(reports[u].allocations) for u in sorted(reports)}
+        self.composed_at: dict[RequestKey, list[str]] = {}
+        for unit in sorted(reports):
+            for key in reports[unit].composed:
+                self.composed_at.setdefault(key, []).append(unit)
+        self.units: dict[RequestKey, str] = {}
+        self.unplaced: dict[RequestKey, str] = {}
+
+    def fits(self, unit: str, spec: VmSpec) -> Placement | str:
+        """Plan the spec on a unit as it is now; a Placement, or why not."""
+        report = self.reports[unit]
+        if self.eligible is not None:
+            reason = self.eligible(unit, report, spec)
+            if reason:
+                return reason
+        result = plan(report.topology, self.simulated[unit], spec, self.policy)
+        return result.reason if isinstance(result, Rejection) else result
+
+    def keep(
+        self, key: RequestKey, spec: VmSpec, host: str | None, held: str | None, composed: bool
+    ) -> bool:
+        """Keep a request where it is when rules 1-3 of `assign` say so."""
+        where = self.composed_at.get(key, [])
+        if where or composed:
+            if held is not None and (held in where or not where):
+                self.units[key] = held
+                return True
+            if where:
+                self.units[key] = where[0]
+                return True
+        if held is None:
+            return False
+        if held not in self.reports:
+            if held in self.members:
+                self.units[key] = held  # there but unreadable: moving it could double it
+                return True
+            return False
+        if not _matches_host(held, self.reports[held], host):
+            return False
+        result = self.fits(held, spec)
+        if isinstance(result, str):
+            return False
+        self.units[key] = held
+        self.simulated[held].append(result)
+        return True
+
+    def place(self, key: RequestKey, spec: VmSpec, host: str | None) -> None:
+        """Put a request on the unit where it fits best, or record why it fits nowhere."""
+        candidates = [u for u in sorted(self.reports) if _matches_host(u, self.reports[u], host)]
+        if not candidates:
+            self.unplaced[key] = self._no_candidate(host)
+            return
+        best: tuple[tuple[int, int, str], Placement] | None = None
+        rejections: list[str] = []
+        for unit in candidates:
+            result = self.fits(unit, spec)
+            if isinstance(result, str):
+                rejections.append(f"{unit}: {_shorten(result, _REASON_PER_UNIT)}")
+                continue
+            after = [*self.simulated[unit], result]
+            score = (*_fit_score(self.reports[unit], after, result, self.policy), unit)
+            if best is None or score < best[0]:
+                best = (score, result)
+        if best is None:
+            text = "fits on no vm-host unit: " + "; ".join(rejections)
+            self.unplaced[key] = _shorten(text, _REASON_MAX)
+            return
+        unit = best[0][2]
+        self.units[key] = unit
+        self.simulated[unit].append(best[1])
+
+    def _no_candidate(self, host: str | None) -> str:
+        if host is None:
+            return "no vm-host unit has reported its host yet"
+        offered = ", ".join(
+            f"{u} ({self.reports[u].hostname})" if self.reports[u].hostname else u
+            for u in sorted(self.reports)
+        )
+        text = f"host {host!r} names no vm-host unit; units: {offered or 'none reporting'}"
+        return _shorten(text, _REASON_MAX)
+
+
+def assignment_to_json(assignment: Assignment) -> str:
+    """Return the assignment as the JSON text for the peer application databag (stable)."""
+    return _dumps(
+        {
+            "version": WIRE_VERSION,
+            "assigned": [
+                [*_key_to_list(k), assignment.units[k]] for k in sorted(assignment.units)
+            ],
+            "unplaced": [
+                [*_key_to_list(k), assignment.unplaced[k]] for k in sorted(assignment.unplaced)
+            ],
+        }
+    )
+
+
+def assignment_from_json(text: str | None) -> tuple[Assignment, str | None]:
+    """Read an assignment; never raises.
+
+    Returns:
+        (assignment, None), or (empty assignment, reason) when the text is unusable; no text
+        at all is an empty assignment without a reason (nothing assigned yet).
+    """
+    if not text:
+        return Assignment(), None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return Assignment(), "assignment is not JSON"
+    if not isinstance(data, dict) or data.get("version") != WIRE_VERSION:  # pyright: ignore[reportUnknownMemberType]
+        return Assignment(), f"assignment is not a version {WIRE_VERSION!r} object"
+    parts: list[dict[RequestKey, str]] = []
+    for name in ("assigned", "unplaced"):
+        rows = data.get(name, [])  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        if not isinstance(rows, list):
+            return Assignment(), f"assignment: {name} is not an array"
+        out: dict[RequestKey, str] = {}
+        for i, row in enumerate(rows):  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
+            if not isinstance(row, list) or len(row) != 4 or not isinstance(row[3], str):  # pyright: ignore[reportUnknownArgumentType]
+                return Assignment(), f"assignment: {name}[{i}] is not [relation, app, id, text]"
+            try:
+                key = _key_from_list(row[:3], f"{name}[{i}]")  # pyright: ignore[reportUnknownArgumentType]
+            except CodecError as exc:
+                return Assignment(), f"assignment: {exc}"
+            out[key] = row[3]
+        parts.append(dict(sorted(out.items())))
+    return Assignment(units=parts[0], unplaced=parts[1]), None
+
+
+# ---------------------------------------------------------------------------------------------
+# One hook's decision
+
+
+@dataclass(frozen=True)
+class Peers:
+    """What the charm read from the peer relation (`hosts`)."""
+
+    reports: Mapping[str, str | None]
+    """Every other member unit -> the text of its `report` (None when absent)."""
+    assignment: str | None
+    """The `assignment` text in the peer application databag."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What this unit does this hook, and what the charm writes back to the peer relation."""
+
+    assignment: Assignment
+    mine: frozenset[RequestKey]
+    """The requests this unit hosts."""
+    answer_errors: Mapping[RequestKey, str]
+    """Refusals this unit answers though it hosts nothing for them (the leader answers
+    invalid and unplaceable requests, so each is answered exactly once)."""
+    report: str
+    """This unit's host report, for its peer unit databag."""
+    assignment_text: str | None = None
+    """The new assignment for the peer application databag (leader only)."""
+    problems: tuple[str, ...] = ()
+    """Unreadable peer data, for the log."""
+
+
+def lead(
+    unit: str,
+    *,
+    leader: bool,
+    requests: Sequence[RelationRequest],
+    topology: HostTopology,
+    vms: Sequence[VmRecord],
+    hostname: str | None,
+    peers: Peers | None,
+    policy: Policy,
+    mapping: Mapping[str, networks.NetworkMapping],
+) -> Decision:
+    """Decide which requests this unit hosts and which refusals it answers.
+
+    Without a peer relation (yet) this unit is the whole fleet. With one, a follower takes the
+    assignment in force; the leader assigns every valid request (`assign`), a unit being
+    eligible only when its NICs can serve the request's interfaces under `networks`.
+    """
+    report = host_report(
+        topology, [vm.placement for vm in vms], hostname=hostname, composed=composed_keys(vms)
+    )
+    invalid = {r.key: r.error for r in requests if r.error is not None} if leader else {}
+    valid = [(r.key, r.spec, r.host) for r in requests if r.spec is not None]
+    if peers is None:
+        alone = Assignment(units={key: unit for key, _, _ in valid})
+        return Decision(alone, alone.for_unit(unit), invalid, report)
+    current, problem = assignment_from_json(peers.assignment)
+    problems = [f"peer assignment unreadable: {problem}"] if problem else []
+    if not leader:
+        return Decision(current, current.for_unit(unit), {}, report, problems=tuple(problems))
+    reports, bad = collect_reports({**peers.reports, unit: report})
+    problems += [f"host report of {u} ignored: {reason}" for u, reason in bad.items()]
+
+    def eligible(_unit: str, host: HostReport, spec: VmSpec) -> str | None:
+        try:
+            networks.resolve(spec.interfaces, host.topology.nics, mapping)
+        except InvalidRequestError as exc:
+            return str(exc)
+        return None
+
+    assignment = assign(
+        valid,
+        reports,
+        current.units,
+        frozenset(),
+        policy,
+        eligible=eligible,
+        present={*peers.reports, unit},
+    )
+    return Decision(
+        assignment,
+        assignment.for_unit(unit),
+        {**invalid, **assignment.unplaced},
+        report,
+        assignment_to_json(assignment),
+        tuple(problems),
+    )
