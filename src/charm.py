@@ -22,7 +22,7 @@ import pydantic
 
 from charms.vm_host.v0.vm_host import VmHostProvider
 from charms.vm_host.v0.vm_host_access import AccessInfo, VmHostAccessProvider
-from vmhost import access, backends, compose, constraints, host, networks, report, settings
+from vmhost import access, backends, compose, constraints, health, host, networks, report, settings
 from vmhost.backends import Backend, BackendUnavailableError, make_trust
 from vmhost.model import (
     HostTopology,
@@ -221,12 +221,9 @@ class VmHostCharm(ops.CharmBase):
         super().__init__(framework)
         self._config: CharmConfig | None = None
         self._config_error = ""
-        self._setup_problem = ""
-        self._choice_problem = ""
         self._backend_error = ""
         self._snapshot_cache: _Snapshot | None = None
         self._backend_cache: Backend | None = None
-        self._access_problems: list[str] = []
         self.access = VmHostAccessProvider(self, relation_name="access")
         self.vms = VmHostProvider(self, relation_name="vms")
 
@@ -320,7 +317,9 @@ class VmHostCharm(ops.CharmBase):
         if config is None:
             logger.warning("not reconciling: invalid config: %s", self._config_error)
             return
-        if not self._backend_choice_ok(config):
+        choice = self._backend_choice_problem(config)
+        if choice:
+            logger.warning("not reconciling: %s", choice)
             return
         first_time = isinstance(event, (ops.InstallEvent, ops.UpgradeCharmEvent))
         if config.backend == "libvirt":
@@ -328,9 +327,7 @@ class VmHostCharm(ops.CharmBase):
             self._reconcile_access(config)
         else:
             self._setup_lxd(config, install=first_time)
-        self._setup_problem = "; ".join(
-            host.reserve_hugepages(settings.parse_hugepages_setting(config.hugepages))
-        )
+        host.reserve_hugepages(settings.parse_hugepages_setting(config.hugepages))
         snapshot = self._snapshot(config)
         if snapshot is None:
             logger.info("hypervisor not reachable yet: %s", self._backend_error)
@@ -346,15 +343,11 @@ class VmHostCharm(ops.CharmBase):
             self._reconcile_lxd_access(config)
         self._reconcile_vms(config, snapshot)
 
-    def _backend_choice_ok(self, config: CharmConfig) -> bool:
-        recorded = host.check_backend_choice(config.backend)
-        self._choice_problem = (
-            ""
-            if recorded is None
-            else f"backend is fixed after install (this host uses {recorded}); "
-            f"set backend={recorded}"
+    def _backend_choice_problem(self, config: CharmConfig) -> str | None:
+        """Record the backend on first use; why this config cannot run here, if it cannot."""
+        return health.backend_choice_problem(
+            config.backend, host.check_backend_choice(config.backend)
         )
-        return recorded is None
 
     # ----------------------------------------------------------------------------------------
     # VMs requested over the `vms` relation
@@ -438,7 +431,7 @@ class VmHostCharm(ops.CharmBase):
         )
         daemon = host.ensure_libvirtd(changed)
         if not daemon.running:
-            self._backend_error = daemon.message
+            logger.warning("%s", daemon.message)
 
     def _setup_lxd(self, config: CharmConfig, *, install: bool) -> None:
         """Install LXD from the snap where snapd exists, else adopt the running LXD."""
@@ -446,7 +439,7 @@ class VmHostCharm(ops.CharmBase):
             self.unit.status = ops.MaintenanceStatus("installing LXD")
         daemon = host.ensure_lxd(config.lxd_snap_channel, install=install)
         if not daemon.running:
-            self._backend_error = daemon.message
+            logger.warning("%s", daemon.message)
 
     def _reconcile_access(self, config: CharmConfig) -> None:
         """Authorize exactly the SSH keys of config and related managers; publish the URI.
@@ -457,13 +450,11 @@ class VmHostCharm(ops.CharmBase):
         try:
             user = access.ensure_user(config.libvirt_user)
         except (VmHostError, InvalidRequestError) as exc:
-            self._access_problems = [f"libvirt-user: {exc}"]
+            logger.warning("libvirt-user: %s", exc)
             return
         if access.ensure_sshd_drop_in(config.libvirt_user):
             host.reload_sshd()
-        keys, self._access_problems = access.wanted_keys(
-            user, config.ssh_authorized_keys, self.access.clients
-        )
+        keys = access.wanted_keys(user, config.ssh_authorized_keys, self.access.clients)
         access.sync_keys(user, keys)
         uri = self._manager_address(config)
         if uri is not None and self.access.relations:
@@ -493,34 +484,38 @@ class VmHostCharm(ops.CharmBase):
                     )
                 )
         except VmHostError as exc:
-            self._access_problems = [f"LXD trust: {exc}"]
+            logger.warning("LXD trust: %s", exc)
 
     # ----------------------------------------------------------------------------------------
     # Status
 
     def _on_collect_status(self, event: ops.CollectStatusEvent) -> None:
+        """Ask the config and the host what is wrong, afresh: nothing a handler set is read."""
         config = self._load_config()
         if config is None:
             event.add_status(
                 ops.BlockedStatus(f"invalid config: {self._config_error}; fix with juju config")
             )
             return
-        if self._choice_problem:
-            event.add_status(ops.BlockedStatus(self._choice_problem))
+        choice = health.backend_choice_problem(config.backend, host.recorded_backend())
+        if choice:
+            event.add_status(ops.BlockedStatus(choice))
             return
         snapshot = self._snapshot(config)
         if snapshot is None:
             daemon = "libvirtd" if config.backend == "libvirt" else "LXD"
             event.add_status(ops.WaitingStatus(f"waiting for {daemon}: {self._backend_error}"))
             return
-        if self._setup_problem:
-            event.add_status(ops.BlockedStatus(f"{self._setup_problem}; lower `hugepages`"))
-        for problem in self._access_problems:
-            event.add_status(ops.BlockedStatus(f"{problem}; fix with juju config"))
-        for problem in networks.check_networks_on_host(
-            self._mapping(config), snapshot.topology.nics
+        for problem in health.problems(
+            backend=config.backend,
+            libvirt_user=config.libvirt_user,
+            ssh_authorized_keys=config.ssh_authorized_keys,
+            hugepages=config.hugepages,
+            mapping=self._mapping(config),
+            nics=snapshot.topology.nics,
+            trust=make_trust if config.backend == "lxd" else None,
         ):
-            event.add_status(ops.BlockedStatus(f"networks: {problem}"))
+            event.add_status(ops.BlockedStatus(problem))
         event.add_status(
             ops.ActiveStatus(
                 report.status_line(
@@ -542,8 +537,9 @@ class VmHostCharm(ops.CharmBase):
         if config is None:
             event.fail(f"invalid config, nothing done: {self._config_error}")
             return None
-        if not self._backend_choice_ok(config):
-            event.fail(self._choice_problem)
+        choice = self._backend_choice_problem(config)
+        if choice:
+            event.fail(choice)
             return None
         snapshot = self._snapshot(config)
         if snapshot is None:

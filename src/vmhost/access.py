@@ -342,14 +342,38 @@ def _create_user(name: str, groups: Sequence[str]) -> AccessUser:
     return user
 
 
-def _adopt_user(user: AccessUser, groups: Sequence[str]) -> None:
+def _shell_problem(user: AccessUser) -> str | None:
     shell = pwd.getpwnam(user.name).pw_shell
     if not shell or Path(shell).name in ("nologin", "false") or not os.access(shell, os.X_OK):
-        raise VmHostError(
+        return (
             f"user {user.name} has login shell {shell or '(none)'}; sshd runs the forced "
             f"libvirt command through it, so keys would not work: run 'usermod --shell "
             f"{USER_SHELL} {user.name}' or set libvirt-user to a new name"
         )
+    return None
+
+
+def _keys_file_problem(user: AccessUser) -> str | None:
+    if user.authorized_keys.is_symlink():
+        return f"{user.authorized_keys} is a symlink; remove it so vm-host can manage keys"
+    return None
+
+
+def user_problem(name: str) -> str | None:
+    """What keeps the access user from serving managers right now, None when nothing.
+
+    Read-only: status asks this on every hook, `ensure_user` puts right what it can.
+    """
+    user = _lookup(name)
+    if user is None:
+        return f"user {name} does not exist and could not be created"
+    return _shell_problem(user) or _keys_file_problem(user)
+
+
+def _adopt_user(user: AccessUser, groups: Sequence[str]) -> None:
+    problem = _shell_problem(user)
+    if problem:
+        raise VmHostError(problem)
     member_of = {g.gr_name for g in grp.getgrall() if user.name in g.gr_mem}
     missing = [g for g in groups if g not in member_of]
     if missing:
@@ -384,8 +408,9 @@ def ensure_user(name: str = "virsh") -> AccessUser:
     ssh_dir = user.home / ".ssh"
     _ensure_dir(ssh_dir, user, 0o700)
     keys_file = user.authorized_keys
-    if keys_file.is_symlink():
-        raise VmHostError(f"{keys_file} is a symlink; remove it so vm-host can manage keys")
+    problem = _keys_file_problem(user)
+    if problem:
+        raise VmHostError(problem)
     if not keys_file.exists():
         _write_atomic(keys_file, "", user)
     else:
@@ -598,23 +623,17 @@ class Client(Protocol):
         ...
 
 
-def wanted_keys(
-    user: UserRef, config_keys: str, clients: Iterable[Client]
-) -> tuple[list[AuthorizedKey], list[str]]:
+def wanted_keys(user: UserRef, config_keys: str, clients: Iterable[Client]) -> list[AuthorizedKey]:
     """The keys to authorize: the config's and every related manager's.
 
     A bad `ssh-authorized-keys` option keeps the config keys already authorized (a typo
-    must not lock the operator out) and is returned as a problem; a manager's bad key is
-    left out and logged.
-
-    Returns:
-        (keys, problems for the operator).
+    must not lock the operator out; status names the option); a manager's bad key is left
+    out and logged.
     """
-    problems: list[str] = []
     try:
         keys = parse_public_keys(config_keys, "config")
     except InvalidRequestError as exc:
-        problems.append(str(exc))
+        logger.warning("%s", exc)
         keys = [k for k in current_keys(user) if k.source == "config"]
     for client in clients:
         if not client.ssh_public_key:
@@ -623,7 +642,7 @@ def wanted_keys(
             keys.append(parse_public_key(client.ssh_public_key, client.source))
         except InvalidRequestError as exc:
             logger.warning("not authorizing the key of %s: %s", client.unit, exc)
-    return keys, problems
+    return keys
 
 
 def wanted_certificates(

@@ -191,6 +191,25 @@ def _hugepage_file(size_kib: int, node: int | None, sysfs_root: str) -> Path:
     return base / f"hugepages-{size_kib}kB" / "nr_hugepages"
 
 
+def _existing_hugepage_file(size_kib: int, node: int | None, sysfs_root: str) -> Path:
+    path = _hugepage_file(size_kib, node, sysfs_root)
+    if not path.exists():
+        where = "this host" if node is None else f"NUMA node {node}"
+        raise VmHostError(
+            f"hugepages: {size_kib} KiB pages are not available on {where} ({path} missing)"
+        )
+    return path
+
+
+def hugepages_now(size_kib: int, node: int | None = None, sysfs_root: str = "/sys") -> int:
+    """Return how many huge pages of one size the kernel holds (host-wide or on one node).
+
+    Raises:
+        VmHostError: the kernel has no such page size or node.
+    """
+    return int(_existing_hugepage_file(size_kib, node, sysfs_root).read_text().strip())
+
+
 def set_hugepages(
     size_kib: int, count: int, node: int | None = None, sysfs_root: str = "/sys"
 ) -> int:
@@ -210,12 +229,7 @@ def set_hugepages(
     """
     if count < 0:
         raise VmHostError(f"hugepages: count must be 0 or more, got {count}")
-    path = _hugepage_file(size_kib, node, sysfs_root)
-    if not path.exists():
-        where = "this host" if node is None else f"NUMA node {node}"
-        raise VmHostError(
-            f"hugepages: {size_kib} KiB pages are not available on {where} ({path} missing)"
-        )
+    path = _existing_hugepage_file(size_kib, node, sysfs_root)
     path.write_text(f"{count}\n")
     granted = int(path.read_text().strip())
     if granted < count:
@@ -223,19 +237,28 @@ def set_hugepages(
     return granted
 
 
-def reserve_hugepages(settings: Iterable[HugepageSetting]) -> list[str]:
-    """Reserve each configured size and count; return what the kernel did not grant."""
+def reserve_hugepages(settings: Iterable[HugepageSetting]) -> None:
+    """Ask the kernel for each configured size and count (what it grants shows in status)."""
+    for setting in settings:
+        try:
+            set_hugepages(setting.size_kib, setting.count, setting.node)
+        except VmHostError as exc:
+            logger.warning("%s", exc)
+
+
+def hugepage_problems(settings: Iterable[HugepageSetting], sysfs_root: str = "/sys") -> list[str]:
+    """What the kernel holds short of the configured reservations, one sentence each."""
     problems = []
     for setting in settings:
         try:
-            granted = set_hugepages(setting.size_kib, setting.count, setting.node)
+            held = hugepages_now(setting.size_kib, setting.node, sysfs_root)
         except VmHostError as exc:
             problems.append(str(exc))
             continue
-        if granted < setting.count:
+        if held < setting.count:
             where = "host-wide" if setting.node is None else f"on node {setting.node}"
             problems.append(
-                f"kernel granted {granted} of {setting.count} huge pages of "
+                f"kernel granted {held} of {setting.count} huge pages of "
                 f"{setting.size_kib // 1024} MiB {where}"
             )
     return problems
@@ -299,3 +322,11 @@ def check_backend_choice(backend: str, marker: Path = BACKEND_MARKER) -> str | N
         write_if_changed(marker, f"{backend}\n", 0o644)
         return None
     return None if recorded == backend else recorded
+
+
+def recorded_backend(marker: Path = BACKEND_MARKER) -> str | None:
+    """The backend this host was installed with, None before the first install."""
+    try:
+        return marker.read_text().strip() or None
+    except FileNotFoundError:
+        return None

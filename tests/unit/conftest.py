@@ -57,6 +57,8 @@ class FakeHost:
         self.granted: int | None = None
         self.running = True
         self.recorded_backend: str | None = None
+        self.pages: dict[tuple[int, int | None], int] = {}
+        """What the kernel holds, per (size, node): what set_hugepages was granted."""
 
     def backend_choice(self, backend):
         if self.recorded_backend is None:
@@ -87,7 +89,17 @@ class FakeHost:
         self.calls.append(f"hugepages:{size_kib}:{count}:{node}")
         if node == 7:
             raise VmHostError("hugepages: 2048 KiB pages are not available on NUMA node 7")
-        return count if self.granted is None else self.granted
+        granted = count if self.granted is None else self.granted
+        self.pages[(size_kib, node)] = granted
+        return granted
+
+    def hugepages_now(self, size_kib, node=None, sysfs_root="/sys"):
+        if node == 7:
+            raise VmHostError("hugepages: 2048 KiB pages are not available on NUMA node 7")
+        return self.pages.get((size_kib, node), 0)
+
+    def recorded(self):
+        return self.recorded_backend
 
 
 OPERATOR_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorOwnLineOutsideBlock op\n"
@@ -149,6 +161,8 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
     monkeypatch.setattr(host, "set_hugepages", fake.hugepages)
     monkeypatch.setattr(host, "reload_sshd", lambda: False)
     monkeypatch.setattr(host, "check_backend_choice", fake.backend_choice)
+    monkeypatch.setattr(host, "recorded_backend", fake.recorded)
+    monkeypatch.setattr(host, "hugepages_now", fake.hugepages_now)
     monkeypatch.setattr(host, "ensure_lxd", fake.lxd)
     return fake
 
@@ -157,6 +171,7 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
 def fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
     fake = FakeAccess()
     monkeypatch.setattr(access, "ensure_user", fake.ensure_user)
+    monkeypatch.setattr(access, "user_problem", lambda name: None)
     monkeypatch.setattr(access, "current_keys", fake.current_keys)
     monkeypatch.setattr(access, "sync_keys", fake.sync_keys)
     monkeypatch.setattr(access, "authorize_key", fake.authorize_key)

@@ -100,6 +100,27 @@ def test_hugepages_granted_short_blocks_with_numbers(ctx, backend, fake_host):
     assert "granted 100 of 512" in out.unit_status.message
 
 
+def test_an_action_after_a_blocked_reconcile_still_shows_blocked(ctx, backend, fake_host):
+    fake_host.granted = 100
+    config = {"hugepages": "2M:512"}
+    blocked = ctx.run(ctx.on.config_changed(), testing.State(config=config))
+    assert isinstance(blocked.unit_status, testing.BlockedStatus)
+    out = ctx.run(ctx.on.action("list-vms"), replace(blocked, config=config))
+    assert out.unit_status == blocked.unit_status
+    # The kernel grants the rest later: the next hook of any kind says so.
+    fake_host.pages[(2048, None)] = 512
+    fixed = ctx.run(ctx.on.action("list-vms"), out)
+    assert isinstance(fixed.unit_status, testing.ActiveStatus)
+
+
+def test_a_bad_key_option_stays_blocked_through_actions(ctx, backend, fake_host, fake_access):
+    config = {"ssh-authorized-keys": "ssh-ed25519 not-base64!"}
+    blocked = ctx.run(ctx.on.config_changed(), testing.State(config=config))
+    assert "ssh-authorized-keys" in blocked.unit_status.message
+    out = ctx.run(ctx.on.action("show-resources"), blocked)
+    assert out.unit_status == blocked.unit_status
+
+
 def test_hugepages_on_missing_node_blocks(ctx, backend, fake_host):
     out = ctx.run(ctx.on.config_changed(), testing.State(config={"hugepages": "2M:8@7"}))
     assert isinstance(out.unit_status, testing.BlockedStatus)

@@ -11,6 +11,7 @@ from charmlibs import systemd
 from vmhost import host
 from vmhost.backends.libvirt import TEMPLATES_DIR
 from vmhost.model import VmHostError
+from vmhost.settings import parse_hugepages_setting
 
 
 def mode(path: Path) -> int:
@@ -195,3 +196,25 @@ def test_ensure_libvirtd_with_systemd_reports_failure(
 def test_default_pool_constants() -> None:
     assert host.DEFAULT_POOL_NAME == "vm-host"
     assert host.DEFAULT_POOL_PATH == "/var/lib/vm-host/images"
+
+
+def test_hugepage_problems_read_what_the_kernel_holds(tmp_path: Path) -> None:
+    make_sysfs(tmp_path, {2048: 0})
+    wanted = parse_hugepages_setting("2M:64")
+    root = str(tmp_path)
+    assert host.hugepage_problems(wanted, root) == [
+        "kernel granted 0 of 64 huge pages of 2 MiB host-wide"
+    ]
+    host.set_hugepages(2048, 64, sysfs_root=root)
+    assert host.hugepages_now(2048, sysfs_root=root) == 64
+    assert host.hugepage_problems(wanted, root) == []
+    (missing,) = host.hugepage_problems(parse_hugepages_setting("2M:1@3"), root)
+    assert "not available on NUMA node 3" in missing
+
+
+def test_recorded_backend_reads_without_writing(tmp_path: Path) -> None:
+    marker = tmp_path / "backend"
+    assert host.recorded_backend(marker) is None
+    assert not marker.exists()
+    assert host.check_backend_choice("lxd", marker) is None
+    assert host.recorded_backend(marker) == "lxd"
