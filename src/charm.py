@@ -8,14 +8,12 @@ the ledger: allocations are read back from it on every hook, nothing is kept in 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import socket
-import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import ops
 import pydantic
@@ -24,11 +22,20 @@ from charms.vm_host.v0.vm_host import VmHostProvider
 from charms.vm_host.v0.vm_host_access import AccessInfo, VmHostAccessProvider
 from vmhost import access, backends, compose, constraints, health, host, networks, report, settings
 from vmhost.backends import Backend, BackendUnavailableError, make_trust
+from vmhost.config import (
+    CharmConfig,
+    ComposeParams,
+    KeyParams,
+    NameParams,
+    RevokeParams,
+    TrustParams,
+    parse_networks,
+    pydantic_message,
+)
 from vmhost.model import (
     HostTopology,
     InvalidRequestError,
     Placement,
-    Policy,
     VmHostError,
     VmRecord,
 )
@@ -41,157 +48,6 @@ logger = logging.getLogger(__name__)
 
 CHARM_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = CHARM_DIR / "templates"
-
-
-def _pydantic_message(exc: pydantic.ValidationError) -> str:
-    """Turn a pydantic error into "option: what is wrong (got X)" with hyphenated names."""
-    parts = []
-    for error in exc.errors():
-        name = "-".join(str(p) for p in error["loc"]).replace("_", "-") or "input"
-        message = error["msg"].removeprefix("Value error, ")
-        given = error.get("input")
-        if isinstance(given, (str, int, float, bool)) and not isinstance(given, dict):
-            message = f"{message} (got {given!r})"
-        parts.append(f"{name}: {message}")
-    return "; ".join(parts)
-
-
-@functools.lru_cache(maxsize=4)
-def _parse_networks(text: str) -> Mapping[str, networks.NetworkMapping]:
-    """The `networks` option, parsed once per hook (config validation and every use)."""
-    return types.MappingProxyType(networks.parse_networks_config(text))
-
-
-class CharmConfig(pydantic.BaseModel):
-    """The charm's options (config.yaml), validated before anything on the host changes."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="ignore")
-
-    backend: Literal["libvirt", "lxd"] = "libvirt"
-    cpu_overcommit_ratio: float = 1.0
-    memory_overcommit_ratio: float = 1.0
-    reserved_cpus: str = ""
-    reserved_memory: int = pydantic.Field(1024, ge=0)
-    hugepages: str = ""
-    smt_policy: Literal["prefer", "isolate", "require"] = "prefer"
-    default_storage_pool: str = ""
-    default_root_disk_size: int = pydantic.Field(20, ge=1, le=65536)
-    networks: str = ""
-    release_policy: Literal["delete", "keep"] = "delete"
-    libvirt_user: str = "virsh"
-    ssh_authorized_keys: str = ""
-    lxd_project: str = "vm-host"
-    lxd_snap_channel: str = "5.21/stable"
-    https_port: int = pydantic.Field(8443, ge=1, le=65535)
-
-    @pydantic.field_validator("cpu_overcommit_ratio", "memory_overcommit_ratio")
-    @classmethod
-    def _ratio(cls, value: float) -> float:
-        if not 0 < value <= 10:
-            raise ValueError("must be greater than 0 and at most 10; 1.0 means no overcommit")
-        return value
-
-    @pydantic.field_validator("reserved_cpus")
-    @classmethod
-    def _reserved_cpus(cls, value: str) -> str:
-        settings.parse_reserved_cpus(value)
-        return value
-
-    @pydantic.field_validator("hugepages")
-    @classmethod
-    def _hugepages(cls, value: str) -> str:
-        settings.parse_hugepages_setting(value)
-        return value
-
-    @pydantic.field_validator("default_storage_pool")
-    @classmethod
-    def _pool(cls, value: str) -> str:
-        if value:
-            constraints.validate_name(value, "default-storage-pool")
-        return value
-
-    @pydantic.field_validator("networks")
-    @classmethod
-    def _networks(cls, value: str) -> str:
-        _parse_networks(value)
-        return value
-
-    @pydantic.field_validator("libvirt_user")
-    @classmethod
-    def _user(cls, value: str) -> str:
-        return access.validate_user_name(value)
-
-    @pydantic.field_validator("lxd_project")
-    @classmethod
-    def _project(cls, value: str) -> str:
-        return constraints.validate_project(value)
-
-    @property
-    def policy(self) -> Policy:
-        """The placement rules these options describe."""
-        return settings.make_policy(
-            cpu_overcommit_ratio=self.cpu_overcommit_ratio,
-            memory_overcommit_ratio=self.memory_overcommit_ratio,
-            reserved_cpus=self.reserved_cpus,
-            reserved_memory_mib=self.reserved_memory,
-            smt_policy=self.smt_policy,
-        )
-
-    @property
-    def storage_pool(self) -> str:
-        """The pool for disks that name none."""
-        return self.default_storage_pool or host.DEFAULT_POOL_NAME
-
-
-class ComposeParams(pydantic.BaseModel):
-    """Parameters of the compose-vm action (actions.yaml)."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    memory: int
-    cores: int | None = None
-    pinned_cores: str | None = None
-    numa_nodes: int | None = None
-    hugepages: str | None = None
-    storage: str | None = None
-    interfaces: str | None = None
-    image: str | None = None
-    dry_run: bool = False
-
-
-class NameParams(pydantic.BaseModel):
-    """Parameters of actions that take only a name (delete-vm, remove-trusted-client, ...)."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-
-
-class KeyParams(pydantic.BaseModel):
-    """Parameters of authorize-ssh-key."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    key: str
-
-
-class RevokeParams(pydantic.BaseModel):
-    """Parameters of revoke-ssh-key."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-
-    key: str
-
-
-class TrustParams(pydantic.BaseModel):
-    """Parameters of add-trusted-client."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    certificate: str
 
 
 class _Snapshot:
@@ -263,13 +119,13 @@ class VmHostCharm(ops.CharmBase):
             try:
                 self._config = self.load_config(CharmConfig)
             except pydantic.ValidationError as exc:
-                self._config_error = _pydantic_message(exc)
+                self._config_error = pydantic_message(exc)
             except InvalidRequestError as exc:
                 self._config_error = str(exc)
         return self._config
 
     def _mapping(self, config: CharmConfig) -> Mapping[str, networks.NetworkMapping]:
-        return _parse_networks(config.networks)
+        return parse_networks(config.networks)
 
     def _backend(self, config: CharmConfig) -> Backend:
         if self._backend_cache is None:
@@ -551,7 +407,7 @@ class VmHostCharm(ops.CharmBase):
         try:
             params = event.load_params(ComposeParams)
         except pydantic.ValidationError as exc:
-            event.fail(f"bad parameters, nothing done: {_pydantic_message(exc)}")
+            event.fail(f"bad parameters, nothing done: {pydantic_message(exc)}")
             return
         inputs = self._action_inputs(event)
         if inputs is None:
@@ -603,7 +459,7 @@ class VmHostCharm(ops.CharmBase):
             name = constraints.validate_name(params.name)
         except (pydantic.ValidationError, InvalidRequestError) as exc:
             message = (
-                _pydantic_message(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
+                pydantic_message(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
             )
             event.fail(f"bad parameters, nothing done: {message}")
             return
@@ -611,19 +467,9 @@ class VmHostCharm(ops.CharmBase):
         if inputs is None:
             return
         config, snapshot = inputs
-        vm = next((v for v in snapshot.vms if v.name == name), None)
-        if vm is None:
-            known = ", ".join(sorted(v.name for v in snapshot.vms if v.managed)) or "none"
-            event.fail(f"no VM named {name!r}; VMs composed by vm-host: {known}")
-            return
-        if not vm.managed:
-            event.fail(f"{name} was not composed by vm-host; it is left alone")
-            return
-        if vm.owner != keys.ACTION_OWNER:
-            event.fail(
-                f"{name} belongs to {vm.owner}; withdraw the request or remove that "
-                "relation instead"
-            )
+        vm = compose.deletable(snapshot.vms, name, owner=keys.ACTION_OWNER)
+        if isinstance(vm, str):
+            event.fail(vm)
             return
         try:
             self._backend(config).delete(name)

@@ -23,7 +23,7 @@ from vmhost.model import (
     VmSpec,
 )
 
-__all__ = ["HostState", "Outcome", "compose", "name_taken"]
+__all__ = ["HostState", "Outcome", "compose", "deletable", "name_taken"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +109,22 @@ def compose(
     except VmHostError as exc:
         return Outcome(spec, placement=result, failed=str(exc))
     return Outcome(spec, placement=result, vm=vm)
+
+
+def deletable(vms: Sequence[VmRecord], name: str, *, owner: str) -> VmRecord | str:
+    """The VM an operator may delete by name, or why not (the fix included).
+
+    Only VMs vm-host composed for `owner` (the compose-vm action): a relation's VMs go when
+    their request or relation does, and domains vm-host did not create are left alone.
+    """
+    vm = next((v for v in vms if v.name == name), None)
+    if vm is None:
+        known = ", ".join(sorted(v.name for v in vms if v.managed)) or "none"
+        return f"no VM named {name!r}; VMs composed by vm-host: {known}"
+    if not vm.managed:
+        return f"{name} was not composed by vm-host; it is left alone"
+    if vm.owner != owner:
+        return (
+            f"{name} belongs to {vm.owner}; withdraw the request or remove that relation instead"
+        )
+    return vm

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fake_backend import FakeBackend
-from vmhost.compose import HostState, Outcome, compose, name_taken
+from vmhost.compose import HostState, Outcome, compose, deletable, name_taken
 from vmhost.constraints import build_spec
 from vmhost.model import Cpu, HostTopology, NumaNode, Policy, VmSpec
 
@@ -100,3 +100,17 @@ def test_progress_hears_the_nodes_before_the_slow_part():
     compose(backend, spec(pinned_cores=1), state(backend), progress=heard.append)
     assert heard == ["composing web on host nodes [0]"]
     assert Outcome(spec()).error is None
+
+
+def test_only_action_vms_are_deletable_by_name():
+    backend = FakeBackend(host=host())
+    compose(backend, spec("ops"), state(backend))
+    compose(backend, spec("pg-1-db", owner="relation:1:pg", request_id="db"), state(backend))
+    vms = backend.list_vms()
+    got = deletable(vms, "ops", owner="action")
+    assert not isinstance(got, str)
+    assert got.name == "ops"
+    assert "belongs to relation:1:pg" in str(deletable(vms, "pg-1-db", owner="action"))
+    assert str(deletable(vms, "nope", owner="action")) == (
+        "no VM named 'nope'; VMs composed by vm-host: ops, pg-1-db"
+    )

@@ -14,11 +14,13 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import StrictInt, StrictStr
 
 from vmhost import networks
 from vmhost.codec import (
-    CodecError,
     placement_from_dict,
     placement_to_dict,
     topology_from_dict,
@@ -40,9 +42,11 @@ from vmhost.relation.serve import RelationRequest
 __all__ = [
     "WIRE_VERSION",
     "Assignment",
+    "AssignmentData",
     "Decision",
     "HostReport",
     "Peers",
+    "ReportData",
     "assign",
     "assignment_from_json",
     "assignment_to_json",
@@ -75,26 +79,85 @@ class HostReport:
     """Relation requests whose VM exists on this host."""
 
 
-def _key_to_list(key: RequestKey) -> list[Any]:
-    return [key.relation_id, key.app, key.request_id]
+def _checked_key(row: tuple[int, str, str]) -> tuple[int, str, str]:
+    RequestKey(*row)  # raises ValueError naming the bad part
+    return row
 
 
-def _key_from_list(value: object, path: str) -> RequestKey:
-    if not isinstance(value, list) or len(value) != 3:  # pyright: ignore[reportUnknownArgumentType]
-        raise CodecError(path, "expected [relation id, app, request id]")
-    rel, app, rid = value  # pyright: ignore[reportUnknownVariableType]
-    if isinstance(rel, bool) or not isinstance(rel, int):
-        raise CodecError(f"{path}[0]", "expected an integer relation id")
-    if not isinstance(app, str) or not isinstance(rid, str):
-        raise CodecError(path, "expected strings for app and request id")
-    try:
-        return RequestKey(rel, app, rid)
-    except ValueError as exc:
-        raise CodecError(path, str(exc)) from None
+_Key = Annotated[tuple[StrictInt, StrictStr, StrictStr], pydantic.AfterValidator(_checked_key)]
+"""A request key on the wire: [relation id, app, request id]."""
 
 
-def _dumps(data: object) -> str:
+def _checked_row(row: tuple[int, str, str, str]) -> tuple[int, str, str, str]:
+    _checked_key(row[:3])
+    return row
+
+
+_Row = Annotated[
+    tuple[StrictInt, StrictStr, StrictStr, StrictStr], pydantic.AfterValidator(_checked_row)
+]
+"""[relation id, app, request id, unit or reason]."""
+_Topology = Annotated[
+    HostTopology,
+    pydantic.PlainValidator(lambda v: v if isinstance(v, HostTopology) else topology_from_dict(v)),
+    pydantic.PlainSerializer(topology_to_dict),
+]
+_Placement = Annotated[
+    Placement,
+    pydantic.PlainValidator(lambda v: v if isinstance(v, Placement) else placement_from_dict(v)),
+    pydantic.PlainSerializer(placement_to_dict),
+]
+
+
+class _PeerData(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+    version: Literal["0"] = WIRE_VERSION
+
+
+class ReportData(_PeerData):
+    """A unit's `report` in its peer unit databag."""
+
+    topology: _Topology
+    allocations: tuple[_Placement, ...] = ()
+    hostname: StrictStr | None = None
+    composed: tuple[_Key, ...] = ()
+
+
+class AssignmentData(_PeerData):
+    """The leader's `assignment` in the peer application databag."""
+
+    assigned: tuple[_Row, ...] = ()
+    unplaced: tuple[_Row, ...] = ()
+
+
+def _compact(data: object) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def _dumps(data: pydantic.BaseModel) -> str:
+    return _compact(data.model_dump(mode="json"))
+
+
+def _why(exc: pydantic.ValidationError) -> str:
+    """The first error as "path: what", naming the field, never echoing its value."""
+    error = exc.errors()[0]
+    path = ""
+    for part in error["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    if error["type"] in ("list_type", "tuple_type") and len(error["loc"]) == 1:
+        return f"{path} is not an array"
+    return f"{path}: {error['msg'].removeprefix('Value error, ')}"
+
+
+def _load(text: str, what: str) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None, f"{what} is not JSON"
+    if not isinstance(data, dict):
+        return None, f"{what} is not a JSON object"
+    return data, None  # pyright: ignore[reportUnknownVariableType]
 
 
 def host_report(
@@ -109,15 +172,14 @@ def host_report(
     Allocations are sorted by their JSON form, so the same host gives the same text whatever
     order the hypervisor listed its VMs in (no needless relation-changed events).
     """
-    placements = sorted((placement_to_dict(p) for p in allocations), key=_dumps)
+    ordered = sorted(allocations, key=lambda p: _compact(placement_to_dict(p)))
     return _dumps(
-        {
-            "version": WIRE_VERSION,
-            "topology": topology_to_dict(topology),
-            "allocations": placements,
-            "hostname": hostname,
-            "composed": [_key_to_list(k) for k in sorted(composed)],
-        }
+        ReportData(
+            topology=topology,
+            allocations=tuple(ordered),
+            hostname=hostname,
+            composed=tuple(_key_row(k) for k in sorted(composed)),
+        )
     )
 
 
@@ -130,37 +192,17 @@ def parse_host_report(text: str | None) -> tuple[HostReport | None, str | None]:
     """
     if not text:
         return None, "no host report yet"
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None, "host report is not JSON"
-    if not isinstance(data, dict):
-        return None, "host report is not a JSON object"
-    version = data.get("version")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-    if version != WIRE_VERSION:
+    data, problem = _load(text, "host report")
+    if data is None:
+        return None, problem
+    if data.get("version") != WIRE_VERSION:
         return None, f"host report version is not {WIRE_VERSION!r}"
     try:
-        topology = topology_from_dict(data.get("topology"))  # pyright: ignore[reportUnknownMemberType]
-        raw_allocations = data.get("allocations", [])  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-        if not isinstance(raw_allocations, list):
-            raise CodecError("allocations", "expected an array")
-        allocations = tuple(
-            placement_from_dict(p, f"allocations[{i}]")
-            for i, p in enumerate(raw_allocations)  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
-        )
-        hostname = data.get("hostname")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-        if hostname is not None and not isinstance(hostname, str):
-            raise CodecError("hostname", "expected a string")
-        raw_composed = data.get("composed", [])  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-        if not isinstance(raw_composed, list):
-            raise CodecError("composed", "expected an array")
-        composed = frozenset(
-            _key_from_list(k, f"composed[{i}]")
-            for i, k in enumerate(raw_composed)  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
-        )
-    except CodecError as exc:
-        return None, f"host report: {exc}"
-    return HostReport(topology, allocations, hostname or None, composed), None
+        got = ReportData.model_validate(data)
+    except pydantic.ValidationError as exc:
+        return None, f"host report: {_why(exc)}"
+    composed = frozenset(RequestKey(*k) for k in got.composed)
+    return HostReport(got.topology, got.allocations, got.hostname or None, composed), None
 
 
 def collect_reports(
@@ -404,16 +446,17 @@ class _Fleet:
 def assignment_to_json(assignment: Assignment) -> str:
     """Return the assignment as the JSON text for the peer application databag (stable)."""
     return _dumps(
-        {
-            "version": WIRE_VERSION,
-            "assigned": [
-                [*_key_to_list(k), assignment.units[k]] for k in sorted(assignment.units)
-            ],
-            "unplaced": [
-                [*_key_to_list(k), assignment.unplaced[k]] for k in sorted(assignment.unplaced)
-            ],
-        }
+        AssignmentData(
+            assigned=tuple((*_key_row(k), assignment.units[k]) for k in sorted(assignment.units)),
+            unplaced=tuple(
+                (*_key_row(k), assignment.unplaced[k]) for k in sorted(assignment.unplaced)
+            ),
+        )
     )
+
+
+def _key_row(key: RequestKey) -> tuple[int, str, str]:
+    return key.relation_id, key.app, key.request_id
 
 
 def assignment_from_json(text: str | None) -> tuple[Assignment, str | None]:
@@ -425,28 +468,19 @@ def assignment_from_json(text: str | None) -> tuple[Assignment, str | None]:
     """
     if not text:
         return Assignment(), None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return Assignment(), "assignment is not JSON"
-    if not isinstance(data, dict) or data.get("version") != WIRE_VERSION:  # pyright: ignore[reportUnknownMemberType]
+    data, problem = _load(text, "assignment")
+    if data is None:
+        return Assignment(), problem
+    if data.get("version") != WIRE_VERSION:
         return Assignment(), f"assignment is not a version {WIRE_VERSION!r} object"
-    parts: list[dict[RequestKey, str]] = []
-    for name in ("assigned", "unplaced"):
-        rows = data.get(name, [])  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-        if not isinstance(rows, list):
-            return Assignment(), f"assignment: {name} is not an array"
-        out: dict[RequestKey, str] = {}
-        for i, row in enumerate(rows):  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
-            if not isinstance(row, list) or len(row) != 4 or not isinstance(row[3], str):  # pyright: ignore[reportUnknownArgumentType]
-                return Assignment(), f"assignment: {name}[{i}] is not [relation, app, id, text]"
-            try:
-                key = _key_from_list(row[:3], f"{name}[{i}]")  # pyright: ignore[reportUnknownArgumentType]
-            except CodecError as exc:
-                return Assignment(), f"assignment: {exc}"
-            out[key] = row[3]
-        parts.append(dict(sorted(out.items())))
-    return Assignment(units=parts[0], unplaced=parts[1]), None
+    try:
+        got = AssignmentData.model_validate(data)
+    except pydantic.ValidationError as exc:
+        return Assignment(), f"assignment: {_why(exc)}"
+    return Assignment(
+        units=dict(sorted((RequestKey(*row[:3]), row[3]) for row in got.assigned)),
+        unplaced=dict(sorted((RequestKey(*row[:3]), row[3]) for row in got.unplaced)),
+    ), None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""The charm's typed inputs: its options (config.yaml) and action parameters (actions.yaml).
+
+Pydantic models the charm loads with `load_config` and `load_params`, so a bad value is
+refused with the option's name and the fix before anything on the host changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Mapping
+from typing import Literal
+
+import pydantic
+
+from vmhost import access, constraints, host, networks, settings
+from vmhost.model import Policy
+
+__all__ = [
+    "CharmConfig",
+    "ComposeParams",
+    "KeyParams",
+    "NameParams",
+    "RevokeParams",
+    "TrustParams",
+    "parse_networks",
+    "pydantic_message",
+]
+
+
+def pydantic_message(exc: pydantic.ValidationError) -> str:
+    """Turn a pydantic error into "option: what is wrong (got X)" with hyphenated names."""
+    parts = []
+    for error in exc.errors():
+        name = "-".join(str(p) for p in error["loc"]).replace("_", "-") or "input"
+        message = error["msg"].removeprefix("Value error, ")
+        given = error.get("input")
+        if isinstance(given, (str, int, float, bool)) and not isinstance(given, dict):
+            message = f"{message} (got {given!r})"
+        parts.append(f"{name}: {message}")
+    return "; ".join(parts)
+
+
+@functools.lru_cache(maxsize=4)
+def parse_networks(text: str) -> Mapping[str, networks.NetworkMapping]:
+    """The `networks` option, parsed once per hook (config validation and every use)."""
+    return types.MappingProxyType(networks.parse_networks_config(text))
+
+
+class CharmConfig(pydantic.BaseModel):
+    """The charm's options (config.yaml), validated before anything on the host changes."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="ignore")
+
+    backend: Literal["libvirt", "lxd"] = "libvirt"
+    cpu_overcommit_ratio: float = 1.0
+    memory_overcommit_ratio: float = 1.0
+    reserved_cpus: str = ""
+    reserved_memory: int = pydantic.Field(1024, ge=0)
+    hugepages: str = ""
+    smt_policy: Literal["prefer", "isolate", "require"] = "prefer"
+    default_storage_pool: str = ""
+    default_root_disk_size: int = pydantic.Field(20, ge=1, le=65536)
+    networks: str = ""
+    release_policy: Literal["delete", "keep"] = "delete"
+    libvirt_user: str = "virsh"
+    ssh_authorized_keys: str = ""
+    lxd_project: str = "vm-host"
+    lxd_snap_channel: str = "5.21/stable"
+    https_port: int = pydantic.Field(8443, ge=1, le=65535)
+
+    @pydantic.field_validator("cpu_overcommit_ratio", "memory_overcommit_ratio")
+    @classmethod
+    def _ratio(cls, value: float) -> float:
+        if not 0 < value <= 10:
+            raise ValueError("must be greater than 0 and at most 10; 1.0 means no overcommit")
+        return value
+
+    @pydantic.field_validator("reserved_cpus")
+    @classmethod
+    def _reserved_cpus(cls, value: str) -> str:
+        settings.parse_reserved_cpus(value)
+        return value
+
+    @pydantic.field_validator("hugepages")
+    @classmethod
+    def _hugepages(cls, value: str) -> str:
+        settings.parse_hugepages_setting(value)
+        return value
+
+    @pydantic.field_validator("default_storage_pool")
+    @classmethod
+    def _pool(cls, value: str) -> str:
+        if value:
+            constraints.validate_name(value, "default-storage-pool")
+        return value
+
+    @pydantic.field_validator("networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)
+        return value
+
+    @pydantic.field_validator("libvirt_user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        return access.validate_user_name(value)
+
+    @pydantic.field_validator("lxd_project")
+    @classmethod
+    def _project(cls, value: str) -> str:
+        return constraints.validate_project(value)
+
+    @property
+    def policy(self) -> Policy:
+        """The placement rules these options describe."""
+        return settings.make_policy(
+            cpu_overcommit_ratio=self.cpu_overcommit_ratio,
+            memory_overcommit_ratio=self.memory_overcommit_ratio,
+            reserved_cpus=self.reserved_cpus,
+            reserved_memory_mib=self.reserved_memory,
+            smt_policy=self.smt_policy,
+        )
+
+    @property
+    def storage_pool(self) -> str:
+        """The pool for disks that name none."""
+        return self.default_storage_pool or host.DEFAULT_POOL_NAME
+
+
+class ComposeParams(pydantic.BaseModel):
+    """Parameters of the compose-vm action (actions.yaml)."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    memory: int
+    cores: int | None = None
+    pinned_cores: str | None = None
+    numa_nodes: int | None = None
+    hugepages: str | None = None
+    storage: str | None = None
+    interfaces: str | None = None
+    image: str | None = None
+    dry_run: bool = False
+
+
+class NameParams(pydantic.BaseModel):
+    """Parameters of actions that take only a name (delete-vm, remove-trusted-client, ...)."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+
+
+class KeyParams(pydantic.BaseModel):
+    """Parameters of authorize-ssh-key."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    key: str
+
+
+class RevokeParams(pydantic.BaseModel):
+    """Parameters of revoke-ssh-key."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    key: str
+
+
+class TrustParams(pydantic.BaseModel):
+    """Parameters of add-trusted-client."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    certificate: str
