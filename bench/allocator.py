@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     synthetic = [synthetic_host(n) for n in ((2, 4) if args.quick else (2, 4, 8, 16))]
     fixtures = fixture_hosts()
     if args.quick:
-        fixtures = [h for h in fixtures if "cascadelake" in h.name or "opteron" in h.name]
+        fixtures = [h for h in fixtures if "96cpu" in h.name or "cpu-pairs" in h.name]
     hosts = synthetic + fixtures
 
     python = ensure_venv(log)

@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tests.fixtures import FIXTURES
+
 from vmhost.model import PAGE_1G_KIB, Cpu, HostTopology, NumaNode
 
 KINDS = ("small", "medium", "whole-node", "two-node", "hugepage-1g")
@@ -32,8 +34,8 @@ MEMORY_MIB_PER_VCPU = 2048
 HUGEPAGE_MIB_PER_VCPU = 1024
 """Memory of a 1G-hugepage request, per vCPU: one 1G page per vCPU."""
 
-FIXTURES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-"""../shared/fixtures beside the repository (the team's shared fixture folder)."""
+FIXTURES_DIR = FIXTURES
+"""The tests' own host documents (tests/fixtures)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from ops import testing
+from tests.fixtures import FIXTURES
 
 import charm
 from fake_backend import FakeBackend
@@ -12,21 +13,18 @@ from vmhost import access, host
 from vmhost.model import PAGE_2M_KIB, HostTopology, VmHostError
 from vmhost.topology import parse_capabilities
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
-"""Host data fixtures; CI clones the repository beside shared/, so resolve relative to it."""
-
 
 @pytest.fixture
 def fixtures_dir() -> Path:
-    """Return the shared fixtures directory (libvirt-caps/, lxd-resources/)."""
-    return SHARED_FIXTURES
+    """Return the fixtures directory (libvirt-caps/, lxd-resources/)."""
+    return FIXTURES
 
 
 # ---------------------------------------------------------------------------------------------
 # The charm in ops.testing: an in-memory backend, host and authorized_keys
 
 
-CAPS = "vdsm-intel-sandybridge-2socket-2node-smt-24cpu.xml"
+CAPS = "x86-2node-smt-24cpu.xml"
 
 
 @pytest.fixture

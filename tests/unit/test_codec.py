@@ -154,10 +154,10 @@ def test_topology_encoding_is_deterministic(topology: HostTopology):
 @pytest.mark.parametrize(
     "name",
     [
-        "vdsm-intel-sandybridge-2socket-2node-smt-24cpu.xml",
-        "libvirt-test-x86_64-amd-2socket-2node-dies-smt-hugepages.xml",
-        "libvirt-test-x86_64-hmat-2node-memory-only-node.xml",
-        "virt-manager-aarch64-neoverse-n1-2socket-2node-160cpu.xml",
+        "x86-2node-smt-24cpu.xml",
+        "x86-2node-dies-smt-hugepages.xml",
+        "x86-2node-memory-only-node.xml",
+        "aarch64-2node-160cpu.xml",
     ],
 )
 def test_real_host_topologies_round_trip_and_stay_small(fixtures_dir: Path, name: str):

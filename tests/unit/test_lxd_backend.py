@@ -6,12 +6,12 @@ All pure: the definitions are compared with the exact config and devices LXD get
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+from tests.fixtures import LXD_RESOURCES
 
 from vmhost.backends import BackendUnavailableError
 from vmhost.backends.lxd import (
@@ -51,10 +51,8 @@ from vmhost.model import (
     VmState,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "lxd-resources"
-TWO_NODES = parse_resources(
-    json.loads((FIXTURES / "maas-sample-x86_64-i7-4700mq-2numa-sriov.json").read_text())
-)
+FIXTURES = LXD_RESOURCES
+TWO_NODES = parse_resources(json.loads((FIXTURES / "x86-2node-smt-sriov.json").read_text()))
 BASE = {"security.secureboot": "false", "boot.autostart": "true"}
 ROOT = {"type": "disk", "path": "/", "pool": "default", "size": "20GB"}
 
@@ -537,9 +535,7 @@ class FakeLxd:
                 "api_extensions": self.extensions,
             }
         if parts == ["resources"]:
-            doc = json.loads(
-                (FIXTURES / "maas-sample-x86_64-i7-4700mq-2numa-sriov.json").read_text()
-            )
+            doc = json.loads((FIXTURES / "x86-2node-smt-sriov.json").read_text())
             doc["memory"]["hugepages_size"] = self.hugepages_size
             return doc
         if parts[0] == "instances":

@@ -1,4 +1,4 @@
-"""LXD `GET /1.0/resources` parsing, on every shared fixture and on hand-made edge cases."""
+"""LXD `GET /1.0/resources` parsing, on every fixture and on hand-made edge cases."""
 
 from __future__ import annotations
 
@@ -10,16 +10,18 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.fixtures import LXD_RESOURCES, extra
 
 from vmhost.backends.lxd_resources import parse_network, parse_resources
 from vmhost.model import NicKind
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "lxd-resources"
-LENOVO = "maas-lp1906834-lenovo-hr350a-aarch64-1numa-sriov.json"
-RPI4 = "maas-rpi4-aarch64-no-numa.json"
-SAMPLE = "maas-sample-x86_64-i7-4700mq-2numa-sriov.json"
-IXGBE = "maas-lp1939456-network-ixgbe-sriov-mlx4-ib.fragment.json"
-THUNDERX = "maas-lp2067998-network-thunderx-sriov-vfs.fragment.json"
+FIXTURES = LXD_RESOURCES
+EXTRA = extra("lxd-resources", "*.json")
+LENOVO = "aarch64-1node-sriov-dualport.json"
+RPI4 = "aarch64-1node-no-numa.json"
+SAMPLE = "x86-2node-smt-sriov.json"
+IXGBE = "network-sriov-infiniband.fragment.json"
+THUNDERX = "network-vfs.fragment.json"
 
 
 def load(name: str) -> dict[str, Any]:
@@ -113,7 +115,7 @@ def test_thunderx_fragment_lists_the_vfs() -> None:
     assert all(n.kind is NicKind.VF and n.numa_node == 0 for n in nics)
     # The PF has no netdev of its own in this sample, so the VFs name no parent.
     assert all(n.parent is None for n in nics)
-    assert nics[0].mac == "1c:1b:0d:0d:52:7c"
+    assert nics[0].mac == "1c:1b:0d:00:00:10"
 
 
 def test_vf_parent_is_the_first_port_of_its_card() -> None:
@@ -259,3 +261,15 @@ def test_property_every_online_thread_once_with_consistent_siblings(doc: dict[st
     assert ids == sorted(set(ids))
     for node in topo.nodes:
         assert 0 <= node.hugepages_free.get(2048, 0) <= node.hugepages_total.get(2048, 0)
+
+
+@pytest.mark.parametrize("path", EXTRA, ids=lambda p: p.name)
+def test_extra_corpus_parses(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    if "cpu" not in doc:  # a network-only fragment
+        nics = parse_network(doc["network"])
+        assert len({n.name for n in nics}) == len(nics)
+        return
+    topo = parse_resources(doc)
+    assert len(topo.cpus) == doc["cpu"]["total"]
+    assert sum(n.memory_kib for n in topo.nodes) <= doc["memory"]["total"] // 1024

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from tests.fixtures import LIBVIRT_CAPS
 
 from vmhost.model import (
     PAGE_1G_KIB,
@@ -833,8 +834,7 @@ def test_rejecting_an_8_node_request_on_16_nodes_is_fast() -> None:
 # ---------------------------------------------------------------------------------------------
 # Parser to plan, on every libvirt capabilities fixture
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "libvirt-caps"
-CAPS = sorted(FIXTURES.glob("*.xml"))
+CAPS = sorted(LIBVIRT_CAPS.glob("*.xml"))
 
 
 def memory_kind(topo: HostTopology) -> tuple[int, HugepageRequest | None]:
@@ -926,7 +926,7 @@ def test_fixture_memory_only_node_never_gets_cpus() -> None:
 
 
 def test_fixture_without_general_memory_explains_itself() -> None:
-    (path,) = [p for p in CAPS if "4socket-4node" in p.name]
+    (path,) = [p for p in CAPS if "4node-nosmt-hugepages" in p.name]
     topo = parse_capabilities(path.read_text())
     rejected(
         plan(topo, [], pinned(2, GIB), Policy()),
