@@ -20,7 +20,19 @@ import pydantic
 
 from charms.vm_host.v0.vm_host import VmHostProvider
 from charms.vm_host.v0.vm_host_access import AccessInfo, VmHostAccessProvider
-from vmhost import access, backends, compose, constraints, health, host, networks, report, settings
+from vmhost import (
+    access,
+    backends,
+    compose,
+    constraints,
+    cos_agent,
+    exporter,
+    health,
+    host,
+    networks,
+    report,
+    settings,
+)
 from vmhost.backends import Backend, BackendUnavailableError, make_trust
 from vmhost.config import (
     CharmConfig,
@@ -97,6 +109,8 @@ class VmHostCharm(ops.CharmBase):
             self.on.access_relation_broken,
             self.on.hosts_relation_changed,
             self.on.hosts_relation_departed,
+            self.on["cos-agent"].relation_joined,
+            self.on["cos-agent"].relation_changed,
         ):
             framework.observe(event, self._reconcile)
         framework.observe(self.on.collect_unit_status, self._on_collect_status)
@@ -184,6 +198,7 @@ class VmHostCharm(ops.CharmBase):
         else:
             self._setup_lxd(config, install=first_time)
         host.reserve_hugepages(settings.parse_hugepages_setting(config.hugepages))
+        self._reconcile_observability(config)
         snapshot = self._snapshot(config)
         if snapshot is None:
             logger.info("hypervisor not reachable yet: %s", self._backend_error)
@@ -198,6 +213,25 @@ class VmHostCharm(ops.CharmBase):
         if config.backend == "lxd":
             self._reconcile_lxd_access(config)
         self._reconcile_vms(config, snapshot)
+
+    def _reconcile_observability(self, config: CharmConfig) -> None:
+        """Keep the exporter running with the current options; publish what COS reads."""
+        try:
+            logger.info("metrics exporter: %s", exporter.ensure_running(config.exporter_settings))
+        except Exception as exc:
+            logger.warning("metrics exporter not started: %s: %s", type(exc).__name__, exc)
+        relation = self.model.get_relation("cos-agent")
+        if relation is None:
+            return
+        topology = cos_agent.Topology(
+            model=self.model.name,
+            model_uuid=self.model.uuid,
+            application=self.app.name,
+            unit=self.unit.name,
+            charm_name=self.meta.name,
+        )
+        data = cos_agent.build(topology, config.metrics_listen)
+        relation.data[self.unit].update(cos_agent.databag(data))
 
     def _backend_choice_problem(self, config: CharmConfig) -> str | None:
         """Record the backend on first use; why this config cannot run here, if it cannot."""
@@ -606,6 +640,7 @@ class VmHostCharm(ops.CharmBase):
         Deleting guests on unit removal would lose data nobody asked to lose; they stay
         defined in libvirt and are listed in the log so the operator can decide.
         """
+        exporter.stop()
         config = self._load_config()
         if config is None:
             return

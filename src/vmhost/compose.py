@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from vmhost import networks, placement
+from vmhost import networks, placement, refusals
 from vmhost.backends import Backend
 from vmhost.model import (
     HostTopology,
@@ -99,6 +99,10 @@ def compose(
         return Outcome(spec, refused=str(exc))
     result = placement.plan(host.topology, host.allocations, spec, host.policy)
     if isinstance(result, Rejection):
+        if not dry_run:
+            # A relation request is retried every hook: count it once per distinct reason.
+            retried = f"{spec.owner}/{spec.request_id}" if spec.request_id else None
+            refusals.record(result.reason, request=retried)
         return Outcome(spec, rejected=result.reason)
     if dry_run:
         return Outcome(spec, placement=result)

@@ -13,7 +13,7 @@ from typing import Literal
 
 import pydantic
 
-from vmhost import access, constraints, host, networks, settings
+from vmhost import access, constraints, exporter, host, networks, settings
 from vmhost.model import Policy
 
 __all__ = [
@@ -68,6 +68,8 @@ class CharmConfig(pydantic.BaseModel):
     lxd_project: str = "vm-host"
     lxd_snap_channel: str = "5.21/stable"
     https_port: int = pydantic.Field(8443, ge=1, le=65535)
+    metrics_listen: str = exporter.DEFAULT_LISTEN
+    metrics_interval: int = pydantic.Field(30, ge=5, le=3600)
 
     @pydantic.field_validator("cpu_overcommit_ratio", "memory_overcommit_ratio")
     @classmethod
@@ -110,6 +112,28 @@ class CharmConfig(pydantic.BaseModel):
     @classmethod
     def _project(cls, value: str) -> str:
         return constraints.validate_project(value)
+
+    @pydantic.field_validator("metrics_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        exporter.parse_listen(value)
+        return value
+
+    @property
+    def exporter_settings(self) -> exporter.ExporterSettings:
+        """What the metrics exporter reads (the same policy show-resources uses)."""
+        return exporter.ExporterSettings(
+            backend=self.backend,
+            lxd_project=self.lxd_project,
+            listen=self.metrics_listen,
+            interval=self.metrics_interval,
+            cpu_overcommit_ratio=self.cpu_overcommit_ratio,
+            memory_overcommit_ratio=self.memory_overcommit_ratio,
+            reserved_cpus=self.reserved_cpus,
+            reserved_memory=self.reserved_memory,
+            smt_policy=self.smt_policy,
+            hugepages=self.hugepages,
+        )
 
     @property
     def policy(self) -> Policy:

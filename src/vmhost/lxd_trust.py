@@ -230,6 +230,21 @@ class LxdTrust:
             return self._wait(data["operation"])
         return data.get("metadata")
 
+    def request_text(self, path: str) -> str:
+        """GET a non-JSON endpoint (LXD's /1.0/metrics is Prometheus text) over the socket."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            raw = response.read()
+        except OSError as exc:
+            raise LxdError(f"LXD at {self.socket_path} cannot be reached: {exc}") from exc
+        finally:
+            conn.close()
+        if response.status >= 400:
+            raise LxdError(f"LXD refused GET {path}: {response.status}")
+        return raw.decode("utf-8", "replace")
+
     def _wait(self, operation: str) -> Any:
         meta = self.request("GET", f"{operation}/wait?timeout={int(self.timeout)}")
         if meta.get("status") != "Success":

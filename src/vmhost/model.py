@@ -403,3 +403,20 @@ class NicAttachment:
     """Static address with prefix ("10.0.5.9/24") to hand the guest through cloud-init."""
     guest_name: str | None = None
     """Interface name inside the guest (numeric labels become ethN, as MAAS named them)."""
+
+
+@dataclass(frozen=True)
+class VmStats:
+    """What a running VM has used, as the hypervisor counts it (counters since it started)."""
+
+    name: str
+    cpu_seconds: float = 0.0
+    memory_used_bytes: int = 0
+    """Resident memory of the guest (libvirt balloon.rss; LXD's RSS)."""
+    block_read_bytes: int = 0
+    block_write_bytes: int = 0
+    net_rx_bytes: int = 0
+    net_tx_bytes: int = 0
+    paused: bool = False
+    """Paused by the hypervisor (an I/O error, a full disk, an operator); its state still
+    reads running, since it holds its resources."""

@@ -67,8 +67,8 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from vmhost.model import (
     KIB_PER_MIB,
@@ -141,6 +141,10 @@ class NodeUsage:
     memory_bound_mib: int
     memory_free_mib: int
     hugepages: tuple[HugepageUsage, ...] = ()
+    cpu_states: Mapping[int, str] = field(default_factory=dict)
+    """Host CPU -> "pinned", "reserved", "held-idle", "free" (free for pinning) or "shared-pool"
+    (in the shared pool but not pinnable, for example a lone thread under smt-policy require);
+    the per-CPU view of the counts above, for the NUMA map."""
 
 
 @dataclass(frozen=True)
@@ -408,6 +412,23 @@ def _pairable(host: _Host, node: int) -> int:
     return sum(sum(1 for t in core if t in host.pool) // 2 * 2 for core in host.node_cores[node])
 
 
+def _cpu_states(host: _Host, node: int) -> dict[int, str]:
+    states: dict[int, str] = {}
+    for core in host.node_cores[node]:
+        free = [t for t in core if t in host.pool]
+        pinnable = set(free[: len(free) // 2 * 2]) if host.require else set(free)
+        for cpu in core:
+            if cpu in host.pinned:
+                states[cpu] = "pinned"
+            elif cpu in host.reserved:
+                states[cpu] = "reserved"
+            elif cpu in host.held:
+                states[cpu] = "held-idle"
+            else:
+                states[cpu] = "free" if cpu in pinnable else "shared-pool"
+    return states
+
+
 def usage(topology: HostTopology, allocations: Sequence[Placement], policy: Policy) -> HostUsage:
     """Report what the host has and what the allocations take.
 
@@ -457,6 +478,7 @@ def usage(topology: HostTopology, allocations: Sequence[Placement], policy: Poli
                 memory_bound_mib=host.bound_mib[node.id],
                 memory_free_mib=host.bound_free_mib(node.id),
                 hugepages=tuple(pages),
+                cpu_states=_cpu_states(host, node.id),
             )
         )
     nics: list[NicUsage] = []

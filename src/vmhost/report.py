@@ -12,6 +12,7 @@ from typing import Any
 
 from vmhost.model import HostTopology, Placement, Policy, VmRecord, page_label
 from vmhost.placement import usage
+from vmhost.settings import HugepageSetting
 from vmhost.topology import format_cpu_list
 
 
@@ -146,6 +147,8 @@ def resources_json(
                     "reserved": reserved,
                     "shared-pool": node_usage.cpus_shared_pool,
                     "held-idle": node_usage.cpus_held,
+                    "pinned-count": node_usage.cpus_pinned,
+                    "reserved-count": node_usage.cpus_reserved,
                 },
                 "memory-mib": {
                     "general": node_usage.memory_total_mib,
@@ -199,11 +202,39 @@ def resources_json(
                 "capacity-gb": round(p.capacity_bytes / 10**9, 1),
                 "allocation-gb": round(p.allocation_bytes / 10**9, 1),
                 "available-gb": round(p.available_bytes / 10**9, 1),
+                "capacity-bytes": p.capacity_bytes,
+                "allocation-bytes": p.allocation_bytes,
+                "available-bytes": p.available_bytes,
                 "active": p.active,
             }
             for p in topology.pools
         ],
     }
+
+
+def hugepage_grants(
+    topology: HostTopology, configured: Sequence[HugepageSetting]
+) -> list[dict[str, Any]]:
+    """Huge pages the `hugepages` option asks for against what the kernel granted.
+
+    The kernel grants what it can find contiguous, so a short grant is the operator's to see
+    (and to fix with a boot-time reservation). A host-wide entry is compared with the sum over
+    nodes and reported with node "all".
+    """
+    grants = []
+    for entry in configured:
+        nodes = [n for n in topology.nodes if entry.node is None or n.id == entry.node]
+        granted = sum(int(n.hugepages_total.get(entry.size_kib, 0)) for n in nodes)
+        grants.append(
+            {
+                "size": page_label(entry.size_kib),
+                "node": "all" if entry.node is None else str(entry.node),
+                "configured": entry.count,
+                "granted": granted,
+                "not-granted": max(0, entry.count - granted),
+            }
+        )
+    return grants
 
 
 def resources_table(data: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from tests.fixtures import FIXTURES
 
 import charm
 from fake_backend import FakeBackend
-from vmhost import access, host
+from vmhost import access, exporter, host, refusals
 from vmhost.model import PAGE_2M_KIB, HostTopology, VmHostError
 from vmhost.topology import parse_capabilities
 
@@ -18,6 +18,38 @@ from vmhost.topology import parse_capabilities
 # Hypothesis's timing checks would fail tests whose properties hold.
 settings.register_profile("vm-host", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("vm-host")
+
+
+@pytest.fixture(autouse=True)
+def _refusals_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Placement refusals are counted in a file; tests count into their own."""
+    path = tmp_path / "refusals.json"
+    monkeypatch.setattr(refusals, "REFUSALS_PATH", path)
+    return path
+
+
+class FakeExporter:
+    """Records what the charm asks of the exporter service (no process is started)."""
+
+    def __init__(self):
+        self.started: list[exporter.ExporterSettings] = []
+        self.stopped = 0
+
+    def ensure_running(self, config: exporter.ExporterSettings, **_kw: object) -> str:
+        self.started.append(config)
+        return "started (fake)"
+
+    def stop(self, **_kw: object) -> None:
+        self.stopped += 1
+
+
+@pytest.fixture(autouse=True)
+def fake_exporter(monkeypatch: pytest.MonkeyPatch) -> FakeExporter:
+    """The charm's exporter service calls, recorded instead of run."""
+    fake = FakeExporter()
+    monkeypatch.setattr(exporter, "ensure_running", fake.ensure_running)
+    monkeypatch.setattr(exporter, "stop", fake.stop)
+    return fake
 
 
 @pytest.fixture

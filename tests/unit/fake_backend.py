@@ -17,6 +17,7 @@ from vmhost.model import (
     VmRecord,
     VmSpec,
     VmState,
+    VmStats,
 )
 
 
@@ -32,6 +33,8 @@ class FakeBackend:
     pools: dict[str, StoragePool] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     name: str = "libvirt"
+    stats: list[VmStats] = field(default_factory=list)
+    """What vm_stats returns (set by the test)."""
 
     def _check(self) -> None:
         if not self.reachable:
@@ -105,6 +108,11 @@ class FakeBackend:
 
     def start(self, name: str) -> None:
         self.vms[name] = replace(self.vms[name], state=VmState.RUNNING)
+
+    def vm_stats(self) -> list[VmStats]:
+        self._check()
+        self.calls.append("vm_stats")
+        return list(self.stats)
 
     def stop(self, name: str) -> None:
         self.vms[name] = replace(self.vms[name], state=VmState.STOPPED)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from vmhost.model import HostTopology, NicAttachment, Placement, VmRecord, VmSpec
+from vmhost.model import HostTopology, NicAttachment, Placement, VmRecord, VmSpec, VmStats
 
 if TYPE_CHECKING:
     from vmhost.lxd_trust import LxdTrust
@@ -82,6 +82,10 @@ class Backend(Protocol):
 
     def stop(self, name: str) -> None:
         """Stop a running VM (graceful shutdown, then destroy)."""
+        ...
+
+    def vm_stats(self) -> list[VmStats]:
+        """Return usage counters of every running VM, in one call to the hypervisor."""
         ...
 
 

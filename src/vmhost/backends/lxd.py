@@ -58,6 +58,7 @@ from vmhost.model import (
     VmRecord,
     VmSpec,
     VmState,
+    VmStats,
 )
 from vmhost.networks import discover_nics
 from vmhost.topology import (
@@ -641,6 +642,52 @@ def record_from_instance(
 # The backend
 
 
+_LXD_STAT_FIELDS = {
+    "lxd_memory_RSS_bytes": "memory_used_bytes",
+    "lxd_disk_read_bytes_total": "block_read_bytes",
+    "lxd_disk_written_bytes_total": "block_write_bytes",
+    "lxd_network_receive_bytes_total": "net_rx_bytes",
+    "lxd_network_transmit_bytes_total": "net_tx_bytes",
+}
+
+
+def stats_from_lxd_metrics(text: str) -> list[VmStats]:
+    """Sum LXD's per-instance series (per CPU, mode, device) into one VmStats per instance.
+
+    CPU time counts every mode but idle and steal (time the guest did not run); the loopback
+    device is not network traffic.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.labels.get("name")
+            if not name:
+                continue
+            fields = found.setdefault(name, {})
+            if sample.name == "lxd_cpu_seconds_total":
+                if sample.labels.get("mode") not in ("idle", "steal"):
+                    fields["cpu_seconds"] = fields.get("cpu_seconds", 0.0) + sample.value
+            elif sample.name in _LXD_STAT_FIELDS:
+                if sample.name.startswith("lxd_network") and sample.labels.get("device") == "lo":
+                    continue
+                key = _LXD_STAT_FIELDS[sample.name]
+                fields[key] = fields.get(key, 0.0) + sample.value
+    return [
+        VmStats(
+            name=name,
+            cpu_seconds=fields.get("cpu_seconds", 0.0),
+            memory_used_bytes=int(fields.get("memory_used_bytes", 0)),
+            block_read_bytes=int(fields.get("block_read_bytes", 0)),
+            block_write_bytes=int(fields.get("block_write_bytes", 0)),
+            net_rx_bytes=int(fields.get("net_rx_bytes", 0)),
+            net_tx_bytes=int(fields.get("net_tx_bytes", 0)),
+        )
+        for name, fields in sorted(found.items())
+    ]
+
+
 class LxdBackend:
     """The Backend protocol on LXD virtual machines in one project, over the local socket."""
 
@@ -819,6 +866,17 @@ class LxdBackend:
             url.rsplit("/", 1)[1].split("?")[0]
             for url in self._call("GET", self._p("/1.0/instances"))
         }
+
+    def vm_stats(self) -> list[VmStats]:
+        """Return CPU, memory, disk and network counters of the project's running instances.
+
+        One GET of LXD's /1.0/metrics (Prometheus text, every instance at once).
+        """
+        try:
+            text = self.client.request_text(self._p("/1.0/metrics"))
+        except LxdError as e:
+            raise BackendUnavailableError(f"LXD metrics: {e}") from e
+        return stats_from_lxd_metrics(text)
 
     def list_vms(self) -> list[VmRecord]:
         """Return every instance on the host, vm-host's from their ledger keys."""
