@@ -22,7 +22,6 @@ from charms.vm_host.v0.vm_host import VmHostProvider
 from charms.vm_host.v0.vm_host_access import AccessInfo, VmHostAccessProvider
 from vmhost import (
     access,
-    backends,
     compose,
     constraints,
     cos_agent,
@@ -33,7 +32,8 @@ from vmhost import (
     report,
     settings,
 )
-from vmhost.backends import Backend, BackendUnavailableError, make_trust
+from vmhost.backends import Backend, BackendUnavailableError, factory
+from vmhost.backends.factory import make_trust
 from vmhost.config import (
     CharmConfig,
     ComposeParams,
@@ -77,7 +77,7 @@ class _Snapshot:
 
 def make_backend(config: CharmConfig) -> Backend:
     """Build the backend the config names (replaced by a fake in unit tests)."""
-    return backends.make_backend(
+    return factory.make_backend(
         config.backend, project=config.lxd_project, templates_dir=TEMPLATES_DIR
     )
 

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from vmhost.model import HostTopology, NicAttachment, Placement, VmRecord, VmSpec, VmStats
-
-if TYPE_CHECKING:
-    from vmhost.lxd_trust import LxdTrust
 
 
 def stable_mac(prefix: str, vm: str, label: str) -> str:
@@ -88,23 +84,3 @@ class Backend(Protocol):
         """Return usage counters of every running VM, in one call to the hypervisor."""
         ...
 
-
-def make_backend(kind: str, *, project: str, templates_dir: Path) -> Backend:
-    """Build the backend of that kind ("libvirt" or "lxd").
-
-    Imported lazily: an LXD host has no libvirt library for libvirt-python to load.
-    """
-    if kind == "lxd":
-        from vmhost.backends.lxd import LxdBackend
-
-        return LxdBackend(project=project)
-    from vmhost.backends.libvirt import LibvirtBackend
-
-    return LibvirtBackend(templates_dir=templates_dir)
-
-
-def make_trust() -> LxdTrust:
-    """Open LXD's trust store (imported lazily: only LXD hosts need it and cryptography)."""
-    from vmhost.lxd_trust import LxdTrust
-
-    return LxdTrust()

@@ -192,7 +192,7 @@ LIBAPI = 0
 
 # Increment this PATCH version before using `charmcraft publish-lib` or reset
 # to 0 if you are raising the major API version
-LIBPATCH = 1
+LIBPATCH = 2
 
 PYDEPS = ["pydantic>=2"]
 
@@ -211,6 +211,13 @@ _POOL_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _SPACE_RE = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
 _DEVICE_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.:-]{0,14}$"
 _MAX_DISK_GB = 65536
+MAX_CORES = 1024
+"""The most vCPUs (and pinned host CPUs) one VM may have."""
+MIN_MEMORY_MIB = 64
+MAX_MEMORY_MIB = 1 << 24
+"""Memory bounds of one VM in MiB (16 TiB at most)."""
+MAX_NUMA_NODES = 64
+MAX_SSH_KEYS = 100
 _HOST_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_./-]{0,252}$"
 _SSH_KEY_RE = r"^[a-z0-9@.-]+ [A-Za-z0-9+/]+={0,3}( [^\r\n]*)?$"
 _STATE_ORDER = {"running": 0, "stopped": 1, "pending": 2, "failed": 3}
@@ -459,15 +466,17 @@ class VmRequest(_Model):
     """One VM a requirer asks for; see the module docstring for every field."""
 
     id: Annotated[StrictStr, Field(pattern=_ID_RE)]
-    cores: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
-    memory: Annotated[StrictInt, Field(ge=1, le=1 << 32)] | None = None
+    cores: Annotated[StrictInt, Field(ge=1, le=MAX_CORES)] | None = None
+    memory: Annotated[StrictInt, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)] | None = None
     """Memory in MiB."""
     pinned_cores: (
-        Annotated[StrictInt, Field(ge=1, le=4096)]
-        | Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1, max_length=4096)]
+        Annotated[StrictInt, Field(ge=1, le=MAX_CORES)]
+        | Annotated[
+            list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1, max_length=MAX_CORES)
+        ]
         | None
     ) = Field(default=None, validation_alias="pinned-cores", serialization_alias="pinned-cores")
-    numa_nodes: Annotated[StrictInt, Field(ge=1, le=1024)] | None = Field(
+    numa_nodes: Annotated[StrictInt, Field(ge=1, le=MAX_NUMA_NODES)] | None = Field(
         default=None, validation_alias="numa-nodes", serialization_alias="numa-nodes"
     )
     hugepages: Literal["2M", "1G", "any"] | None = None
@@ -480,7 +489,7 @@ class VmRequest(_Model):
     """cloud-init user data, at most 64 KiB of UTF-8."""
     ssh_public_keys: Annotated[
         list[Annotated[StrictStr, Field(pattern=_SSH_KEY_RE, max_length=16384)]],
-        Field(max_length=64),
+        Field(max_length=MAX_SSH_KEYS),
     ] = Field(
         default_factory=list,
         validation_alias="ssh-public-keys",
