@@ -35,7 +35,12 @@ CAPS = "x86-2node-smt-24cpu.xml"
 
 @pytest.fixture
 def topology(fixtures_dir: Path) -> HostTopology:
-    topo = parse_capabilities((fixtures_dir / "libvirt-caps" / CAPS).read_text())
+    return make_topology()
+
+
+def make_topology() -> HostTopology:
+    """The two-node test host, with 64 free 2M pages on node 1."""
+    topo = parse_capabilities((FIXTURES / "libvirt-caps" / CAPS).read_text())
     # 64 free 2M pages on node 1 only, so hugepage requests have somewhere to go.
     nodes = tuple(
         replace(n, hugepages_total={PAGE_2M_KIB: 64}, hugepages_free={PAGE_2M_KIB: 64})
@@ -158,6 +163,11 @@ class FakeAccess:
 
 @pytest.fixture
 def fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
+    return install_fake_host(monkeypatch)
+
+
+def install_fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
+    """Patch the host module with a fresh FakeHost (for tests that cannot use fixtures)."""
     fake = FakeHost()
     monkeypatch.setattr(host, "install_packages", fake.install)
     monkeypatch.setattr(host, "write_if_changed", fake.write)
@@ -173,6 +183,11 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
 
 @pytest.fixture
 def fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
+    return install_fake_access(monkeypatch)
+
+
+def install_fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
+    """Patch the access module with a fresh FakeAccess (for tests that cannot use fixtures)."""
     fake = FakeAccess()
     monkeypatch.setattr(access, "ensure_user", fake.ensure_user)
     monkeypatch.setattr(access, "user_problem", lambda name: None)

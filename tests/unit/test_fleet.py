@@ -1041,3 +1041,16 @@ def test_the_leader_places_nothing_where_the_networks_cannot_serve_it():
     )
     assert decision.mine == frozenset()
     assert "storage" in decision.answer_errors[A_X]
+
+
+@pytest.mark.parametrize("text", ["[" * 2000 + "]" * 2000, '{"a":' * 2000 + "1" + "}" * 2000])
+def test_deeply_nested_peer_data_is_unreadable_not_a_recursion_error(text: str):
+    import vmhost.relation.fleet as fleet_module
+
+    report, problem = fleet_module.parse_host_report(text)
+    assert report is None
+    assert problem is not None
+    assignment, why = fleet_module.assignment_from_json(text)
+    assert not assignment.units
+    assert why is not None
+    assert "nested too deeply" in why
