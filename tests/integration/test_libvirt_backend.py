@@ -452,3 +452,20 @@ def test_unreachable_daemon_is_reported(tmp_path: Path) -> None:
     unreachable = LibvirtBackend(uri=f"qemu+unix:///system?socket={tmp_path}/none.sock")
     with pytest.raises(BackendUnavailableError, match="cannot connect to libvirt"):
         unreachable.version()
+
+
+def test_a_paused_vm_is_failed_with_the_reason(backend: LibvirtBackend, test_pool: str) -> None:
+    vm = spec("vmhost-test-paused", test_pool)
+    backend.compose(vm, placed(backend, vm), (), test_pool)
+    dom = backend.conn.lookupByName(vm.name)
+    try:
+        dom.suspend()
+        (record,) = [r for r in backend.list_vms() if r.name == vm.name]
+        assert record.state == VmState.FAILED
+        assert "virsh resume" in record.state_reason
+        dom.resume()
+        (record,) = [r for r in backend.list_vms() if r.name == vm.name]
+        assert record.state == VmState.RUNNING
+        assert record.state_reason == ""
+    finally:
+        backend.delete(vm.name)

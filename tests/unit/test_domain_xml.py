@@ -11,6 +11,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import libvirt
 import pytest
 import yaml
 
@@ -20,6 +21,7 @@ from vmhost.backends.libvirt import (
     LibvirtBackend,
     VirtualFunction,
     Volume,
+    _state,
     disabled_cpu_features,
     domain_context,
     generate_mac,
@@ -495,3 +497,22 @@ def test_storage_templates(tmp_path: Path, template: str, schema: str, context: 
             [VALIDATOR, str(path), schema], capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, result.stderr + xml
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "state", "phrase"),
+    [
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR, VmState.FAILED, "I/O"),
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER, VmState.FAILED, "resume"),
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION, VmState.RUNNING, ""),
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP, VmState.RUNNING, ""),
+        (libvirt.VIR_DOMAIN_CRASHED, 0, VmState.FAILED, "crashed"),
+        (libvirt.VIR_DOMAIN_RUNNING, 1, VmState.RUNNING, ""),
+        (libvirt.VIR_DOMAIN_SHUTOFF, 1, VmState.STOPPED, ""),
+    ],
+)
+def test_domain_states_map_paused_and_crashed_to_failed_with_why(code, reason, state, phrase):
+    got, why = _state(code, reason)
+    assert got == state
+    assert phrase in why
+    assert bool(why) == (state == VmState.FAILED)

@@ -1054,3 +1054,12 @@ def test_deeply_nested_peer_data_is_unreadable_not_a_recursion_error(text: str):
     assert not assignment.units
     assert why is not None
     assert "nested too deeply" in why
+
+
+def test_a_failed_vm_is_answered_with_the_hypervisor_reason():
+    spec = spec_for(A_X)
+    vm = replace(record_of(spec, VmState.FAILED), state_reason="paused on a disk I/O error")
+    answer = answer_for(A_X, vm, spec=spec)
+    assert answer["state"] == "failed"
+    assert answer["error"] == "paused on a disk I/O error"
+    assert answer_for(A_X, vm, "changed", spec=spec)["error"] == "changed"
