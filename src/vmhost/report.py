@@ -72,6 +72,7 @@ def vm_json(vm: VmRecord) -> dict[str, Any]:
         "volumes": list(vm.volumes),
         "interfaces": [dict(i) for i in vm.interfaces],
         **({"state-reason": vm.state_reason} if vm.state_reason else {}),
+        **({"problem": vm.problem} if vm.problem else {}),
     }
 
 

@@ -516,3 +516,35 @@ def test_domain_states_map_paused_and_crashed_to_failed_with_why(code, reason, s
     assert got == state
     assert phrase in why
     assert bool(why) == (state == VmState.FAILED)
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [
+        "",
+        "<v:placement vcpus='two' memory-mib='256'/>",
+        "<v:placement vcpus='1' memory-mib='256'><v:cell host-node='0' vcpus='1' memory-mib='256'"
+        " cpus='1-2'/></v:placement>",
+    ],
+)
+def test_bad_vm_host_metadata_is_an_unmanaged_record_with_the_reason(placement: str):
+    xml = f"""<domain type='qemu'><name>copy</name><uuid>u-1</uuid>
+      <metadata><v:vm xmlns:v='{METADATA_NS}'><v:owner>relation:7:pg</v:owner>{placement}
+      </v:vm></metadata>
+      <memory unit='MiB'>256</memory><vcpu>1</vcpu></domain>"""
+    record = record_from_domain_xml(xml, VmState.RUNNING)
+    assert not record.managed
+    assert record.owner == ""
+    assert "metadata is unreadable" in record.problem
+    assert record.placement.memory_mib == 256
+
+
+def test_unreadable_domain_xml_is_still_listed_by_name():
+    xml = (
+        "<domain type='qemu'><name>odd</name><memory unit='MiB'>256</memory>"
+        "<vcpu>two</vcpu></domain>"
+    )
+    record = record_from_domain_xml(xml, VmState.STOPPED)
+    assert record.name == "odd"
+    assert not record.managed
+    assert "unreadable" in record.problem

@@ -726,11 +726,27 @@ def record_from_domain_xml(
     name = (root.findtext("name") or "").strip()
     domain_uuid = (root.findtext("uuid") or "").strip()
     vm = root.find(f"metadata/{{{METADATA_NS}}}vm")
+    problem = ""
     if vm is not None:
-        placement, fields = parse_metadata(vm)
-        return VmRecord(
-            name=name, uuid=domain_uuid, state=state, placement=placement, managed=True, **fields
-        )
+        try:
+            placement, fields = parse_metadata(vm)
+            return VmRecord(
+                name=name,
+                uuid=domain_uuid,
+                state=state,
+                placement=placement,
+                managed=True,
+                **fields,
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            problem = (
+                f"its vm-host metadata is unreadable ({_short(exc)}), so vm-host leaves it be"
+            )
+    try:
+        placement = placement_from_domain_xml(root, topology, vfs)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        placement = Placement(vcpus=0, memory_mib=0)
+        problem = problem or f"its domain XML is unreadable ({_short(exc)})"
     interfaces = []
     for i, iface in enumerate(root.findall("devices/interface")):
         source = iface.find("source")
@@ -754,11 +770,17 @@ def record_from_domain_xml(
         name=name,
         uuid=domain_uuid,
         state=state,
-        placement=placement_from_domain_xml(root, topology, vfs),
+        placement=placement,
         owner="",
         interfaces=tuple(interfaces),
         managed=False,
+        problem=problem,
     )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1303,7 +1325,13 @@ class LibvirtBackend:
             raise VmHostError(
                 f"VM {name!r} was not created by vm-host; it is left alone (delete it with virsh)"
             )
-        _, fields = parse_metadata(vm)
+        try:
+            _, fields = parse_metadata(vm)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise VmHostError(
+                f"VM {name!r} has unreadable vm-host metadata ({_short(exc)}); it is left alone "
+                "(delete it with virsh once you know whose disks it uses)"
+            ) from exc
         try:
             if dom.isActive():
                 dom.destroy()
