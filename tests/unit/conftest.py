@@ -125,7 +125,7 @@ class FakeAccess:
         self.users: list[str] = []
         self.removed = False
 
-    def ensure_user(self, name="virsh"):
+    def ensure_user(self, name="virsh", *, adopt=False):
         access.validate_user_name(name)
         self.users.append(name)
         return name
@@ -190,7 +190,7 @@ def install_fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
     """Patch the access module with a fresh FakeAccess (for tests that cannot use fixtures)."""
     fake = FakeAccess()
     monkeypatch.setattr(access, "ensure_user", fake.ensure_user)
-    monkeypatch.setattr(access, "user_problem", lambda name: None)
+    monkeypatch.setattr(access, "user_problem", lambda name, adopt=False: None)
     monkeypatch.setattr(access, "current_keys", fake.current_keys)
     monkeypatch.setattr(access, "sync_keys", fake.sync_keys)
     monkeypatch.setattr(access, "authorize_key", fake.authorize_key)
