@@ -338,7 +338,7 @@ class VmHostCharm(ops.CharmBase):
         with their source), so they survive every reconcile without unit state.
         """
         try:
-            user = access.ensure_user(config.libvirt_user)
+            user = access.ensure_user(config.libvirt_user, adopt=config.libvirt_user_adopt)
         except (VmHostError, InvalidRequestError) as exc:
             logger.warning("libvirt-user: %s", exc)
             return
@@ -404,6 +404,7 @@ class VmHostCharm(ops.CharmBase):
             mapping=self._mapping(config),
             nics=snapshot.topology.nics,
             trust=make_trust if config.backend == "lxd" else None,
+            libvirt_user_adopt=config.libvirt_user_adopt,
         ):
             event.add_status(ops.BlockedStatus(problem))
         event.add_status(
@@ -547,7 +548,7 @@ class VmHostCharm(ops.CharmBase):
             return
         params = event.load_params(KeyParams, errors="fail")
         try:
-            user = access.ensure_user(config.libvirt_user)
+            user = access.ensure_user(config.libvirt_user, adopt=config.libvirt_user_adopt)
             key = access.authorize_key(user, params.key, params.name)
         except (InvalidRequestError, VmHostError) as exc:
             event.fail(f"key not authorized, nothing changed: {exc}")

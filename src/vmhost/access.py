@@ -104,17 +104,36 @@ class AuthorizedKey:
         return self.source.removeprefix("action:") if self.source.startswith("action:") else None
 
 
+SYSTEM_ACCOUNTS = frozenset(
+    {
+        "root", "ubuntu", "admin", "daemon", "bin", "sys", "sync", "games", "man", "lp",
+        "mail", "news", "uucp", "proxy", "www-data", "backup", "list", "irc", "gnats",
+        "nobody", "sshd", "syslog", "messagebus", "libvirt", "libvirt-qemu",
+        "libvirt-dnsmasq", "lxd", "kvm", "sudo", "adm", "juju",
+    }
+)  # fmt: skip
+"""Accounts (and group names) that must never become the access user: sshd would confine all
+their SSH logins to libvirt, or useradd would fail on the existing group in every hook."""
+
+
 def validate_user_name(name: str) -> str:
     """Refuse user names that useradd or sshd would treat specially.
 
     Raises:
-        InvalidRequestError: the name is not a plain lower-case POSIX account name.
+        InvalidRequestError: the name is not a plain lower-case POSIX account name, or it is a
+            system or login account.
     """
     if not isinstance(name, str) or not _USER_RE.fullmatch(name):
         raise InvalidRequestError(
             "libvirt-user",
             f"{name!r} is not a valid user name: use 1-31 characters of a-z, 0-9, '_' and '-', "
             "starting with a letter or '_'",
+        )
+    if name in SYSTEM_ACCOUNTS:
+        raise InvalidRequestError(
+            "libvirt-user",
+            f"{name!r} is a system or login account; sshd would confine all its SSH logins to "
+            "libvirt: set a dedicated name such as 'virsh'",
         )
     return name
 
@@ -359,12 +378,34 @@ def _keys_file_problem(user: AccessUser) -> str | None:
     return None
 
 
-def user_problem(name: str) -> str | None:
+def _account_problem(name: str, user: AccessUser | None, adopt: bool) -> str | None:
+    """Why this account must not be created or taken over as the access user, or None."""
+    if user is None:
+        if _existing_groups([name]):
+            return (
+                f"a group named {name} already exists, so useradd cannot create user {name}: "
+                "set libvirt-user to another name such as virsh"
+            )
+        return None
+    if user.uid == 0:
+        return f"user {name} has uid 0: set libvirt-user to a dedicated name such as virsh"
+    if not adopt and not (user.home / CREATED_MARKER).exists():
+        return (
+            f"user {name} exists and was not created by vm-host: set libvirt-user-adopt=true "
+            "to confine its SSH logins to libvirt, or set libvirt-user to a new name"
+        )
+    return None
+
+
+def user_problem(name: str, adopt: bool = False) -> str | None:
     """What keeps the access user from serving managers right now, None when nothing.
 
     Read-only: status asks this on every hook, `ensure_user` puts right what it can.
     """
     user = _lookup(name)
+    problem = _account_problem(name, user, adopt)
+    if problem:
+        return problem
     if user is None:
         return f"user {name} does not exist and could not be created"
     return _shell_problem(user) or _keys_file_problem(user)
@@ -384,23 +425,28 @@ def _adopt_user(user: AccessUser, groups: Sequence[str]) -> None:
         )
 
 
-def ensure_user(name: str = "virsh") -> AccessUser:
+def ensure_user(name: str = "virsh", *, adopt: bool = False) -> AccessUser:
     """Create the access user when missing and put its SSH directory in order.
 
     A created account is a locked system account (no password) with a marker in its home
     that lets `remove_access` delete it later. An existing account is adopted: it is put in
     the groups and its SSH file modes are put right, but its password is left alone and it is
     never deleted. Either way it joins libvirt and libvirt-qemu where they exist, with ~/.ssh
-    at 0700 and authorized_keys at 0600.
+    at 0700 and authorized_keys at 0600. An existing account is adopted only when `adopt`
+    (the libvirt-user-adopt option) says so: its SSH logins become libvirt-only.
 
     Raises:
         InvalidRequestError: the name is not a valid user name.
-        VmHostError: an adopted account cannot run the forced command (no login shell), or
+        VmHostError: the name is an existing group, uid 0, or an existing account without
+            `adopt`; an adopted account cannot run the forced command (no login shell), or
             its SSH files are symlinks.
     """
     validate_user_name(name)
     groups = _existing_groups(("libvirt", "libvirt-qemu"))
     user = _lookup(name)
+    problem = _account_problem(name, user, adopt)
+    if problem:
+        raise VmHostError(problem)
     if user is None:
         user = _create_user(name, groups)
     else:

@@ -64,6 +64,7 @@ class CharmConfig(pydantic.BaseModel):
     networks: str = ""
     release_policy: Literal["delete", "keep"] = "delete"
     libvirt_user: str = "virsh"
+    libvirt_user_adopt: bool = False
     ssh_authorized_keys: str = ""
     lxd_project: str = "vm-host"
     lxd_snap_channel: str = "5.21/stable"

@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,7 +39,7 @@ from vmhost.model import (
     InvalidRequestError,
     VmSpec,
 )
-from vmhost.topology import parse_cpu_list
+from vmhost.topology import MAX_CPU_ID, parse_cpu_list
 
 __all__ = [
     "HOST_DEVICE_PATTERN",
@@ -82,7 +83,6 @@ MAX_NUMA_NODES = 64
 MAX_DISK_GB = 65536
 MAX_DISKS = 64
 MAX_INTERFACES = 32
-MAX_CPU_ID = 65535
 MAX_USER_DATA_BYTES = 64 * 1024
 MAX_SSH_KEYS = 100
 MAX_IMAGE_PATH = 4096
@@ -627,14 +627,14 @@ def _pinned_error(detail: str) -> InvalidRequestError:
 
 
 def _pinned_list(ids: list[int]) -> tuple[int, tuple[int, ...]]:
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise _pinned_error(f"CPU {duplicates[0]} is listed more than once")
+    if len(ids) > MAX_CORES:
+        raise _pinned_error(f"{len(ids)} CPUs is more than the {MAX_CORES} a VM may have")
     high = [i for i in ids if i > MAX_CPU_ID]
     if high:
         raise _pinned_error(f"CPU id {high[0]} is out of range 0-{MAX_CPU_ID}")
-    if len(ids) > MAX_CORES:
-        raise _pinned_error(f"{len(ids)} CPUs is more than the {MAX_CORES} a VM may have")
+    duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if duplicates:
+        raise _pinned_error(f"CPU {duplicates[0]} is listed more than once")
     cpus = tuple(sorted(ids))
     return len(cpus), cpus
 
@@ -647,6 +647,8 @@ def _expand_cpu_items(text: str) -> list[int]:
             ids.extend(parse_cpu_list(item))
         except ValueError as exc:
             raise _pinned_error(f"{_describe(text.strip())}: {exc}") from None
+        if len(ids) > MAX_CORES:
+            break  # _pinned_list refuses it; expanding further only costs memory
     return ids
 
 

@@ -35,6 +35,7 @@ def problems(
     mapping: Mapping[str, networks.NetworkMapping],
     nics: Sequence[HostNic],
     trust: Callable[[], LxdTrust] | None = None,
+    libvirt_user_adopt: bool = False,
 ) -> list[str]:
     """Every problem the operator must fix, in a stable order (huge pages, access, networks).
 
@@ -46,13 +47,14 @@ def problems(
         mapping: the parsed `networks` option.
         nics: the host's NICs.
         trust: opens LXD's trust store (LXD only).
+        libvirt_user_adopt: whether an existing account may be taken over (libvirt).
     """
     out = [
         f"{problem}; lower `hugepages`"
         for problem in host.hugepage_problems(settings.parse_hugepages_setting(hugepages))
     ]
     if backend == "libvirt":
-        user = access.user_problem(libvirt_user)
+        user = access.user_problem(libvirt_user, libvirt_user_adopt)
         if user:
             out.append(f"libvirt-user: {user}; fix with juju config")
         try:

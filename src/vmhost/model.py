@@ -364,6 +364,10 @@ class VmRecord:
     """Per NIC: label, mac, attached-to."""
     managed: bool = True
     """False for domains vm-host did not create (they still use host resources)."""
+    state_reason: str = ""
+    """Why a failed VM is failed (paused on an I/O error, crashed), as the hypervisor says."""
+    problem: str = ""
+    """Why vm-host cannot read this VM's record (it is then unmanaged, never touched)."""
 
 
 class VmHostError(Exception):

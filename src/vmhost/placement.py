@@ -95,6 +95,7 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -1295,7 +1296,7 @@ def _check_explicit_cpus(host: _Host, spec: VmSpec, wanted: tuple[int, ...]) -> 
             f"lists {len(wanted)} host CPUs for {spec.vcpus} vCPUs; a pinned VM needs "
             "exactly one host CPU per vCPU"
         )
-    dupes = sorted({c for c in wanted if wanted.count(c) > 1})
+    dupes = sorted(c for c, n in Counter(wanted).items() if n > 1)
     if dupes:
         raise _Reject(f"lists host CPUs {_fmt_cpus(dupes)} more than once")
     missing = [c for c in wanted if c not in host.node_of]

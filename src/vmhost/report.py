@@ -72,6 +72,8 @@ def vm_json(vm: VmRecord) -> dict[str, Any]:
         "placement": placement_data(vm.placement),
         "volumes": list(vm.volumes),
         "interfaces": [dict(i) for i in vm.interfaces],
+        **({"state-reason": vm.state_reason} if vm.state_reason else {}),
+        **({"problem": vm.problem} if vm.problem else {}),
     }
 
 

@@ -46,7 +46,10 @@ _UNIT_KIB = {
 
 _HUGEPAGE_DIR = re.compile(r"hugepages-([0-9]+)kB")
 _NODE_DIR = re.compile(r"node([0-9]+)")
-_CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+_CPU_RANGE = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+MAX_CPU_ID = 65535
+"""The highest CPU id vm-host reads (Linux allows 8192 today): a range is refused past it
+before it is expanded, so "0-4294967295" cannot exhaust memory."""
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -72,15 +75,17 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     for item in stripped.split(","):
         match = _CPU_RANGE.fullmatch(item.strip())
         if match is None:
-            raise ValueError(
-                f"bad CPU list item {item.strip()!r}; use ids or ranges such as 0-3,8"
-            )
+            shown = item.strip()
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ValueError(f"bad CPU list item {shown!r}; use ids or ranges such as 0-3,8")
         start = int(match.group(1))
         end = int(match.group(2)) if match.group(2) is not None else start
         if end < start:
             raise ValueError(
                 f"bad CPU range {item.strip()!r}; the end must not be below the start"
             )
+        if end > MAX_CPU_ID:
+            raise ValueError(f"CPU id {end} is out of range 0-{MAX_CPU_ID}")
         ids.update(range(start, end + 1))
     return tuple(sorted(ids))
 

@@ -60,10 +60,11 @@ def libvirtd() -> str:
 
 
 def remove_test_user(name: str = TEST_USER) -> None:
-    """Delete the throwaway user and its home, tolerating a user that is not there."""
+    """Delete the throwaway user and its home, or a leftover group of that name."""
     try:
         pwd.getpwnam(name)
     except KeyError:
+        subprocess.run(["/usr/sbin/groupdel", name], check=False, capture_output=True)
         return
     subprocess.run([USERDEL, "--remove", name], check=False, capture_output=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
 import stat
 import subprocess
 import xml.etree.ElementTree as ET
@@ -197,7 +198,7 @@ def test_an_adopted_user_is_never_deleted(access_user: str):
         ["/usr/sbin/useradd", "--system", "--create-home", "--shell", "/bin/sh", access_user],
         check=True,
     )
-    user = access.ensure_user(access_user)
+    user = access.ensure_user(access_user, adopt=True)
 
     assert not (user.home / access.CREATED_MARKER).exists()
     assert access.remove_access(access_user) is False
@@ -257,4 +258,36 @@ def test_an_adopted_user_without_a_login_shell_is_refused_with_the_fix(access_us
     )
 
     with pytest.raises(access.VmHostError, match=f"usermod --shell /bin/sh {access_user}"):
+        access.ensure_user(access_user, adopt=True)
+
+
+def test_an_existing_account_is_not_taken_over_without_the_option(access_user: str):
+    subprocess.run(
+        ["/usr/sbin/useradd", "--system", "--create-home", "--shell", "/bin/sh", access_user],
+        check=True,
+    )
+    home = Path(pwd.getpwnam(access_user).pw_dir)
+
+    with pytest.raises(access.VmHostError, match="libvirt-user-adopt=true"):
         access.ensure_user(access_user)
+    assert "libvirt-user-adopt=true" in (access.user_problem(access_user) or "")
+    assert not (home / ".ssh").exists()
+    assert access_user not in grp.getgrnam("libvirt").gr_mem
+
+
+def test_a_name_that_is_an_existing_group_is_refused_before_useradd(access_user: str):
+    subprocess.run(["/usr/sbin/groupadd", "--system", access_user], check=True)
+    try:
+        with pytest.raises(access.VmHostError, match=f"a group named {access_user}"):
+            access.ensure_user(access_user)
+        assert "a group named" in (access.user_problem(access_user) or "")
+        with pytest.raises(KeyError):
+            pwd.getpwnam(access_user)
+    finally:
+        subprocess.run(["/usr/sbin/groupdel", access_user], check=False)
+
+
+@pytest.mark.parametrize("name", ["root", "ubuntu", "libvirt"])
+def test_system_account_names_are_refused(name: str):
+    with pytest.raises(InvalidRequestError, match="dedicated name"):
+        access.ensure_user(name)

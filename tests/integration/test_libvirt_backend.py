@@ -19,7 +19,7 @@ import pytest
 from tests.integration.conftest import free_hugepages
 
 from vmhost.backends import BackendUnavailableError
-from vmhost.backends.libvirt import LibvirtBackend
+from vmhost.backends.libvirt import METADATA_NS, LibvirtBackend
 from vmhost.model import (
     AttachmentKind,
     DiskSpec,
@@ -452,3 +452,55 @@ def test_unreachable_daemon_is_reported(tmp_path: Path) -> None:
     unreachable = LibvirtBackend(uri=f"qemu+unix:///system?socket={tmp_path}/none.sock")
     with pytest.raises(BackendUnavailableError, match="cannot connect to libvirt"):
         unreachable.version()
+
+
+def test_a_paused_vm_is_failed_with_the_reason(backend: LibvirtBackend, test_pool: str) -> None:
+    vm = spec("vmhost-test-paused", test_pool)
+    backend.compose(vm, placed(backend, vm), (), test_pool)
+    dom = backend.conn.lookupByName(vm.name)
+    try:
+        dom.suspend()
+        (record,) = [r for r in backend.list_vms() if r.name == vm.name]
+        assert record.state == VmState.FAILED
+        assert "virsh resume" in record.state_reason
+        dom.resume()
+        (record,) = [r for r in backend.list_vms() if r.name == vm.name]
+        assert record.state == VmState.RUNNING
+        assert record.state_reason == ""
+    finally:
+        backend.delete(vm.name)
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [
+        "",
+        "<vmhost:placement vcpus='two' memory-mib='256'/>",
+        "<vmhost:placement vcpus='1' memory-mib='256'><vmhost:cell host-node='0' vcpus='1'"
+        " memory-mib='256' cpus='1-2'/></vmhost:placement>",
+    ],
+)
+def test_forged_metadata_makes_a_domain_unmanaged_not_a_crash(
+    backend: LibvirtBackend, test_pool: str, placement: str
+) -> None:
+    backend.conn.defineXML(
+        f"""<domain type='qemu'><name>vmhost-test-forged</name>
+      <metadata><vmhost:vm xmlns:vmhost='{METADATA_NS}'>
+        <vmhost:owner>relation:7:pg</vmhost:owner>{placement}
+        <vmhost:volume pool='{test_pool}' name='vmhost-test-other-root'/>
+      </vmhost:vm></metadata>
+      <memory unit='MiB'>256</memory><vcpu placement='static'>1</vcpu>
+      <os><type arch='x86_64'>hvm</type></os></domain>"""
+    )
+    create_volume(backend, test_pool, "vmhost-test-other-root")
+
+    records = {r.name: r for r in backend.list_vms()}
+
+    forged = records["vmhost-test-forged"]
+    assert not forged.managed
+    assert "metadata is unreadable" in forged.problem
+    assert forged.placement.memory_mib == 256
+    with pytest.raises(VmHostError, match="unreadable vm-host metadata"):
+        backend.delete("vmhost-test-forged")
+    assert "vmhost-test-forged" in domains(backend)
+    assert "vmhost-test-other-root" in volumes(backend, test_pool)

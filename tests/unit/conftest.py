@@ -67,7 +67,12 @@ CAPS = "x86-2node-smt-24cpu.xml"
 
 @pytest.fixture
 def topology(fixtures_dir: Path) -> HostTopology:
-    topo = parse_capabilities((fixtures_dir / "libvirt-caps" / CAPS).read_text())
+    return make_topology()
+
+
+def make_topology() -> HostTopology:
+    """The two-node test host, with 64 free 2M pages on node 1."""
+    topo = parse_capabilities((FIXTURES / "libvirt-caps" / CAPS).read_text())
     # 64 free 2M pages on node 1 only, so hugepage requests have somewhere to go.
     nodes = tuple(
         replace(n, hugepages_total={PAGE_2M_KIB: 64}, hugepages_free={PAGE_2M_KIB: 64})
@@ -152,7 +157,7 @@ class FakeAccess:
         self.users: list[str] = []
         self.removed = False
 
-    def ensure_user(self, name="virsh"):
+    def ensure_user(self, name="virsh", *, adopt=False):
         access.validate_user_name(name)
         self.users.append(name)
         return name
@@ -190,6 +195,11 @@ class FakeAccess:
 
 @pytest.fixture
 def fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
+    return install_fake_host(monkeypatch)
+
+
+def install_fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
+    """Patch the host module with a fresh FakeHost (for tests that cannot use fixtures)."""
     fake = FakeHost()
     monkeypatch.setattr(host, "install_packages", fake.install)
     monkeypatch.setattr(host, "write_if_changed", fake.write)
@@ -205,9 +215,14 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
 
 @pytest.fixture
 def fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
+    return install_fake_access(monkeypatch)
+
+
+def install_fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
+    """Patch the access module with a fresh FakeAccess (for tests that cannot use fixtures)."""
     fake = FakeAccess()
     monkeypatch.setattr(access, "ensure_user", fake.ensure_user)
-    monkeypatch.setattr(access, "user_problem", lambda name: None)
+    monkeypatch.setattr(access, "user_problem", lambda name, adopt=False: None)
     monkeypatch.setattr(access, "current_keys", fake.current_keys)
     monkeypatch.setattr(access, "sync_keys", fake.sync_keys)
     monkeypatch.setattr(access, "authorize_key", fake.authorize_key)

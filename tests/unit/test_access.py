@@ -789,3 +789,36 @@ def test_fake_lxd_errors_become_lxd_errors(fake_lxd, tmp_path):
         trust.projects()
     with pytest.raises(lxd_trust.LxdError, match="cannot be reached"):
         lxd_trust.LxdTrust(str(tmp_path / "gone.socket")).projects()
+
+
+@pytest.mark.parametrize("name", sorted(access.SYSTEM_ACCOUNTS))
+def test_system_and_login_accounts_are_refused(name: str):
+    with pytest.raises(InvalidRequestError, match="dedicated name such as 'virsh'"):
+        access.validate_user_name(name)
+
+
+def test_an_existing_account_is_adopted_only_when_asked(tmp_path, monkeypatch):
+    import os
+
+    user = access.AccessUser("operator1", os.getuid() or 1000, os.getgid(), tmp_path)
+    assert "libvirt-user-adopt=true" in (access._account_problem("operator1", user, False) or "")
+    assert access._account_problem("operator1", user, True) is None
+    (tmp_path / access.CREATED_MARKER).write_text("made by vm-host\n")
+    assert access._account_problem("operator1", user, False) is None
+
+
+def test_uid_zero_is_never_the_access_user(tmp_path):
+    user = access.AccessUser("toor", 0, 0, tmp_path)
+    assert "uid 0" in (access._account_problem("toor", user, True) or "")
+
+
+def test_a_missing_account_whose_name_is_a_group_cannot_be_created(monkeypatch):
+    asked: list[list[str]] = []
+
+    def groups(names):
+        asked.append(list(names))
+        return list(names)
+
+    monkeypatch.setattr(access, "_existing_groups", groups)
+    assert "a group named web" in (access._account_problem("web", None, False) or "")
+    assert asked == [["web"]]

@@ -770,3 +770,18 @@ def test_build_spec_raises_only_invalid_request(request: dict[str, Any]):
     assert spec.disks
     assert len(spec_hash(spec)) == 16
     assert isinstance(hash(spec), int)  # frozen and made of tuples: usable as a key
+
+
+def test_huge_pinned_cpu_range_is_refused_without_expanding():
+    error = _error(parse_pinned_cores, "0-4294967295")
+    assert error.field == "pinned-cores"
+    assert "out of range" in str(error)
+    many = _error(parse_pinned_cores, ",".join(["0-65535"] * 50))
+    assert "more than the" in str(many)
+
+
+def test_reserved_cpus_beyond_the_limit_are_a_config_error():
+    from vmhost.settings import parse_reserved_cpus
+
+    with pytest.raises(InvalidRequestError, match="reserved-cpus"):
+        parse_reserved_cpus("0-4294967295")

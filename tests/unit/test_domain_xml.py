@@ -11,6 +11,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import libvirt
 import pytest
 import yaml
 
@@ -20,6 +21,7 @@ from vmhost.backends.libvirt import (
     LibvirtBackend,
     VirtualFunction,
     Volume,
+    _state,
     disabled_cpu_features,
     domain_context,
     generate_mac,
@@ -495,3 +497,54 @@ def test_storage_templates(tmp_path: Path, template: str, schema: str, context: 
             [VALIDATOR, str(path), schema], capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, result.stderr + xml
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "state", "phrase"),
+    [
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR, VmState.FAILED, "I/O"),
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER, VmState.FAILED, "resume"),
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION, VmState.RUNNING, ""),
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP, VmState.RUNNING, ""),
+        (libvirt.VIR_DOMAIN_CRASHED, 0, VmState.FAILED, "crashed"),
+        (libvirt.VIR_DOMAIN_RUNNING, 1, VmState.RUNNING, ""),
+        (libvirt.VIR_DOMAIN_SHUTOFF, 1, VmState.STOPPED, ""),
+    ],
+)
+def test_domain_states_map_paused_and_crashed_to_failed_with_why(code, reason, state, phrase):
+    got, why = _state(code, reason)
+    assert got == state
+    assert phrase in why
+    assert bool(why) == (state == VmState.FAILED)
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [
+        "",
+        "<v:placement vcpus='two' memory-mib='256'/>",
+        "<v:placement vcpus='1' memory-mib='256'><v:cell host-node='0' vcpus='1' memory-mib='256'"
+        " cpus='1-2'/></v:placement>",
+    ],
+)
+def test_bad_vm_host_metadata_is_an_unmanaged_record_with_the_reason(placement: str):
+    xml = f"""<domain type='qemu'><name>copy</name><uuid>u-1</uuid>
+      <metadata><v:vm xmlns:v='{METADATA_NS}'><v:owner>relation:7:pg</v:owner>{placement}
+      </v:vm></metadata>
+      <memory unit='MiB'>256</memory><vcpu>1</vcpu></domain>"""
+    record = record_from_domain_xml(xml, VmState.RUNNING)
+    assert not record.managed
+    assert record.owner == ""
+    assert "metadata is unreadable" in record.problem
+    assert record.placement.memory_mib == 256
+
+
+def test_unreadable_domain_xml_is_still_listed_by_name():
+    xml = (
+        "<domain type='qemu'><name>odd</name><memory unit='MiB'>256</memory>"
+        "<vcpu>two</vcpu></domain>"
+    )
+    record = record_from_domain_xml(xml, VmState.STOPPED)
+    assert record.name == "odd"
+    assert not record.managed
+    assert "unreadable" in record.problem

@@ -1041,3 +1041,25 @@ def test_the_leader_places_nothing_where_the_networks_cannot_serve_it():
     )
     assert decision.mine == frozenset()
     assert "storage" in decision.answer_errors[A_X]
+
+
+@pytest.mark.parametrize("text", ["[" * 2000 + "]" * 2000, '{"a":' * 2000 + "1" + "}" * 2000])
+def test_deeply_nested_peer_data_is_unreadable_not_a_recursion_error(text: str):
+    import vmhost.relation.fleet as fleet_module
+
+    report, problem = fleet_module.parse_host_report(text)
+    assert report is None
+    assert problem is not None
+    assignment, why = fleet_module.assignment_from_json(text)
+    assert not assignment.units
+    assert why is not None
+    assert "nested too deeply" in why
+
+
+def test_a_failed_vm_is_answered_with_the_hypervisor_reason():
+    spec = spec_for(A_X)
+    vm = replace(record_of(spec, VmState.FAILED), state_reason="paused on a disk I/O error")
+    answer = answer_for(A_X, vm, spec=spec)
+    assert answer["state"] == "failed"
+    assert answer["error"] == "paused on a disk I/O error"
+    assert answer_for(A_X, vm, "changed", spec=spec)["error"] == "changed"

@@ -419,3 +419,9 @@ def test_apply_free_hugepages_without_total_keeps_totals():
         {M2: 0},
         {M2: 0},
     ]
+
+
+@pytest.mark.parametrize("text", ["0-4294967295", "7-99999999999999999999", "65536"])
+def test_cpu_ids_above_the_limit_are_refused_before_expanding(text: str):
+    with pytest.raises(ValueError, match="out of range"):
+        parse_cpu_list(text)

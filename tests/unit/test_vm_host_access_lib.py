@@ -301,3 +301,14 @@ def test_requirer_relation_helper_takes_models_too():
         mgr.run()
 
     assert [(c.unit, c.ssh_public_key, c.projects) for c in clients] == [("tf/0", KEY, ("maas",))]
+
+
+@pytest.mark.parametrize("key", ["ssh-public-key", "certificate", "projects"])
+def test_deeply_nested_requirer_values_are_invalid_not_a_recursion_error(key: str):
+    with pytest.raises(ValueError, match="nested too deeply"):
+        lib._load(lib.RequirerUnitData, {key: "[" * 2000 + "]" * 2000})
+
+
+def test_oversized_requirer_values_are_refused_before_decoding():
+    with pytest.raises(ValueError, match="longer than"):
+        lib._load(lib.RequirerUnitData, {"certificate": '"' + "A" * (2 << 20) + '"'})

@@ -937,3 +937,54 @@ def test_normalised_request_is_what_the_workload_parser_takes():
         ),
         InterfaceSpec(label="pub", ip="10.0.5.20", subnet="10.0.5.0/24"),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile databags: bounded work, no exceptions, nothing echoed at length
+
+DEEP = "[" * 2000 + "]" * 2000
+
+
+@pytest.mark.parametrize("key", ["requests", "version"])
+def test_deeply_nested_json_is_an_invalid_databag_not_a_recursion_error(key: str):
+    valid, invalid = lib.parse_requests({key: DEEP})
+    assert valid == []
+    assert [bad.index for bad in invalid] == [None]
+    assert "nested too deeply" in invalid[0].reason
+
+
+def test_deeply_nested_answers_and_snapshot_are_skipped():
+    answers, problems = lib.parse_answers({"vms": DEEP})
+    assert answers == []
+    assert problems
+    assert "nested too deeply" in problems[0]
+    assert lib._load_seen(DEEP, 3) == {}
+
+
+def test_an_oversized_databag_value_is_refused_before_decoding():
+    valid, invalid = lib.parse_requests({"requests": "[" + " " * (5 << 20) + "]"})
+    assert valid == []
+    assert "longer than" in invalid[0].reason
+
+
+def test_requests_beyond_the_cap_are_invalid_and_keep_their_ids():
+    many = [{"id": f"r-{i}", "memory": 512} for i in range(lib.MAX_REQUESTS + 2)]
+    valid, invalid = lib.parse_requests({"requests": json.dumps(many)})
+    assert len(valid) == lib.MAX_REQUESTS
+    assert [bad.id for bad in invalid] == [f"r-{lib.MAX_REQUESTS}", f"r-{lib.MAX_REQUESTS + 1}"]
+    assert all("at most" in bad.reason for bad in invalid)
+
+
+def test_an_id_with_a_trailing_newline_is_not_usable():
+    _, invalid = lib.parse_requests({"requests": json.dumps([{"id": "db-0\n", "cores": 1}])})
+    assert invalid[0].id is None
+
+
+def test_a_huge_bad_value_is_not_echoed_in_the_reason():
+    huge = "x" * 200_000
+    _, invalid = lib.parse_requests({"requests": json.dumps([{"id": "a", "storage": huge}])})
+    _, invalid_if = lib.parse_requests(
+        {"requests": json.dumps([{"id": "b", "interfaces": "eth0:" + huge}])}
+    )
+    assert len(invalid[0].reason) < 300
+    assert len(invalid_if[0].reason) < 300

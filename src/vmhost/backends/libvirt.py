@@ -522,14 +522,38 @@ def known_vfs(sysfs_root: str | Path, addresses: set[str]) -> dict[str, VirtualF
 # Reading domains back
 
 
-def _state(code: int) -> VmState:
-    if code in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED):
-        return VmState.RUNNING
+_PAUSED_WHY = {
+    libvirt.VIR_DOMAIN_PAUSED_UNKNOWN: "paused for an unknown reason",
+    libvirt.VIR_DOMAIN_PAUSED_USER: "paused by a user (virsh suspend); run virsh resume",
+    libvirt.VIR_DOMAIN_PAUSED_IOERROR: (
+        "paused on a disk I/O error (often a full storage pool); free space, then virsh resume"
+    ),
+    libvirt.VIR_DOMAIN_PAUSED_WATCHDOG: "paused by its watchdog",
+    libvirt.VIR_DOMAIN_PAUSED_CRASHED: "paused after a guest crash",
+    libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED: "paused after a failed migration",
+    14: "paused after a hypervisor error",  # VIR_DOMAIN_PAUSED_API_ERROR, libvirt >= 8.6
+}
+"""Paused states that last until someone acts; the others (migration, snapshot, start-up)
+pass by themselves and still count as running."""
+
+
+def _state(code: int, reason: int = 0) -> tuple[VmState, str]:
+    """The requester-facing state of a domain, and why it is failed (empty otherwise)."""
+    if code == libvirt.VIR_DOMAIN_PAUSED:
+        why = _PAUSED_WHY.get(reason)
+        return (VmState.FAILED, why) if why else (VmState.RUNNING, "")
+    if code in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+        return VmState.RUNNING, ""
     if code == libvirt.VIR_DOMAIN_CRASHED:
-        return VmState.FAILED
+        return VmState.FAILED, "crashed"
     if code in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTDOWN):
-        return VmState.STOPPED
-    return VmState.PENDING
+        return VmState.STOPPED, ""
+    return VmState.PENDING, ""
+
+
+def _domain_state(dom: libvirt.virDomain) -> tuple[VmState, str]:
+    code, reason = dom.state()[:2]
+    return _state(int(code), int(reason))
 
 
 def stats_from_record(name: str, record: Mapping[str, Any]) -> VmStats:
@@ -724,11 +748,27 @@ def record_from_domain_xml(
     name = (root.findtext("name") or "").strip()
     domain_uuid = (root.findtext("uuid") or "").strip()
     vm = root.find(f"metadata/{{{METADATA_NS}}}vm")
+    problem = ""
     if vm is not None:
-        placement, fields = parse_metadata(vm)
-        return VmRecord(
-            name=name, uuid=domain_uuid, state=state, placement=placement, managed=True, **fields
-        )
+        try:
+            placement, fields = parse_metadata(vm)
+            return VmRecord(
+                name=name,
+                uuid=domain_uuid,
+                state=state,
+                placement=placement,
+                managed=True,
+                **fields,
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            problem = (
+                f"its vm-host metadata is unreadable ({_short(exc)}), so vm-host leaves it be"
+            )
+    try:
+        placement = placement_from_domain_xml(root, topology, vfs)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        placement = Placement(vcpus=0, memory_mib=0)
+        problem = problem or f"its domain XML is unreadable ({_short(exc)})"
     interfaces = []
     for i, iface in enumerate(root.findall("devices/interface")):
         source = iface.find("source")
@@ -752,11 +792,17 @@ def record_from_domain_xml(
         name=name,
         uuid=domain_uuid,
         state=state,
-        placement=placement_from_domain_xml(root, topology, vfs),
+        placement=placement,
         owner="",
         interfaces=tuple(interfaces),
         managed=False,
+        problem=problem,
     )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1038,10 +1084,10 @@ class LibvirtBackend:
 
     def list_vms(self) -> list[VmRecord]:
         """Return every domain; vm-host's from their metadata, others reconstructed."""
-        found: list[tuple[str, VmState]] = []
+        found: list[tuple[str, tuple[VmState, str]]] = []
         for dom in self.conn.listAllDomains(0):
             try:
-                found.append((dom.XMLDesc(0), _state(int(dom.state()[0]))))
+                found.append((dom.XMLDesc(0), _domain_state(dom)))
             except libvirt.libvirtError:
                 continue  # undefined while we looked
         topology: HostTopology | None = None
@@ -1053,7 +1099,12 @@ class LibvirtBackend:
             topology = parse_capabilities(self.conn.getCapabilities())
             addresses = set().union(*(hostdev_addresses(xml) for xml in foreign))
             vfs = known_vfs(self.sysfs_root, addresses)
-        records = [record_from_domain_xml(xml, state, topology, vfs) for xml, state in found]
+        records = [
+            dataclasses.replace(
+                record_from_domain_xml(xml, state, topology, vfs), state_reason=why
+            )
+            for xml, (state, why) in found
+        ]
         return sorted(records, key=lambda r: r.name)
 
     def _lookup(self, name: str) -> libvirt.virDomain:
@@ -1155,7 +1206,10 @@ class LibvirtBackend:
             step = "starting the domain"
             dom.create()
             step = "reading the domain back"
-            record = record_from_domain_xml(dom.XMLDesc(0), _state(int(dom.state()[0])))
+            state, why = _domain_state(dom)
+            record = dataclasses.replace(
+                record_from_domain_xml(dom.XMLDesc(0), state), state_reason=why
+            )
         except (libvirt.libvirtError, OSError, subprocess.SubprocessError, VmHostError) as e:
             self._rollback(dom, created)
             if isinstance(e, InvalidRequestError):
@@ -1293,7 +1347,13 @@ class LibvirtBackend:
             raise VmHostError(
                 f"VM {name!r} was not created by vm-host; it is left alone (delete it with virsh)"
             )
-        _, fields = parse_metadata(vm)
+        try:
+            _, fields = parse_metadata(vm)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise VmHostError(
+                f"VM {name!r} has unreadable vm-host metadata ({_short(exc)}); it is left alone "
+                "(delete it with virsh once you know whose disks it uses)"
+            ) from exc
         try:
             if dom.isActive():
                 dom.destroy()

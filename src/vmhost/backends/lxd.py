@@ -556,7 +556,7 @@ def _ledger_list(config: Mapping[str, str], key: str) -> list[Any]:
         return []
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         logger.error("instance key %s is not JSON; ignored", key)
         return []
     return value if isinstance(value, list) else []  # type: ignore[return-value]
@@ -590,8 +590,10 @@ def record_from_instance(
         raw = config.get(KEY_PLACEMENT, "")
         try:
             placement = placement_from_dict(json.loads(raw), KEY_PLACEMENT)
-        except (ValueError, CodecError) as e:
-            logger.error("instance %s: %s unreadable (%s); using its limits", name, raw, e)
+        except (ValueError, CodecError, RecursionError) as e:
+            logger.error(
+                "instance %r: %s unreadable (%s); using its limits", name, KEY_PLACEMENT, e
+            )
         if placement is None:
             placement = placement_from_limits(expanded, str(instance.get("type", "")), topology)
         interfaces = tuple(

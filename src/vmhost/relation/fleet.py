@@ -58,6 +58,8 @@ __all__ = [
 
 WIRE_VERSION = "0"
 """Schema version of the peer data written here (host reports and assignments)."""
+MAX_PEER_VALUE_CHARS = 16 << 20
+"""The longest peer value decoded: one bad unit cannot make every hook parse more."""
 _REASON_PER_UNIT = 200
 _REASON_MAX = 1000
 
@@ -151,10 +153,15 @@ def _why(exc: pydantic.ValidationError) -> str:
 
 
 def _load(text: str, what: str) -> tuple[dict[str, Any] | None, str | None]:
+    """Decode one peer value; never raises (size capped, deep nesting refused)."""
+    if len(text) > MAX_PEER_VALUE_CHARS:
+        return None, f"{what} is longer than {MAX_PEER_VALUE_CHARS} characters"
     try:
         data = json.loads(text)
     except ValueError:
         return None, f"{what} is not JSON"
+    except RecursionError:
+        return None, f"{what} is nested too deeply"
     if not isinstance(data, dict):
         return None, f"{what} is not a JSON object"
     return data, None  # pyright: ignore[reportUnknownVariableType]

@@ -319,6 +319,7 @@ def answer_for(
         answer["state"] = "failed" if error else "pending"
     else:
         answer["state"] = vm.state.value
+        error = error or vm.state_reason or None
     if error:
         answer["error"] = error
     if vm is not None:

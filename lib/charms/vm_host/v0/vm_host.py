@@ -173,6 +173,7 @@ import ipaddress
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -205,6 +206,14 @@ SEEN_KEY = "seen-vms"
 """Requirer unit databag key holding the id -> state snapshot behind the requirer events."""
 
 _ID_RE = r"^[a-z0-9-]{1,40}$"
+_ID_FULL = re.compile(r"[a-z0-9-]{1,40}")
+_MAX_VALUE_CHARS = 4 << 20
+"""The longest databag value decoded (4 MiB): a remote app cannot make a hook parse more."""
+MAX_REQUESTS = 1024
+"""The most VM requests one relation may make; those beyond are answered failed."""
+_MAX_ECHO = 40
+"""The most characters of a remote value quoted back in a reason or a log line."""
+_MAX_REASON = 1024
 _LABEL_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
 _NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$"
 _POOL_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -229,6 +238,12 @@ class NotLeaderError(RuntimeError):
     Only the leader may write the application databag; guard the call with
     `self.unit.is_leader()`.
     """
+
+
+def _clip(value: object) -> str:
+    """Quote a remote value for a reason or log line: repr, at most _MAX_ECHO characters."""
+    text = repr(value)
+    return text if len(text) <= _MAX_ECHO else text[: _MAX_ECHO - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,12 +351,12 @@ def parse_maas_storage(value: str) -> list[StorageRequest]:
 def _parse_storage_entry(index: int, entry: str) -> StorageRequest:
     match = _STORAGE_ENTRY_RE.match(entry)
     if match is None:
-        raise ValueError(f"storage entry {entry!r} is not 'label:size(pool)'")
+        raise ValueError(f"storage entry {_clip(entry)} is not 'label:size(pool)'")
     label = match["label"]
     if label is None:
         label = "root" if index == 0 else f"disk{index}"
     if not _LABEL_RE.match(label):
-        raise ValueError(f"storage label {label!r} must match [a-zA-Z0-9][a-zA-Z0-9_-]*")
+        raise ValueError(f"storage label {_clip(label)} must match [a-zA-Z0-9][a-zA-Z0-9_-]*")
     if not re.fullmatch(r"[0-9]{1,12}", match["size"]):
         raise ValueError(f"storage size of {label!r} must be a whole number of GB such as 20")
     size = int(match["size"])
@@ -416,18 +431,18 @@ def parse_maas_interfaces(value: str) -> list[InterfaceRequest]:
 def _parse_interface_entry(entry: str) -> InterfaceRequest:
     label, sep, rest = entry.partition(":")
     if not sep:
-        raise ValueError(f"interface entry {entry!r} is not 'label:key=value[,key=value]'")
+        raise ValueError(f"interface entry {_clip(entry)} is not 'label:key=value[,key=value]'")
     if not _LABEL_RE.match(label):
-        raise ValueError(f"interface label {label!r} must match [a-zA-Z0-9][a-zA-Z0-9_-]*")
+        raise ValueError(f"interface label {_clip(label)} must match [a-zA-Z0-9][a-zA-Z0-9_-]*")
     fields: dict[str, Any] = {"label": label}
     for pair in rest.split(","):
         key, eq, val = pair.strip().partition("=")
         if not eq or not key or not val:
-            raise ValueError(f"interface {label!r}: {pair!r} is not key=value")
+            raise ValueError(f"interface {label!r}: {_clip(pair)} is not key=value")
         if key not in _MAAS_INTERFACE_KEYS:
             supported = ", ".join(sorted(_MAAS_INTERFACE_KEYS))
             raise ValueError(
-                f"interface {label!r}: key {key!r} is not supported by vm-host "
+                f"interface {label!r}: key {_clip(key)} is not supported by vm-host "
                 f"(supported: {supported})"
             )
         name = _MAAS_INTERFACE_KEYS[key]
@@ -456,8 +471,8 @@ def _maas_value(label: str, key: str, value: str) -> str | int | bool:
 
 
 def _unique_labels(items: Sequence[StorageRequest | InterfaceRequest], what: str) -> None:
-    labels = [item.label for item in items]
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    counts = Counter(item.label for item in items)
+    duplicates = sorted(label for label, n in counts.items() if n > 1)
     if duplicates:
         raise ValueError(f"{what} labels must be unique; repeated: {', '.join(duplicates)}")
 
@@ -573,8 +588,8 @@ class RequirerAppData(_Model):
     @pydantic.field_validator("requests", mode="after")
     @classmethod
     def _sorted_unique(cls, value: list[VmRequest]) -> list[VmRequest]:
-        ids = [r.id for r in value]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        counts = Counter(r.id for r in value)
+        duplicates = sorted(i for i, n in counts.items() if n > 1)
         if duplicates:
             raise ValueError(f"request ids must be unique; repeated: {', '.join(duplicates)}")
         return sorted(value, key=lambda r: r.id)
@@ -643,8 +658,8 @@ class ProviderUnitData(_Model):
     @pydantic.field_validator("vms", mode="after")
     @classmethod
     def _sorted_unique(cls, value: list[VmAnswer]) -> list[VmAnswer]:
-        ids = [a.id for a in value]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        counts = Counter(a.id for a in value)
+        duplicates = sorted(i for i, n in counts.items() if n > 1)
         if duplicates:
             raise ValueError(f"answer ids must be unique; repeated: {', '.join(duplicates)}")
         return sorted(value, key=lambda a: a.id)
@@ -697,7 +712,8 @@ def _describe(err: pydantic.ValidationError) -> str:
         loc = ".".join(str(p) for p in item["loc"])
         msg = item["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
+    text = "; ".join(parts)
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
 def _strip_none(value: Any) -> Any:
@@ -724,15 +740,26 @@ def _save(relation: ops.Relation, obj: BaseModel, dst: ops.Unit | ops.Applicatio
         relation.save(obj, dst, encoder=_encode)
 
 
+def _decode(raw: str, key: str) -> tuple[Any, str | None]:
+    """Decode one remote JSON value; never raises (size capped, deep nesting refused)."""
+    if len(raw) > _MAX_VALUE_CHARS:
+        return None, f"{key} is longer than {_MAX_VALUE_CHARS} characters"
+    try:
+        return json.loads(raw), None
+    except ValueError:
+        return None, f"{key} is not JSON"
+    except RecursionError:
+        return None, f"{key} is nested too deeply"
+
+
 def _check_version(databag: Mapping[str, str]) -> str | None:
     """Return why the databag's version is unusable, or None when it is fine."""
     raw = databag.get("version")
     if not raw:
         return None
-    try:
-        version = json.loads(raw)
-    except ValueError:
-        return "version is not JSON"
+    version, problem = _decode(raw, "version")
+    if problem is not None:
+        return problem
     if version != VERSION:
         return f"unsupported version; this library speaks {VERSION!r}"
     return None
@@ -742,10 +769,9 @@ def _load_array(databag: Mapping[str, str], key: str) -> tuple[list[Any], str | 
     raw = databag.get(key)
     if not raw:
         return [], None
-    try:
-        items = json.loads(raw)
-    except ValueError:
-        return [], f"{key} is not JSON"
+    items, problem = _decode(raw, key)
+    if problem is not None:
+        return [], problem
     if items is None:
         return [], None
     if not isinstance(items, list):
@@ -772,14 +798,19 @@ def parse_requests(databag: Mapping[str, str]) -> tuple[list[VmRequest], list[In
     valid: list[tuple[int, VmRequest]] = []
     invalid: list[InvalidRequest] = []
     for index, item in enumerate(items):
-        raw_id = item.get("id") if isinstance(item, dict) else None
-        usable_id = raw_id if isinstance(raw_id, str) and re.match(_ID_RE, raw_id) else None
+        raw_id = item.get("id") if isinstance(item, dict) else None  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        usable_id = raw_id if isinstance(raw_id, str) and _ID_FULL.fullmatch(raw_id) else None
+        if index >= MAX_REQUESTS:
+            reason = f"a relation may make at most {MAX_REQUESTS} requests; this is one more"
+            invalid.append(InvalidRequest(index=index, id=usable_id, reason=reason))
+            continue
         try:
             valid.append((index, VmRequest.model_validate(item)))
-        except pydantic.ValidationError as err:
-            invalid.append(InvalidRequest(index=index, id=usable_id, reason=_describe(err)))
-    ids = [request.id for _, request in valid] + [bad.id for bad in invalid if bad.id]
-    repeated = {i for i in ids if ids.count(i) > 1}
+        except (pydantic.ValidationError, RecursionError) as err:
+            reason = _describe(err) if isinstance(err, pydantic.ValidationError) else "too deep"
+            invalid.append(InvalidRequest(index=index, id=usable_id, reason=reason))
+    counts = Counter([request.id for _, request in valid] + [bad.id for bad in invalid if bad.id])
+    repeated = {i for i, n in counts.items() if n > 1}
     for index, request in valid:
         if request.id in repeated:
             reason = f"id {request.id!r} is used by more than one request"
@@ -806,10 +837,14 @@ def parse_answers(databag: Mapping[str, str]) -> tuple[list[VmAnswer], list[str]
     answers: dict[str, VmAnswer] = {}
     problems: list[str] = []
     for index, item in enumerate(items):
+        if index >= MAX_REQUESTS:
+            problems.append(f"vms[{index}]: beyond the {MAX_REQUESTS} answers read")
+            break
         try:
             answer = VmAnswer.model_validate(item)
-        except pydantic.ValidationError as err:
-            problems.append(f"vms[{index}]: {_describe(err)}")
+        except (pydantic.ValidationError, RecursionError) as err:
+            reason = _describe(err) if isinstance(err, pydantic.ValidationError) else "too deep"
+            problems.append(f"vms[{index}]: {reason}")
             continue
         if answer.id in answers:
             problems.append(f"vms[{index}]: id {answer.id!r} repeated")
@@ -833,7 +868,7 @@ def _relation_requests(relation: ops.Relation) -> RelationRequests | None:
     for bad in invalid:
         where = "databag" if bad.index is None else f"requests[{bad.index}]"
         logger.warning(
-            "vm request from %s on relation %d, %s (id %s) is invalid: %s",
+            "vm request from %s on relation %d, %s (id %r) is invalid: %s",
             app.name,
             relation.id,
             where,
@@ -1062,10 +1097,7 @@ class VmHostRequirer(ops.Object):
 
 def _load_seen(raw: str | None, relation_id: int) -> dict[str, str]:
     """Read this unit's id -> state snapshot; an unreadable one counts as empty."""
-    try:
-        loaded = json.loads(raw or "{}")
-    except ValueError:
-        loaded = None
+    loaded, _ = _decode(raw or "{}", SEEN_KEY)
     if not isinstance(loaded, dict):
         logger.warning("resetting unreadable %s snapshot on relation %d", SEEN_KEY, relation_id)
         return {}

@@ -98,7 +98,7 @@ if TYPE_CHECKING:
 
 LIBID = "5a83801c93844f3ba3e416ce70321a88"
 LIBAPI = 0
-LIBPATCH = 1
+LIBPATCH = 2
 PYDEPS = ["pydantic>=2,<3"]
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,8 @@ _OPTION_WORDS = frozenset(
 )
 _MAX_KEY = 16384
 _MAX_CERT = 65536
+_MAX_VALUE_CHARS = 1 << 20
+"""The longest databag value decoded: a remote unit cannot make a hook parse more."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,18 +286,25 @@ def _load(model: type[BaseModel], data: Mapping[str, str]) -> Any:
         raw = data[key]
         if raw == "":
             continue
+        if len(raw) > _MAX_VALUE_CHARS:
+            raise ValueError(f"{key}: longer than {_MAX_VALUE_CHARS} characters")
         try:
             decoded[key] = json.loads(raw)
         except ValueError:
             raise ValueError(f"{key}: not JSON-encoded") from None
+        except RecursionError:
+            raise ValueError(f"{key}: nested too deeply") from None
     try:
         return model.model_validate(decoded)
+    except RecursionError:
+        raise ValueError("data: nested too deeply") from None
     except ValidationError as exc:
         reasons = []
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "data"
             reasons.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
-        raise ValueError("; ".join(reasons)) from None
+        text = "; ".join(reasons)
+        raise ValueError(text if len(text) <= 1024 else text[:1021] + "...") from None
 
 
 def _dump(obj: BaseModel) -> dict[str, str]:
