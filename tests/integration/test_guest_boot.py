@@ -96,7 +96,9 @@ def test_named_image_boots_and_the_guest_reports_the_plan(
 ) -> None:
     url, keyring = signed_mirror
     source = images.Source(url=url, keyring=keyring)
-    item = images.resolve(source, images.parse_name("ubuntu@24.04"), "x86_64")
+    name = images.parse_name("ubuntu@24.04")
+    assert isinstance(name, images.StreamImage)
+    item = images.resolve(source, name, "x86_64")
     fetched = images.download(item, tmp_path / "cache")
     assert images.file_sha256(fetched) == item.sha256
 
