@@ -27,8 +27,9 @@ case "$(uname -m)" in
     *) qemu_pkg="qemu-system-x86" ;;
 esac
 # libxml2-utils: xmllint, which virt-xml-validate needs to check rendered XML in the tests.
+# gpg/gpgv: the test mirror signs its simplestreams index, vmhost.images verifies it.
 packages=(libvirt-daemon-system libvirt-clients "$qemu_pkg" qemu-utils libvirt-dev pkg-config
-    genisoimage iproute2 procps libxml2-utils)
+    genisoimage iproute2 procps libxml2-utils gpg gpgv)
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -128,10 +128,15 @@ def libvirt_daemons() -> None:
 def backend(libvirt_daemons: None) -> Iterator[LibvirtBackend]:
     """A backend on qemu:///system, with vmhost-test-* leftovers removed before and after."""
     libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
-    with LibvirtBackend() as b:
+    # These VMs boot no OS, so they keep the KVM domain type wherever /dev/kvm exists (pinning
+    # and numatune apply even under PVM); tests that boot a guest make a virt-type=qemu backend.
+    virt_type = "kvm" if Path("/dev/kvm").exists() else "qemu"
+    console = tempfile.mkdtemp(prefix=PREFIX + "console-")
+    with LibvirtBackend(virt_type=virt_type, console_log_dir=console) as b:
         remove_leftovers(b.conn)
         yield b
         remove_leftovers(b.conn)
+    shutil.rmtree(console, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -117,8 +117,25 @@ def generate_mac(vm: str, label: str) -> str:
     return stable_mac(MAC_PREFIX, vm, label)
 
 
-def _domain_type() -> str:
-    return "kvm" if Path("/dev/kvm").exists() else "qemu"
+VIRT_TYPES = ("auto", "kvm", "qemu")
+CONSOLE_LOG_DIR = "/var/log/vm-host/console"
+"""Each VM's serial console is logged (by virtlogd: 0600, rotated) to <dir>/<name>.log."""
+
+
+def resolve_virt_type(
+    virt_type: str, dev_kvm: Path = Path("/dev/kvm"), flags: frozenset[str] | None = None
+) -> str:
+    """Return "kvm" or "qemu" (TCG) for config `virt-type`.
+
+    "auto" is kvm only where /dev/kvm exists and the CPU offers hardware virtualisation (vmx or
+    svm): a /dev/kvm without them (PVM, some nested hosts) starts domains that boot nothing.
+    """
+    if virt_type not in VIRT_TYPES:
+        raise InvalidRequestError("virt-type", f"{virt_type!r} is not one of {VIRT_TYPES}")
+    if virt_type != "auto":
+        return virt_type
+    flags = host_cpu_flags() if flags is None else flags
+    return "kvm" if dev_kvm.exists() and flags & {"vmx", "svm"} else "qemu"
 
 
 def host_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -162,6 +179,7 @@ def domain_context(
     arch: str = "x86_64",
     cpu_disabled_features: Sequence[str] = (),
     vfs: Mapping[str, VirtualFunction] | None = None,
+    console_log: str | None = None,
 ) -> dict[str, Any]:
     """Build the template context of a domain from a spec, its placement and its devices.
 
@@ -176,10 +194,12 @@ def domain_context(
         disks: the VM's disk volumes, root first.
         seed: the cloud-init seed volume, if any.
         uuid: the domain UUID.
-        domain_type: "kvm", or "qemu" on hosts without /dev/kvm.
+        domain_type: "kvm", or "qemu" (TCG: the guest CPU is QEMU's `maximum` model, since
+            TCG cannot pass the host CPU through).
         arch: guest architecture (the host's).
         cpu_disabled_features: CPU features to hide from the guest (disabled_cpu_features()).
         vfs: NIC label -> the VF each SR-IOV (hostdev) NIC passes through (choose_vfs()).
+        console_log: the host file the serial console is logged to, if any.
     """
     cells = []
     vcpupins = []
@@ -256,7 +276,9 @@ def domain_context(
         "machine": _machine(arch),
         "boot": ["hd"] if spec.image else ["network", "hd"],
         "topology": {"sockets": 1, "cores": placement.vcpus, "threads": 1},
-        "cpu_disabled_features": list(cpu_disabled_features),
+        "cpu_mode": "maximum" if domain_type == "qemu" else "host-passthrough",
+        "cpu_disabled_features": list(cpu_disabled_features) if domain_type == "kvm" else [],
+        "console_log": console_log,
         "cells": cells,
         "disks": [
             {
@@ -814,10 +836,13 @@ def seed_documents(
 ) -> dict[str, str] | None:
     """Return the NoCloud seed files, or None when the VM needs no seed.
 
+    A VM booting an image always gets one (its hostname comes from meta-data); a network-booted
+    VM only when it has user data, keys or a static address.
+
     Network config (version 2) matches each NIC by MAC so it does not depend on the guest's
     device naming; NICs without a static address use DHCP.
     """
-    if not cloudinit.needs_cloud_init(spec, nics):
+    if not spec.image and not cloudinit.needs_cloud_init(spec, nics):
         return None
     user_data = cloudinit.user_data(spec)
     network = cloudinit.network_config(nics)
@@ -976,8 +1001,12 @@ class LibvirtBackend:
         uri: str = "qemu:///system",
         templates_dir: Path | None = None,
         sysfs_root: str = "/sys",
+        virt_type: str = "auto",
+        console_log_dir: str = CONSOLE_LOG_DIR,
     ):
         self.uri = uri
+        self.virt_type = resolve_virt_type(virt_type)
+        self.console_log_dir = console_log_dir
         self.templates_dir = templates_dir or TEMPLATES_DIR
         self.sysfs_root = sysfs_root
         self._conn: libvirt.virConnect | None = None
@@ -1184,6 +1213,9 @@ class LibvirtBackend:
                 pool_name, vol_name, _ = planned[-1]
                 step = f"building the cloud-init seed {pool_name}/{vol_name}"
                 seed = self._seed_volume(pools[pool_name], vol_name, seed_files, created)
+            step = "preparing the console log"
+            console_log = self._console_log_path(spec.name)
+            console_log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             step = "rendering the domain XML"
             arch = host_arch()
             context = domain_context(
@@ -1193,10 +1225,11 @@ class LibvirtBackend:
                 disks,
                 seed,
                 uuid=domain_uuid,
-                domain_type=_domain_type(),
+                domain_type=self.virt_type,
                 arch=arch,
                 cpu_disabled_features=disabled_cpu_features(arch, host_cpu_flags()),
                 vfs=vfs,
+                console_log=str(console_log),
             )
             xml = render_template(self.templates_dir, "domain.xml.j2", context)
             step = "defining the domain"
@@ -1219,6 +1252,31 @@ class LibvirtBackend:
             ) from e
         logger.info("composed VM %s (%s)", spec.name, domain_uuid)
         return record
+
+    def _console_log_path(self, name: str) -> Path:
+        validate_name(name, "name")
+        return Path(self.console_log_dir) / f"{name}.log"
+
+    def console_log(self, name: str, lines: int = 100) -> str:
+        """Return the last `lines` lines of a VM's serial console log ("" before any output).
+
+        Raises:
+            InvalidRequestError: a bad name or line count.
+            VmHostError: the VM does not exist.
+        """
+        if isinstance(lines, bool) or not 1 <= lines <= 100_000:
+            raise InvalidRequestError("lines", f"{lines!r}: give 1 to 100000 lines")
+        path = self._console_log_path(name)
+        self._lookup(name)
+        try:
+            with path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - 4 * 1024 * 1024))
+                text = f.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.replace("\r", "").splitlines()[-lines:])
 
     def _check_volumes_free(
         self, planned: Sequence[tuple[str, str, int]]
@@ -1360,6 +1418,10 @@ class LibvirtBackend:
             dom.undefineFlags(_UNDEFINE_FLAGS)
         except libvirt.libvirtError as e:
             raise VmHostError(f"delete {name}: {e.get_error_message()}") from e
+        log = self._console_log_path(name)
+        for path in (log, *log.parent.glob(f"{log.name}.[0-9]*")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         failed = []
         for ref in fields["volumes"]:
             pool_name, _, vol_name = ref.partition("/")
