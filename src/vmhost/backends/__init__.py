@@ -83,4 +83,3 @@ class Backend(Protocol):
     def vm_stats(self) -> list[VmStats]:
         """Return usage counters of every running VM, in one call to the hypervisor."""
         ...
-
