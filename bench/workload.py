@@ -235,6 +235,7 @@ class Trace:
     host: str
     load: float
     seed: int
+    part: int
     requests: tuple[Request, ...]
     events: tuple[tuple[str, int], ...]
     """("arrive", request id) or ("depart", request id), in time order."""
@@ -243,15 +244,20 @@ class Trace:
     """Arrivals before the host reaches steady state; replayed but not counted in rates."""
 
 
-def make_trace(host: BenchHost, load: float, arrivals: int, seed: int, odd: bool = False) -> Trace:
+def make_trace(
+    host: BenchHost, load: float, arrivals: int, seed: int, odd: bool = False, part: int = 0
+) -> Trace:
     """Draw a seeded trace whose offered load is `load` on `host`.
 
     Arrivals are Poisson with rate 1 and lifetimes exponential with mean T, so the mean
     demanded CPUs are T x mean request size (Little's law); T is chosen to make that equal
     to `load` x host CPUs. The first 3 T time units (at most 40% of the arrivals) are the
-    warm-up from an empty host. `odd` draws the odd sizes of `kind_sizes`.
+    warm-up from an empty host. `odd` draws the odd sizes of `kind_sizes`. `part` numbers
+    the independent traces drawn from one seed for the same host and load (part 0 is the
+    trace earlier versions drew from that seed).
     """
-    rng = random.Random(f"vmhost-bench:{seed}:{host.name}:{load}" + (":odd" if odd else ""))
+    key = f"vmhost-bench:{seed}:{host.name}:{load}" + (":odd" if odd else "")
+    rng = random.Random(key + (f":{part}" if part else ""))
     sizes = kind_sizes(host, odd)
     kinds = list(sizes)
     weights = [KIND_WEIGHTS[k] for k in kinds]
@@ -276,6 +282,7 @@ def make_trace(host: BenchHost, load: float, arrivals: int, seed: int, odd: bool
         host=host.name,
         load=load,
         seed=seed,
+        part=part,
         requests=tuple(requests),
         events=tuple((what, rid) for _, _, what, rid in timed),
         mean_lifetime=mean_lifetime,

@@ -27,9 +27,10 @@ Rules, and why they are what they are:
   them.
 * Guest cells mirror host nodes: a pinned or hugepage-backed VM gets one cell per host node
   used, in ascending host node order. Only nodes with CPUs hold cells (a memory-only node
-  never gets vCPUs). A VM uses as few nodes as it can (up to ``VmSpec.numa_nodes``); spans
-  choose the node set with the smallest NUMA distance sum. An explicit CPU list decides the
-  nodes itself; within each cell its CPUs keep the requester's order.
+  never gets vCPUs). A VM may use up to ``VmSpec.numa_nodes`` nodes; which node set, and how
+  many nodes, is decided by the placement cost below (on one node when one node costs no
+  more). An explicit CPU list decides the nodes itself; within each cell its CPUs keep the
+  requester's order.
 * Split rule. vCPUs are split over the cells as evenly as the free capacity allows (the
   largest cell is as small as possible; ties give the extra vCPUs to the lower nodes).
   Memory follows the vCPUs: in whole units (MiB, or pages for hugepage-backed VMs) each cell
@@ -49,14 +50,41 @@ Rules, and why they are what they are:
   can honour: a floating VM asking for it is rejected. A NIC whose NUMA node the kernel does
   not report constrains nothing. Interfaces without a parent are resolved by the networks
   layer and not counted here.
-* Scoring. Among the node sets that fit: honour the NIC preference, then the smallest
-  distance sum, then strand as few more 1G pages as possible (pages left on a node with
-  fewer free CPUs than pages; pages already stranded do not count), then keep whole free
-  nodes whole, then keep 1G pages placeable (best fit on 1G pages for 1G requests; other
-  requests stay off nodes with free 1G pages, whose CPUs a 1G request will need), then break
-  as few whole free cores as possible, then best fit on free CPUs and memory, then the lowest
-  node ids. Everything iterates in sorted
-  order, so equal inputs give equal plans.
+* Placement cost. Every node set that fits is priced in vCPUs: the vCPUs of future requests
+  the placement is expected to make unplaceable, plus what a span or a missed NIC costs the
+  VM itself. The cheapest wins; ties go to the best fit (fewest free CPUs left on the chosen
+  nodes), then the fewest free 1G pages left there (a 1G VM takes the tightest pages, other
+  VMs stay off nodes whose pages 1G VMs will need), then the least memory left, then the
+  lowest node ids. The terms:
+
+  - whole node broken: a node whose usable CPUs were all free and that the VM takes some
+    but not all of costs its CPU count (a VM of that node's size can no longer go there);
+  - whole core split: 0.5 per free core the VM takes one thread of (the other thread then
+    serves only an odd vCPU count);
+  - 1G pages stranded: each 1G page the placement leaves on a node with fewer free CPUs than
+    free pages (only pages this placement newly strands) costs the share of vCPUs that ask
+    for 1G pages on this host, learned from the VMs it holds and this request, starting from
+    a prior: share = (prior x W + 1G vCPUs seen) / (W + vCPUs seen), where the prior is
+    host 1G pages / host CPUs (capped at 1: the share the pages could back at one page per
+    vCPU) and W is the CPUs of the largest node (the prior weighs one node's worth of VMs);
+  - distance: a span over several nodes costs vCPUs x (mean pairwise NUMA distance / 10 - 1),
+    1.1 per vCPU at the usual remote distance 21; one node costs 0;
+  - NIC alignment: missing every preferred SR-IOV NIC node costs the host's CPU count, more
+    than all other terms together, so the preference holds whenever it can.
+
+  Spans on more nodes are compared with fewer ones: a VM allowed two nodes that would break
+  a whole node on one spans two partly used nodes instead when its distance term costs less
+  than that node. Wider spans are tried only while their least possible distance term is
+  below the best cost found.
+
+  Worked example. Two nodes of 4 cores x 2 threads (8 CPUs each, distance 21); node 0 has 4
+  1G pages and 4 of its CPUs (two whole cores) pinned by a 4-vCPU VM without pages, node 1 is
+  empty and has no pages. A 2-vCPU VM with numa-nodes 2 arrives. The 1G share is (4/16 x 8 +
+  0) / (8 + 4 + 2) = 0.14.
+  node 0: no whole node broken, a whole core taken (no split), 2 CPUs left for 4 pages: 2
+  pages stranded x 0.14 = 0.29 vCPUs. node 1: breaks a whole node, 8 vCPUs. nodes 0 and 1
+  (1 + 1): breaks node 1 (8) + splits one core on each (0.5 + 0.5) + distance 2 x 1.1 (2.2)
+  + 1 page stranded on node 0 (0.14) = 11.3. The VM goes on node 0.
 * Speed. Node sets are never permuted: single nodes are scored one by one; spans enumerate
   combinations only while there are few of them, and otherwise grow sets greedily from every
   seed node by NUMA distance. Capacity bounds reject impossible requests before any search.
@@ -303,7 +331,12 @@ class _Host:
         self.bound_mib = dict.fromkeys(self.node_ids, 0)
         self.pages_used: dict[tuple[int, int], int] = {}
         self.vfs_used: dict[str, int] = {}
+        self.vcpus_held = 0
+        self.vcpus_held_1g = 0
         for alloc in allocations:
+            self.vcpus_held += alloc.vcpus
+            if any(c.hugepage_size_kib == PAGE_1G_KIB and c.hugepages for c in alloc.cells):
+                self.vcpus_held_1g += alloc.vcpus
             self.pinned.update(alloc.pinned_cpus)
             self.shared_vcpus += alloc.shared_vcpus
             self.general_allocated += alloc.general_memory_mib
@@ -566,6 +599,8 @@ class _Candidate:
     units: tuple[int, ...]
     cpus: tuple[tuple[int, ...], ...]
     score: tuple[object, ...] = ()
+    cost: float = 0.0
+    """The placement cost in vCPUs (the first element of the score)."""
 
 
 @dataclass(frozen=True)
@@ -889,6 +924,59 @@ def _check_sriov(host: _Host, spec: VmSpec) -> _Sriov:
     return _Sriov(tuple(vfs), tuple(sorted(prefer)), tuple(sorted(strict)))
 
 
+@dataclass(frozen=True)
+class _Weights:
+    """The prices of the placement cost, in vCPUs (see the top of the module)."""
+
+    vcpus: int
+    core: float
+    page_1g: float
+    nic: float
+    dist: dict[int, dict[int, int]]
+    min_excess: float
+    """Smallest (distance / 10 - 1) between two nodes of the host."""
+
+    def distance(self, nodes: Sequence[int]) -> float:
+        """The distance term: vCPUs x (mean pairwise NUMA distance / 10 - 1), 0 on one node."""
+        if len(nodes) < 2:
+            return 0.0
+        pairs = list(itertools.combinations(nodes, 2))
+        mean = sum(self.dist[a][b] for a, b in pairs) / len(pairs)
+        return self.vcpus * (mean / 10 - 1)
+
+    def span_floor(self, k: int) -> float:
+        """The least a span over k nodes can cost (its distance term at the closest pair)."""
+        return 0.0 if k < 2 else self.vcpus * self.min_excess
+
+
+CORE_SPLIT_VCPUS = 0.5
+"""A split core's free thread serves only an odd vCPU count: priced at half a vCPU."""
+
+
+def _weights(host: _Host, spec: VmSpec, units: _Units) -> _Weights:
+    """Price the cost terms for one request on one host (pure: from the host and the request)."""
+    cpu_nodes = [nd for nd in host.node_ids if host.node_cpus[nd]]
+    cpus = sum(host.node_usable[nd] for nd in cpu_nodes)
+    pages = sum(host.pages_total(nd, PAGE_1G_KIB) for nd in cpu_nodes)
+    # How often 1G pages are asked for: the share of vCPUs backed by 1G pages among the VMs
+    # the host holds and this request, starting from a prior of the share of the host's CPUs
+    # its 1G pages could back (one page per vCPU), worth one node's CPUs of evidence.
+    prior = min(1.0, pages / cpus) if cpus else 0.0
+    weight = max((host.node_usable[nd] for nd in cpu_nodes), default=0)
+    seen = host.vcpus_held + spec.vcpus
+    seen_1g = host.vcpus_held_1g + (spec.vcpus if units.page_kib == PAGE_1G_KIB else 0)
+    share_1g = (prior * weight + seen_1g) / (weight + seen) if weight + seen else 0.0
+    excess = [host.dist[a][b] / 10 - 1 for a, b in itertools.combinations(cpu_nodes, 2)]
+    return _Weights(
+        vcpus=spec.vcpus,
+        core=CORE_SPLIT_VCPUS,
+        page_1g=share_1g,
+        nic=float(cpus),
+        dist=host.dist,
+        min_excess=max(0.0, min(excess, default=0.0)),
+    )
+
+
 class _Search:
     """Find the best node set and CPUs for a request counted in one kind of memory unit."""
 
@@ -919,6 +1007,7 @@ class _Search:
         self.budget = self.host.pool_budget() if self.pinned else None
         self.over_budget = False
         self._orders: list[list[int]] | None = None
+        self.weights = _weights(self.host, self.spec, units)
 
     def run(self) -> _Candidate | str:
         """Return the best candidate, or the reason there is none."""
@@ -936,10 +1025,17 @@ class _Search:
                 self.explain(list(strict), len(strict))
                 + f" (strict SR-IOV alignment to NUMA {_fmt_nodes(strict)})"
             )
+        best: _Candidate | None = None
         for k in range(max(1, len(strict)), self.max_k + 1):
-            best = self._best_of(k) if self._may_fit(k) else None
-            if best is not None:
-                return best
+            # A span over k nodes costs at least the distance term of its closest pair; once
+            # the best candidate so far costs no more than that, wider spans cannot win.
+            if best is not None and best.cost <= self.weights.span_floor(k):
+                break
+            found = self._best_of(k) if self._may_fit(k) else None
+            if found is not None and (best is None or found.score < best.score):
+                best = found
+        if best is not None:
+            return best
         if self.over_budget:
             return f"needs {_pinned(n)} on whole cores; " + self.host.pool_reason(n + 1)
         return self.explain(list(self.cpu_nodes), self.max_k)
@@ -1043,8 +1139,10 @@ class _Search:
                 broken += b
             else:
                 cpus.append(())
+        score = self._score(nodes, counts, split, broken)
+        cost = score[0]
         return _Candidate(
-            nodes, counts, split, tuple(cpus), self._score(nodes, counts, split, broken)
+            nodes, counts, split, tuple(cpus), score, cost if isinstance(cost, float) else 0.0
         )
 
     def _score(
@@ -1054,39 +1152,40 @@ class _Search:
         split: Sequence[int],
         broken: int,
     ) -> tuple[object, ...]:
-        host = self.host
+        """The module's placement cost (see the top of the module), then the tie-breaks."""
+        host, w = self.host, self.weights
         is_1g = self.units.page_kib == PAGE_1G_KIB
-        whole_nodes = 0
+        whole_nodes = 0.0
         left_cpus = 0
         stranded = 0
         one_g = 0
         for nd, count, got in zip(nodes, counts, split, strict=True):
             pool = len(host.pool_on(nd))
             used = count if self.pinned else 0
-            if pool == host.node_usable[nd] and used < pool:
-                whole_nodes += 1
+            if pool == host.node_usable[nd] and 0 < used < pool:
+                whole_nodes += pool
             left_cpus += pool - used
             pages_before = host.pages_free(nd, PAGE_1G_KIB)
             pages_left = pages_before - (got if is_1g else 0)
-            # 1G pages left with fewer free CPUs than pages on their node cannot all be used
-            # even by the densest 1G VM (one page per vCPU): they would be stranded. Only the
-            # pages this placement strands count: pages a node had already stranded are lost
-            # whichever node is chosen, and counting them would push small VMs off a nearly
-            # full node onto a whole free one.
+            # Pages left on a node with fewer free CPUs than pages cannot all be used even by
+            # the densest 1G VM (one page per vCPU). Only the pages this placement strands
+            # count: those a node had stranded already are lost whichever node is chosen.
             stranded += max(0, pages_left - (pool - used)) - max(0, pages_before - pool)
-            # 1G requests: best fit on the pages; others: stay off nodes with free 1G pages.
             one_g += pages_left
         left_units = sum(self.free[nd] - got for nd, got in zip(nodes, split, strict=True))
         prefer = self.sriov.prefer_nodes
         nic_miss = 0 if not prefer or any(nd in nodes for nd in prefer) else 1
+        cost = (
+            whole_nodes
+            + w.core * broken
+            + w.page_1g * stranded
+            + w.distance(nodes)
+            + w.nic * nic_miss
+        )
         return (
-            nic_miss,
-            host.distance_sum(nodes),
-            stranded,
-            whole_nodes,
-            one_g,
-            broken,
+            round(cost, 6),
             left_cpus,
+            one_g,
             left_units * self.units.mib_per_unit,
             nodes,
         )

@@ -506,13 +506,59 @@ def test_non_1g_requests_stay_off_nodes_with_free_1g_pages() -> None:
     assert p.host_nodes == (1,)  # node 0's CPUs stay for 1G requests
 
 
-def test_scoring_avoids_stranding_1g_pages_before_keeping_nodes_whole() -> None:
+def test_keeping_a_node_whole_outweighs_stranding_a_few_1g_pages() -> None:
     topo = pages_on(make_host(), {0: {PAGE_1G_KIB: 4}, 1: {}})
     allocs = place_all(topo, [replace(pinned(4), pinned_cpus=(0, 8, 1, 9))])
-    # Node 0 has 4 free CPUs and 4 free 1G pages; taking 2 of its CPUs would leave 4 pages
-    # with 2 CPUs, so the VM breaks the whole node 1 instead.
+    # Node 0 has 4 free CPUs and 4 free 1G pages; taking 2 of its CPUs strands 2 pages, which
+    # cost 2 x the 1G share (prior 4 pages / 16 CPUs, no 1G VM held: (0.25 x 8 + 0) /
+    # (8 + 6) = 0.14), 0.29 vCPUs; breaking the whole node 1 costs its 8 CPUs.
     p = ok(plan(topo, allocs, pinned(2), Policy()))
-    assert p.host_nodes == (1,)
+    assert p.host_nodes == (0,)
+
+
+def test_worked_example_of_the_placement_cost() -> None:
+    """The example at the top of placement.py: node 0 costs 0.29, node 1 8, both 11.3."""
+    topo = pages_on(make_host(), {0: {PAGE_1G_KIB: 4}, 1: {}})
+    allocs = place_all(topo, [replace(pinned(4), pinned_cpus=(0, 8, 1, 9))])
+    p = ok(plan(topo, allocs, pinned(2, numa_nodes=2), Policy()))
+    assert p.host_nodes == (0,)
+    assert set(p.pinned_cpus) in ({2, 10}, {3, 11})  # one whole core, no core split
+
+
+def test_span_keeps_an_empty_node_whole_when_numa_nodes_allows() -> None:
+    topo = make_host(nodes=3)
+    # Nodes 0 and 1 have 2 free CPUs each, node 2 is empty.
+    allocs = place_all(topo, [pinned(6), pinned(6)])
+    assert [a.host_nodes for a in allocs] == [(0,), (1,)]
+    # One node: only node 2 fits, breaking it costs 8. Nodes 0 + 1: 4 x 1.1 = 4.4.
+    p = ok(plan(topo, allocs, pinned(4, numa_nodes=2), Policy()))
+    assert [(c.host_node, c.vcpus) for c in p.cells] == [(0, 2), (1, 2)]
+    assert ok(plan(topo, allocs, pinned(4), Policy())).host_nodes == (2,)
+
+
+def test_span_stays_on_one_node_when_spanning_costs_more() -> None:
+    far = {(a, b): 40 for a in range(3) for b in range(3) if a != b}
+    topo = make_host(nodes=3, distances=far)
+    allocs = place_all(topo, [pinned(6), pinned(6)])
+    # At distance 40 the span costs 4 x 3 = 12 vCPUs, more than breaking node 2 (8).
+    p = ok(plan(topo, allocs, pinned(4, numa_nodes=2), Policy()))
+    assert p.host_nodes == (2,)
+
+
+def test_1g_share_learned_from_the_vms_held() -> None:
+    """Stranding a page costs the learned 1G share; a split core costs 0.5 vCPUs."""
+    topo = pages_on(make_host(), {0: {PAGE_1G_KIB: 10}, 1: {}})
+    node0 = (0, 8, 1, 9, 2)  # leaves node 0 a half-used core (10) and a whole one (3, 11)
+    node1 = replace(pinned(4), pinned_cpus=(4, 12, 5, 13))  # node 1: two whole cores free
+    # Node 0 takes CPU 10 (no split) and strands 1 more page; node 1 splits a whole core.
+    for huge, expected in ((False, (0,)), (True, (1,))):
+        first = replace(pinned(5, 5 * GIB), pinned_cpus=node0)
+        if huge:
+            first = replace(first, hugepages=HugepageRequest.P1G)
+        allocs = place_all(topo, [first, node1])
+        # Prior 10 pages / 16 CPUs, W = 8, 10 vCPUs seen: the share is 5 / 18 = 0.28 with no
+        # 1G VM held (cheaper than the split), (5 + 5) / 18 = 0.56 when the 5-vCPU VM is one.
+        assert ok(plan(topo, allocs, pinned(1), Policy())).host_nodes == expected
 
 
 def test_pages_already_stranded_do_not_push_vms_off_a_nearly_full_node() -> None:
