@@ -935,6 +935,8 @@ class _Weights:
     dist: dict[int, dict[int, int]]
     min_excess: float
     """Smallest (distance / 10 - 1) between two nodes of the host."""
+    page_credit: float
+    """The most a 1G request can lower the page term (pages it takes that were stranded)."""
 
     def distance(self, nodes: Sequence[int]) -> float:
         """The distance term: vCPUs x (mean pairwise NUMA distance / 10 - 1), 0 on one node."""
@@ -945,8 +947,12 @@ class _Weights:
         return self.vcpus * (mean / 10 - 1)
 
     def span_floor(self, k: int) -> float:
-        """The least a span over k nodes can cost (its distance term at the closest pair)."""
-        return 0.0 if k < 2 else self.vcpus * self.min_excess
+        """The least a span over k nodes can cost.
+
+        That is the distance term at the closest pair, less the page term's largest credit (a
+        1G VM taking pages that were stranded); the other terms are never negative.
+        """
+        return 0.0 if k < 2 else self.vcpus * self.min_excess - self.page_credit
 
 
 CORE_SPLIT_VCPUS = 0.5
@@ -974,6 +980,7 @@ def _weights(host: _Host, spec: VmSpec, units: _Units) -> _Weights:
         nic=float(cpus),
         dist=host.dist,
         min_excess=max(0.0, min(excess, default=0.0)),
+        page_credit=share_1g * units.total if units.page_kib == PAGE_1G_KIB else 0.0,
     )
 
 
@@ -1140,10 +1147,7 @@ class _Search:
             else:
                 cpus.append(())
         score = self._score(nodes, counts, split, broken)
-        cost = score[0]
-        return _Candidate(
-            nodes, counts, split, tuple(cpus), score, cost if isinstance(cost, float) else 0.0
-        )
+        return _Candidate(nodes, counts, split, tuple(cpus), score, score[0])
 
     def _score(
         self,
@@ -1151,7 +1155,7 @@ class _Search:
         counts: Sequence[int],
         split: Sequence[int],
         broken: int,
-    ) -> tuple[object, ...]:
+    ) -> tuple[float, int, int, int, tuple[int, ...]]:
         """The module's placement cost (see the top of the module), then the tie-breaks."""
         host, w = self.host, self.weights
         is_1g = self.units.page_kib == PAGE_1G_KIB
