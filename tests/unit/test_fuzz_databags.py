@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from ops import testing
+from test_charm_lxd import FakeTrust
 from test_consumer_charm import CONFIG as CONSUMER_CONFIG
 from test_consumer_charm import META as CONSUMER_META
 from test_consumer_charm import VmConsumerCharm
@@ -171,6 +172,10 @@ def vm_host_ctx() -> Iterator[tuple[testing.Context[charm.VmHostCharm], FakeBack
     with pytest.MonkeyPatch.context() as mp:
         backend = FakeBackend(host=TOPOLOGY)
         mp.setattr(charm, "make_backend", lambda config: backend)
+        # backend=lxd examples must never reach this machine's LXD (they would set its
+        # core.https_address to ops.testing's 192.0.2.0 bind address).
+        FakeTrust.certificates, FakeTrust.https, FakeTrust.tokens = {}, None, []
+        mp.setattr(charm, "make_trust", FakeTrust)
         install_fake_host(mp)
         install_fake_access(mp)
         yield testing.Context(charm.VmHostCharm), backend
