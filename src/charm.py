@@ -13,7 +13,7 @@ import logging
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import ops
 import pydantic
@@ -28,6 +28,7 @@ from vmhost import (
     exporter,
     health,
     host,
+    lifecycle,
     networks,
     report,
     settings,
@@ -39,7 +40,9 @@ from vmhost.config import (
     ComposeParams,
     KeyParams,
     NameParams,
+    PowerParams,
     RevokeParams,
+    StopParams,
     TrustParams,
     parse_networks,
     pydantic_message,
@@ -124,6 +127,10 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(self.on.add_trusted_client_action, self._on_add_trusted_client)
         framework.observe(self.on.remove_trusted_client_action, self._on_remove_trusted_client)
         framework.observe(self.on.get_trust_token_action, self._on_get_trust_token)
+        framework.observe(self.on.start_vm_action, self._on_start_vm)
+        framework.observe(self.on.stop_vm_action, self._on_stop_vm)
+        framework.observe(self.on.restart_vm_action, self._on_restart_vm)
+        framework.observe(self.on.list_access_action, self._on_list_access)
 
     # ----------------------------------------------------------------------------------------
     # Inputs
@@ -131,7 +138,9 @@ class VmHostCharm(ops.CharmBase):
     def _load_config(self) -> CharmConfig | None:
         if self._config is None and not self._config_error:
             try:
-                self._config = self.load_config(CharmConfig)
+                self._config = self.load_config(CharmConfig).for_host(
+                    self.unit.name, socket.gethostname()
+                )
             except pydantic.ValidationError as exc:
                 self._config_error = pydantic_message(exc)
             except InvalidRequestError as exc:
@@ -213,6 +222,10 @@ class VmHostCharm(ops.CharmBase):
         if config.backend == "lxd":
             self._reconcile_lxd_access(config)
         self._reconcile_vms(config, snapshot)
+        if isinstance(event, ops.UpdateStatusEvent):
+            snapshot = self._snapshot(config) or snapshot
+            if lifecycle.revive_crashed(backend, snapshot.vms):
+                self._snapshot(config, refresh=True)
 
     def _reconcile_observability(self, config: CharmConfig) -> None:
         """Keep the exporter running with the current options; publish what COS reads."""
@@ -407,18 +420,16 @@ class VmHostCharm(ops.CharmBase):
             libvirt_user_adopt=config.libvirt_user_adopt,
         ):
             event.add_status(ops.BlockedStatus(problem))
-        event.add_status(
-            ops.ActiveStatus(
-                report.status_line(
-                    config.backend,
-                    snapshot.version,
-                    snapshot.topology,
-                    snapshot.allocations,
-                    config.policy,
-                    len(snapshot.vms),
-                )
-            )
+        line = report.status_line(
+            config.backend,
+            snapshot.version,
+            snapshot.topology,
+            snapshot.allocations,
+            config.policy,
+            len(snapshot.vms),
         )
+        crashed = lifecycle.crash_note(snapshot.vms)
+        event.add_status(ops.ActiveStatus(f"{line}; {crashed}" if crashed else line))
 
     # ----------------------------------------------------------------------------------------
     # Actions
@@ -538,6 +549,85 @@ class VmHostCharm(ops.CharmBase):
             {
                 "table": report.resources_table(data),
                 "json": json.dumps(data, sort_keys=True),
+            }
+        )
+
+    def _power_inputs(
+        self, event: ops.ActionEvent, params: PowerParams
+    ) -> tuple[CharmConfig, VmRecord] | None:
+        inputs = self._action_inputs(event)
+        if inputs is None:
+            return None
+        config, snapshot = inputs
+        try:
+            vm = lifecycle.find_vm(snapshot.vms, params.name, params.owner)
+        except InvalidRequestError as exc:
+            event.fail(f"nothing done: {exc}")
+            return None
+        return config, vm
+
+    def _power(self, event: ops.ActionEvent, verb: Literal["start", "stop", "restart"]) -> None:
+        try:
+            params = event.load_params(PowerParams if verb == "start" else StopParams)
+        except pydantic.ValidationError as exc:
+            event.fail(f"bad parameters, nothing done: {pydantic_message(exc)}")
+            return
+        inputs = self._power_inputs(event, params)
+        if inputs is None:
+            return
+        config, vm = inputs
+        backend = self._backend(config)
+        done = True
+        try:
+            if not isinstance(params, StopParams):
+                lifecycle.start(backend, vm, progress=event.log)
+            else:
+                act = lifecycle.stop if verb == "stop" else lifecycle.restart
+                done = act(
+                    backend, vm, timeout_s=params.timeout, force=params.force, progress=event.log
+                )
+        except VmHostError as exc:
+            event.fail(f"{vm.name}: {exc}")
+            return
+        finally:
+            snapshot = self._snapshot(config, refresh=True)
+        if not done and isinstance(params, StopParams):
+            event.fail(
+                f"{vm.name} did not shut down within {params.timeout} s and is still running; "
+                "give a longer timeout, or force=true to power it off"
+            )
+            return
+        now = next((v for v in snapshot.vms if v.name == vm.name), vm) if snapshot else vm
+        logger.info("%s: %s done, now %s", vm.name, verb, now.state.value)
+        event.set_results({"name": vm.name, "state": now.state.value})
+
+    def _on_start_vm(self, event: ops.ActionEvent) -> None:
+        self._power(event, "start")
+
+    def _on_stop_vm(self, event: ops.ActionEvent) -> None:
+        self._power(event, "stop")
+
+    def _on_restart_vm(self, event: ops.ActionEvent) -> None:
+        self._power(event, "restart")
+
+    def _on_list_access(self, event: ops.ActionEvent) -> None:
+        config = self._load_config()
+        if config is None:
+            event.fail(f"invalid config: {self._config_error}")
+            return
+        try:
+            if config.backend == "libvirt":
+                entries = access.describe_keys(access.current_keys(config.libvirt_user))
+            else:
+                entries = make_trust().describe()
+        except VmHostError as exc:
+            event.fail(f"cannot read access: {exc}")
+            return
+        event.set_results(
+            {
+                "backend": config.backend,
+                "table": report.access_table(entries),
+                "json": json.dumps(entries, sort_keys=True),
             }
         )
 

@@ -794,3 +794,24 @@ def remove_sshd_drop_in(path: Path = SSHD_DROP_IN) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def describe_keys(keys: Sequence[AuthorizedKey]) -> list[dict[str, str]]:
+    """The authorized keys as list-access shows them: name, fingerprint, type and source.
+
+    The source says where to remove a key: "config" (the ssh-authorized-keys option),
+    "relation" (the access relation of the named unit), "action" (revoke-ssh-key by name).
+    """
+    out = []
+    for key in sorted(keys):
+        kind, _, rest = key.source.partition(":")
+        name = rest.partition(":")[2] if kind == "relation" else rest
+        out.append(
+            {
+                "name": name,
+                "fingerprint": key.fingerprint,
+                "type": key.key_type,
+                "source": kind,
+            }
+        )
+    return out

@@ -13,15 +13,18 @@ from typing import Literal
 
 import pydantic
 
-from vmhost import access, constraints, exporter, host, networks, settings
+from vmhost import access, constraints, exporter, host, lifecycle, networks, settings
 from vmhost.model import Policy
 
 __all__ = [
+    "PER_HOST_OPTIONS",
     "CharmConfig",
     "ComposeParams",
     "KeyParams",
     "NameParams",
+    "PowerParams",
     "RevokeParams",
+    "StopParams",
     "TrustParams",
     "parse_networks",
     "pydantic_message",
@@ -45,6 +48,10 @@ def pydantic_message(exc: pydantic.ValidationError) -> str:
 def parse_networks(text: str) -> Mapping[str, networks.NetworkMapping]:
     """The `networks` option, parsed once per hook (config validation and every use)."""
     return types.MappingProxyType(networks.parse_networks_config(text))
+
+
+PER_HOST_OPTIONS = ("reserved_cpus", "hugepages", "networks")
+"""Options that may hold a per-host map ({unit or hostname: value, "*": default})."""
 
 
 class CharmConfig(pydantic.BaseModel):
@@ -82,13 +89,13 @@ class CharmConfig(pydantic.BaseModel):
     @pydantic.field_validator("reserved_cpus")
     @classmethod
     def _reserved_cpus(cls, value: str) -> str:
-        settings.parse_reserved_cpus(value)
+        settings.check_per_host("reserved-cpus", value, settings.parse_reserved_cpus)
         return value
 
     @pydantic.field_validator("hugepages")
     @classmethod
     def _hugepages(cls, value: str) -> str:
-        settings.parse_hugepages_setting(value)
+        settings.check_per_host("hugepages", value, settings.parse_hugepages_setting)
         return value
 
     @pydantic.field_validator("default_storage_pool")
@@ -101,8 +108,16 @@ class CharmConfig(pydantic.BaseModel):
     @pydantic.field_validator("networks")
     @classmethod
     def _networks(cls, value: str) -> str:
-        parse_networks(value)
+        settings.check_per_host("networks", value, parse_networks)
         return value
+
+    def for_host(self, unit: str, hostname: str) -> CharmConfig:
+        """These options with this machine's entry of each per-host map (see settings)."""
+        update = {}
+        for name in PER_HOST_OPTIONS:
+            option = name.replace("_", "-")
+            update[name] = settings.for_host(option, getattr(self, name), unit, hostname)
+        return self.model_copy(update=update)
 
     @pydantic.field_validator("libvirt_user")
     @classmethod
@@ -176,6 +191,29 @@ class NameParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
     name: str
+
+
+class PowerParams(pydantic.BaseModel):
+    """Parameters of start-vm."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    owner: str | None = None
+
+
+class StopParams(PowerParams):
+    """Parameters of stop-vm and restart-vm."""
+
+    timeout: int = pydantic.Field(lifecycle.DEFAULT_STOP_TIMEOUT_S, ge=1)
+    force: bool = False
+
+    @pydantic.field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: int) -> int:
+        if value > lifecycle.MAX_STOP_TIMEOUT_S:
+            raise ValueError(f"must be at most {lifecycle.MAX_STOP_TIMEOUT_S} seconds")
+        return value
 
 
 class KeyParams(pydantic.BaseModel):

@@ -484,6 +484,44 @@ class LxdTrust:
             self.untrust(name)
         return sorted(names)
 
+    def describe(self) -> list[dict[str, str]]:
+        """Every trusted client and pending token, as list-access shows them.
+
+        Name (without vm-host's prefix for those it added), fingerprint, projects ("all" for an
+        unrestricted certificate) and source: "action" (add-trusted-client or a used token),
+        "relation" (the access relation), "token" (issued, not used yet), "other" (added
+        outside vm-host; vm-host never removes those).
+        """
+        out = []
+        for cert in sorted(self.trusted(), key=lambda c: c.name):
+            if cert.type != "client":
+                continue
+            if cert.from_relation:
+                source = "relation"
+            elif cert.managed:
+                source = "action"
+            else:
+                source = "other"
+            out.append(
+                {
+                    "name": cert.name.removeprefix(NAME_PREFIX) if cert.managed else cert.name,
+                    "fingerprint": cert.fingerprint,
+                    "projects": ",".join(cert.projects) if cert.restricted else "all",
+                    "source": source,
+                }
+            )
+        for token in sorted(self._pending_tokens(), key=lambda t: str(t.get("name") or "")):
+            name = str(token.get("name") or "")
+            out.append(
+                {
+                    "name": name.removeprefix(NAME_PREFIX),
+                    "fingerprint": "",
+                    "projects": "",
+                    "source": "token",
+                }
+            )
+        return out
+
     def _pending_tokens(self) -> list[dict[str, Any]]:
         ops = self.request("GET", "/1.0/operations?recursion=1") or {}
         found = []

@@ -363,6 +363,9 @@ class VmRecord:
     interfaces: tuple[Mapping[str, str], ...] = ()
     """Per NIC: label, mac, attached-to."""
     managed: bool = True
+    autostart: bool = False
+    """The VM should run: the hypervisor starts it at host boot, and update-status restarts it
+    after a crash. stop-vm clears it, start-vm sets it, so an operator's stop is kept."""
     """False for domains vm-host did not create (they still use host resources)."""
     state_reason: str = ""
     """Why a failed VM is failed (paused on an I/O error, crashed), as the hypervisor says."""

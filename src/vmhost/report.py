@@ -69,6 +69,7 @@ def vm_json(vm: VmRecord) -> dict[str, Any]:
         "owner": vm.owner,
         "request-id": vm.request_id,
         "managed": vm.managed,
+        "autostart": vm.autostart,
         "placement": placement_data(vm.placement),
         "volumes": list(vm.volumes),
         "interfaces": [dict(i) for i in vm.interfaces],
@@ -96,6 +97,15 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
     return "\n".join(lines)
+
+
+def access_table(entries: Sequence[dict[str, str]]) -> str:
+    """list-access as a table: one row per key or client, columns as describe_* gives them."""
+    if not entries:
+        return "no access granted"
+    headers = list(entries[0])
+    rows = [[e.get(h, "") or "-" for h in headers] for e in entries]
+    return _table([h.upper() for h in headers], rows)
 
 
 def vms_table(vms: Sequence[VmRecord]) -> str:

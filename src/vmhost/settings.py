@@ -7,7 +7,10 @@ and the fix before anything on the host changes.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import yaml
 
 from vmhost.model import HUGEPAGE_LABELS, InvalidRequestError, Policy
 from vmhost.topology import parse_cpu_list
@@ -94,3 +97,81 @@ def make_policy(
         reserved_memory_mib=reserved_memory_mib,
         smt_policy=smt_policy,
     )
+
+
+PER_HOST_DEFAULT = "*"
+
+
+def for_host(option: str, text: str, unit: str, hostname: str) -> str:
+    """Return this host's value of an option that may differ per machine.
+
+    The option is either a plain value, used on every host, or a YAML mapping of unit name
+    ("vm-host/0") or hostname to value with a "*" entry for every other host:
+    `{vm-host/0: "0-1", big-box: "0-3", "*": ""}`. The unit name wins over the hostname, both
+    over "*". The "*" entry is required so that a plain `networks` mapping (space -> attachment)
+    is never mistaken for a per-host one. A per-host value may itself be a mapping (`networks`),
+    handed on as YAML text.
+
+    Raises:
+        InvalidRequestError: a mapping without "*", or with keys or values of the wrong kind.
+    """
+    table = per_host_table(option, text)
+    if table is None:
+        return text
+    for key in (unit, hostname, PER_HOST_DEFAULT):
+        if key in table:
+            return table[key]
+    return ""  # unreachable: per_host_table requires "*"
+
+
+def per_host_table(option: str, text: str) -> dict[str, str] | None:
+    """Parse the per-host form of an option; None when the text is a plain value."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None  # not YAML: a plain value, checked by the option's own parser
+    if not isinstance(data, dict):
+        return None
+    if PER_HOST_DEFAULT not in data:
+        if option == "networks":
+            return None
+        raise InvalidRequestError(
+            option,
+            'a per-host map needs a "*" entry for the other hosts (it may be empty), '
+            'for example {vm-host/0: "...", "*": ""}',
+        )
+    table: dict[str, str] = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidRequestError(
+                option, f"per-host keys are unit names, hostnames or '*', not {key!r}"
+            )
+        if value is None:
+            table[key] = ""
+        elif isinstance(value, dict):
+            table[key] = yaml.safe_dump(value, sort_keys=True)
+        elif isinstance(value, (str, int)) and not isinstance(value, bool):
+            table[key] = str(value)
+        else:
+            raise InvalidRequestError(
+                f"{option}[{key}]", f"must be text like the plain option, not {value!r}"
+            )
+    return table
+
+
+def check_per_host(option: str, text: str, parse: Callable[[str], object]) -> None:
+    """Check the plain value, or every value of the per-host map, with the option's parser.
+
+    Raises:
+        InvalidRequestError: naming the option and, in a map, the entry ("hugepages[vm-host/1]").
+    """
+    table = per_host_table(option, text)
+    if table is None:
+        parse(text)
+        return
+    for key, value in sorted(table.items()):
+        try:
+            parse(value)
+        except InvalidRequestError as exc:
+            detail = str(exc).removeprefix(f"{exc.field}: ")
+            raise InvalidRequestError(f"{option}[{key}]", detail) from exc

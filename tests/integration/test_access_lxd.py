@@ -223,3 +223,21 @@ def test_remove_managed_takes_only_vm_hosts_certificates_and_tokens(
     assert [c for c in lxd.trusted() if not c.name.startswith(f"vm-host:{PREFIX}")] == others
     with pytest.raises(InvalidRequestError, match="must start with"):
         lxd.remove_managed("")
+
+
+def test_describe_lists_clients_with_source_and_pending_tokens(
+    lxd: LxdTrust, projects: tuple[str, str], tmp_path: Path
+):
+    action = make_client(tmp_path, f"{PREFIX}listed", lxd)
+    lxd.trust_certificate(action.pem, f"vm-host:{PREFIX}listed", [PROJECT])
+    unit = make_client(tmp_path, f"{PREFIX}unit", lxd)
+    lxd.sync_relation_certificates({f"{PREFIX}mgr/0": (unit.pem, [PROJECT])})
+    token = lxd.issue_trust_token(f"{PREFIX}later", [PROJECT])
+    rows = {r["name"]: r for r in lxd.describe()}
+    listed = rows[f"{PREFIX}listed"]
+    assert (listed["source"], listed["projects"]) == ("action", PROJECT)
+    assert listed["fingerprint"] in {c.fingerprint for c in lxd.trusted()}
+    assert rows[f"{PREFIX}mgr/0"]["source"] == "relation"
+    assert rows[f"{PREFIX}later"]["source"] == "token"
+    assert token not in json.dumps(list(rows.values()))  # the secret is never listed
+    lxd.untrust(f"vm-host:{PREFIX}later")

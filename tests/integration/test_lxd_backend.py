@@ -538,3 +538,21 @@ def test_delete_removes_the_instance_and_exactly_its_volumes(lxd: LxdBackend) ->
     assert all_test_volumes(lxd) == {f"{DEFAULT_POOL}/vmhost-test-keep"}
     # The foreign instance was not touched.
     assert KEY_OWNER not in call(lxd, "GET", "/1.0/instances/vmhost-test-foreign")["config"]
+
+
+@pytest.mark.usefixtures("clean")
+def test_autostart_is_lxd_boot_autostart_and_read_back(lxd: LxdBackend) -> None:
+    s = spec(name="vmhost-test-auto")
+    create_container(lxd, s.name, ledger_config(s, Placement(1, 256), [], []))
+    lxd.set_autostart(s.name, True)
+    config = call(lxd, "GET", f"/1.0/instances/{s.name}")["config"]
+    assert config["boot.autostart"] == "true"
+    (record,) = [r for r in lxd.list_vms() if r.name == s.name]
+    assert record.autostart
+    lxd.set_autostart(s.name, False)
+    assert call(lxd, "GET", f"/1.0/instances/{s.name}")["config"]["boot.autostart"] == "false"
+    (record,) = [r for r in lxd.list_vms() if r.name == s.name]
+    assert not record.autostart
+    assert lxd.stop(s.name, 1, then_destroy=False)  # already stopped: off, nothing to do
+    with pytest.raises(VmHostError, match="does not exist"):
+        lxd.set_autostart("vmhost-test-nothing", True)

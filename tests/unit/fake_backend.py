@@ -35,6 +35,8 @@ class FakeBackend:
     name: str = "libvirt"
     stats: list[VmStats] = field(default_factory=list)
     """What vm_stats returns (set by the test)."""
+    ignores_acpi: set[str] = field(default_factory=set)
+    """VMs whose guest does not answer a shutdown request (stop needs the plug pulled)."""
 
     def _check(self) -> None:
         if not self.reachable:
@@ -95,6 +97,7 @@ class FakeBackend:
                 {"label": n.label, "mac": f"52:54:00:00:00:{i:02x}", "attached-to": n.source}
                 for i, n in enumerate(nics)
             ),
+            autostart=True,
         )
         self.vms[spec.name] = record
         return record
@@ -106,13 +109,30 @@ class FakeBackend:
             raise VmHostError(f"no domain {name}")
         del self.vms[name]
 
-    def start(self, name: str) -> None:
-        self.vms[name] = replace(self.vms[name], state=VmState.RUNNING)
+    def _get(self, name: str) -> VmRecord:
+        self._check()
+        if name not in self.vms:
+            raise VmHostError(f"VM {name!r} does not exist on this host")
+        return self.vms[name]
 
     def vm_stats(self) -> list[VmStats]:
         self._check()
         self.calls.append("vm_stats")
         return list(self.stats)
 
-    def stop(self, name: str) -> None:
-        self.vms[name] = replace(self.vms[name], state=VmState.STOPPED)
+    def start(self, name: str) -> None:
+        self.calls.append(f"start:{name}")
+        self.vms[name] = replace(self._get(name), state=VmState.RUNNING)
+
+    def stop(self, name: str, timeout_s: float = 30.0, *, then_destroy: bool = True) -> bool:
+        self.calls.append(f"stop:{name}:{timeout_s:g}:{'destroy' if then_destroy else 'wait'}")
+        vm = self._get(name)
+        ignored = vm.state is VmState.RUNNING and name in self.ignores_acpi and timeout_s > 0
+        if ignored and not then_destroy:
+            return False
+        self.vms[name] = replace(vm, state=VmState.STOPPED)
+        return True
+
+    def set_autostart(self, name: str, enabled: bool) -> None:
+        self.calls.append(f"autostart:{name}:{'on' if enabled else 'off'}")
+        self.vms[name] = replace(self._get(name), autostart=enabled)

@@ -73,11 +73,20 @@ class Backend(Protocol):
         ...
 
     def start(self, name: str) -> None:
-        """Start a defined VM."""
+        """Start a defined VM (a running one is left as it is)."""
         ...
 
-    def stop(self, name: str) -> None:
-        """Stop a running VM (graceful shutdown, then destroy)."""
+    def stop(self, name: str, timeout_s: float = ..., *, then_destroy: bool = True) -> bool:
+        """Ask the guest to shut down and wait up to `timeout_s` for it.
+
+        Returns True when the VM is off. A guest still running after the timeout is powered
+        off when `then_destroy` (then True too), else left running (False). `timeout_s=0`
+        powers it off at once.
+        """
+        ...
+
+    def set_autostart(self, name: str, enabled: bool) -> None:
+        """Say whether the VM should run: started at host boot and after a crash."""
         ...
 
     def vm_stats(self) -> list[VmStats]:

@@ -568,6 +568,10 @@ def _state(code: int, reason: int = 0) -> tuple[VmState, str]:
         return VmState.RUNNING, ""
     if code == libvirt.VIR_DOMAIN_CRASHED:
         return VmState.FAILED, "crashed"
+    if code == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED:
+        return VmState.FAILED, "crashed (its QEMU process died)"
+    if code == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_FAILED:
+        return VmState.FAILED, "failed to start"
     if code in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTDOWN):
         return VmState.STOPPED, ""
     return VmState.PENDING, ""
@@ -1114,9 +1118,11 @@ class LibvirtBackend:
     def list_vms(self) -> list[VmRecord]:
         """Return every domain; vm-host's from their metadata, others reconstructed."""
         found: list[tuple[str, tuple[VmState, str]]] = []
+        autostart: dict[str, bool] = {}
         for dom in self.conn.listAllDomains(0):
             try:
                 found.append((dom.XMLDesc(0), _domain_state(dom)))
+                autostart[dom.name()] = bool(dom.autostart())
             except libvirt.libvirtError:
                 continue  # undefined while we looked
         topology: HostTopology | None = None
@@ -1130,9 +1136,12 @@ class LibvirtBackend:
             vfs = known_vfs(self.sysfs_root, addresses)
         records = [
             dataclasses.replace(
-                record_from_domain_xml(xml, state, topology, vfs), state_reason=why
+                record, state_reason=why, autostart=autostart.get(record.name, False)
             )
-            for xml, (state, why) in found
+            for record, why in (
+                (record_from_domain_xml(xml, state, topology, vfs), why)
+                for xml, (state, why) in found
+            )
         ]
         return sorted(records, key=lambda r: r.name)
 
@@ -1241,7 +1250,7 @@ class LibvirtBackend:
             step = "reading the domain back"
             state, why = _domain_state(dom)
             record = dataclasses.replace(
-                record_from_domain_xml(dom.XMLDesc(0), state), state_reason=why
+                record_from_domain_xml(dom.XMLDesc(0), state), state_reason=why, autostart=True
             )
         except (libvirt.libvirtError, OSError, subprocess.SubprocessError, VmHostError) as e:
             self._rollback(dom, created)
@@ -1441,28 +1450,51 @@ class LibvirtBackend:
         logger.info("deleted VM %s", name)
 
     def start(self, name: str) -> None:
-        """Start a defined VM (a running VM is left as it is)."""
+        """Start a defined VM (a running VM is left as it is; a crashed one is reset first)."""
         dom = self._lookup(name)
+        if dom.state()[0] == libvirt.VIR_DOMAIN_CRASHED:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
         if not dom.isActive():
             try:
                 dom.create()
             except libvirt.libvirtError as e:
                 raise VmHostError(f"start {name}: {e.get_error_message()}") from e
 
-    def stop(self, name: str, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Ask the guest to shut down, then pull the plug after `timeout_s`."""
+    def stop(
+        self, name: str, timeout_s: float = STOP_TIMEOUT_S, *, then_destroy: bool = True
+    ) -> bool:
+        """Ask the guest to shut down (ACPI); after `timeout_s` pull the plug if `then_destroy`.
+
+        Returns whether the domain is off.
+        """
         dom = self._lookup(name)
         if not dom.isActive():
-            return
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.shutdown()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not dom.isActive():
-                return
-            time.sleep(0.5)
-        with contextlib.suppress(libvirt.libvirtError):
+            return True
+        if timeout_s > 0:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.shutdown()
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if not dom.isActive():
+                    return True
+                time.sleep(0.5)
+        if not then_destroy:
+            return not dom.isActive()
+        try:
             dom.destroy()
+        except libvirt.libvirtError as e:
+            if dom.isActive():
+                raise VmHostError(f"stop {name}: {e.get_error_message()}") from e
+        return True
+
+    def set_autostart(self, name: str, enabled: bool) -> None:
+        """Set libvirt's autostart flag: libvirtd starts the domain when it (re)starts."""
+        dom = self._lookup(name)
+        try:
+            dom.setAutostart(1 if enabled else 0)
+        except libvirt.libvirtError as e:
+            raise VmHostError(f"autostart {name}: {e.get_error_message()}") from e
 
     # -- usage counters
 

@@ -539,6 +539,10 @@ def placement_from_limits(
     return Placement(vcpus=vcpus, memory_mib=memory_mib)
 
 
+def _autostart(config: Mapping[str, str]) -> bool:
+    return str(config.get("boot.autostart", "")).lower() in ("true", "1", "yes", "on")
+
+
 def _state(status: str) -> VmState:
     status = status.lower()
     if status in ("running", "frozen", "freezing", "stopping"):
@@ -616,6 +620,7 @@ def record_from_instance(
             volumes=tuple(str(v) for v in _ledger_list(config, KEY_VOLUMES)),
             interfaces=interfaces,
             managed=True,
+            autostart=_autostart(expanded),
         )
     devices: Mapping[str, Mapping[str, str]] = (
         instance.get("expanded_devices") or instance.get("devices") or {}
@@ -637,6 +642,7 @@ def record_from_instance(
         owner="",
         interfaces=interfaces,
         managed=False,
+        autostart=_autostart(expanded),
     )
 
 
@@ -1134,20 +1140,43 @@ class LxdBackend:
                 raise LxdVmUnsupportedError(f"start {name}: {e}") from e
             raise VmHostError(f"start {name}: {e}") from e
 
-    def stop(self, name: str, timeout_s: int = STOP_TIMEOUT_S) -> None:
-        """Ask the guest to shut down, then force it off after `timeout_s`."""
+    def stop(
+        self, name: str, timeout_s: float = STOP_TIMEOUT_S, *, then_destroy: bool = True
+    ) -> bool:
+        """Ask the guest to shut down; after `timeout_s` force it off if `then_destroy`.
+
+        Returns whether the instance is off.
+        """
         instance = self._get_instance(name)
         if instance.get("status") == "Stopped":
-            return
+            return True
         path = self._p(f"/1.0/instances/{name}/state")
-        try:
-            self._call("PUT", path, {"action": "stop", "timeout": timeout_s})
-        except LxdError as e:
-            logger.info("stop %s: clean shutdown did not finish (%s); forcing", name, e)
+        if timeout_s > 0:
             try:
-                self._call("PUT", path, {"action": "stop", "force": True})
-            except LxdError as e2:
-                raise VmHostError(f"stop {name}: {e2}") from e2
+                self._call("PUT", path, {"action": "stop", "timeout": max(1, int(timeout_s))})
+                return True
+            except LxdError as e:
+                logger.info("stop %s: clean shutdown did not finish (%s)", name, e)
+            if not then_destroy:
+                status = (self._call("GET", path) or {}).get("status")
+                return status == "Stopped"
+        try:
+            self._call("PUT", path, {"action": "stop", "force": True})
+        except LxdError as e2:
+            raise VmHostError(f"stop {name}: {e2}") from e2
+        return True
+
+    def set_autostart(self, name: str, enabled: bool) -> None:
+        """Set `boot.autostart`: LXD starts the instance when the daemon (re)starts."""
+        self._get_instance(name)
+        try:
+            self._call(
+                "PATCH",
+                self._p(f"/1.0/instances/{name}"),
+                {"config": {"boot.autostart": "true" if enabled else "false"}},
+            )
+        except LxdError as e:
+            raise VmHostError(f"autostart {name}: {e}") from e
 
 
 def _q(name: str) -> str:
