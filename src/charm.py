@@ -281,6 +281,7 @@ class VmHostCharm(ops.CharmBase):
                 "virsh" if config.backend == "libvirt" else "lxd", self._manager_address(config)
             ),
             answer_errors=decision.answer_errors,
+            waiting=decision.assignment.waiting,
         )
         for name in result.composed:
             logger.info("composed %s for a related application", name)

@@ -155,3 +155,35 @@ def test_requests_of_a_departed_unit_are_reassigned_when_not_composed(ctx, backe
     after, _ = fleet.assignment_from_json(out.get_relation(peer.id).local_app_data["assignment"])
     assert after.units == {key_db: "vm-host/0", key_web: "vm-host/0"}
     assert sorted(backend.vms) == ["pg-7-db-0", "pg-7-web-0"]
+
+
+@pytest.mark.parametrize("assignment", ["{", '{"version": "0", "assigned": [[7, "pg"]]}', None])
+@pytest.mark.parametrize("report_of_one", ["composed", "missing", "garbled"])
+def test_lost_or_garbled_peer_data_never_gives_a_second_vm(
+    ctx, backend, fake_host, topology, assignment, report_of_one
+):
+    # vm-host/1 hosts pg-7-db-0. The leader (vm-host/0, empty host) lost the assignment, and
+    # vm-host/1's report says so, is not there yet, or cannot be read.
+    relation = vm_lib.requirer_relation([DB], remote_app_name="pg", relation_id=7)
+    composed = fleet.host_report(topology, [], composed={keys.RequestKey(7, "pg", "db-0")})
+    report = {"composed": composed, "missing": None, "garbled": '{"version": "0", "topo'}
+    peers_data = {1: {"report": report[report_of_one]}} if report[report_of_one] else {1: {}}
+    peer = testing.PeerRelation(
+        "hosts",
+        peers_data=peers_data,
+        local_app_data={"assignment": assignment} if assignment else {},
+    )
+    out = ctx.run(
+        ctx.on.relation_changed(relation), testing.State(leader=True, relations={relation, peer})
+    )
+    assert backend.vms == {}
+    after, _ = fleet.assignment_from_json(out.get_relation(peer.id).local_app_data["assignment"])
+    key = keys.RequestKey(7, "pg", "db-0")
+    if report_of_one == "composed":
+        assert after.units == {key: "vm-host/1"}
+        assert answers(out, relation) == {}
+    else:
+        assert after.units == {}
+        assert after.unplaced == {key: "waiting for vm-host/1 to report"}
+        got = answers(out, relation)["db-0"]
+        assert (got.state, got.error) == ("pending", "waiting for vm-host/1 to report")

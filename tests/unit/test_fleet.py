@@ -1020,7 +1020,10 @@ def test_a_follower_takes_the_assignment_in_force_and_answers_no_refusals():
 
 def test_the_leader_assigns_writes_and_answers_the_unplaceable():
     other = host_report(host(), [], hostname="b")
-    peers = Peers(reports={"vm-host/1": other, "vm-host/2": "nonsense"}, assignment=None)
+    # (Until issue 11 item 6 this fleet also held vm-host/2 with an unreadable report and
+    # still placed A_X; now nothing new is placed while a report is unknown, see
+    # test_nothing_new_is_placed_while_a_member_report_is_unknown.)
+    peers = Peers(reports={"vm-host/1": other}, assignment=None)
     big = replace(spec_for(B_Y), vcpus=64)
     requests = [RelationRequest(A_X, spec_for(A_X)), RelationRequest(B_Y, big)]
     decision = lead("vm-host/0", **lead_args(peers=peers, requests=requests))  # type: ignore[arg-type]
@@ -1029,8 +1032,85 @@ def test_the_leader_assigns_writes_and_answers_the_unplaceable():
     assert set(assignment.units) == {A_X}
     assert set(decision.answer_errors) == {B_Y}
     assert "fits on no vm-host unit" in decision.answer_errors[B_Y]
-    assert decision.problems == ("host report of vm-host/2 ignored: host report is not JSON",)
+    assert decision.problems == ()
     assert decision.mine == assignment.for_unit("vm-host/0")
+
+
+@pytest.mark.parametrize("unknown", [None, "nonsense", '{"version": "7"}'])
+def test_nothing_new_is_placed_while_a_member_report_is_unknown(unknown: str | None):
+    other = host_report(host(), [], hostname="b")
+    held = assignment_to_json(Assignment(units={A_Y: "vm-host/1"}))
+    peers = Peers(reports={"vm-host/1": other, "vm-host/2": unknown}, assignment=held)
+    requests = [RelationRequest(A_X, spec_for(A_X)), RelationRequest(A_Y, spec_for(A_Y))]
+    decision = lead("vm-host/0", **lead_args(peers=peers, requests=requests))  # type: ignore[arg-type]
+    assignment, _ = assignment_from_json(decision.assignment_text)
+    # What was assigned stays; what is new waits, and its requester is told why.
+    assert assignment.units == {A_Y: "vm-host/1"}
+    assert decision.answer_errors == {A_X: "waiting for vm-host/2 to report"}
+    assert decision.mine == frozenset()
+    assert len(decision.problems) == 1
+    assert decision.problems[0].startswith("host report of vm-host/2 ignored: ")
+    # Once vm-host/2 reports, the waiting request is placed.
+    peers = Peers(reports={"vm-host/1": other, "vm-host/2": other}, assignment=held)
+    again = lead("vm-host/0", **lead_args(peers=peers, requests=requests))  # type: ignore[arg-type]
+    assert A_X in assignment_from_json(again.assignment_text)[0].units
+    assert again.answer_errors == {}
+
+
+def test_one_bad_assignment_row_never_voids_the_others():
+    text = json.dumps(
+        {
+            "version": "0",
+            "assigned": [
+                [1, "app-a", "x", "vm-host/1"],
+                [1, "App", "y", "vm-host/1"],
+                ["1", "app-a", "z", "vm-host/0"],
+                [2, "app-b", "y", "vm-host/0"],
+            ],
+            "unplaced": [[2, "app-b", "z", "no room"], "junk"],
+        }
+    )
+    assignment, why = assignment_from_json(text)
+    assert assignment.units == {A_X: "vm-host/1", B_Y: "vm-host/0"}
+    assert assignment.unplaced == {B_Z: "no room"}
+    assert why is not None
+    for bad in ("assigned[1]", "assigned[2]", "unplaced[1]"):
+        assert bad in why
+    # A follower keeps serving its own rows.
+    peers = Peers(reports={}, assignment=text)
+    decision = lead(
+        "vm-host/1",
+        **lead_args(leader=False, peers=peers),  # type: ignore[arg-type]
+    )
+    assert decision.mine == {A_X}
+
+
+def test_a_newer_assignment_version_keeps_the_rows_it_can_read():
+    text = json.dumps({"version": "1", "assigned": [[1, "app-a", "x", "vm-host/1", "extra"]]})
+    older = json.dumps({"version": "1", "assigned": [[1, "app-a", "x", "vm-host/1"]]})
+    assert assignment_from_json(older)[0].units == {A_X: "vm-host/1"}
+    assignment, why = assignment_from_json(text)
+    assert assignment.units == {}
+    assert why is not None
+    assert "version" in why
+
+
+def test_a_unit_never_composes_what_another_report_lists_as_composed():
+    elsewhere = host_report(host(), [], hostname="b", composed={A_X})
+    # The (rewritten) assignment gives A_X to vm-host/0 although vm-host/1 hosts it.
+    text = assignment_to_json(Assignment(units={A_X: "vm-host/0"}))
+    peers = Peers(reports={"vm-host/1": elsewhere}, assignment=text)
+    follower = lead("vm-host/0", **lead_args(leader=False, peers=peers))  # type: ignore[arg-type]
+    assert follower.mine == frozenset()
+    leader = lead("vm-host/0", **lead_args(peers=peers))  # type: ignore[arg-type]
+    assert leader.mine == frozenset()
+    assert assignment_from_json(leader.assignment_text)[0].units == {A_X: "vm-host/1"}
+    # A unit that hosts it itself keeps it (there is nothing to compose, only to answer).
+    mine = lead(
+        "vm-host/0",
+        **lead_args(leader=False, peers=peers, vms=[record_of(spec_for(A_X))]),  # type: ignore[arg-type]
+    )
+    assert mine.mine == {A_X}
 
 
 def test_the_leader_places_nothing_where_the_networks_cannot_serve_it():

@@ -247,6 +247,9 @@ class Assignment:
     """Request -> unit name."""
     unplaced: Mapping[RequestKey, str] = field(default_factory=dict[RequestKey, str])
     """Request -> why no unit can host it (the per-unit rejections, shortened)."""
+    waiting: frozenset[RequestKey] = frozenset()
+    """Unplaced requests that only wait for a unit to report (answered pending, not failed);
+    not written to the peer data."""
 
     def for_unit(self, unit: str) -> frozenset[RequestKey]:
         """The requests assigned to one unit."""
@@ -312,11 +315,12 @@ def assign(
        requester a second VM.
     3. A request already assigned, not composed, whose unit is still reporting, still
        matches the request's `host` and still fits there, stays.
-    4. Every other request (new, its unit left, or it no longer fits) goes, in key order,
-       to the unit where `placement.plan` fits best: the fewest CPUs left free on the nodes
-       it takes (pinned CPUs for pinned VMs, shared vCPU headroom for shared ones), then
-       the least memory left there, then the unit name. A `host` pins it to the unit of
-       that name or hostname.
+    4. Every other request (new, its unit left, or it no longer fits) waits while any member
+       of the peer relation has no readable report ("waiting for vm-host/1 to report"), else
+       goes, in key order, to the unit where `placement.plan` fits best: the fewest CPUs
+       left free on the nodes it takes (pinned CPUs for pinned VMs, shared vCPU headroom
+       for shared ones), then the least memory left there, then the unit name. A `host`
+       pins it to the unit of that name or hostname.
 
     The placements of rules 3 and 4 are added to their unit's allocations as they are made,
     so two requests never count the same free CPUs.
@@ -350,7 +354,9 @@ def assign(
     for key, spec, host in pending:
         fleet.place(key, spec, host)
     return Assignment(
-        units=dict(sorted(fleet.units.items())), unplaced=dict(sorted(fleet.unplaced.items()))
+        units=dict(sorted(fleet.units.items())),
+        unplaced=dict(sorted(fleet.unplaced.items())),
+        waiting=frozenset(fleet.waiting),
     )
 
 
@@ -375,6 +381,7 @@ class _Fleet:
                 self.composed_at.setdefault(key, []).append(unit)
         self.units: dict[RequestKey, str] = {}
         self.unplaced: dict[RequestKey, str] = {}
+        self.waiting: set[RequestKey] = set()
 
     def fits(self, unit: str, spec: VmSpec) -> Placement | str:
         """Plan the spec on a unit as it is now; a Placement, or why not."""
@@ -415,7 +422,17 @@ class _Fleet:
         return True
 
     def place(self, key: RequestKey, spec: VmSpec, host: str | None) -> None:
-        """Put a request on the unit where it fits best, or record why it fits nowhere."""
+        """Put a request on the unit where it fits best, or record why it fits nowhere.
+
+        Nothing is placed while a member's report is missing or unreadable: that unit may
+        already host the request (its report would say so), and placing it elsewhere could
+        give the requester a second VM.
+        """
+        unknown = sorted(self.members - set(self.reports))
+        if unknown:
+            self.unplaced[key] = _shorten(f"waiting for {', '.join(unknown)} to report", 200)
+            self.waiting.add(key)
+            return
         candidates = [u for u in sorted(self.reports) if _matches_host(u, self.reports[u], host)]
         if not candidates:
             self.unplaced[key] = self._no_candidate(host)
@@ -466,28 +483,52 @@ def _key_row(key: RequestKey) -> tuple[int, str, str]:
     return key.relation_id, key.app, key.request_id
 
 
+_ROW = pydantic.TypeAdapter(_Row)
+
+
+def _rows(data: Mapping[str, Any], name: str, problems: list[str]) -> dict[RequestKey, str]:
+    """The readable rows of one assignment table; each bad row is skipped and named."""
+    rows = data.get(name, [])
+    if not isinstance(rows, list):
+        problems.append(f"{name} is not an array")
+        return {}
+    found: dict[RequestKey, str] = {}
+    for i, row in enumerate(rows):  # pyright: ignore[reportUnknownVariableType]
+        try:
+            good = _ROW.validate_python(row)
+        except pydantic.ValidationError as exc:
+            problems.append(f"{name}[{i}]{_why(exc)} (row skipped)")
+            continue
+        found[RequestKey(*good[:3])] = good[3]
+    return dict(sorted(found.items()))
+
+
 def assignment_from_json(text: str | None) -> tuple[Assignment, str | None]:
-    """Read an assignment; never raises.
+    """Read an assignment; never raises, and one bad row never voids the others.
+
+    Rows are read one by one: a malformed row (or a whole table that is not an array) is
+    skipped and named in the reason, the readable rows stand. Another `version` is read the
+    same way (rows of the version 0 shape are taken, others skipped), so a rolling upgrade
+    whose new leader wrote a newer version does not make every follower forget its VMs.
 
     Returns:
-        (assignment, None), or (empty assignment, reason) when the text is unusable; no text
-        at all is an empty assignment without a reason (nothing assigned yet).
+        (assignment, None), or (what could be read, reason) when some or all of the text is
+        unusable; no text at all is an empty assignment without a reason (nothing assigned).
     """
     if not text:
         return Assignment(), None
     data, problem = _load(text, "assignment")
     if data is None:
         return Assignment(), problem
+    problems: list[str] = []
     if data.get("version") != WIRE_VERSION:
-        return Assignment(), f"assignment is not a version {WIRE_VERSION!r} object"
-    try:
-        got = AssignmentData.model_validate(data)
-    except pydantic.ValidationError as exc:
-        return Assignment(), f"assignment: {_why(exc)}"
-    return Assignment(
-        units=dict(sorted((RequestKey(*row[:3]), row[3]) for row in got.assigned)),
-        unplaced=dict(sorted((RequestKey(*row[:3]), row[3]) for row in got.unplaced)),
-    ), None
+        problems.append(f"assignment is not a version {WIRE_VERSION!r} object")
+    units = _rows(data, "assigned", problems)
+    unplaced = _rows(data, "unplaced", problems)
+    reason = None
+    if problems:
+        reason = _shorten("assignment: " + "; ".join(problems), _REASON_MAX)
+    return Assignment(units=units, unplaced=unplaced), reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,8 +591,14 @@ def lead(
         return Decision(alone, alone.for_unit(unit), invalid, report)
     current, problem = assignment_from_json(peers.assignment)
     problems = [f"peer assignment unreadable: {problem}"] if problem else []
+    # A unit never composes a request another unit's readable report lists as composed
+    # (an assignment that was lost or rewritten cannot make a second VM).
+    here = composed_keys(vms)
+    others, _ = collect_reports(peers.reports)
+    elsewhere = {k for r in others.values() for k in r.composed} - here
     if not leader:
-        return Decision(current, current.for_unit(unit), {}, report, problems=tuple(problems))
+        mine = current.for_unit(unit) - elsewhere
+        return Decision(current, mine, {}, report, problems=tuple(problems))
     reports, bad = collect_reports({**peers.reports, unit: report})
     problems += [f"host report of {u} ignored: {reason}" for u, reason in bad.items()]
 
@@ -573,7 +620,7 @@ def lead(
     )
     return Decision(
         assignment,
-        assignment.for_unit(unit),
+        assignment.for_unit(unit) - elsewhere,
         {**invalid, **assignment.unplaced},
         report,
         assignment_to_json(assignment),

@@ -294,13 +294,15 @@ def answer_for(
     spec: VmSpec | None = None,
     power_type: str = "virsh",
     power_address: str | None = None,
+    waiting: bool = False,
 ) -> dict[str, Any]:
     """Return one answer in the wire shape of the vm_host interface (DESIGN.md).
 
     No VM and no error: "pending" (assigned here, not composed yet). No VM and an error:
-    "failed". A VM keeps its real state even with an error (a changed request): the VM still
-    runs, only the change is refused. Keys whose value would be null are left out, as the
-    library writes them.
+    "failed", unless `waiting` (the error says what it waits for): "pending". A VM keeps
+    its real state even with an error (a changed request): the VM still runs, only the
+    change is refused. Keys whose value would be null are left out, as the library writes
+    them.
 
     Args:
         key: the request.
@@ -310,13 +312,14 @@ def answer_for(
             the static address of each interface.
         power_type: "virsh" (libvirt) or "lxd".
         power_address: the libvirt URI or LXD URL managers use (the caller knows it).
+        waiting: the error only says what the request waits for (answered pending).
     """
     answer: dict[str, Any] = {"id": key.request_id}
     name = vm.name if vm is not None else (spec.name if spec is not None else None)
     if name is not None:
         answer["name"] = name
     if vm is None:
-        answer["state"] = "failed" if error else "pending"
+        answer["state"] = "failed" if error and not waiting else "pending"
     else:
         answer["state"] = vm.state.value
         error = error or vm.state_reason or None
@@ -335,6 +338,7 @@ def answers_by_relation(
     errors: Mapping[RequestKey, str] | None = None,
     power_type: str = "virsh",
     power_address: str | None = None,
+    waiting: AbstractSet[RequestKey] = frozenset(),
 ) -> dict[int, list[dict[str, Any]]]:
     """Build every answer this unit publishes, grouped by relation id, each list by id.
 
@@ -347,6 +351,7 @@ def answers_by_relation(
         errors: request -> error text (Changes.errors, compose failures, assignment reasons).
         power_type: "virsh" or "lxd".
         power_address: the libvirt URI or LXD URL managers use.
+        waiting: requests whose error only says what they wait for (answered pending).
     """
     specs = specs or {}
     errors = errors or {}
@@ -360,6 +365,7 @@ def answers_by_relation(
                 spec=specs.get(key),
                 power_type=power_type,
                 power_address=power_address,
+                waiting=key in waiting,
             )
         )
     return out
@@ -429,6 +435,7 @@ def serve(
     live_relation_ids: AbstractSet[int],
     power: Power,
     answer_errors: Mapping[RequestKey, str] | None = None,
+    waiting: AbstractSet[RequestKey] = frozenset(),
 ) -> Round:
     """Make this host match the requests assigned to it, then answer them.
 
@@ -443,6 +450,7 @@ def serve(
         power: the power type and address answers carry.
         answer_errors: refusals this unit answers besides its own (the leader answers
             invalid and unplaceable requests, so each is answered exactly once).
+        waiting: those of answer_errors that only wait (answered pending with the reason).
     """
     specs = {r.key: r.spec for r in requests if r.spec is not None}
     desired = {k: specs[k] for k in sorted(mine) if k in specs}
@@ -482,5 +490,6 @@ def serve(
         errors=errors,
         power_type=power.type,
         power_address=power.address,
+        waiting=waiting,
     )
     return result
