@@ -16,6 +16,18 @@ conf_dir="/run/vm-host-test"
 conf="$conf_dir/libvirtd.conf"
 
 say() { printf 'ensure-libvirt: %s\n' "$*"; }
+# Daemons started here must not keep this script's inherited descriptors: under
+# `flock /tmp/vmhost-daemons.lock ...` the lock's descriptor would stay open in the daemon and hold
+# the lock for as long as the daemon lives (every later `flock` then waits forever).
+detached() {
+    (
+        for fd in /proc/$BASHPID/fd/*; do
+            fd="${fd##*/}"
+            [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-" 2>/dev/null
+        done
+        exec "$@"
+    )
+}
 
 if [ "$(id -u)" -ne 0 ]; then
     say "must run as root (it installs packages and starts daemons)" >&2
@@ -82,7 +94,7 @@ if pgrep -x virtlogd >/dev/null; then
     say "virtlogd already running"
 else
     say "starting virtlogd"
-    /usr/sbin/virtlogd -d
+    detached /usr/sbin/virtlogd -d
 fi
 
 if pgrep -x libvirtd >/dev/null && [ "$mounted_now" -eq 1 ] && [ -s /run/libvirtd.pid ]; then
@@ -107,10 +119,10 @@ else
             grep -E '^(unix_sock_|auth_unix_)' "$template"
         } >"$conf"
         say "starting libvirtd with $conf"
-        /usr/sbin/libvirtd -d -f "$conf"
+        detached /usr/sbin/libvirtd -d -f "$conf"
     else
         say "starting libvirtd with its default configuration"
-        /usr/sbin/libvirtd -d
+        detached /usr/sbin/libvirtd -d
     fi
 fi
 

@@ -10,6 +10,18 @@ pool="${VMHOST_TEST_LXD_POOL:-default}"
 log="/var/log/vm-host-test-lxd.log"
 
 say() { printf 'ensure-lxd: %s\n' "$*"; }
+# Daemons started here must not keep this script's inherited descriptors: under
+# `flock /tmp/vmhost-daemons.lock ...` the lock's descriptor would stay open in the daemon and hold
+# the lock for as long as the daemon lives (every later `flock` then waits forever).
+detached() {
+    (
+        for fd in /proc/$BASHPID/fd/*; do
+            fd="${fd##*/}"
+            [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-" 2>/dev/null
+        done
+        exec "$@"
+    )
+}
 
 if [ "$(id -u)" -ne 0 ]; then
     say "must run as root (it installs packages and starts daemons)" >&2
@@ -34,7 +46,7 @@ if "$lxd_bin" waitready --timeout=1 >/dev/null 2>&1; then
     say "lxd already running"
 else
     say "starting lxd (log: $log)"
-    nohup "$lxd_bin" --group root >>"$log" 2>&1 </dev/null &
+    detached nohup "$lxd_bin" --group root >>"$log" 2>&1 </dev/null &
     disown || true
 fi
 

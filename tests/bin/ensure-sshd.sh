@@ -12,6 +12,18 @@ port="${1:-${VMHOST_TEST_SSHD_PORT:-2222}}"
 address="127.0.0.1"
 
 say() { printf 'ensure-sshd: %s\n' "$*"; }
+# Daemons started here must not keep this script's inherited descriptors: under
+# `flock /tmp/vmhost-daemons.lock ...` the lock's descriptor would stay open in the daemon and hold
+# the lock for as long as the daemon lives (every later `flock` then waits forever).
+detached() {
+    (
+        for fd in /proc/$BASHPID/fd/*; do
+            fd="${fd##*/}"
+            [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-" 2>/dev/null
+        done
+        exec "$@"
+    )
+}
 
 if [ "$(id -u)" -ne 0 ]; then
     say "must run as root (it installs packages and starts daemons)" >&2
@@ -55,7 +67,7 @@ fi
 
 /usr/sbin/sshd -t
 say "starting sshd on $address:$port"
-/usr/sbin/sshd -p "$port" -o ListenAddress="$address"
+detached /usr/sbin/sshd -p "$port" -o ListenAddress="$address"
 for _ in $(seq 1 50); do
     if listening; then
         say "sshd listening on $address:$port"
