@@ -52,6 +52,27 @@ def fake_exporter(monkeypatch: pytest.MonkeyPatch) -> FakeExporter:
     return fake
 
 
+def _no_daemon(what: str):
+    def refuse(*_args: object, **_kw: object):
+        raise AssertionError(
+            f"a unit test reached charm.{what}, which talks to this machine's daemons;"
+            " use the `backend` fixture (or fake_trust) instead"
+        )
+
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _no_real_hypervisor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No unit test reaches libvirtd or LXD.
+
+    The backend and trust factories refuse until a test's fixture replaces them with a
+    recording fake.
+    """
+    monkeypatch.setattr(charm, "make_backend", _no_daemon("make_backend"))
+    monkeypatch.setattr(charm, "make_trust", _no_daemon("make_trust"))
+
+
 @pytest.fixture
 def fixtures_dir() -> Path:
     """Return the fixtures directory (libvirt-caps/, lxd-resources/)."""

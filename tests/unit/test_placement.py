@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -850,30 +849,16 @@ def test_usage_pinnable_cpus_keep_what_shared_vms_need() -> None:
     )
 
 
-def test_plan_latency_on_a_2x24x2_host() -> None:
-    topo = make_host(nodes=2, cores=24, mem_mib=256 * GIB)
-    allocs = place_all(topo, [pinned(n) for n in (3, 5, 7, 4, 6, 2, 8)])
-    spec = pinned(6, 4096)
-    runs = 200
-    start = time.perf_counter()
-    for _ in range(runs):
-        ok(plan(topo, allocs, spec, Policy()))
-    per_plan = (time.perf_counter() - start) / runs
-    assert per_plan < 0.01  # typically well under 1 ms; generous for a loaded machine
-
-
-def test_rejecting_an_8_node_request_on_16_nodes_is_fast() -> None:
+def test_an_8_node_request_on_16_nodes_is_rejected_or_placed_on_8_nodes() -> None:
+    # Its speed (the 8-of-16 cell choice is the search's worst case) is bench/allocator.py's
+    # p99 plan latency at 16 nodes, rejected calls included.
     topo = make_host(nodes=16, cores=4, mem_mib=4 * GIB)
     # One CPU busy on each node.
     allocs = place_all(topo, [replace(pinned(1), pinned_cpus=(n * 4,)) for n in range(16)])
     spec = pinned(64, 8 * GIB, numa_nodes=8)  # 8 nodes x 7 free = 56 < 64
-    start = time.perf_counter()
     rejected(plan(topo, allocs, spec, Policy()), "needs 64 pinned CPUs on up to 8 NUMA nodes")
-    assert time.perf_counter() - start < 0.1
     fits = pinned(56, 8 * GIB, numa_nodes=8)
-    start = time.perf_counter()
     p = ok(plan(topo, allocs, fits, Policy()))
-    assert time.perf_counter() - start < 0.1
     assert len(p.cells) == 8
 
 
