@@ -171,7 +171,7 @@ class CharmConfig(pydantic.BaseModel):
 class ComposeParams(pydantic.BaseModel):
     """Parameters of the compose-vm action (actions.yaml)."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     name: str
     memory: int
@@ -188,7 +188,7 @@ class ComposeParams(pydantic.BaseModel):
 class NameParams(pydantic.BaseModel):
     """Parameters of actions that take only a name (delete-vm, remove-trusted-client, ...)."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     name: str
 
@@ -219,7 +219,7 @@ class StopParams(PowerParams):
 class KeyParams(pydantic.BaseModel):
     """Parameters of authorize-ssh-key."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     name: str
     key: str
@@ -228,7 +228,7 @@ class KeyParams(pydantic.BaseModel):
 class RevokeParams(pydantic.BaseModel):
     """Parameters of revoke-ssh-key."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     key: str
 
@@ -236,7 +236,7 @@ class RevokeParams(pydantic.BaseModel):
 class TrustParams(pydantic.BaseModel):
     """Parameters of add-trusted-client."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     name: str
     certificate: str

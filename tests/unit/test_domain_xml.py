@@ -27,6 +27,7 @@ from vmhost.backends.libvirt import (
     generate_mac,
     placement_from_domain_xml,
     record_from_domain_xml,
+    record_from_metadata,
     render_template,
     seed_documents,
 )
@@ -548,3 +549,28 @@ def test_unreadable_domain_xml_is_still_listed_by_name():
     assert record.name == "odd"
     assert not record.managed
     assert "unreadable" in record.problem
+
+
+def test_record_from_metadata_matches_the_whole_domain_xml() -> None:
+    # libvirtd returns the metadata element on its own and without its namespace; the record
+    # built from it alone is the one the whole domain XML gives.
+    placement = Placement(
+        vcpus=2,
+        memory_mib=2048,
+        cells=(CellPlacement(host_node=1, vcpus=2, memory_mib=2048, cpus=(3, 2)),),
+        emulator_cpus=(0,),
+    )
+    context = domain_context(spec(), placement, (), (ROOT,), SEED, uuid=UUID)
+    xml = render_template(TEMPLATES_DIR, "domain.xml.j2", context)
+    whole = record_from_domain_xml(xml, VmState.STOPPED)
+    vm = ET.fromstring(xml).find(f"metadata/{{{METADATA_NS}}}vm")
+    assert vm is not None
+    for element in vm.iter():
+        element.tag = element.tag.split("}")[-1]
+    bare = ET.tostring(vm, encoding="unicode")
+    assert "charmhub.io" not in bare
+    alone = record_from_metadata("vm1", UUID, bare, VmState.STOPPED)
+    assert alone == whole
+    assert alone.managed
+    assert alone.owner == "relation:4:maas"
+    assert alone.placement.cells[0].cpus == (3, 2)

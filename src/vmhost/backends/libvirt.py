@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -333,7 +334,9 @@ def _vf_counts(placement: Placement, nics: Sequence[NicAttachment]) -> list[tupl
     return list(counts.items())
 
 
+@functools.lru_cache(maxsize=4)
 def _environment(templates_dir: Path) -> jinja2.Environment:
+    """One environment per templates directory: each template is compiled once per process."""
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir)),
         autoescape=jinja2.select_autoescape(
@@ -759,6 +762,18 @@ def _as_memory(cell: ET.Element) -> ET.Element:
     return element
 
 
+def record_from_metadata(name: str, domain_uuid: str, metadata: str, state: VmState) -> VmRecord:
+    """Build the VmRecord of a vm-host domain from its name, UUID and metadata element alone."""
+    vm = ET.fromstring(metadata)  # noqa: S314 - libvirtd's own output
+    for element in vm.iter():  # libvirtd hands the element back without its namespace
+        if not element.tag.startswith("{"):
+            element.tag = f"{{{METADATA_NS}}}{element.tag}"
+    placement, fields = parse_metadata(vm)
+    return VmRecord(
+        name=name, uuid=domain_uuid, state=state, placement=placement, managed=True, **fields
+    )
+
+
 def record_from_domain_xml(
     xml: str,
     state: VmState,
@@ -1116,33 +1131,53 @@ class LibvirtBackend:
     # -- reading VMs
 
     def list_vms(self) -> list[VmRecord]:
-        """Return every domain; vm-host's from their metadata, others reconstructed."""
-        found: list[tuple[str, tuple[VmState, str]]] = []
-        autostart: dict[str, bool] = {}
-        for dom in self.conn.listAllDomains(0):
+        """Return every domain; vm-host's from their metadata, others reconstructed.
+
+        One bulk call reads every domain's state; a vm-host domain then costs two small
+        calls (its metadata element, its autostart flag), and only a foreign domain, or one
+        whose metadata does not parse, is read and parsed whole.
+        """
+        records: list[VmRecord] = []
+        foreign: list[tuple[str, tuple[VmState, str], bool]] = []
+        for dom, stats in self.conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0):
+            state, why = _state(
+                int(stats.get("state.state", libvirt.VIR_DOMAIN_NOSTATE)),
+                int(stats.get("state.reason", 0)),
+            )
+            autostart = False
             try:
-                found.append((dom.XMLDesc(0), _domain_state(dom)))
-                autostart[dom.name()] = bool(dom.autostart())
-            except libvirt.libvirtError:
-                continue  # undefined while we looked
+                autostart = bool(dom.autostart())
+                metadata = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+                record = record_from_metadata(dom.name(), dom.UUIDString(), metadata, state)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    continue  # undefined while we looked
+                record = None
+            except (ValueError, TypeError, KeyError, ET.ParseError):
+                record = None  # the whole XML says why it is unmanaged
+            if record is None:
+                try:
+                    foreign.append((dom.XMLDesc(0), (state, why), autostart))
+                except libvirt.libvirtError:
+                    continue
+                continue
+            records.append(dataclasses.replace(record, state_reason=why, autostart=autostart))
         topology: HostTopology | None = None
         vfs: dict[str, VirtualFunction] = {}
-        foreign = [xml for xml, _ in found if METADATA_NS not in xml]
         if foreign:
             # Only foreign domains need the host map (to find the node of pinned CPUs) and
             # the PF of each VF they pass through (vm-host's own record theirs).
             topology = parse_capabilities(self.conn.getCapabilities())
-            addresses = set().union(*(hostdev_addresses(xml) for xml in foreign))
+            addresses = set().union(*(hostdev_addresses(xml) for xml, _, _ in foreign))
             vfs = known_vfs(self.sysfs_root, addresses)
-        records = [
-            dataclasses.replace(
-                record, state_reason=why, autostart=autostart.get(record.name, False)
-            )
-            for record, why in (
-                (record_from_domain_xml(xml, state, topology, vfs), why)
-                for xml, (state, why) in found
-            )
-        ]
+            records += [
+                dataclasses.replace(
+                    record_from_domain_xml(xml, state, topology, vfs),
+                    state_reason=why,
+                    autostart=autostart,
+                )
+                for xml, (state, why), autostart in foreign
+            ]
         return sorted(records, key=lambda r: r.name)
 
     def _lookup(self, name: str) -> libvirt.virDomain:

@@ -253,7 +253,9 @@ def _clip(value: object) -> str:
 class _Model(BaseModel):
     """Wire model base: unknown fields are ignored so newer peers can add fields safely."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    # defer_build: a model's validator is built on its first use, not at import, so a hook
+    # that never reads or writes the relation pays nothing for it.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True, defer_build=True)
 
 
 class StorageRequest(_Model):

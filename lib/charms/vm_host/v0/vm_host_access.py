@@ -220,7 +220,7 @@ def _wire(key: str, name: str) -> Any:
 class RequirerUnitData(BaseModel):
     """What a manager unit asks for."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True, defer_build=True)
 
     ssh_public_key: str | None = _wire("ssh-public-key", "ssh_public_key")
     certificate: str | None = None
@@ -249,7 +249,7 @@ class RequirerUnitData(BaseModel):
 class ProviderUnitData(BaseModel):
     """What a vm-host unit publishes."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True, defer_build=True)
 
     version: str = VERSION
     backend: Literal["libvirt", "lxd"] | None = None
