@@ -204,45 +204,40 @@ class LxdTrust:
 
     # -- transport ---------------------------------------------------------------------------
 
+    def _call(self, method: str, path: str, payload: str | None = None) -> tuple[int, bytes]:
+        """One HTTP exchange with LXD over the unix socket: (status, body)."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            headers = {"Content-Type": "application/json"} if payload else {}
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+        except OSError as exc:
+            raise LxdError(f"LXD at {self.socket_path} cannot be reached: {exc}") from exc
+        finally:
+            conn.close()
+
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """Call LXD's API over the unix socket; return the response metadata (LxdError on failure).
 
         Shared with the LXD backend, so there is one LXD client in vm-host.
         """
-        conn = _UnixConnection(self.socket_path, self.timeout)
-        try:
-            payload = json.dumps(body) if body is not None else None
-            headers = {"Content-Type": "application/json"} if payload else {}
-            conn.request(method, path, body=payload, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
-        except OSError as exc:
-            raise LxdError(f"LXD at {self.socket_path} cannot be reached: {exc}") from exc
-        finally:
-            conn.close()
+        status, raw = self._call(method, path, json.dumps(body) if body is not None else None)
         try:
             data = json.loads(raw)
         except ValueError:
             raise LxdError(f"LXD answered {method} {path} with non-JSON") from None
-        if data.get("type") == "error" or response.status >= 400:
-            raise LxdError(f"LXD refused {method} {path}: {data.get('error') or response.status}")
+        if data.get("type") == "error" or status >= 400:
+            raise LxdError(f"LXD refused {method} {path}: {data.get('error') or status}")
         if data.get("type") == "async":
             return self._wait(data["operation"])
         return data.get("metadata")
 
     def request_text(self, path: str) -> str:
         """GET a non-JSON endpoint (LXD's /1.0/metrics is Prometheus text) over the socket."""
-        conn = _UnixConnection(self.socket_path, self.timeout)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            raw = response.read()
-        except OSError as exc:
-            raise LxdError(f"LXD at {self.socket_path} cannot be reached: {exc}") from exc
-        finally:
-            conn.close()
-        if response.status >= 400:
-            raise LxdError(f"LXD refused GET {path}: {response.status}")
+        status, raw = self._call("GET", path)
+        if status >= 400:
+            raise LxdError(f"LXD refused GET {path}: {status}")
         return raw.decode("utf-8", "replace")
 
     def _wait(self, operation: str) -> Any:
