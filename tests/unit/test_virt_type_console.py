@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 import yaml
+from xml_schema import assert_valid
 
 from vmhost.backends.libvirt import (
     TEMPLATES_DIR,
@@ -21,7 +20,6 @@ from vmhost.backends.libvirt import (
 )
 from vmhost.model import CellPlacement, DiskSpec, InvalidRequestError, Placement, VmSpec
 
-VALIDATOR = shutil.which("virt-xml-validate")
 ROOT = Volume("vm-host", "vm1-root", "/var/lib/vm-host/images/vm1-root")
 PLACEMENT = Placement(
     vcpus=2,
@@ -58,13 +56,7 @@ def render(tmp_path: Path, domain_type: str, console_log: str | None) -> ET.Elem
         console_log=console_log,
     )
     xml = render_template(TEMPLATES_DIR, "domain.xml.j2", context)
-    if VALIDATOR:
-        path = tmp_path / "domain.xml"
-        path.write_text(xml)
-        result = subprocess.run(
-            [VALIDATOR, str(path), "domain"], capture_output=True, text=True, check=False
-        )
-        assert result.returncode == 0, result.stderr + xml
+    assert_valid(xml, tmp_path)
     return ET.fromstring(xml)
 
 
