@@ -472,6 +472,9 @@ class VmHostCharm(ops.CharmBase):
                 storage=params.storage,
                 interfaces=params.interfaces,
                 image=params.image,
+                user_data=params.user_data,
+                ssh_public_keys=params.ssh_public_keys,
+                hostname=params.hostname,
                 owner=keys.ACTION_OWNER,
                 default_root_gb=config.default_root_disk_size,
             )

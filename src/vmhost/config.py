@@ -182,6 +182,9 @@ class ComposeParams(pydantic.BaseModel):
     storage: str | None = None
     interfaces: str | None = None
     image: str | None = None
+    user_data: str | None = None
+    ssh_public_keys: str | None = None
+    hostname: str | None = None
     dry_run: bool = False
 
 

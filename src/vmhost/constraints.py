@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from vmhost import sshkeys
+from vmhost import sshkeys, userdata
 from vmhost.model import (
     DiskSpec,
     HugepageRequest,
@@ -61,6 +61,7 @@ __all__ = [
     "parse_storage",
     "spec_hash",
     "validate_host_device",
+    "validate_hostname",
     "validate_name",
     "validate_request_id",
     "validate_ssh_public_key",
@@ -771,6 +772,32 @@ def _validate_user_data(value: object) -> str | None:
             f"user data is {size} bytes; the limit is {MAX_USER_DATA_BYTES} (64 KiB), move "
             "large content to a URL the guest fetches",
         )
+    return userdata.check(text)
+
+
+HOSTNAME_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+MAX_HOSTNAME_CHARS = 253
+
+
+def validate_hostname(value: object, field: str = "hostname") -> str:
+    """Check a guest hostname: RFC 1123 labels of lower-case letters, digits and hyphens.
+
+    A dotted name is an FQDN (the guest's hostname is its first label). Upper case is folded,
+    as DNS does; a trailing dot is dropped.
+    """
+    text = _str_value(value, field, "the hostname").strip().lower().removesuffix(".")
+    labels = text.split(".")
+    if (
+        not text
+        or len(text) > MAX_HOSTNAME_CHARS
+        or not all(HOSTNAME_LABEL.fullmatch(label) for label in labels)
+    ):
+        raise InvalidRequestError(
+            field,
+            f"{_describe(value)} is not a hostname: give dot-separated labels of 1-63 "
+            f"letters, digits and hyphens (not at either end), {MAX_HOSTNAME_CHARS} "
+            "characters at most, for example web-0 or web-0.example.com",
+        )
     return text
 
 
@@ -789,7 +816,10 @@ def _validate_ssh_keys(value: object) -> tuple[str, ...]:
     if value is None or value == "":
         return ()
     if isinstance(value, str):
-        items: list[object] = [line for line in value.splitlines() if line.strip()]
+        # The compose-vm action takes one string: keys one per line or comma-separated.
+        items: list[object] = [
+            item.strip() for line in value.splitlines() for item in line.split(",") if item.strip()
+        ]
     elif isinstance(value, list | tuple):
         items = list(value)  # type: ignore[arg-type]
     else:
@@ -878,6 +908,7 @@ def build_spec(
     image: object = None,
     user_data: object = None,
     ssh_public_keys: object = (),
+    hostname: object = None,
     owner: str = "action",
     request_id: object = "",
     default_root_gb: int = 20,
@@ -888,7 +919,7 @@ def build_spec(
     The single entry point for actions and relation requests. Values may be of any type (they
     may come from remote JSON); the only exception raised is InvalidRequestError, naming the
     request field ("name", "cores", "memory", "pinned-cores", "numa-nodes", "hugepages",
-    "storage", "interfaces", "image", "user-data", "ssh-public-keys", "id").
+    "storage", "interfaces", "image", "user-data", "ssh-public-keys", "hostname", "id").
 
     Args:
         name: VM name, see validate_name.
@@ -904,7 +935,9 @@ def build_spec(
             when that is set, else no NIC.
         image: absolute host path of a disk image, or None to boot from the network.
         user_data: cloud-init user data, at most 64 KiB.
-        ssh_public_keys: OpenSSH public key lines (a list, or one string with a key per line).
+        ssh_public_keys: OpenSSH public key lines (a list, or one string with the keys one per
+            line or comma-separated).
+        hostname: the guest's hostname (see validate_hostname); None means the VM's name.
         owner: "action" or "relation:<id>:<app>"; set by the charm, not the requester.
         request_id: the relation request id ("" for actions).
         default_root_gb: root disk size when no storage is requested (charm config).
@@ -948,6 +981,18 @@ def build_spec(
         bridge = validate_host_device(default_interface_bridge, "interfaces", "default bridge")
         nics = (InterfaceSpec(label="eth0", bridge=bridge, mode=InterfaceMode.BRIDGE),)
 
+    checked_user_data = _validate_user_data(user_data)
+    checked_hostname = None if hostname in (None, "") else validate_hostname(hostname)
+    if (
+        checked_hostname
+        and checked_user_data
+        and userdata.sets_hostname(userdata.parts(checked_user_data))
+    ):
+        raise InvalidRequestError(
+            "hostname",
+            "the user-data sets hostname or fqdn too; give the hostname in one place",
+        )
+
     return VmSpec(
         name=checked_name,
         vcpus=vcpus,
@@ -959,8 +1004,9 @@ def build_spec(
         disks=disks,
         interfaces=nics,
         image=_validate_image(image),
-        user_data=_validate_user_data(user_data),
+        user_data=checked_user_data,
         ssh_public_keys=_validate_ssh_keys(ssh_public_keys),
+        hostname=checked_hostname,
         owner=owner,
         request_id=checked_id,
     )

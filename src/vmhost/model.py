@@ -233,6 +233,8 @@ class VmSpec:
     image: str | None = None
     user_data: str | None = None
     ssh_public_keys: tuple[str, ...] = ()
+    hostname: str | None = None
+    """The guest's hostname (a name or an FQDN); None means the VM's name."""
     owner: str = "action"
     """Who asked: "action", or "relation:<id>:<app>"."""
     request_id: str = ""

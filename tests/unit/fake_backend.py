@@ -37,6 +37,8 @@ class FakeBackend:
     """What vm_stats returns (set by the test)."""
     ignores_acpi: set[str] = field(default_factory=set)
     """VMs whose guest does not answer a shutdown request (stop needs the plug pulled)."""
+    composed: dict[str, tuple[VmSpec, tuple[NicAttachment, ...]]] = field(default_factory=dict)
+    """Name -> the spec and NICs compose was called with."""
 
     def _check(self) -> None:
         if not self.reachable:
@@ -80,6 +82,7 @@ class FakeBackend:
     ) -> VmRecord:
         self._check()
         self.calls.append(f"compose:{spec.name}")
+        self.composed[spec.name] = (spec, tuple(nics))
         if self.fail_compose:
             raise VmHostError(self.fail_compose)
         if spec.name in self.vms:

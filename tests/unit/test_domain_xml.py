@@ -12,6 +12,7 @@ from pathlib import Path
 import libvirt
 import pytest
 import yaml
+from mime import mime_parts
 from xml_schema import assert_valid
 
 from vmhost.backends.libvirt import (
@@ -435,9 +436,14 @@ def test_seed_documents() -> None:
         "iid-1",
     )
     assert docs is not None
-    user = yaml.safe_load(docs["user-data"])
-    assert docs["user-data"].startswith("#cloud-config\n")
-    assert user == {"packages": ["htop"], "ssh_authorized_keys": ["ssh-ed25519 AAA k"]}
+    # The requester's #cloud-config first, as sent; vm-host's own (hostname, keys) last.
+    (theirs, ours) = mime_parts(docs["user-data"])
+    assert theirs[:2] == ("text/cloud-config", "#cloud-config\npackages: [htop]\n")
+    assert ours[0] == "text/cloud-config"
+    assert yaml.safe_load(ours[1]) == {
+        "hostname": "vm1",
+        "ssh_authorized_keys": ["ssh-ed25519 AAA k"],
+    }
     network = yaml.safe_load(docs["network-config"])
     assert network["ethernets"]["eth0"] == {
         "match": {"macaddress": "52:54:00:00:00:01"},
@@ -446,8 +452,12 @@ def test_seed_documents() -> None:
     }
     assert network["ethernets"]["data"]["dhcp4"] is True
     assert yaml.safe_load(docs["meta-data"]) == {"instance-id": "iid-1", "local-hostname": "vm1"}
-    with pytest.raises(InvalidRequestError, match="ssh-public-keys"):
-        seed_documents(spec(user_data="#!/bin/sh\ntrue\n", ssh_public_keys=("k",)), (), "x")
+    # A script is no longer refused beside keys: it is a part of its own, the keys in vm-host's.
+    docs = seed_documents(spec(user_data="#!/bin/sh\ntrue\n", ssh_public_keys=("k",)), (), "x")
+    assert docs is not None
+    (script, ours) = mime_parts(docs["user-data"])
+    assert script[:2] == ("text/x-shellscript", "#!/bin/sh\ntrue\n")
+    assert yaml.safe_load(ours[1])["ssh_authorized_keys"] == ["k"]
 
 
 def test_generated_macs_are_stable_and_local() -> None:

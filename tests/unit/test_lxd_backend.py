@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+from mime import mime_parts
 from tests.fixtures import LXD_RESOURCES
 
 from vmhost.backends import BackendUnavailableError
@@ -257,9 +258,9 @@ def test_static_ip_goes_to_cloud_init_network_config_keyed_by_mac() -> None:
             },
         },
     }
-    user = d["config"]["cloud-init.user-data"]
-    assert user.startswith("#cloud-config\n")
-    assert yaml.safe_load(user) == {"packages": ["htop"], "ssh_authorized_keys": [key]}
+    theirs, ours = mime_parts(d["config"]["cloud-init.user-data"])
+    assert theirs[:2] == ("text/cloud-config", "#cloud-config\npackages: [htop]\n")
+    assert yaml.safe_load(ours[1]) == {"hostname": "web-1", "ssh_authorized_keys": [key]}
 
 
 def test_no_cloud_init_keys_without_user_data_keys_or_static_addresses() -> None:

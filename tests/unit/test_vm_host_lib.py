@@ -988,3 +988,25 @@ def test_a_huge_bad_value_is_not_echoed_in_the_reason():
     )
     assert len(invalid[0].reason) < 300
     assert len(invalid_if[0].reason) < 300
+
+
+@pytest.mark.parametrize(
+    ("hostname", "ok"),
+    [
+        ("db-0", True),
+        ("DB-0.Example.com", True),
+        ("db-0.example.com.", True),
+        ("-db", False),
+        ("db_0", False),
+        ("a" * 64, False),
+        (".".join(["abcdefgh"] * 29), False),
+        ("db 0", False),
+    ],
+)
+def test_hostname_is_a_request_field_checked_by_syntax(hostname, ok):
+    valid, invalid = parse_requests(bag([{"id": "db-0", "memory": 512, "hostname": hostname}]))
+    if ok:
+        assert [r.hostname for r in valid] == [hostname]
+    else:
+        assert not valid
+        assert "hostname" in invalid[0].reason

@@ -865,7 +865,7 @@ def seed_documents(
         return None
     user_data = cloudinit.user_data(spec)
     network = cloudinit.network_config(nics)
-    meta = yaml.safe_dump({"instance-id": instance_id, "local-hostname": spec.name})
+    meta = yaml.safe_dump({"instance-id": instance_id, "local-hostname": cloudinit.hostname(spec)})
     return {"user-data": user_data, "meta-data": meta, "network-config": network}
 
 

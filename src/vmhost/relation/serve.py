@@ -60,6 +60,7 @@ _WIRE_TO_SPEC = {
     "image": "image",
     "user-data": "user_data",
     "ssh-public-keys": "ssh_public_keys",
+    "hostname": "hostname",
 }
 
 

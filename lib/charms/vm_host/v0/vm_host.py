@@ -81,8 +81,8 @@ the structured form:
                     {"label": "data", "vlan": 100, "mode": "sriov"},
                     {"label": "pub", "ip": "10.0.5.20", "subnet": "10.0.5.0/24"}],
      "image": "/var/lib/vm-host/images/noble.img", "user-data": "#cloud-config ...",
-     "ssh-public-keys": ["ssh-ed25519 AAAA... me@example"], "tags": ["db"],
-     "host": "vm-host/1"}
+     "ssh-public-keys": ["ssh-ed25519 AAAA... me@example"], "hostname": "db-0.example.com",
+     "tags": ["db"], "host": "vm-host/1"}
 
 The same request with MAAS compose strings:
 
@@ -106,8 +106,17 @@ The same request with MAAS compose strings:
   subnet, subnet_cidr, vlan (`N` or `vid:N`), vid, ip, mode, bridge, parent and numa_strict.
   Other MAAS keys (fabric, fabric_class, type, tag, not_*) are not supported: such a request
   is answered failed with the reason.
-- `image` (a disk image path on the host), `user-data` (at most 64 KiB), `ssh-public-keys`,
-  `tags`, `host` (pin the VM to a vm-host unit such as "vm-host/1" or a hostname).
+- `image` (a disk image path on the host), `tags`, `host` (pin the VM to a vm-host unit such
+  as "vm-host/1" or a hostname).
+- `hostname`: the guest's hostname or FQDN (default: the VM's name); `ssh-public-keys`:
+  OpenSSH public key lines authorized for the image's default user (ubuntu on Ubuntu).
+  vm-host writes both into its own #cloud-config.
+- `user-data` (at most 64 KiB): anything cloud-init acts on (#cloud-config, a #! script,
+  #include, #cloud-boothook, #cloud-config-archive, or MIME multipart of such parts). It is
+  never dropped: vm-host sends it to the guest as MIME multipart, your parts first and its
+  own #cloud-config last, merged by cloud-init so that your values win and lists such as
+  ssh_authorized_keys are appended. User data cloud-init would ignore (no known first line)
+  is answered failed with the reason.
 
 This library checks the syntax; the vm-host charm checks the rest against the host (does the
 pool exist, does the memory split into whole huge pages) and answers failed with the reason.
@@ -193,7 +202,7 @@ LIBAPI = 0
 
 # Increment this PATCH version before using `charmcraft publish-lib` or reset
 # to 0 if you are raising the major API version
-LIBPATCH = 2
+LIBPATCH = 3
 
 PYDEPS = ["pydantic>=2"]
 
@@ -229,6 +238,8 @@ MAX_NUMA_NODES = 64
 MAX_SSH_KEYS = 100
 _HOST_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_./-]{0,252}$"
 _SSH_KEY_RE = r"^[a-z0-9@.-]+ [A-Za-z0-9+/]+={0,3}( [^\r\n]*)?$"
+_HOSTNAME_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_HOSTNAME_RE = rf"^{_HOSTNAME_LABEL}(?:\.{_HOSTNAME_LABEL})*\.?$"
 _STATE_ORDER = {"running": 0, "stopped": 1, "pending": 2, "failed": 3}
 
 
@@ -516,6 +527,8 @@ class VmRequest(_Model):
         Field(default_factory=list)
     )
     host: Annotated[StrictStr, Field(pattern=_HOST_RE)] | None = None
+    hostname: Annotated[StrictStr, Field(pattern=_HOSTNAME_RE, max_length=253)] | None = None
+    """The guest's hostname or FQDN (LIBPATCH 3); without it, the VM's name."""
 
     @pydantic.field_validator("storage", mode="before")
     @classmethod
