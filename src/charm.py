@@ -174,6 +174,7 @@ class VmHostCharm(ops.CharmBase):
             policy=config.policy,
             networks=self._mapping(config),
             default_pool=config.storage_pool,
+            default_network=config.default_network,
         )
 
     def _access_address(self) -> str | None:
@@ -420,6 +421,7 @@ class VmHostCharm(ops.CharmBase):
             nics=snapshot.topology.nics,
             trust=make_trust if config.backend == "lxd" else None,
             libvirt_user_adopt=config.libvirt_user_adopt,
+            default_network=config.default_network,
         ):
             event.add_status(ops.BlockedStatus(problem))
         line = report.status_line(

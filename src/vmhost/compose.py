@@ -14,7 +14,10 @@ from vmhost import networks, placement, refusals
 from vmhost.backends import Backend
 from vmhost.model import (
     HostTopology,
+    InterfaceMode,
+    InterfaceSpec,
     InvalidRequestError,
+    NicAttachment,
     Placement,
     Policy,
     Rejection,
@@ -23,7 +26,17 @@ from vmhost.model import (
     VmSpec,
 )
 
-__all__ = ["HostState", "Outcome", "compose", "deletable", "name_taken"]
+__all__ = [
+    "DEFAULT_NIC_LABEL",
+    "HostState",
+    "Outcome",
+    "compose",
+    "default_interfaces",
+    "deletable",
+    "name_taken",
+]
+
+DEFAULT_NIC_LABEL = "eth0"
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,8 @@ class HostState:
     policy: Policy
     networks: Mapping[str, networks.NetworkMapping]
     default_pool: str
+    default_network: str = ""
+    """Config `default-network`: a space in `networks` or a host bridge ("" when unset)."""
 
     @property
     def allocations(self) -> list[Placement]:
@@ -78,6 +93,56 @@ def name_taken(spec: VmSpec, vms: Sequence[VmRecord]) -> str | None:
     return f"VM name {spec.name!r} is already taken: a VM of that name already exists; {fix}"
 
 
+def default_interfaces(
+    mapping: Mapping[str, networks.NetworkMapping], default_network: str
+) -> tuple[InterfaceSpec, ...]:
+    """The NIC a request without `interfaces` gets: one eth0 on the host's default network.
+
+    Config `default-network` names a space of `networks` or a host bridge; when it is empty
+    and `networks` maps exactly one space, that space is the default. The request's spec keeps
+    no interfaces (its hash, and so a composed VM's identity, does not depend on host config).
+
+    Raises:
+        InvalidRequestError: there is no default network; the message gives the fix.
+    """
+    if default_network:
+        if default_network in mapping:
+            return (InterfaceSpec(DEFAULT_NIC_LABEL, space=default_network),)
+        return (
+            InterfaceSpec(DEFAULT_NIC_LABEL, bridge=default_network, mode=InterfaceMode.BRIDGE),
+        )
+    if len(mapping) == 1:
+        (space,) = mapping
+        return (InterfaceSpec(DEFAULT_NIC_LABEL, space=space),)
+    spaces = (
+        f"networks maps {len(mapping)} spaces ({', '.join(sorted(mapping))})"
+        if mapping
+        else "networks maps no space"
+    )
+    raise InvalidRequestError(
+        "interfaces",
+        f"none requested and this host has no default network ({spaces}); give interfaces "
+        "(for example eth0:space=oam or eth0:bridge=br0), or set one with juju config "
+        "vm-host default-network=<space or bridge>",
+    )
+
+
+def _resolve_nics(spec: VmSpec, host: HostState) -> tuple[NicAttachment, ...]:
+    """The request's NICs on this host, or its default NIC when it asks for none."""
+    if spec.interfaces:
+        return networks.resolve(spec.interfaces, host.topology.nics, host.networks)
+    wanted = default_interfaces(host.networks, host.default_network)
+    try:
+        return networks.resolve(wanted, host.topology.nics, host.networks)
+    except InvalidRequestError as exc:
+        which = host.default_network or next(iter(host.networks))
+        raise InvalidRequestError(
+            "default-network",
+            f"the default NIC on {which!r} cannot be attached here: {exc}; fix with juju "
+            "config vm-host default-network=<space or bridge>, or give interfaces",
+        ) from exc
+
+
 def compose(
     backend: Backend,
     spec: VmSpec,
@@ -94,7 +159,7 @@ def compose(
     if taken:
         return Outcome(spec, refused=taken)
     try:
-        nics = networks.resolve(spec.interfaces, host.topology.nics, host.networks)
+        nics = _resolve_nics(spec, host)
     except InvalidRequestError as exc:
         return Outcome(spec, refused=str(exc))
     result = placement.plan(host.topology, host.allocations, spec, host.policy)

@@ -69,6 +69,7 @@ class CharmConfig(pydantic.BaseModel):
     default_storage_pool: str = ""
     default_root_disk_size: int = pydantic.Field(20, ge=1, le=65536)
     networks: str = ""
+    default_network: str = ""
     release_policy: Literal["delete", "keep"] = "delete"
     libvirt_user: str = "virsh"
     libvirt_user_adopt: bool = False
@@ -118,6 +119,20 @@ class CharmConfig(pydantic.BaseModel):
             option = name.replace("_", "-")
             update[name] = settings.for_host(option, getattr(self, name), unit, hostname)
         return self.model_copy(update=update)
+
+    @pydantic.field_validator("default_network")
+    @classmethod
+    def _default_network(cls, value: str) -> str:
+        value = value.strip()
+        if value and not (
+            constraints.SPACE_PATTERN.fullmatch(value)
+            or constraints.HOST_DEVICE_PATTERN.fullmatch(value)
+        ):
+            raise ValueError(
+                "must be a space name of the networks option or a host bridge name "
+                "(letters, digits, '.', '_', '-'; at most 15 characters), or empty"
+            )
+        return value
 
     @pydantic.field_validator("libvirt_user")
     @classmethod

@@ -36,6 +36,7 @@ def problems(
     nics: Sequence[HostNic],
     trust: Callable[[], LxdTrust] | None = None,
     libvirt_user_adopt: bool = False,
+    default_network: str = "",
 ) -> list[str]:
     """Every problem the operator must fix, in a stable order (huge pages, access, networks).
 
@@ -48,6 +49,7 @@ def problems(
         nics: the host's NICs.
         trust: opens LXD's trust store (LXD only).
         libvirt_user_adopt: whether an existing account may be taken over (libvirt).
+        default_network: the option's value (a space in `networks` or a host bridge).
     """
     out = [
         f"{problem}; lower `hugepages`"
@@ -67,4 +69,7 @@ def problems(
         except VmHostError as exc:
             out.append(f"LXD trust: {exc}; fix with juju config")
     out += [f"networks: {p}" for p in networks.check_networks_on_host(mapping, nics)]
+    default = networks.default_network_problem(default_network, mapping, nics)
+    if default:
+        out.append(default)
     return out

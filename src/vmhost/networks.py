@@ -534,6 +534,27 @@ def check_networks_on_host(
     return problems
 
 
+def default_network_problem(
+    default_network: str, networks: Mapping[str, NetworkMapping], nics: Sequence[HostNic]
+) -> str | None:
+    """Why config `default-network` cannot be used on this host, or None when it can.
+
+    It names a space of `networks` (checked there) or a bridge that must exist here.
+    """
+    if not default_network or default_network in networks:
+        return None
+    nic = next((n for n in nics if n.name == default_network), None)
+    if nic is not None and nic.kind is NicKind.BRIDGE:
+        return None
+    what = "no interface" if nic is None else f"a {nic.kind.value} interface, not a bridge"
+    spaces = ", ".join(sorted(networks)) or "none"
+    return (
+        f"default-network {default_network!r} is not a space in networks (spaces: {spaces}) "
+        f"and this host has {what} of that name; create the bridge or fix with juju config "
+        "vm-host default-network=<space or bridge>"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Matching requests to host interfaces
 

@@ -40,8 +40,9 @@ case "$(uname -m)" in
 esac
 # libxml2-utils: xmllint, which virt-xml-validate needs to check rendered XML in the tests.
 # gpg/gpgv: the test mirror signs its simplestreams index, vmhost.images verifies it.
+# dnsmasq-base, iptables: DHCP and NAT of libvirt networks (the address tests' NAT network).
 packages=(libvirt-daemon-system libvirt-clients "$qemu_pkg" qemu-utils libvirt-dev pkg-config
-    genisoimage iproute2 procps libxml2-utils gpg gpgv)
+    genisoimage iproute2 procps libxml2-utils gpg gpgv dnsmasq-base iptables)
 
 missing=()
 for pkg in "${packages[@]}"; do

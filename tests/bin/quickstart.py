@@ -23,6 +23,33 @@ DEFAULT_REQUEST = {
 }
 
 
+def _default_network(config: dict[str, object]) -> str | None:
+    """The bridge of libvirt's `default` NAT network (started when needed), for the VM's NIC.
+
+    A VM without `interfaces` gets its NIC on config `default-network`; a fresh host has none,
+    so the quick start uses libvirt's own NAT network unless --config names one.
+    """
+    if config.get("default-network") or config.get("networks"):
+        return None
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        net = conn.networkLookupByName("default")
+        if not net.isActive():
+            net.create()
+        return net.bridgeName()
+    except libvirt.libvirtError as e:
+        print(
+            f"libvirt's default network is not usable ({e.get_error_message()}); pass "
+            """--config '{"default-network": "<a host bridge>"}'""",
+            file=sys.stderr,
+        )
+        return None
+    finally:
+        conn.close()
+
+
 def _run(ctx: testing.Context[charm.VmHostCharm], state: testing.State, action: str, **params):
     try:
         ctx.run(ctx.on.action(action, params=params), state)
@@ -40,7 +67,12 @@ def main() -> int:
     args = parser.parse_args()
     request = json.loads(args.request) if args.request else dict(DEFAULT_REQUEST)
     ctx = testing.Context(charm.VmHostCharm)
-    state = testing.State(config=json.loads(args.config), leader=True)
+    config = json.loads(args.config)
+    bridge = None if args.delete else _default_network(config)
+    if bridge:
+        config["default-network"] = bridge
+        print(f"the VM's NIC goes on {bridge} (libvirt's default NAT network)")
+    state = testing.State(config=config, leader=True)
 
     started = time.monotonic()
     state = ctx.run(ctx.on.install(), state)

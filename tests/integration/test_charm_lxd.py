@@ -8,6 +8,8 @@ action, trust tokens, and the status line read from the live daemon.
 
 from __future__ import annotations
 
+import dataclasses
+
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,8 +110,14 @@ def test_trust_token_lets_a_client_in_once(ctx, lxd_host: LxdTrust, tmp_path: Pa
     assert second.auth() == "untrusted"
 
 
-def test_compose_vm_is_refused_with_the_daemons_reason_and_leaves_nothing(ctx, lxd_host):
+def test_compose_vm_is_refused_with_the_daemons_reason_and_leaves_nothing(
+    ctx, lxd_host, test_bridge
+):
     ctx.run(ctx.on.config_changed(), state())
+    on_bridge = state()
+    on_bridge = dataclasses.replace(
+        on_bridge, config={**on_bridge.config, "default-network": test_bridge}
+    )
     before = lxd_host.request("GET", f"/1.0/instances?project={PROJECT}")
     with pytest.raises(testing.ActionFailed) as failed:
         ctx.run(
@@ -117,7 +125,7 @@ def test_compose_vm_is_refused_with_the_daemons_reason_and_leaves_nothing(ctx, l
                 "compose-vm",
                 params={"name": "vmhost-test-lxd-vm", "memory": 256, "storage": "root:1"},
             ),
-            state(),
+            on_bridge,
         )
     message = failed.value.message
     if "vhost_vsock" not in message and "not supported" not in message:

@@ -32,8 +32,10 @@ def ctx() -> testing.Context[charm.VmHostCharm]:
 
 
 @pytest.fixture
-def state(test_pool: str, clean_host: None) -> testing.State:
-    return testing.State(config={"default-storage-pool": test_pool}, leader=True)
+def state(test_pool: str, clean_host: None, test_bridge: str) -> testing.State:
+    # A request without interfaces gets its one NIC on default-network.
+    config = {"default-storage-pool": test_pool, "default-network": test_bridge}
+    return testing.State(config=config, leader=True)
 
 
 def run(ctx, state, action, **params):

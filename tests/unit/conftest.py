@@ -4,6 +4,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, settings
 from ops import testing
 from tests.fixtures import FIXTURES
@@ -11,7 +12,7 @@ from tests.fixtures import FIXTURES
 import charm
 from fake_backend import FakeBackend
 from vmhost import access, exporter, host, refusals
-from vmhost.model import PAGE_2M_KIB, HostTopology, VmHostError
+from vmhost.model import PAGE_2M_KIB, HostNic, HostTopology, NicKind, VmHostError
 from vmhost.topology import parse_capabilities
 
 # Property tests check behaviour, not speed (bench/ measures speed): on a loaded 2-CPU machine
@@ -91,8 +92,12 @@ def topology(fixtures_dir: Path) -> HostTopology:
     return make_topology()
 
 
+TEST_BRIDGE = "br0"
+"""The test host's one bridge, its default network in charm tests (see `ctx`)."""
+
+
 def make_topology() -> HostTopology:
-    """The two-node test host, with 64 free 2M pages on node 1."""
+    """The two-node test host, with 64 free 2M pages on node 1 and one bridge, br0."""
     topo = parse_capabilities((FIXTURES / "libvirt-caps" / CAPS).read_text())
     # 64 free 2M pages on node 1 only, so hugepage requests have somewhere to go.
     nodes = tuple(
@@ -101,7 +106,7 @@ def make_topology() -> HostTopology:
         else n
         for n in topo.nodes
     )
-    return replace(topo, nodes=nodes)
+    return replace(topo, nodes=nodes, nics=(HostNic(TEST_BRIDGE, kind=NicKind.BRIDGE),))
 
 
 @pytest.fixture
@@ -255,6 +260,23 @@ def install_fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
     return fake
 
 
+def _charm_yaml(name: str) -> dict[str, object]:
+    return yaml.safe_load((Path(charm.CHARM_DIR) / name).read_text())
+
+
 @pytest.fixture
 def ctx() -> testing.Context[charm.VmHostCharm]:
-    return testing.Context(charm.VmHostCharm)
+    """The charm, whose default-network defaults to the test host's bridge br0.
+
+    A VM needs a NIC, and a fresh host has no default network; the charm tests that are not
+    about networks compose on br0 as if the operator had set it. Tests of the refusal set
+    default-network to "" in their state.
+    """
+    config = _charm_yaml("config.yaml")
+    config["options"]["default-network"]["default"] = TEST_BRIDGE  # type: ignore[index]
+    return testing.Context(
+        charm.VmHostCharm,
+        meta=_charm_yaml("metadata.yaml"),
+        actions=_charm_yaml("actions.yaml"),
+        config=config,
+    )

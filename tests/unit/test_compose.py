@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
+
 from fake_backend import FakeBackend
 from vmhost.compose import HostState, Outcome, compose, deletable, name_taken
 from vmhost.constraints import build_spec
-from vmhost.model import Cpu, HostTopology, NumaNode, Policy, VmSpec
+from vmhost.model import (
+    AttachmentKind,
+    Cpu,
+    HostNic,
+    HostTopology,
+    NicKind,
+    NumaNode,
+    Policy,
+    VmSpec,
+)
+from vmhost.networks import NetworkMapping, default_network_problem
 
 
 def host(cpus: int = 4) -> HostTopology:
@@ -17,12 +31,15 @@ def host(cpus: int = 4) -> HostTopology:
                 memory_kib=8 * 1024 * 1024,
                 distances={0: 10},
             ),
-        )
+        ),
+        nics=(HostNic("br0", kind=NicKind.BRIDGE),),
     )
 
 
-def state(backend: FakeBackend) -> HostState:
-    return HostState(backend.topology(), backend.list_vms(), Policy(), {}, "vm-host")
+def state(backend: FakeBackend, default_network: str = "br0") -> HostState:
+    return HostState(
+        backend.topology(), backend.list_vms(), Policy(), {}, "vm-host", default_network
+    )
 
 
 def spec(name: str = "web", **fields: object) -> VmSpec:
@@ -114,3 +131,82 @@ def test_only_action_vms_are_deletable_by_name():
     assert str(deletable(vms, "nope", owner="action")) == (
         "no VM named 'nope'; VMs composed by vm-host: ops, pg-1-db"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The default NIC of a request without interfaces
+
+MAPPING = {
+    "oam": NetworkMapping("oam", AttachmentKind.BRIDGE, "br0"),
+    "data": NetworkMapping("data", AttachmentKind.DIRECT, "eno1"),
+}
+
+
+def nics_of(backend: FakeBackend, name: str = "web") -> list[tuple[str, str, str]]:
+    _, nics = backend.composed[name]
+    return [(n.label, n.kind.value, n.source) for n in nics]
+
+
+def test_default_network_may_name_a_host_bridge():
+    backend = FakeBackend(host=host())
+    got = compose(backend, spec(), state(backend, "br0"))
+    assert got.vm is not None
+    assert nics_of(backend) == [("eth0", "bridge", "br0")]
+    # The spec stays without interfaces: its hash does not depend on host config.
+    assert backend.composed["web"][0].interfaces == ()
+
+
+def test_default_network_may_name_a_space_of_networks():
+    backend = FakeBackend(host=host())
+    hs = replace(state(backend, "oam"), networks=MAPPING)
+    assert compose(backend, spec(), hs).vm is not None
+    assert nics_of(backend) == [("eth0", "bridge", "br0")]
+
+
+def test_without_default_network_the_one_mapped_space_is_the_default():
+    backend = FakeBackend(host=host())
+    hs = replace(state(backend, ""), networks={"oam": MAPPING["oam"]})
+    assert compose(backend, spec(), hs).vm is not None
+    assert nics_of(backend) == [("eth0", "bridge", "br0")]
+
+
+@pytest.mark.parametrize(
+    ("mapping", "phrase"),
+    [({}, "networks maps no space"), (MAPPING, "networks maps 2 spaces (data, oam)")],
+)
+def test_without_a_default_network_the_request_is_refused_with_the_fix(mapping, phrase):
+    backend = FakeBackend(host=host())
+    hs = replace(state(backend, ""), networks=mapping)
+    got = compose(backend, spec(), hs, dry_run=True)
+    assert got.refused.startswith("interfaces: none requested and this host has no default")
+    assert phrase in got.refused
+    assert "juju config vm-host default-network=" in got.refused
+    assert composes(backend) == []
+
+
+def test_explicit_interfaces_ignore_the_default_network():
+    backend = FakeBackend(host=host())
+    got = compose(backend, spec(interfaces="data:bridge=br0"), state(backend, "missing"))
+    assert got.vm is not None
+    assert nics_of(backend) == [("data", "bridge", "br0")]
+
+
+def test_a_default_bridge_that_is_missing_is_refused_naming_default_network():
+    backend = FakeBackend(host=host())
+    got = compose(backend, spec(), state(backend, "br-gone"))
+    assert got.refused.startswith("default-network: the default NIC on 'br-gone'")
+    assert "br-gone" in got.refused
+    assert composes(backend) == []
+
+
+def test_default_network_problem_blocks_only_when_it_names_nothing_usable():
+    nics = (HostNic("br0", kind=NicKind.BRIDGE), HostNic("eno1"))
+    assert default_network_problem("", MAPPING, nics) is None
+    assert default_network_problem("oam", MAPPING, nics) is None
+    assert default_network_problem("br0", {}, nics) is None
+    assert "a physical interface, not a bridge" in (
+        default_network_problem("eno1", MAPPING, nics) or ""
+    )
+    problem = default_network_problem("br9", MAPPING, nics) or ""
+    assert "is not a space in networks (spaces: data, oam)" in problem
+    assert "juju config vm-host default-network=" in problem

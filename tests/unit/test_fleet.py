@@ -20,7 +20,9 @@ from vmhost.model import (
     PAGE_1G_KIB,
     CellPlacement,
     Cpu,
+    HostNic,
     HostTopology,
+    NicKind,
     NumaNode,
     Placement,
     Policy,
@@ -144,8 +146,9 @@ def serve_round(
     existing: Sequence[VmRecord], desired: Mapping[RequestKey, VmSpec], *, live: set[int]
 ) -> tuple[FakeBackend, Round]:
     """One unit's round against an in-memory backend holding `existing`."""
-    backend = FakeBackend(host=host(cpus=8), vms={vm.name: vm for vm in existing})
-    state = HostState(backend.topology(), backend.list_vms(), POLICY, {}, "vm-host")
+    topology = replace(host(cpus=8), nics=(HostNic("br0", kind=NicKind.BRIDGE),))
+    backend = FakeBackend(host=topology, vms={vm.name: vm for vm in existing})
+    state = HostState(backend.topology(), backend.list_vms(), POLICY, {}, "vm-host", "br0")
     result = serve(
         backend,
         state,
