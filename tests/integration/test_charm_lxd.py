@@ -9,7 +9,6 @@ action, trust tokens, and the status line read from the live daemon.
 from __future__ import annotations
 
 import dataclasses
-
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
