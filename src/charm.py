@@ -525,14 +525,18 @@ class VmHostCharm(ops.CharmBase):
             event.fail(vm)
             return
         try:
-            self._backend(config).delete(name)
+            deleted = self._backend(config).delete(name)
         except VmHostError as exc:
             event.fail(f"delete failed: {exc}")
             return
         finally:
             self._snapshot(config, refresh=True)
         logger.info("deleted %s", name)
-        event.set_results({"deleted": name, "volumes": ", ".join(vm.volumes)})
+        results = {"deleted": name, "volumes": ", ".join(deleted)}
+        kept = [ref for ref in vm.volumes if ref not in deleted]
+        if kept:
+            results["kept-volumes"] = ", ".join(kept)
+        event.set_results(results)
 
     def _on_list_vms(self, event: ops.ActionEvent) -> None:
         inputs = self._action_inputs(event)

@@ -105,12 +105,12 @@ class FakeBackend:
         self.vms[spec.name] = record
         return record
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str) -> list[str]:
         self._check()
         self.calls.append(f"delete:{name}")
         if name not in self.vms:
             raise VmHostError(f"no domain {name}")
-        del self.vms[name]
+        return list(self.vms.pop(name).volumes)
 
     def _get(self, name: str) -> VmRecord:
         self._check()

@@ -23,6 +23,7 @@ from vmhost.backends.libvirt import (
     Volume,
     _state,
     disabled_cpu_features,
+    disk_sources,
     domain_context,
     generate_mac,
     placement_from_domain_xml,
@@ -564,3 +565,41 @@ def test_record_from_metadata_matches_the_whole_domain_xml() -> None:
     assert alone.managed
     assert alone.owner == "relation:4:maas"
     assert alone.placement.cells[0].cpus == (3, 2)
+
+
+def test_metadata_records_the_domain_uuid_and_a_copy_is_not_ours(tmp_path: Path) -> None:
+    placement = Placement(vcpus=2, memory_mib=2048)
+    xml = ET.tostring(render(spec(), placement, tmp_path=tmp_path), encoding="unicode")
+    assert f"<ns0:domain-uuid>{UUID}</ns0:domain-uuid>" in xml
+    assert record_from_domain_xml(xml, VmState.RUNNING).managed
+
+    # virt-clone and dumpxml + define give the copy a new UUID but keep <metadata>.
+    copy = xml.replace(f"<uuid>{UUID}</uuid>", "<uuid>0b5a4c7e-1d2f-4c3b-8a9e-5f6d7e8f9a0b</uuid>")
+    record = record_from_domain_xml(copy, VmState.RUNNING)
+    assert not record.managed
+    assert record.owner == ""
+    assert record.volumes == ()
+    assert "it is a copy" in record.problem
+    assert UUID in record.problem
+    assert record.placement.vcpus == 2  # its resources still count
+
+
+def test_metadata_without_a_domain_uuid_is_not_ours(tmp_path: Path) -> None:
+    xml = ET.tostring(render(spec(), Placement(vcpus=1, memory_mib=512)), encoding="unicode")
+    forged = xml.replace(f"<ns0:domain-uuid>{UUID}</ns0:domain-uuid>", "")
+    assert "domain-uuid" not in forged
+    record = record_from_domain_xml(forged, VmState.RUNNING)
+    assert not record.managed
+    assert "names no domain UUID" in record.problem
+
+
+def test_disk_sources_name_files_devices_and_pool_volumes() -> None:
+    root = ET.fromstring(
+        """<domain><devices>
+        <disk type='file'><source file='/srv/a/../a/vm1-root'/></disk>
+        <disk type='block'><source dev='/dev/vg/vm1-data'/></disk>
+        <disk type='volume'><source pool='fast' volume='vm1-x'/></disk>
+        <disk type='network'><source protocol='nbd' name='x'/></disk>
+        </devices></domain>"""
+    )
+    assert disk_sources(root) == {"/srv/a/vm1-root", "/dev/vg/vm1-data", "fast/vm1-x"}

@@ -68,8 +68,12 @@ class Backend(Protocol):
         """Create volumes, define and start the VM; on any failure leave nothing behind."""
         ...
 
-    def delete(self, name: str) -> None:
-        """Destroy and undefine the VM and delete exactly the volumes vm-host created."""
+    def delete(self, name: str) -> list[str]:
+        """Destroy and undefine the VM, delete the volumes vm-host created for it ("pool/vol").
+
+        Returns the volumes deleted; a listed volume that another VM uses, or that this VM
+        does not use, is kept (and logged).
+        """
         ...
 
     def start(self, name: str) -> None:

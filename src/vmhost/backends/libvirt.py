@@ -674,6 +674,40 @@ def parse_metadata(vm: ET.Element) -> tuple[Placement, dict[str, Any]]:
     return placement, fields
 
 
+def copy_problem(vm: ET.Element, domain_uuid: str) -> str:
+    """Why a domain carrying vm-host metadata is not the domain vm-host composed, or "".
+
+    vm-host writes the UUID of the domain it defines into the metadata. virt-clone, and a
+    dumpxml + define under another name, copy `<metadata>` but get a new UUID: such a copy
+    (or metadata written by hand without the UUID) is never treated as vm-host's, so deleting
+    it can never take the original's disks.
+    """
+    recorded = (vm.findtext("v:domain-uuid", "", _NS) or "").strip().lower()
+    if not recorded:
+        return (
+            "its vm-host metadata names no domain UUID (written by hand, not by vm-host), so "
+            "vm-host leaves it be"
+        )
+    if recorded != domain_uuid.strip().lower():
+        return (
+            f"its vm-host metadata belongs to domain {recorded}: it is a copy (virt-clone or "
+            "dumpxml + define keep the metadata), so vm-host leaves it be"
+        )
+    return ""
+
+
+def disk_sources(root: ET.Element) -> set[str]:
+    """Return what a domain's disks point at: file or device paths, and "pool/volume" refs."""
+    found: set[str] = set()
+    for source in root.findall("devices/disk/source"):
+        for attr in ("file", "dev"):
+            if source.get(attr):
+                found.add(os.path.normpath(source.get(attr, "")))
+        if source.get("pool") and source.get("volume"):
+            found.add(f"{source.get('pool')}/{source.get('volume')}")
+    return found
+
+
 def placement_from_domain_xml(
     root: ET.Element,
     topology: HostTopology | None,
@@ -763,12 +797,18 @@ def _as_memory(cell: ET.Element) -> ET.Element:
 
 
 def record_from_metadata(name: str, domain_uuid: str, metadata: str, state: VmState) -> VmRecord:
-    """Build the VmRecord of a vm-host domain from its name, UUID and metadata element alone."""
+    """Build the VmRecord of a vm-host domain from its name, UUID and metadata element alone.
+
+    Raises:
+        ValueError: unreadable metadata, or metadata of another domain (copy_problem).
+    """
     vm = ET.fromstring(metadata)  # noqa: S314 - libvirtd's own output
     for element in vm.iter():  # libvirtd hands the element back without its namespace
         if not element.tag.startswith("{"):
             element.tag = f"{{{METADATA_NS}}}{element.tag}"
     placement, fields = parse_metadata(vm)
+    if copy_problem(vm, domain_uuid):
+        raise ValueError("not this domain's metadata")  # the whole XML says why
     return VmRecord(
         name=name, uuid=domain_uuid, state=state, placement=placement, managed=True, **fields
     )
@@ -793,18 +833,21 @@ def record_from_domain_xml(
     if vm is not None:
         try:
             placement, fields = parse_metadata(vm)
-            return VmRecord(
-                name=name,
-                uuid=domain_uuid,
-                state=state,
-                placement=placement,
-                managed=True,
-                **fields,
-            )
         except (ValueError, TypeError, KeyError) as exc:
             problem = (
                 f"its vm-host metadata is unreadable ({_short(exc)}), so vm-host leaves it be"
             )
+        else:
+            problem = copy_problem(vm, domain_uuid)
+            if not problem:
+                return VmRecord(
+                    name=name,
+                    uuid=domain_uuid,
+                    state=state,
+                    placement=placement,
+                    managed=True,
+                    **fields,
+                )
     try:
         placement = placement_from_domain_xml(root, topology, vfs)
     except (ValueError, TypeError, KeyError, IndexError) as exc:
@@ -998,6 +1041,32 @@ def _domain_xmls(domains: Sequence[libvirt.virDomain]) -> Iterator[str]:
                 yield dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         except libvirt.libvirtError:
             continue  # undefined while we looked
+
+
+def _ledger_volumes(name: str, root: ET.Element) -> tuple[str, ...]:
+    """The volumes a domain's vm-host metadata lists, refusing domains that are not vm-host's.
+
+    Raises:
+        VmHostError: no vm-host metadata, unreadable metadata, or a copy (copy_problem).
+    """
+    vm = root.find(f"metadata/{{{METADATA_NS}}}vm")
+    if vm is None:
+        raise VmHostError(
+            f"VM {name!r} was not created by vm-host; it is left alone (delete it with virsh)"
+        )
+    try:
+        _, fields = parse_metadata(vm)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise VmHostError(
+            f"VM {name!r} has unreadable vm-host metadata ({_short(exc)}); it is left alone "
+            "(delete it with virsh once you know whose disks it uses)"
+        ) from exc
+    problem = copy_problem(vm, (root.findtext("uuid") or "").strip())
+    if problem:
+        raise VmHostError(
+            f"VM {name!r}: {problem} (delete it with virsh once you know whose disks it uses)"
+        )
+    return fields["volumes"]
 
 
 def host_arch() -> str:
@@ -1434,44 +1503,38 @@ class LibvirtBackend:
 
     # -- lifecycle
 
-    def delete(self, name: str) -> None:
-        """Destroy and undefine a vm-host VM and delete exactly the volumes it created.
+    def delete(self, name: str) -> list[str]:
+        """Destroy and undefine a vm-host VM and delete the volumes that are really its own.
+
+        A volume is deleted only when the metadata lists it, this very domain has it as a
+        disk, and no other domain does: forged or copied metadata cannot take another VM's
+        disks. Listed volumes that fail those tests are kept and logged.
+
+        Returns:
+            The volumes deleted, as "pool/volume".
 
         Raises:
-            VmHostError: the VM does not exist, was not created by vm-host (those are never
-                touched), or a volume could not be deleted (the others still are).
+            VmHostError: the VM does not exist, was not created by vm-host, is a copy of a
+                vm-host VM (those are never touched), or a volume could not be deleted (the
+                others still are).
         """
         dom = self._lookup(name)
-        vm = ET.fromstring(dom.XMLDesc(0)).find(  # noqa: S314 - libvirtd's own output
-            f"metadata/{{{METADATA_NS}}}vm"
-        )
-        if vm is None:
-            raise VmHostError(
-                f"VM {name!r} was not created by vm-host; it is left alone (delete it with virsh)"
-            )
-        try:
-            _, fields = parse_metadata(vm)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise VmHostError(
-                f"VM {name!r} has unreadable vm-host metadata ({_short(exc)}); it is left alone "
-                "(delete it with virsh once you know whose disks it uses)"
-            ) from exc
+        root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - libvirtd's own output
+        own, kept = self._own_volumes(dom, root, _ledger_volumes(name, root))
+        for ref, why in kept:
+            logger.warning("delete %s: volume %s is kept: %s", name, ref, why)
         try:
             if dom.isActive():
                 dom.destroy()
             dom.undefineFlags(_UNDEFINE_FLAGS)
         except libvirt.libvirtError as e:
             raise VmHostError(f"delete {name}: {e.get_error_message()}") from e
-        log = self._console_log_path(name)
-        for path in (log, *log.parent.glob(f"{log.name}.[0-9]*")):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        self._remove_console_log(name)
         failed = []
-        for ref in fields["volumes"]:
-            pool_name, _, vol_name = ref.partition("/")
+        deleted = []
+        for ref, vol in own:
             try:
-                pool = self.conn.storagePoolLookupByName(pool_name)
-                pool.storageVolLookupByName(vol_name).delete(0)
+                vol.delete(0)
             except libvirt.libvirtError as e:
                 if e.get_error_code() in (
                     libvirt.VIR_ERR_NO_STORAGE_VOL,
@@ -1480,9 +1543,56 @@ class LibvirtBackend:
                     logger.warning("delete %s: volume %s was already gone", name, ref)
                     continue
                 failed.append(f"{ref} ({e.get_error_message()})")
+                continue
+            deleted.append(ref)
         if failed:
             raise VmHostError(f"delete {name}: volumes not deleted: {', '.join(failed)}")
         logger.info("deleted VM %s", name)
+        return deleted
+
+    def _remove_console_log(self, name: str) -> None:
+        log = self._console_log_path(name)
+        for path in (log, *log.parent.glob(f"{log.name}.[0-9]*")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _own_volumes(
+        self, dom: libvirt.virDomain, root: ET.Element, refs: Sequence[str]
+    ) -> tuple[list[tuple[str, libvirt.virStorageVol]], list[tuple[str, str]]]:
+        """Split a VM's listed volumes into those to delete and those to keep (with why).
+
+        Its own: listed, a disk of this domain, and a disk of no other domain (a copy made by
+        dumpxml + define shares the original's disk files).
+        """
+        attached = disk_sources(root)
+        others: dict[str, str] = {}
+        me = dom.UUIDString()
+        for other in self.conn.listAllDomains(0):
+            try:
+                if other.UUIDString() == me:
+                    continue
+                for xml in _domain_xmls([other]):
+                    for source in disk_sources(ET.fromstring(xml)):  # noqa: S314
+                        others.setdefault(source, other.name())
+            except libvirt.libvirtError:
+                continue  # undefined while we looked
+        own: list[tuple[str, libvirt.virStorageVol]] = []
+        kept: list[tuple[str, str]] = []
+        for ref in refs:
+            pool_name, _, vol_name = ref.partition("/")
+            try:
+                vol = self.conn.storagePoolLookupByName(pool_name).storageVolLookupByName(vol_name)
+                path = os.path.normpath(vol.path())
+            except libvirt.libvirtError:
+                logger.warning("volume %s of %s was already gone", ref, dom.name())
+                continue
+            if path not in attached and ref not in attached:
+                kept.append((ref, f"{dom.name()} does not use it as a disk"))
+            elif (user := others.get(path) or others.get(ref)) is not None:
+                kept.append((ref, f"domain {user} uses it too"))
+            else:
+                own.append((ref, vol))
+        return own, kept
 
     def start(self, name: str) -> None:
         """Start a defined VM (a running VM is left as it is; a crashed one is reset first)."""

@@ -1066,7 +1066,7 @@ class LxdBackend:
 
     # -- lifecycle
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str) -> list[str]:
         """Stop and delete a vm-host VM and exactly the custom volumes its ledger names.
 
         Raises:
@@ -1091,6 +1091,7 @@ class LxdBackend:
         except LxdError as e:
             raise VmHostError(f"delete {name}: {e}") from e
         failed = []
+        deleted = []
         present: dict[str, set[str]] = {}
         for ref in volumes:
             pool, _, volume = ref.partition("/")
@@ -1109,9 +1110,12 @@ class LxdBackend:
                 )
             except (LxdError, InvalidRequestError) as e:
                 failed.append(f"{ref} ({e})")
+                continue
+            deleted.append(ref)
         if failed:
             raise VmHostError(f"delete {name}: volumes not deleted: {', '.join(failed)}")
         logger.info("deleted VM %s from LXD project %s", name, self.project)
+        return deleted
 
     def start(self, name: str) -> None:
         """Start a VM (a running one is left as it is).
