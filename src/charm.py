@@ -214,6 +214,14 @@ class VmHostCharm(ops.CharmBase):
         if snapshot is None:
             logger.info("hypervisor not reachable yet: %s", self._backend_error)
             return
+        self._reconcile_hypervisor(
+            config, snapshot, update_status=isinstance(event, ops.UpdateStatusEvent)
+        )
+
+    def _reconcile_hypervisor(
+        self, config: CharmConfig, snapshot: _Snapshot, *, update_status: bool
+    ) -> None:
+        """Pools, project, what killed composes left, the relation's VMs, crashed VMs."""
         backend = self._backend(config)
         if not config.default_storage_pool:
             names = {pool.name for pool in snapshot.topology.pools}
@@ -223,8 +231,10 @@ class VmHostCharm(ops.CharmBase):
         backend.ensure_project(config.lxd_project, config.storage_pool)
         if config.backend == "lxd":
             self._reconcile_lxd_access(config)
+        if backend.recover():
+            snapshot = self._snapshot(config, refresh=True) or snapshot
         self._reconcile_vms(config, snapshot)
-        if isinstance(event, ops.UpdateStatusEvent):
+        if update_status:
             snapshot = self._snapshot(config) or snapshot
             if lifecycle.revive_crashed(backend, snapshot.vms):
                 self._snapshot(config, refresh=True)
@@ -433,7 +443,12 @@ class VmHostCharm(ops.CharmBase):
             len(snapshot.vms),
         )
         crashed = lifecycle.crash_note(snapshot.vms)
-        event.add_status(ops.ActiveStatus(f"{line}; {crashed}" if crashed else line))
+        if crashed:
+            line = f"{line}; {crashed}"
+        recovered = self._backend(config).recent_recoveries()
+        if recovered:
+            line = f"{line}; {recovered[-1]}"
+        event.add_status(ops.ActiveStatus(line))
 
     # ----------------------------------------------------------------------------------------
     # Actions
@@ -483,6 +498,9 @@ class VmHostCharm(ops.CharmBase):
         except InvalidRequestError as exc:
             event.fail(f"bad request, nothing done: {exc}")
             return
+        recovered: list[str] = []
+        if not params.dry_run:
+            recovered, snapshot = self._recover(event, config, snapshot)
         outcome = compose.compose(
             self._backend(config),
             spec,
@@ -492,6 +510,13 @@ class VmHostCharm(ops.CharmBase):
         )
         if outcome.vm is not None or outcome.failed:
             self._snapshot(config, refresh=True)
+        self._answer_compose(event, outcome, recovered)
+
+    @staticmethod
+    def _answer_compose(
+        event: ops.ActionEvent, outcome: compose.Outcome, recovered: list[str]
+    ) -> None:
+        spec = outcome.spec
         if outcome.refused:
             event.fail(f"bad request, nothing done: {outcome.refused}")
         elif outcome.rejected:
@@ -500,11 +525,25 @@ class VmHostCharm(ops.CharmBase):
             event.fail(outcome.error or "compose failed")
         elif outcome.vm is not None:
             logger.info("composed %s (%s)", outcome.vm.name, outcome.vm.uuid)
-            event.set_results(report.vm_result(outcome.vm))
+            results = report.vm_result(outcome.vm)
+            if recovered:
+                results["recovered"] = "; ".join(recovered)
+            event.set_results(results)
         elif outcome.placement is not None:
             event.set_results(
                 {"dry-run": True, "placement": report.placement_json(outcome.placement)}
             )
+
+    def _recover(
+        self, event: ops.ActionEvent, config: CharmConfig, snapshot: _Snapshot
+    ) -> tuple[list[str], _Snapshot]:
+        """Remove what killed composes left before composing, telling the operator."""
+        recovered = self._backend(config).recover()
+        for message in recovered:
+            event.log(message)
+        if recovered:
+            snapshot = self._snapshot(config, refresh=True) or snapshot
+        return recovered, snapshot
 
     def _on_delete_vm(self, event: ops.ActionEvent) -> None:
         try:

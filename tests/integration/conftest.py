@@ -132,11 +132,13 @@ def backend(libvirt_daemons: None) -> Iterator[LibvirtBackend]:
     # and numatune apply even under PVM); tests that boot a guest make a virt-type=qemu backend.
     virt_type = "kvm" if Path("/dev/kvm").exists() else "qemu"
     console = tempfile.mkdtemp(prefix=PREFIX + "console-")
-    with LibvirtBackend(virt_type=virt_type, console_log_dir=console) as b:
+    intents = tempfile.mkdtemp(prefix=PREFIX + "intents-")
+    with LibvirtBackend(virt_type=virt_type, console_log_dir=console, intent_dir=intents) as b:
         remove_leftovers(b.conn)
         yield b
         remove_leftovers(b.conn)
     shutil.rmtree(console, ignore_errors=True)
+    shutil.rmtree(intents, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

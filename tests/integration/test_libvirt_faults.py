@@ -9,10 +9,16 @@ Everything is named vmhost-test-* so the conftest cleanup removes leftovers of a
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
 
+import libvirt
 import pytest
 
+from vmhost.backends import libvirt as libvirt_backend
 from vmhost.backends.libvirt import METADATA_NS, LibvirtBackend
 from vmhost.model import DiskSpec, Placement, Policy, Rejection, VmHostError, VmSpec
 
@@ -157,3 +163,140 @@ def test_forged_metadata_naming_another_vms_volume_never_deletes_it(
     assert "vmhost-test-forged-root" not in left
     assert victim.name in domains(backend)
     backend.delete(victim.name)
+
+
+class Killed(BaseException):
+    """What a hook killed mid-compose amounts to: no except clause of the compose runs."""
+
+
+@pytest.fixture
+def scratch_pool(backend: LibvirtBackend, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A second directory pool, vmhost-test-scratch, that a test may undefine or break."""
+    tmp_path.chmod(0o755)
+    path = tmp_path / "scratch"
+    backend.ensure_pool("vmhost-test-scratch", str(path))
+    yield "vmhost-test-scratch", path
+    with contextlib.suppress(libvirt.libvirtError):
+        pool = backend.conn.storagePoolLookupByName("vmhost-test-scratch")
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.destroy()
+        pool.undefine()
+
+
+def test_a_killed_compose_leaves_an_intent_and_the_next_hook_removes_its_volumes(
+    backend: LibvirtBackend, test_pool: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm = spec(
+        "vmhost-test-killed",
+        test_pool,
+        disks=(DiskSpec("root", 1, test_pool), DiskSpec("data", 1, test_pool)),
+    )
+    placement = placed(backend, vm)
+
+    def killed(*_args: object, **_kw: object) -> None:
+        raise Killed
+
+    with monkeypatch.context() as m:  # between the volumes and the define
+        m.setattr(libvirt_backend, "domain_context", killed)
+        with pytest.raises(Killed):
+            backend.compose(vm, placement, (), test_pool)
+    assert {"vmhost-test-killed-root", "vmhost-test-killed-data"} <= volumes(backend, test_pool)
+    assert vm.name not in domains(backend)
+    (intent,) = backend.intents.pending()
+    assert intent.name == vm.name
+    assert all(v.path for v in intent.volumes)
+    with pytest.raises(VmHostError, match="already exists in pool"):
+        backend.compose(vm, placement, (), test_pool)  # what blocked the name before
+
+    messages = backend.recover()
+
+    assert len(messages) == 1
+    assert "interrupted compose of vmhost-test-killed" in messages[0]
+    assert f"{test_pool}/vmhost-test-killed-root" in messages[0]
+    assert f"{test_pool}/vmhost-test-killed-data" in messages[0]
+    assert not {v for v in volumes(backend, test_pool) if v.startswith("vmhost-test-killed")}
+    assert backend.intents.pending() == []
+    assert backend.recent_recoveries()[-1] == messages[0]
+    assert backend.recover() == []  # once only
+    record = backend.compose(vm, placed(backend, vm), (), test_pool)  # the name is free again
+    assert record.managed
+    assert backend.intents.pending() == []  # a finished compose keeps no intent
+    backend.delete(vm.name)
+
+
+def test_recovery_keeps_a_volume_some_domain_uses(
+    backend: LibvirtBackend, test_pool: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm = spec("vmhost-test-killed", test_pool)
+
+    def killed(*_args: object, **_kw: object) -> None:
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(libvirt_backend, "domain_context", killed)
+        with pytest.raises(Killed):
+            backend.compose(vm, placed(backend, vm), (), test_pool)
+    (intent,) = backend.intents.pending()
+    path = intent.volumes[0].path
+    backend.conn.defineXML(
+        f"""<domain type='qemu'><name>vmhost-test-adopter</name>
+      <memory unit='MiB'>128</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os>
+      <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+        <source file='{path}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
+    )
+
+    (message,) = backend.recover()
+
+    assert "kept" in message
+    assert "domain vmhost-test-adopter uses it" in message
+    assert "vmhost-test-killed-root" in volumes(backend, test_pool)
+    assert len(backend.intents.pending()) == 1  # tried again next hook
+
+
+def test_pool_undefined_mid_compose_is_cleaned_by_path(
+    backend: LibvirtBackend, scratch_pool: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool_name, pool_dir = scratch_pool
+    vm = spec(
+        "vmhost-test-vanish",
+        pool_name,
+        disks=(DiskSpec("root", 1, pool_name), DiskSpec("data", 1, pool_name)),
+    )
+    placement = placed(backend, vm)
+    create = LibvirtBackend._create_volume
+
+    def create_then_undefine(self: LibvirtBackend, pool: object, name: str, *a: object) -> object:
+        vol = create(self, pool, name, *a)  # type: ignore[arg-type]
+        gone = backend.conn.storagePoolLookupByName(pool_name)
+        gone.destroy()
+        gone.undefine()  # the operator removes the pool while the compose runs
+        return vol
+
+    monkeypatch.setattr(LibvirtBackend, "_create_volume", create_then_undefine)
+    with pytest.raises(VmHostError) as error:
+        backend.compose(vm, placement, (), pool_name)
+    monkeypatch.undo()
+
+    assert "nothing was left behind" in str(error.value)
+    assert not (pool_dir / "vmhost-test-vanish-root").exists()  # unlinked by its path
+    assert list(pool_dir.iterdir()) == []
+    assert vm.name not in domains(backend)
+    assert backend.intents.pending() == []
+
+
+def test_a_pool_whose_directory_vanished_is_a_clear_error(
+    backend: LibvirtBackend, scratch_pool: tuple[str, Path]
+) -> None:
+    pool_name, pool_dir = scratch_pool
+    shutil.rmtree(pool_dir)
+    vm = spec("vmhost-test-nodir", pool_name)
+
+    with pytest.raises(VmHostError, match="cannot be read") as error:
+        backend.compose(vm, placed(backend, vm), (), pool_name)
+
+    assert not isinstance(error.value, libvirt.libvirtError)
+    assert "recreate it and start the pool" in str(error.value)
+    assert vm.name not in domains(backend)
+    assert backend.intents.pending() == []
+    backend.topology()  # the host can still be read
+    backend.list_vms()

@@ -35,6 +35,9 @@ class FakeBackend:
     name: str = "libvirt"
     stats: list[VmStats] = field(default_factory=list)
     """What vm_stats returns (set by the test)."""
+    orphans: list[str] = field(default_factory=list)
+    """Messages the next recover() returns (what a killed compose left, set by the test)."""
+    recovered: list[str] = field(default_factory=list)
     ignores_acpi: set[str] = field(default_factory=set)
     """VMs whose guest does not answer a shutdown request (stop needs the plug pulled)."""
     composed: dict[str, tuple[VmSpec, tuple[NicAttachment, ...]]] = field(default_factory=dict)
@@ -117,6 +120,16 @@ class FakeBackend:
         if name not in self.vms:
             raise VmHostError(f"VM {name!r} does not exist on this host")
         return self.vms[name]
+
+    def recover(self) -> list[str]:
+        self._check()
+        self.calls.append("recover")
+        found, self.orphans = self.orphans, []
+        self.recovered += found
+        return found
+
+    def recent_recoveries(self) -> list[str]:
+        return list(self.recovered)
 
     def vm_stats(self) -> list[VmStats]:
         self._check()

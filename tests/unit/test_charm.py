@@ -382,3 +382,18 @@ def test_authorize_bad_key_fails_and_changes_nothing(ctx, backend, fake_host, fa
 def test_remove_revokes_access(ctx, backend, fake_host, fake_access):
     ctx.run(ctx.on.remove(), testing.State())
     assert fake_access.removed
+
+
+def test_what_a_killed_compose_left_is_removed_and_said(ctx, backend):
+    backend.orphans = ["an interrupted compose of vm1 left volumes: removed vm-host/vm1-root"]
+    out = ctx.run(ctx.on.update_status(), testing.State())
+    assert "recover" in backend.calls
+    assert isinstance(out.unit_status, testing.ActiveStatus)
+    assert out.unit_status.message.endswith("removed vm-host/vm1-root")
+
+
+def test_compose_vm_recovers_first_and_says_so(ctx, backend):
+    backend.orphans = ["an interrupted compose of vm1 left volumes: removed vm-host/vm1-root"]
+    results = run_action(ctx, "compose-vm", {"name": "vm1", "memory": 512})
+    assert backend.calls.index("recover") < backend.calls.index("compose:vm1")
+    assert results["recovered"].endswith("removed vm-host/vm1-root")

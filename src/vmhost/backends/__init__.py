@@ -76,6 +76,14 @@ class Backend(Protocol):
         """
         ...
 
+    def recover(self) -> list[str]:
+        """Remove what composes killed mid-way left (see vmhost.intents); one line per compose."""
+        ...
+
+    def recent_recoveries(self) -> list[str]:
+        """What `recover` removed or kept in the last day, for the status line."""
+        ...
+
     def start(self, name: str) -> None:
         """Start a defined VM (a running one is left as it is)."""
         ...

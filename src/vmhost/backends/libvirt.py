@@ -34,7 +34,7 @@ import tempfile
 import time
 import uuid as uuid_module
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import jinja2
 import libvirt
 import yaml
 
-from vmhost import cloudinit
+from vmhost import cloudinit, intents
 from vmhost.backends import BackendUnavailableError, stable_mac
 from vmhost.constraints import (
     spec_hash,
@@ -1043,6 +1043,20 @@ def _domain_xmls(domains: Sequence[libvirt.virDomain]) -> Iterator[str]:
             continue  # undefined while we looked
 
 
+def _directories(pools: Iterable[libvirt.virStoragePool]) -> dict[str, str]:
+    """Pool name -> its directory, for pools whose volumes are files named after them."""
+    found: dict[str, str] = {}
+    for pool in pools:
+        try:
+            root = ET.fromstring(pool.XMLDesc(0))  # noqa: S314 - libvirtd's own output
+        except libvirt.libvirtError:
+            continue
+        path = (root.findtext("target/path") or "").strip()
+        if root.get("type") in ("dir", "fs", "netfs") and os.path.isabs(path):
+            found[pool.name()] = path
+    return found
+
+
 def _ledger_volumes(name: str, root: ET.Element) -> tuple[str, ...]:
     """The volumes a domain's vm-host metadata lists, refusing domains that are not vm-host's.
 
@@ -1079,6 +1093,41 @@ def host_arch() -> str:
 # The backend
 
 
+class _Created:
+    """The intent record of one compose, kept up to date as its volumes appear.
+
+    It is written before the first volume exists, with the path each volume will have in a
+    directory pool, so a hook killed at any point after, or a pool undefined mid-way, leaves
+    a record that says where every file is.
+    """
+
+    def __init__(
+        self,
+        store: intents.IntentStore,
+        name: str,
+        domain_uuid: str,
+        planned: Sequence[tuple[str, str, int]],
+        pool_dirs: Mapping[str, str],
+    ):
+        self.store = store
+        self.intent = store.begin(name, domain_uuid, [(p, v) for p, v, _ in planned])
+        for pool, volume, _ in planned:
+            if pool_dirs.get(pool):
+                path = os.path.join(pool_dirs[pool], volume)
+                self.intent = store.created(self.intent, pool, volume, path)
+
+    def add(self, pool: str, vol: libvirt.virStorageVol) -> None:
+        """Record the path libvirt gives a volume just created (when it still can)."""
+        try:
+            path = vol.path()
+        except libvirt.libvirtError:
+            return  # its pool went meanwhile: the planned path stays recorded
+        self.intent = self.store.created(self.intent, pool, vol.name(), path)
+
+    def done(self) -> None:
+        self.store.done(self.intent.name)
+
+
 class LibvirtBackend:
     """The Backend protocol on libvirt; short-lived (one per hook), one connection each."""
 
@@ -1091,8 +1140,10 @@ class LibvirtBackend:
         sysfs_root: str = "/sys",
         virt_type: str = "auto",
         console_log_dir: str = CONSOLE_LOG_DIR,
+        intent_dir: str | Path = intents.INTENT_DIR,
     ):
         self.uri = uri
+        self.intents = intents.IntentStore(intent_dir)
         self.virt_type = resolve_virt_type(virt_type)
         self.console_log_dir = console_log_dir
         self.templates_dir = templates_dir or TEMPLATES_DIR
@@ -1154,11 +1205,15 @@ class LibvirtBackend:
 
     def _pools(self) -> Iterator[StoragePool]:
         for pool in self.conn.listAllStoragePools(0):
-            root = ET.fromstring(pool.XMLDesc(0))  # noqa: S314 - libvirtd's own output
-            active = bool(pool.isActive())
-            capacity = allocation = available = 0
-            if active:
-                _, capacity, allocation, available = (int(x) for x in pool.info())
+            try:
+                root = ET.fromstring(pool.XMLDesc(0))  # noqa: S314 - libvirtd's own output
+                active = bool(pool.isActive())
+                capacity = allocation = available = 0
+                if active:
+                    _, capacity, allocation, available = (int(x) for x in pool.info())
+            except libvirt.libvirtError as e:
+                logger.warning("storage pool %s cannot be read: %s", pool.name(), e)
+                continue  # undefined while we looked, or its backing store is gone
             yield StoragePool(
                 name=pool.name(),
                 driver=root.get("type", "dir"),
@@ -1302,7 +1357,9 @@ class LibvirtBackend:
             planned.append((default_pool, volume_name(spec.name, SEED_LABEL), 0))
         pools = self._check_volumes_free(planned)
 
-        created: list[libvirt.virStorageVol] = []
+        created = _Created(
+            self.intents, spec.name, domain_uuid, planned, _directories(pools.values())
+        )
         dom: libvirt.virDomain | None = None
         step = "creating volumes"
         try:
@@ -1319,7 +1376,7 @@ class LibvirtBackend:
                 else:
                     fmt = "qcow2"
                     vol = self._create_volume(pool, vol_name, size, fmt)
-                    created.append(vol)
+                    created.add(pool_name, vol)
                 disks.append(Volume(pool_name, vol_name, vol.path(), fmt))
             seed = None
             if seed_files is not None:
@@ -1357,14 +1414,37 @@ class LibvirtBackend:
                 record_from_domain_xml(dom.XMLDesc(0), state), state_reason=why, autostart=True
             )
         except (libvirt.libvirtError, OSError, subprocess.SubprocessError, VmHostError) as e:
-            self._rollback(dom, created)
-            if isinstance(e, InvalidRequestError):
+            error = self._undo(spec.name, step, e, dom, created)
+            if error is e:
                 raise
-            raise VmHostError(
-                f"compose {spec.name}: {step} failed: {_detail(e)}; nothing was left behind"
-            ) from e
+            raise error from e
+        created.done()
         logger.info("composed VM %s (%s)", spec.name, domain_uuid)
         return record
+
+    def _undo(
+        self,
+        name: str,
+        step: str,
+        error: BaseException,
+        dom: libvirt.virDomain | None,
+        created: _Created,
+    ) -> VmHostError:
+        """Roll a failed compose back; return the error to raise, saying exactly what stayed.
+
+        The intent record goes only when nothing stayed: otherwise the next hook retries.
+        """
+        stayed = self._rollback(dom, created.intent)
+        if not stayed:
+            created.done()
+            if isinstance(error, InvalidRequestError):
+                return error
+        left = (
+            f"left behind: {', '.join(stayed)}; remove them by hand"
+            if stayed
+            else "nothing was left behind"
+        )
+        return VmHostError(f"compose {name}: {step} failed: {_detail(error)}; {left}")
 
     def _console_log_path(self, name: str) -> Path:
         validate_name(name, "name")
@@ -1396,6 +1476,7 @@ class LibvirtBackend:
     ) -> dict[str, libvirt.virStoragePool]:
         """Return the pools of the planned volumes, refusing missing pools and taken names."""
         pools: dict[str, libvirt.virStoragePool] = {}
+        names: dict[str, list[str]] = {}
         for pool_name, vol_name, _ in planned:
             if pool_name not in pools:
                 try:
@@ -1405,16 +1486,31 @@ class LibvirtBackend:
                         f"storage pool {pool_name!r} does not exist on this host; create it or "
                         "choose another pool"
                     ) from e
-                if not pool.isActive():
-                    raise VmHostError(f"storage pool {pool_name!r} is not active; start it")
-                pool.refresh(0)
+                names[pool_name] = self._pool_volumes(pool_name, pool)
                 pools[pool_name] = pool
-            if vol_name in pools[pool_name].listVolumes():
+            if vol_name in names[pool_name]:
                 raise VmHostError(
                     f"volume {vol_name!r} already exists in pool {pool_name!r}; delete it or "
                     "choose another VM name"
                 )
         return pools
+
+    @staticmethod
+    def _pool_volumes(name: str, pool: libvirt.virStoragePool) -> list[str]:
+        """Refresh a pool and list its volumes; a pool that cannot be read is a VmHostError."""
+        try:
+            if not pool.isActive():
+                raise VmHostError(
+                    f"storage pool {name!r} is not active; start it (virsh pool-start)"
+                )
+            pool.refresh(0)
+            return list(pool.listVolumes())
+        except libvirt.libvirtError as e:
+            raise VmHostError(
+                f"storage pool {name!r} cannot be read ({e.get_error_message()}); if its "
+                "directory is gone, recreate it and start the pool (virsh pool-start), or "
+                "choose another pool"
+            ) from e
 
     def _image_volume(
         self,
@@ -1423,7 +1519,7 @@ class LibvirtBackend:
         path: Path,
         image: tuple[str, int],
         size: int,
-        created: list[libvirt.virStorageVol],
+        created: _Created,
     ) -> libvirt.virStorageVol:
         """Create a root volume holding a copy of a local image, grown to the disk size."""
         fmt, virtual = image
@@ -1434,7 +1530,7 @@ class LibvirtBackend:
                 "a larger root disk",
             )
         vol = self._create_volume(pool, name, path.stat().st_size, fmt)
-        created.append(vol)
+        created.add(pool.name(), vol)
         self._upload(vol, path)
         if size > int(vol.info()[1]):
             vol.resize(size, 0)
@@ -1445,13 +1541,13 @@ class LibvirtBackend:
         pool: libvirt.virStoragePool,
         name: str,
         files: Mapping[str, str],
-        created: list[libvirt.virStorageVol],
+        created: _Created,
     ) -> Volume:
         """Build the NoCloud ISO in a private temporary directory and upload it as a volume."""
         with tempfile.TemporaryDirectory(prefix="vm-host-seed-") as tmp:
             iso = build_seed_iso(files, Path(tmp))
             vol = self._create_volume(pool, name, iso.stat().st_size, "raw")
-            created.append(vol)
+            created.add(pool.name(), vol)
             self._upload(vol, iso)
         return Volume(pool.name(), name, vol.path(), "raw")
 
@@ -1483,10 +1579,14 @@ class LibvirtBackend:
                 stream.abort()
             raise
 
-    def _rollback(
-        self, dom: libvirt.virDomain | None, volumes: Sequence[libvirt.virStorageVol]
-    ) -> None:
-        """Remove what a failed compose created; keep going past errors and log them."""
+    def _rollback(self, dom: libvirt.virDomain | None, intent: intents.Intent) -> list[str]:
+        """Remove what a failed compose created, past errors; return what stayed, exactly.
+
+        Every volume the compose planned is looked up by name (none of them existed before:
+        compose refuses taken names). A volume whose pool was undefined or stopped meanwhile
+        cannot be deleted through libvirt; its file is then unlinked by its recorded path.
+        """
+        stayed: list[str] = []
         if dom is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 if dom.isActive():
@@ -1495,11 +1595,125 @@ class LibvirtBackend:
                 dom.undefineFlags(_UNDEFINE_FLAGS)
             except libvirt.libvirtError as e:
                 logger.error("rollback: undefining %s failed: %s", dom.name(), e)
-        for vol in volumes:
+                stayed.append(f"domain {dom.name()} ({e.get_error_message()})")
+        for volume in intent.volumes:
+            outcome = self._remove_orphan(volume, {})
+            if outcome not in ("removed", ""):
+                logger.error("rollback: volume %s stayed: %s", volume.ref, outcome)
+                where = f" at {volume.path}" if volume.path else ""
+                stayed.append(f"volume {volume.ref}{where} ({outcome})")
+        return stayed
+
+    def _pool_usable(self, name: str) -> bool:
+        try:
+            return bool(self.conn.storagePoolLookupByName(name).isActive())
+        except libvirt.libvirtError:
+            return False
+
+    # -- recovering from interrupted composes
+
+    def recover(self) -> list[str]:
+        """Remove the volumes composes that were killed left behind; say what was done.
+
+        A compose's intent record names the domain UUID it was going to define and the
+        volumes it was creating. When no domain with that UUID exists, each of those volumes
+        that no domain uses (as a disk, or in its vm-host metadata) is deleted, or unlinked by
+        its path when its pool is gone; a volume some domain uses is kept.
+
+        Returns:
+            One sentence per interrupted compose that left something, as it is also logged
+            and kept for the status line.
+        """
+        pending = self.intents.pending()
+        if not pending:
+            return []
+        uuids, used = self._domains_and_disks()
+        messages = []
+        for intent in pending:
+            if uuids.get(intent.name, "").lower() == intent.uuid.lower():
+                self.intents.done(intent.name)  # it got as far as defining its domain
+                continue
+            removed: list[str] = []
+            kept: list[str] = []
+            for volume in intent.volumes:
+                outcome = self._remove_orphan(volume, used)
+                if outcome == "removed":
+                    removed.append(volume.ref)
+                elif outcome:
+                    kept.append(f"{volume.ref} ({outcome})")
+            if not kept:
+                self.intents.done(intent.name)
+            if not removed and not kept:
+                continue
+            message = f"an interrupted compose of {intent.name} left volumes: " + "; ".join(
+                part
+                for part in (
+                    f"removed {', '.join(removed)}" if removed else "",
+                    f"kept {', '.join(kept)}" if kept else "",
+                )
+                if part
+            )
+            logger.warning("%s", message)
+            self.intents.note(message)
+            messages.append(message)
+        return messages
+
+    def recent_recoveries(self) -> list[str]:
+        """What `recover` did in the last day, oldest first."""
+        return self.intents.notes()
+
+    def _domains_and_disks(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Every domain's UUID by name, and what each disk or listed volume is used by."""
+        uuids: dict[str, str] = {}
+        used: dict[str, str] = {}
+        for dom in self.conn.listAllDomains(0):
+            try:
+                uuids[dom.name()] = dom.UUIDString()
+                for xml in _domain_xmls([dom]):
+                    root = ET.fromstring(xml)  # noqa: S314 - libvirtd's own output
+                    for source in disk_sources(root):
+                        used.setdefault(source, dom.name())
+                    for volume in root.findall(f"metadata/{{{METADATA_NS}}}vm/v:volume", _NS):
+                        ref = f"{volume.get('pool')}/{volume.get('name')}"
+                        used.setdefault(ref, dom.name())
+            except libvirt.libvirtError:
+                continue  # undefined while we looked
+        return uuids, used
+
+    def _remove_orphan(self, volume: intents.IntentVolume, used: Mapping[str, str]) -> str:
+        """Delete one volume of an interrupted compose: "removed", "" (absent) or why kept."""
+        try:
+            pool = self.conn.storagePoolLookupByName(volume.pool)
+            active = bool(pool.isActive())
+        except libvirt.libvirtError:
+            pool, active = None, False
+        if pool is not None and active:
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.refresh(0)
+            try:
+                vol = pool.storageVolLookupByName(volume.name)
+                path = os.path.normpath(vol.path())
+            except libvirt.libvirtError:
+                return ""  # never created, or already removed
+            user = used.get(path) or used.get(volume.ref)
+            if user is not None:
+                return f"domain {user} uses it"
             try:
                 vol.delete(0)
             except libvirt.libvirtError as e:
-                logger.error("rollback: deleting volume %s failed: %s", vol.name(), e)
+                return f"deleting it failed: {e.get_error_message()}"
+            return "removed"
+        # The pool is gone or stopped: the file itself, at the path libvirt gave.
+        if not volume.path or not os.path.isfile(volume.path):
+            return ""
+        user = used.get(os.path.normpath(volume.path)) or used.get(volume.ref)
+        if user is not None:
+            return f"domain {user} uses it"
+        try:
+            os.unlink(volume.path)
+        except OSError as e:
+            return f"unlinking {volume.path} failed: {e.strerror}"
+        return "removed"
 
     # -- lifecycle
 

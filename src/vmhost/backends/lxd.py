@@ -1117,6 +1117,14 @@ class LxdBackend:
         logger.info("deleted VM %s from LXD project %s", name, self.project)
         return deleted
 
+    def recover(self) -> list[str]:
+        """Nothing to do yet: LXD composes write no intent record (libvirt's do)."""
+        return []
+
+    def recent_recoveries(self) -> list[str]:
+        """LXD composes write no intent record, so no recovery has run."""
+        return []
+
     def start(self, name: str) -> None:
         """Start a VM (a running one is left as it is).
 
