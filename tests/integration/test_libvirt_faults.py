@@ -252,6 +252,12 @@ def test_recovery_keeps_a_volume_some_domain_uses(
     assert "vmhost-test-killed-root" in volumes(backend, test_pool)
     assert len(backend.intents.pending()) == 1  # tried again next hook
 
+    backend.conn.lookupByName("vmhost-test-adopter").undefine()
+    (message,) = backend.recover()
+    assert f"removed {test_pool}/vmhost-test-killed-root" in message
+    assert "vmhost-test-killed-root" not in volumes(backend, test_pool)
+    assert backend.intents.pending() == []
+
 
 def test_pool_undefined_mid_compose_is_cleaned_by_path(
     backend: LibvirtBackend, scratch_pool: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
