@@ -82,7 +82,10 @@ class _Snapshot:
 def make_backend(config: CharmConfig) -> Backend:
     """Build the backend the config names (replaced by a fake in unit tests)."""
     return factory.make_backend(
-        config.backend, project=config.lxd_project, templates_dir=TEMPLATES_DIR
+        config.backend,
+        project=config.lxd_project,
+        templates_dir=TEMPLATES_DIR,
+        local_image_dir=config.local_image_dir,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 import pydantic
 
-from vmhost import access, constraints, exporter, host, lifecycle, networks, settings
+from vmhost import access, constraints, exporter, host, images, lifecycle, networks, settings
 from vmhost.model import Policy
 
 __all__ = [
@@ -79,6 +79,7 @@ class CharmConfig(pydantic.BaseModel):
     https_port: int = pydantic.Field(8443, ge=1, le=65535)
     metrics_listen: str = exporter.DEFAULT_LISTEN
     metrics_interval: int = pydantic.Field(30, ge=5, le=3600)
+    local_image_dir: str = images.DEFAULT_LOCAL_DIR
 
     @pydantic.field_validator("cpu_overcommit_ratio", "memory_overcommit_ratio")
     @classmethod
@@ -143,6 +144,13 @@ class CharmConfig(pydantic.BaseModel):
     @classmethod
     def _project(cls, value: str) -> str:
         return constraints.validate_project(value)
+
+    @pydantic.field_validator("local_image_dir")
+    @classmethod
+    def _local_image_dir(cls, value: str) -> str:
+        if not value.startswith("/") or "\0" in value or ".." in value.split("/"):
+            raise ValueError("must be an absolute directory path without '..'")
+        return value
 
     @pydantic.field_validator("metrics_listen")
     @classmethod

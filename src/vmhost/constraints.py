@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from vmhost import sshkeys, userdata
+from vmhost import images, sshkeys, userdata
 from vmhost.model import (
     DiskSpec,
     HugepageRequest,
@@ -86,7 +86,6 @@ MAX_DISKS = 64
 MAX_INTERFACES = 32
 MAX_USER_DATA_BYTES = 64 * 1024
 MAX_SSH_KEYS = 100
-MAX_IMAGE_PATH = 4096
 MAX_VLAN = 4094
 IFNAMSIZ_CHARS = 15
 
@@ -728,37 +727,33 @@ def _check_hugepage_memory(memory_mib: int, hugepages: HugepageRequest, cells: i
 # Image, user data, SSH keys
 
 
-_IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$")
+_STORE_ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""An image alias or fingerprint of LXD's own image store (no '/', no ':')."""
 
 
 def _validate_image(value: object) -> str | None:
-    """An absolute path of an image file (libvirt) or an image store name (LXD alias).
+    """An image name: `ubuntu@24.04` (or 24.04, noble), `local:NAME`, or an LXD store alias.
 
-    Which form the host can use is the backend's call; both are checked for safety here.
+    Never a host path: a request that could name a file would have any readable file on the
+    host (/etc/shadow, another tenant's disk) copied into its disk. Ubuntu names come back in
+    their canonical form (`noble` -> `ubuntu@24.04`) so equal requests hash equally.
     """
     if value is None or value == "":
         return None
     image = _str_value(value, "image", "the image")
-    if not image.startswith("/"):
-        if _IMAGE_NAME.fullmatch(image) and ".." not in image.split("/"):
+    if "/" in image or "\\" in image or image.startswith("~"):
+        raise InvalidRequestError(
+            "image",
+            f"{_describe(image)} is a host path; vm-host never reads a file a request names: "
+            "give an image name (ubuntu@24.04, 24.04 or noble), or local:NAME for a file the "
+            "operator put in the charm's local-image-dir",
+        )
+    try:
+        return images.parse_name(image).name
+    except InvalidRequestError:
+        if _STORE_ALIAS.fullmatch(image):
             return image
-        raise InvalidRequestError(
-            "image",
-            f"{_describe(image)} is neither an absolute path on the host (libvirt, for example "
-            "/var/lib/vm-host/images/jammy.img) nor an image alias or fingerprint (LXD, for "
-            "example jammy-vm)",
-        )
-    if (
-        ".." in image.split("/")
-        or any(ord(c) < 32 or ord(c) == 127 for c in image)
-        or len(image) > MAX_IMAGE_PATH
-    ):
-        raise InvalidRequestError(
-            "image",
-            f"{_describe(image)} is not an absolute path on the host without '..' or control "
-            "characters; give for example /var/lib/vm-host/images/jammy.img",
-        )
-    return image
+        raise
 
 
 def _validate_user_data(value: object) -> str | None:
@@ -933,7 +928,7 @@ def build_spec(
         storage: see parse_storage; none gives one root disk of default_root_gb.
         interfaces: see parse_interfaces; none gives one "eth0" on default_interface_bridge
             when that is set, else no NIC.
-        image: absolute host path of a disk image, or None to boot from the network.
+        image: an image name (see _validate_image), or None to boot from the network.
         user_data: cloud-init user data, at most 64 KiB.
         ssh_public_keys: OpenSSH public key lines (a list, or one string with the keys one per
             line or comma-separated).

@@ -129,11 +129,21 @@ def test_failed_compose_through_the_charm_leaves_nothing(ctx, state, backend, te
     assert volume_names(backend, test_pool) == before_volumes
 
 
+def test_a_host_path_image_is_refused_through_the_charm(ctx, state, backend, test_pool):
+    before_volumes = volume_names(backend, test_pool)
+    with pytest.raises(testing.ActionFailed) as failed:
+        run(ctx, state, "compose-vm", name=VM, memory=128, image="/etc/shadow")
+    assert "host path" in failed.value.message
+    assert "nothing done" in failed.value.message
+    assert VM not in domain_names(backend)
+    assert volume_names(backend, test_pool) == before_volumes
+
+
 def test_image_store_name_is_refused_on_libvirt(ctx, state, backend, test_pool):
     before_volumes = volume_names(backend, test_pool)
     with pytest.raises(testing.ActionFailed) as failed:
         run(ctx, state, "compose-vm", name=VM, memory=128, image="jammy-vm")
     assert "image" in failed.value.message
-    assert "absolute path" in failed.value.message
+    assert "local-image-dir" in failed.value.message
     assert VM not in domain_names(backend)
     assert volume_names(backend, test_pool) == before_volumes

@@ -101,13 +101,17 @@ def test_named_image_boots_and_the_guest_reports_the_plan(
     item = images.resolve(source, name, "x86_64")
     fetched = images.download(item, tmp_path / "cache")
     assert images.file_sha256(fetched) == item.sha256
+    local = tmp_path / "local"
+    local.mkdir()
+    fetched.rename(local / "tiny.qcow2")
+    tcg.local_image_dir = str(local)
 
     vm = spec(
         "vmhost-test-boot",
         test_pool,
         vcpus=2,
         memory_mib=256,
-        image=str(fetched),
+        image="local:tiny",
         ssh_public_keys=(KEY,),
         user_data="#cloud-config\npackages: [htop]\n",
     )

@@ -24,6 +24,7 @@ from vmhost.model import (
     AttachmentKind,
     DiskSpec,
     HugepageRequest,
+    InvalidRequestError,
     NicAttachment,
     NicKind,
     Placement,
@@ -245,35 +246,58 @@ def test_delete_removes_exactly_its_volumes(backend: LibvirtBackend, test_pool: 
         backend.delete(vm.name)
 
 
-def test_root_disk_from_a_raw_image(
-    backend: LibvirtBackend, test_pool: str, tmp_path: Path
+def test_a_host_path_is_never_copied_into_a_disk(
+    backend: LibvirtBackend, test_pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    image = tmp_path / "vmhost-test.img"
+    # Once, `image: /etc/shadow` (or another tenant's disk) was copied byte for byte into the
+    # requester's root disk.
+    monkeypatch.setattr(backend, "local_image_dir", str(tmp_path))
+    other = tmp_path / "other.raw"
+    other.write_bytes(b"another tenant's data\n" + b"\0" * 4096)
+    (tmp_path / "shadow.raw").symlink_to("/etc/shadow")
+    before = volumes(backend, test_pool)
+    for image in ("/etc/shadow", str(other), "local:shadow"):
+        vm = spec("vmhost-test-path", test_pool, image=image)
+        with pytest.raises(InvalidRequestError, match="image"):
+            backend.compose(vm, placed(backend, vm), (), test_pool)
+        assert volumes(backend, test_pool) == before
+        assert vm.name not in domains(backend)
+
+
+def test_root_disk_from_a_local_raw_image_is_a_flattened_qcow2(
+    backend: LibvirtBackend, test_pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backend, "local_image_dir", str(tmp_path))
+    image = tmp_path / "vmhost-test.raw"
     marker = b"vm-host image marker\n"
     image.write_bytes(marker + b"\0" * (4 * 1024 * 1024 - len(marker)))
-    vm = spec("vmhost-test-image", test_pool, image=str(image))
+    vm = spec("vmhost-test-image", test_pool, image="local:vmhost-test")
     backend.compose(vm, placed(backend, vm), (), test_pool)
 
     root = live_xml(backend, vm.name)
     assert [b.get("dev") for b in root.findall("os/boot")] == ["hd"]
     driver = root.find("devices/disk[@device='disk']/driver")
     assert driver is not None
-    assert driver.get("type") == "raw"
+    assert driver.get("type") == "qcow2"
     vol = backend.conn.storagePoolLookupByName(test_pool).storageVolLookupByName(
         "vmhost-test-image-root"
     )
     assert vol.info()[1] == GB  # grown to the requested size
-    with open(vol.path(), "rb") as f:
-        assert f.read(len(marker)) == marker  # the image's bytes, copied
+    # The image's bytes, converted (qemu-img compare reads both as disks, not as files).
+    subprocess.run(
+        [QEMU_IMG, "compare", "-q", "-U", "-f", "raw", "-F", "qcow2", str(image), vol.path()],
+        check=True,
+    )
     backend.delete(vm.name)
 
 
-def test_root_disk_from_a_qcow2_image(
-    backend: LibvirtBackend, test_pool: str, tmp_path: Path
+def test_root_disk_from_a_local_qcow2_image(
+    backend: LibvirtBackend, test_pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(backend, "local_image_dir", str(tmp_path))
     image = tmp_path / "vmhost-test.qcow2"
     subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), "256M"], check=True)
-    vm = spec("vmhost-test-qcow", test_pool, image=str(image))
+    vm = spec("vmhost-test-qcow", test_pool, image="local:vmhost-test")
     backend.compose(vm, placed(backend, vm), (), test_pool)
 
     driver = live_xml(backend, vm.name).find("devices/disk[@device='disk']/driver")
@@ -293,6 +317,25 @@ def test_root_disk_from_a_qcow2_image(
     assert (info["format"], info["virtual-size"]) == ("qcow2", GB)
     assert "backing-filename" not in info
     backend.delete(vm.name)
+
+
+def test_local_qcow2_with_an_external_data_file_is_refused_untouched(
+    backend: LibvirtBackend, test_pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A qcow2 whose data_file is a host file would make QEMU open that file read-write.
+    monkeypatch.setattr(backend, "local_image_dir", str(tmp_path))
+    image = tmp_path / "evil.qcow2"
+    subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'victim'}",
+         str(image), "64M"],
+        check=True,
+    )  # fmt: skip
+    before = volumes(backend, test_pool)
+    vm = spec("vmhost-test-evil", test_pool, image="local:evil")
+    with pytest.raises(VmHostError, match="external data file"):
+        backend.compose(vm, placed(backend, vm), (), test_pool)
+    assert volumes(backend, test_pool) == before
+    assert vm.name not in domains(backend)
 
 
 def test_ensure_pool_defines_starts_and_restarts(backend: LibvirtBackend, tmp_path: Path) -> None:
@@ -317,12 +360,13 @@ def test_ensure_pool_defines_starts_and_restarts(backend: LibvirtBackend, tmp_pa
 
 
 def test_image_larger_than_the_disk_leaves_nothing(
-    backend: LibvirtBackend, test_pool: str, tmp_path: Path
+    backend: LibvirtBackend, test_pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(backend, "local_image_dir", str(tmp_path))
     image = tmp_path / "big.qcow2"
     subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), "2G"], check=True)
     before = volumes(backend, test_pool)
-    vm = spec("vmhost-test-bigimage", test_pool, image=str(image))
+    vm = spec("vmhost-test-bigimage", test_pool, image="local:big")
     with pytest.raises(VmHostError, match="larger root disk"):
         backend.compose(vm, placed(backend, vm), (), test_pool)
     assert volumes(backend, test_pool) == before

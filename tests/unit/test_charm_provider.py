@@ -187,3 +187,23 @@ def test_lost_or_garbled_peer_data_never_gives_a_second_vm(
         assert after.unplaced == {key: "waiting for vm-host/1 to report"}
         got = answers(out, relation)["db-0"]
         assert (got.state, got.error) == ("pending", "waiting for vm-host/1 to report")
+
+
+@pytest.mark.parametrize(
+    "image", ["/etc/shadow", "/var/lib/vm-host/images/other-vm-root", "../../etc/shadow", "a/b"]
+)
+def test_a_request_naming_a_host_path_is_refused_and_reads_nothing(ctx, backend, fake_host, image):
+    # A requester once got any readable host file (/etc/shadow, another tenant's disk) copied
+    # into its own root disk: a request names images, never paths.
+    relation = vm_lib.requirer_relation([WEB | {"image": image}], remote_app_name="pg")
+    out = ctx.run(
+        ctx.on.relation_changed(relation), testing.State(leader=True, relations={relation})
+    )
+    got = answers(out, relation)["web-0"]
+    assert got.state == "failed"
+    assert got.error is not None
+    assert got.error.startswith("image:")
+    assert "host path" in got.error
+    assert "local:NAME" in got.error
+    assert not any(call.startswith("compose") for call in backend.calls)
+    assert backend.vms == {}

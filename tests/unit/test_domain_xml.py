@@ -363,12 +363,26 @@ def test_bad_volume_pool_and_bridge_names_are_refused() -> None:
 
 
 def test_missing_image_is_refused_before_connecting(tmp_path: Path) -> None:
-    backend = LibvirtBackend(uri="qemu+unix:///system?socket=/nonexistent/sock")
+    backend = LibvirtBackend(
+        uri="qemu+unix:///system?socket=/nonexistent/sock", local_image_dir=str(tmp_path)
+    )
     placement = Placement(vcpus=2, memory_mib=2048)
     with pytest.raises(InvalidRequestError, match="image"):
-        backend.compose(spec(image=str(tmp_path / "nope.img")), placement, (), "vm-host")
+        backend.compose(spec(image="local:nope"), placement, (), "vm-host")
+    (tmp_path / "dir.qcow2").mkdir()
     with pytest.raises(InvalidRequestError, match="not a regular file"):
-        backend.compose(spec(image=str(tmp_path)), placement, (), "vm-host")
+        backend.compose(spec(image="local:dir"), placement, (), "vm-host")
+
+
+def test_a_host_path_never_reaches_the_disk_even_past_the_request_checks(tmp_path: Path) -> None:
+    # Defence in depth: a spec built without constraints.build_spec still cannot name a file.
+    backend = LibvirtBackend(
+        uri="qemu+unix:///system?socket=/nonexistent/sock", local_image_dir=str(tmp_path)
+    )
+    placement = Placement(vcpus=2, memory_mib=2048)
+    for path in ("/etc/shadow", str(tmp_path / "x.qcow2"), "local:../etc/shadow"):
+        with pytest.raises(InvalidRequestError, match="image"):
+            backend.compose(spec(image=path), placement, (), "vm-host")
 
 
 def test_foreign_domain_placement_is_reconstructed() -> None:

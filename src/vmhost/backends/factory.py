@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from vmhost.lxd_trust import LxdTrust
 
 
-def make_backend(kind: str, *, project: str, templates_dir: Path) -> Backend:
+def make_backend(
+    kind: str, *, project: str, templates_dir: Path, local_image_dir: str | None = None
+) -> Backend:
     """Build the backend of that kind ("libvirt" or "lxd").
 
     Imported lazily: an LXD host has no libvirt library for libvirt-python to load.
@@ -27,7 +29,9 @@ def make_backend(kind: str, *, project: str, templates_dir: Path) -> Backend:
         return LxdBackend(project=project)
     from vmhost.backends.libvirt import LibvirtBackend
 
-    return LibvirtBackend(templates_dir=templates_dir)
+    if local_image_dir is None:
+        return LibvirtBackend(templates_dir=templates_dir)
+    return LibvirtBackend(templates_dir=templates_dir, local_image_dir=local_image_dir)
 
 
 def make_trust() -> LxdTrust:

@@ -6,8 +6,9 @@ and `list_vms` rebuilds every allocation from it. Domains without that element a
 unmanaged, with the resources their XML pins, so the allocator never hands those out again.
 
 Disks are qcow2 volumes in libvirt storage pools. A root disk from an image is a volume whose
-content is uploaded from the local image file through libvirt's stream API (it works for every
-pool type, not only directories), then grown to the requested size. Cloud-init gets a NoCloud
+content is a flattened qcow2 (`qemu-img convert` of an operator's `local:NAME` file, never a
+path a request names) uploaded through libvirt's stream API (it works for every pool type, not
+only directories), then grown to the requested size. Cloud-init gets a NoCloud
 seed ISO built with genisoimage and uploaded the same way.
 
 SR-IOV NICs pass one VF of the requested PF through (`<interface type='hostdev'>`). The VF is
@@ -23,12 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import platform
 import re
-import stat
 import subprocess
 import tempfile
 import time
@@ -42,7 +41,7 @@ import jinja2
 import libvirt
 import yaml
 
-from vmhost import cloudinit, intents
+from vmhost import cloudinit, images, intents
 from vmhost.backends import BackendUnavailableError, stable_mac
 from vmhost.constraints import (
     spec_hash,
@@ -936,35 +935,26 @@ def build_seed_iso(files: Mapping[str, str], directory: Path) -> Path:
     return iso
 
 
-def image_info(path: Path) -> tuple[str, int]:
-    """Return (format, virtual size in bytes) of a local image file, refusing unsafe ones.
+def local_image(directory: str, name: str) -> tuple[Path, str, int]:
+    """Return (real path, declared format, virtual size) of `local:NAME` in `directory`.
+
+    Only names reach here, never paths (a request naming a host file would get any readable
+    file copied into its disk); the file is found inside the directory alone, its format is the
+    declared one (never probed), and it must have no backing file, data file or encryption.
 
     Raises:
-        InvalidRequestError: the file is missing, not a regular file, not raw/qcow2, or has a
-            backing file (it could point the guest at any file on the host).
+        InvalidRequestError: not a local image name, or no such file in the directory.
+        VmHostError: the file is unsafe or not the declared format (images.ImageFetchError).
     """
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise InvalidRequestError("image", f"{path} cannot be read: {e.strerror}") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidRequestError("image", f"{path} is not a regular file")
-    result = subprocess.run(
-        [QEMU_IMG, "info", "--output=json", str(path)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if result.returncode != 0:
-        raise InvalidRequestError("image", f"{path} is not a disk image: {result.stderr.strip()}")
-    info = json.loads(result.stdout)
-    fmt = info.get("format")
-    if fmt not in ("raw", "qcow2"):
-        raise InvalidRequestError("image", f"{path} is {fmt}; give a qcow2 or raw image")
-    if info.get("backing-filename"):
-        raise InvalidRequestError("image", f"{path} has a backing file; flatten it first")
-    return fmt, int(info["virtual-size"])
+    parsed = images.parse_name(name)
+    if not isinstance(parsed, images.LocalImage):
+        raise InvalidRequestError(
+            "image",
+            f"{name} is not available on this host: put the image file in local-image-dir "
+            f"({directory}) and ask for local:NAME",
+        )
+    path, fmt = images.local_image_file(directory, parsed)
+    return path, fmt, images.check_image_file(path, fmt, parsed.name)
 
 
 def _validate_request(
@@ -1141,9 +1131,11 @@ class LibvirtBackend:
         virt_type: str = "auto",
         console_log_dir: str = CONSOLE_LOG_DIR,
         intent_dir: str | Path = intents.INTENT_DIR,
+        local_image_dir: str = images.DEFAULT_LOCAL_DIR,
     ):
         self.uri = uri
         self.intents = intents.IntentStore(intent_dir)
+        self.local_image_dir = local_image_dir
         self.virt_type = resolve_virt_type(virt_type)
         self.console_log_dir = console_log_dir
         self.templates_dir = templates_dir or TEMPLATES_DIR
@@ -1333,13 +1325,7 @@ class LibvirtBackend:
                 failed (everything this call created was removed again).
         """
         resolved = _validate_request(spec, nics, default_pool)
-        if spec.image and not spec.image.startswith("/"):
-            raise InvalidRequestError(
-                "image",
-                f"{spec.image!r} is an image store name; the libvirt backend copies an image "
-                "file: give its absolute path on the host",
-            )
-        image = image_info(Path(spec.image)) if spec.image else None
+        image = local_image(self.local_image_dir, spec.image) if spec.image else None
         conn = self.conn
         domains = conn.listAllDomains(0)
         if spec.name in {d.name() for d in domains}:
@@ -1368,11 +1354,9 @@ class LibvirtBackend:
                 step = f"creating volume {pool_name}/{vol_name}"
                 pool = pools[pool_name]
                 if i == 0 and spec.image and image is not None:
-                    fmt = image[0]
+                    fmt = "qcow2"
                     step = f"copying image {spec.image} into {pool_name}/{vol_name}"
-                    vol = self._image_volume(
-                        pool, vol_name, Path(spec.image), image, size, created
-                    )
+                    vol = self._image_volume(pool, vol_name, spec.image, image, size, created)
                 else:
                     fmt = "qcow2"
                     vol = self._create_volume(pool, vol_name, size, fmt)
@@ -1516,22 +1500,28 @@ class LibvirtBackend:
         self,
         pool: libvirt.virStoragePool,
         name: str,
-        path: Path,
-        image: tuple[str, int],
+        image_name: str,
+        image: tuple[Path, str, int],
         size: int,
         created: _Created,
     ) -> libvirt.virStorageVol:
-        """Create a root volume holding a copy of a local image, grown to the disk size."""
-        fmt, virtual = image
+        """Create a root volume holding a flattened qcow2 copy of a local image, grown to size.
+
+        The copy is `qemu-img convert` from the declared format, never a byte stream, so what
+        lands in the volume is a standalone qcow2 whatever the file held.
+        """
+        path, fmt, virtual = image
         if virtual > size:
             raise InvalidRequestError(
                 "image",
-                f"{path} needs {virtual} bytes, more than the {size} of the root disk; ask for "
-                "a larger root disk",
+                f"{image_name} needs {virtual} bytes, more than the {size} of the root disk; "
+                "ask for a larger root disk",
             )
-        vol = self._create_volume(pool, name, path.stat().st_size, fmt)
-        created.add(pool.name(), vol)
-        self._upload(vol, path)
+        with tempfile.TemporaryDirectory(prefix="vm-host-image-") as tmp:
+            flat = images.flatten_local(path, fmt, Path(tmp), image_name)
+            vol = self._create_volume(pool, name, flat.stat().st_size, "qcow2")
+            created.add(pool.name(), vol)
+            self._upload(vol, flat)
         if size > int(vol.info()[1]):
             vol.resize(size, 0)
         return vol

@@ -80,7 +80,7 @@ the structured form:
      "interfaces": [{"label": "eth0", "space": "oam"},
                     {"label": "data", "vlan": 100, "mode": "sriov"},
                     {"label": "pub", "ip": "10.0.5.20", "subnet": "10.0.5.0/24"}],
-     "image": "/var/lib/vm-host/images/noble.img", "user-data": "#cloud-config ...",
+     "image": "ubuntu@24.04", "user-data": "#cloud-config ...",
      "ssh-public-keys": ["ssh-ed25519 AAAA... me@example"], "hostname": "db-0.example.com",
      "tags": ["db"], "host": "vm-host/1"}
 
@@ -106,8 +106,10 @@ The same request with MAAS compose strings:
   subnet, subnet_cidr, vlan (`N` or `vid:N`), vid, ip, mode, bridge, parent and numa_strict.
   Other MAAS keys (fabric, fabric_class, type, tag, not_*) are not supported: such a request
   is answered failed with the reason.
-- `image` (a disk image path on the host), `tags`, `host` (pin the VM to a vm-host unit such
-  as "vm-host/1" or a hostname).
+- `image`: an image name, never a path: `ubuntu@24.04` (the Juju base syntax; `24.04` and
+  `noble` too) or `local:NAME` (a file the vm-host operator put in its local-image-dir); none:
+  network boot. `tags`, `host` (pin the VM to a vm-host unit such as "vm-host/1" or a
+  hostname).
 - `hostname`: the guest's hostname or FQDN (default: the VM's name); `ssh-public-keys`:
   OpenSSH public key lines authorized for the image's default user (ubuntu on Ubuntu).
   vm-host writes both into its own #cloud-config.
@@ -202,7 +204,7 @@ LIBAPI = 0
 
 # Increment this PATCH version before using `charmcraft publish-lib` or reset
 # to 0 if you are raising the major API version
-LIBPATCH = 3
+LIBPATCH = 4
 
 PYDEPS = ["pydantic>=2"]
 
