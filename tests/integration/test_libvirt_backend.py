@@ -11,7 +11,7 @@ import json
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import libvirt
@@ -246,12 +246,24 @@ def test_delete_removes_exactly_its_volumes(backend: LibvirtBackend, test_pool: 
         backend.delete(vm.name)
 
 
+@pytest.fixture
+def local_images(backend: LibvirtBackend, tmp_path: Path) -> Iterator[LibvirtBackend]:
+    """A backend whose local-image-dir is this test's tmp_path, as the option would set it."""
+    with LibvirtBackend(
+        virt_type=backend.virt_type,
+        console_log_dir=backend.console_log_dir,
+        intent_dir=backend.intents.directory,
+        local_image_dir=str(tmp_path),
+    ) as b:
+        yield b
+
+
 def test_a_host_path_is_never_copied_into_a_disk(
-    backend: LibvirtBackend, test_pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    local_images: LibvirtBackend, test_pool: str, tmp_path: Path
 ) -> None:
     # Once, `image: /etc/shadow` (or another tenant's disk) was copied byte for byte into the
     # requester's root disk.
-    monkeypatch.setattr(backend, "local_image_dir", str(tmp_path))
+    backend = local_images
     other = tmp_path / "other.raw"
     other.write_bytes(b"another tenant's data\n" + b"\0" * 4096)
     (tmp_path / "shadow.raw").symlink_to("/etc/shadow")
@@ -265,9 +277,9 @@ def test_a_host_path_is_never_copied_into_a_disk(
 
 
 def test_root_disk_from_a_local_raw_image_is_a_flattened_qcow2(
-    backend: LibvirtBackend, test_pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    local_images: LibvirtBackend, test_pool: str, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(backend, "local_image_dir", str(tmp_path))
+    backend = local_images
     image = tmp_path / "vmhost-test.raw"
     marker = b"vm-host image marker\n"
     image.write_bytes(marker + b"\0" * (4 * 1024 * 1024 - len(marker)))
@@ -292,9 +304,9 @@ def test_root_disk_from_a_local_raw_image_is_a_flattened_qcow2(
 
 
 def test_root_disk_from_a_local_qcow2_image(
-    backend: LibvirtBackend, test_pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    local_images: LibvirtBackend, test_pool: str, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(backend, "local_image_dir", str(tmp_path))
+    backend = local_images
     image = tmp_path / "vmhost-test.qcow2"
     subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), "256M"], check=True)
     vm = spec("vmhost-test-qcow", test_pool, image="local:vmhost-test")
@@ -320,10 +332,10 @@ def test_root_disk_from_a_local_qcow2_image(
 
 
 def test_local_qcow2_with_an_external_data_file_is_refused_untouched(
-    backend: LibvirtBackend, test_pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    local_images: LibvirtBackend, test_pool: str, tmp_path: Path
 ) -> None:
     # A qcow2 whose data_file is a host file would make QEMU open that file read-write.
-    monkeypatch.setattr(backend, "local_image_dir", str(tmp_path))
+    backend = local_images
     image = tmp_path / "evil.qcow2"
     subprocess.run(
         [QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'victim'}",
@@ -360,9 +372,9 @@ def test_ensure_pool_defines_starts_and_restarts(backend: LibvirtBackend, tmp_pa
 
 
 def test_image_larger_than_the_disk_leaves_nothing(
-    backend: LibvirtBackend, test_pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    local_images: LibvirtBackend, test_pool: str, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(backend, "local_image_dir", str(tmp_path))
+    backend = local_images
     image = tmp_path / "big.qcow2"
     subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), "2G"], check=True)
     before = volumes(backend, test_pool)
