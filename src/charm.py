@@ -178,6 +178,7 @@ class VmHostCharm(ops.CharmBase):
             networks=self._mapping(config),
             default_pool=config.storage_pool,
             default_network=config.default_network,
+            disk_overcommit_ratio=config.disk_overcommit_ratio,
         )
 
     def _access_address(self) -> str | None:

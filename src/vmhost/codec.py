@@ -292,6 +292,7 @@ def _pool_to_dict(pool: StoragePool) -> dict[str, Any]:
         "available-bytes": pool.available_bytes,
         "path": pool.path,
         "active": pool.active,
+        "committed-bytes": pool.committed_bytes,
     }
 
 
@@ -305,6 +306,7 @@ def _pool_from_dict(value: object, path: str) -> StoragePool:
         available_bytes=_int(d.get("available-bytes", 0), f"{path}.available-bytes"),
         path=_opt_str(d.get("path"), f"{path}.path"),
         active=_bool(d.get("active", True), f"{path}.active"),
+        committed_bytes=_int(d.get("committed-bytes", 0), f"{path}.committed-bytes"),
     )
 
 

@@ -7,6 +7,7 @@ raises for a bad request: the outcome says which step refused it and why.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,13 +31,16 @@ __all__ = [
     "DEFAULT_NIC_LABEL",
     "HostState",
     "Outcome",
+    "book_disks",
     "compose",
     "default_interfaces",
     "deletable",
     "name_taken",
+    "storage_problem",
 ]
 
 DEFAULT_NIC_LABEL = "eth0"
+GB = 10**9
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class HostState:
     default_pool: str
     default_network: str = ""
     """Config `default-network`: a space in `networks` or a host bridge ("" when unset)."""
+    disk_overcommit_ratio: float = 1.0
+    """Requested disk bytes a pool may promise per free byte (config disk-overcommit-ratio)."""
 
     @property
     def allocations(self) -> list[Placement]:
@@ -162,6 +168,11 @@ def compose(
         nics = _resolve_nics(spec, host)
     except InvalidRequestError as exc:
         return Outcome(spec, refused=str(exc))
+    missing, full = storage_problem(spec, host)
+    if missing:
+        return Outcome(spec, refused=missing)
+    if full:
+        return Outcome(spec, rejected=full)
     result = placement.plan(host.topology, host.allocations, spec, host.policy)
     if isinstance(result, Rejection):
         if not dry_run:
@@ -178,6 +189,64 @@ def compose(
     except VmHostError as exc:
         return Outcome(spec, placement=result, failed=str(exc))
     return Outcome(spec, placement=result, vm=vm)
+
+
+def storage_problem(spec: VmSpec, host: HostState) -> tuple[str | None, str | None]:
+    """Why the spec's disks cannot go where they ask: (pool missing, pool too full).
+
+    Disks are thin (qcow2 or sparse) and grow as the guest writes, so each pool must be able
+    to hold every disk it is asked for in full, on top of what its volumes may still grow
+    (StoragePool.committed_bytes), times `disk_overcommit_ratio`: at 1.0 no disk can ever
+    fill its pool, and QEMU never pauses a guest on a full disk for vm-host's promise.
+    """
+    pools = {pool.name: pool for pool in host.topology.pools}
+    wanted: dict[str, int] = {}
+    for disk in spec.disks:
+        name = disk.pool or host.default_pool
+        pool = pools.get(name)
+        field = f"storage[{disk.label}].pool"
+        if pool is None:
+            known = ", ".join(sorted(pools)) or "none"
+            return (
+                f"{field}: storage pool {name!r} does not exist on this host (pools: {known}); "
+                "create it or choose another pool",
+                None,
+            )
+        if not pool.active:
+            return (f"{field}: storage pool {name!r} is not active; start it", None)
+        wanted[name] = wanted.get(name, 0) + disk.size_gb * GB
+    ratio = host.disk_overcommit_ratio
+    for name, need in sorted(wanted.items()):
+        pool = pools[name]
+        if pool.capacity_bytes <= 0:
+            continue  # the hypervisor gives no space figures for it: nothing to check against
+        room = int(pool.available_bytes * ratio) - pool.committed_bytes
+        if need > room:
+            return (
+                None,
+                f"storage: pool {name!r} cannot hold {_gb(need)} more: it has "
+                f"{_gb(pool.available_bytes)} free and its disks may still grow by "
+                f"{_gb(pool.committed_bytes)} (disk-overcommit-ratio {ratio:g}); free space, "
+                "choose another pool or raise disk-overcommit-ratio",
+            )
+    return None, None
+
+
+def book_disks(host: HostState, spec: VmSpec) -> HostState:
+    """The host after composing `spec`: its disks count as growth still to come."""
+    added: dict[str, int] = {}
+    for disk in spec.disks:
+        name = disk.pool or host.default_pool
+        added[name] = added.get(name, 0) + disk.size_gb * GB
+    pools = tuple(
+        dataclasses.replace(p, committed_bytes=p.committed_bytes + added.get(p.name, 0))
+        for p in host.topology.pools
+    )
+    return dataclasses.replace(host, topology=dataclasses.replace(host.topology, pools=pools))
+
+
+def _gb(size: int) -> str:
+    return f"{size / GB:.1f} GB" if size < 100 * GB else f"{size // GB} GB"
 
 
 def deletable(vms: Sequence[VmRecord], name: str, *, owner: str) -> VmRecord | str:

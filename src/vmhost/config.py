@@ -62,6 +62,7 @@ class CharmConfig(pydantic.BaseModel):
     backend: Literal["libvirt", "lxd"] = "libvirt"
     cpu_overcommit_ratio: float = 1.0
     memory_overcommit_ratio: float = 1.0
+    disk_overcommit_ratio: float = 1.0
     reserved_cpus: str = ""
     reserved_memory: int = pydantic.Field(1024, ge=0)
     hugepages: str = ""
@@ -81,7 +82,9 @@ class CharmConfig(pydantic.BaseModel):
     metrics_interval: int = pydantic.Field(30, ge=5, le=3600)
     local_image_dir: str = images.DEFAULT_LOCAL_DIR
 
-    @pydantic.field_validator("cpu_overcommit_ratio", "memory_overcommit_ratio")
+    @pydantic.field_validator(
+        "cpu_overcommit_ratio", "memory_overcommit_ratio", "disk_overcommit_ratio"
+    )
     @classmethod
     def _ratio(cls, value: float) -> float:
         if not 0 < value <= 10:

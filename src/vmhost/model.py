@@ -127,6 +127,9 @@ class StoragePool:
     available_bytes: int = 0
     path: str | None = None
     active: bool = True
+    committed_bytes: int = 0
+    """How much the thin volumes already in the pool may still grow (capacity minus
+    allocation, summed), so free space is not promised twice."""
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,23 @@ Everything is named vmhost-test-* so the conftest cleanup removes leftovers of a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
+from tests.integration.conftest import remove_test_domains
 
 from vmhost.backends import libvirt as libvirt_backend
 from vmhost.backends.libvirt import METADATA_NS, LibvirtBackend
+from vmhost.compose import HostState, compose
 from vmhost.model import DiskSpec, Placement, Policy, Rejection, VmHostError, VmSpec
+
+GB = 10**9
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_host")]
 
@@ -306,3 +312,56 @@ def test_a_pool_whose_directory_vanished_is_a_clear_error(
     assert backend.intents.pending() == []
     backend.topology()  # the host can still be read
     backend.list_vms()
+
+
+@pytest.fixture
+def tiny_pool(backend: LibvirtBackend, tmp_path: Path) -> Iterator[str]:
+    """A directory pool on a 128 MiB tmpfs: a really small pool, vmhost-test-tiny."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    tmp_path.chmod(0o755)
+    subprocess.run(
+        ["/bin/mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mount)], check=True
+    )
+    try:
+        backend.ensure_pool("vmhost-test-tiny", str(mount / "pool"))
+        yield "vmhost-test-tiny"
+    finally:
+        remove_test_domains(backend.conn)
+        with contextlib.suppress(libvirt.libvirtError):
+            pool = backend.conn.storagePoolLookupByName("vmhost-test-tiny")
+            for vol in pool.listAllVolumes(0):
+                vol.delete(0)
+            pool.destroy()
+            pool.undefine()
+        subprocess.run(["/bin/umount", str(mount)], check=False)
+
+
+def test_a_full_pool_is_refused_in_dry_run_and_compose_and_the_ratio_applies(
+    backend: LibvirtBackend, tiny_pool: str
+) -> None:
+    topology = backend.topology()
+    pool = next(p for p in topology.pools if p.name == tiny_pool)
+    assert 0 < pool.available_bytes <= 128 * 1024 * 1024
+    vm = spec("vmhost-test-full", tiny_pool)
+    host = HostState(topology, backend.list_vms(), Policy(), {}, tiny_pool)
+
+    for dry_run in (True, False):
+        got = compose(backend, vm, host, dry_run=dry_run)
+        assert got.vm is None
+        assert f"pool {tiny_pool!r} cannot hold 1.0 GB more" in got.rejected
+    assert vm.name not in domains(backend)
+    assert volumes(backend, tiny_pool) == set()
+
+    # Overcommitted on purpose (10 x 128 MiB may back 1 GB): the thin disk is created, and
+    # what it may still grow by then counts against the pool, so a second one is refused.
+    roomy = dataclasses.replace(host, disk_overcommit_ratio=10.0)
+    made = compose(backend, vm, roomy)
+    assert made.vm is not None, made.error
+    after = backend.topology()
+    grown = next(p for p in after.pools if p.name == tiny_pool)
+    assert 0.9 * GB < grown.committed_bytes <= GB
+    again = dataclasses.replace(roomy, topology=after, vms=backend.list_vms())
+    second = compose(backend, spec("vmhost-test-full2", tiny_pool), again, dry_run=True)
+    assert "may still grow by" in second.rejected
+    backend.delete(vm.name)

@@ -112,6 +112,8 @@ def make_topology() -> HostTopology:
 @pytest.fixture
 def backend(topology, monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
     fake = FakeBackend(host=topology)
+    fake.ensure_pool(host.DEFAULT_POOL_NAME, host.DEFAULT_POOL_PATH)  # as after install
+    fake.calls.clear()
     monkeypatch.setattr(charm, "make_backend", lambda config: fake)
     return fake
 

@@ -26,6 +26,7 @@ def run_action(ctx, name, params=None, config=None):
 
 
 def test_install_sets_up_host_and_default_pool(ctx, backend, fake_host):
+    backend.pools.clear()  # a fresh host
     out = ctx.run(ctx.on.install(), testing.State())
     assert fake_host.calls[:3] == [
         "install",
@@ -131,6 +132,7 @@ def test_hugepages_on_missing_node_blocks(ctx, backend, fake_host):
 
 
 def test_reconcile_is_idempotent(ctx, backend, fake_host):
+    backend.pools.clear()  # a fresh host
     state = testing.State()
     first = ctx.run(ctx.on.config_changed(), state)
     second = ctx.run(ctx.on.config_changed(), first)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from fake_backend import FakeBackend
-from vmhost.compose import HostState, Outcome, compose, deletable, name_taken
+from vmhost.compose import HostState, Outcome, book_disks, compose, deletable, name_taken
 from vmhost.constraints import build_spec
 from vmhost.model import (
     AttachmentKind,
@@ -37,6 +37,7 @@ def host(cpus: int = 4) -> HostTopology:
 
 
 def state(backend: FakeBackend, default_network: str = "br0") -> HostState:
+    backend.ensure_pool("vm-host", "/var/lib/vm-host/images")  # 100 GB free
     return HostState(
         backend.topology(), backend.list_vms(), Policy(), {}, "vm-host", default_network
     )
@@ -210,3 +211,77 @@ def test_default_network_problem_blocks_only_when_it_names_nothing_usable():
     problem = default_network_problem("br9", MAPPING, nics) or ""
     assert "is not a space in networks (spaces: data, oam)" in problem
     assert "juju config vm-host default-network=" in problem
+
+
+GB = 10**9
+
+
+def pool_state(backend: FakeBackend, free_gb: float, committed_gb: float = 0, ratio=1.0):
+    from dataclasses import replace
+
+    from vmhost.model import StoragePool
+
+    backend.pools["vm-host"] = StoragePool(
+        "vm-host",
+        capacity_bytes=int(free_gb * GB) + 10**6,
+        available_bytes=int(free_gb * GB),
+        committed_bytes=int(committed_gb * GB),
+    )
+    return replace(
+        HostState(backend.topology(), backend.list_vms(), Policy(), {}, "vm-host", "br0"),
+        disk_overcommit_ratio=ratio,
+    )
+
+
+def test_disks_beyond_the_pools_free_space_are_rejected_in_dry_run_too():
+    backend = FakeBackend(host=host())
+    big = spec(storage="root:400,data:101")
+    for dry_run in (True, False):
+        got = compose(backend, big, pool_state(backend, free_gb=0.008), dry_run=dry_run)
+        assert got.vm is None
+        assert got.placement is None
+        assert "pool 'vm-host' cannot hold 501 GB more" in got.rejected
+        assert "0.0 GB free" in got.rejected
+        assert "disk-overcommit-ratio" in got.rejected
+    assert composes(backend) == []
+
+
+def test_what_existing_disks_may_still_grow_counts_against_the_pool():
+    backend = FakeBackend(host=host())
+    fits = compose(backend, spec(storage="root:20"), pool_state(backend, 50), dry_run=True)
+    assert fits.placement is not None
+    promised = compose(backend, spec(storage="root:20"), pool_state(backend, 50, 40), dry_run=True)
+    assert "may still grow by 40.0 GB" in promised.rejected
+    over = compose(
+        backend, spec(storage="root:20"), pool_state(backend, 50, 40, ratio=2.0), dry_run=True
+    )
+    assert over.placement is not None  # 2 x 50 GB may back 60 GB of disks
+
+
+def test_a_missing_or_stopped_pool_is_refused_in_dry_run_too():
+    from dataclasses import replace
+
+    backend = FakeBackend(host=host())
+    got = compose(
+        backend, spec(storage="root:10,data:5(fast)"), pool_state(backend, 50), dry_run=True
+    )
+    assert got.placement is None
+    assert got.refused.startswith("storage[data].pool: storage pool 'fast' does not exist")
+    assert "pools: vm-host" in got.refused
+    backend.pools["vm-host"] = replace(backend.pools["vm-host"], active=False)
+    stopped = compose(
+        backend,
+        spec(),
+        HostState(backend.topology(), [], Policy(), {}, "vm-host", "br0"),
+        dry_run=True,
+    )
+    assert "'vm-host' is not active" in stopped.refused
+
+
+def test_a_round_books_the_disks_it_composed():
+    backend = FakeBackend(host=host())
+    first = pool_state(backend, 50)
+    booked = book_disks(first, spec(storage="root:30"))
+    assert booked.topology.pools[0].committed_bytes == 30 * GB
+    assert first.topology.pools[0].committed_bytes == 0
+    assert "cannot hold" in compose(backend, spec("b", storage="root:30"), booked).rejected

@@ -148,6 +148,7 @@ def serve_round(
     """One unit's round against an in-memory backend holding `existing`."""
     topology = replace(host(cpus=8), nics=(HostNic("br0", kind=NicKind.BRIDGE),))
     backend = FakeBackend(host=topology, vms={vm.name: vm for vm in existing})
+    backend.ensure_pool("vm-host", "/var/lib/vm-host/images")
     state = HostState(backend.topology(), backend.list_vms(), POLICY, {}, "vm-host", "br0")
     result = serve(
         backend,

@@ -1033,6 +1033,16 @@ def _domain_xmls(domains: Sequence[libvirt.virDomain]) -> Iterator[str]:
             continue  # undefined while we looked
 
 
+def _growth(pool: libvirt.virStoragePool) -> int:
+    """How much the pool's volumes may still grow: capacity minus allocation, summed."""
+    total = 0
+    for vol in pool.listAllVolumes(0):
+        with contextlib.suppress(libvirt.libvirtError):  # deleted while we looked
+            _, capacity, allocation = vol.info()
+            total += max(0, int(capacity) - int(allocation))
+    return total
+
+
 def _directories(pools: Iterable[libvirt.virStoragePool]) -> dict[str, str]:
     """Pool name -> its directory, for pools whose volumes are files named after them."""
     found: dict[str, str] = {}
@@ -1200,9 +1210,10 @@ class LibvirtBackend:
             try:
                 root = ET.fromstring(pool.XMLDesc(0))  # noqa: S314 - libvirtd's own output
                 active = bool(pool.isActive())
-                capacity = allocation = available = 0
+                capacity = allocation = available = committed = 0
                 if active:
                     _, capacity, allocation, available = (int(x) for x in pool.info())
+                    committed = _growth(pool)
             except libvirt.libvirtError as e:
                 logger.warning("storage pool %s cannot be read: %s", pool.name(), e)
                 continue  # undefined while we looked, or its backing store is gone
@@ -1214,6 +1225,7 @@ class LibvirtBackend:
                 available_bytes=available,
                 path=(root.findtext("target/path") or "").strip() or None,
                 active=active,
+                committed_bytes=committed,
             )
 
     def ensure_pool(self, name: str, path: str) -> None:

@@ -474,12 +474,14 @@ def serve(
         result.deleted.append(vm.name)
     result.released = [vm.name for vm in changes.released]
     now = [vm for vm in host.vms if vm.name not in gone]
+    booked = host
     for key, spec in changes.to_compose:
-        outcome = compose.compose(backend, spec, dataclasses.replace(host, vms=now))
+        outcome = compose.compose(backend, spec, dataclasses.replace(booked, vms=now))
         if outcome.vm is None:
             result.failures[key] = outcome.error or "not composed"
             continue
         now.append(outcome.vm)
+        booked = compose.book_disks(booked, spec)  # its disks may grow: the next ones see it
         result.composed.append(outcome.vm.name)
     by_key = {k: vm for vm in now if (k := request_key_of(vm)) is not None}
     errors = {**(answer_errors or {}), **result.failures}
