@@ -212,14 +212,32 @@ class VmHostCharm(ops.CharmBase):
             self._reconcile_access(config)
         else:
             self._setup_lxd(config, install=first_time)
-        host.reserve_hugepages(settings.parse_hugepages_setting(config.hugepages))
         self._reconcile_observability(config)
         snapshot = self._snapshot(config)
         if snapshot is None:
             logger.info("hypervisor not reachable yet: %s", self._backend_error)
             return
+        contradictions = self._contradictions(config, snapshot)
+        for problem in contradictions:
+            logger.warning("not reconciling VMs or huge pages: %s", problem)
+        if contradictions:
+            return
+        reservations = settings.parse_hugepages_setting(config.hugepages)
+        if reservations:
+            host.reserve_hugepages(reservations)
+            snapshot = self._snapshot(config, refresh=True) or snapshot
         self._reconcile_hypervisor(
             config, snapshot, update_status=isinstance(event, ops.UpdateStatusEvent)
+        )
+
+    @staticmethod
+    def _contradictions(config: CharmConfig, snapshot: _Snapshot) -> list[str]:
+        """Options this host contradicts (nothing they drive is written while one stands)."""
+        return health.config_host_problems(
+            policy=config.policy,
+            hugepages=config.hugepages,
+            default_storage_pool=config.default_storage_pool,
+            topology=snapshot.topology,
         )
 
     def _reconcile_hypervisor(
@@ -426,6 +444,8 @@ class VmHostCharm(ops.CharmBase):
             daemon = "libvirtd" if config.backend == "libvirt" else "LXD"
             event.add_status(ops.WaitingStatus(f"waiting for {daemon}: {self._backend_error}"))
             return
+        for problem in self._contradictions(config, snapshot):
+            event.add_status(ops.BlockedStatus(problem))
         for problem in health.problems(
             backend=config.backend,
             libvirt_user=config.libvirt_user,

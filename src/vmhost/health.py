@@ -11,12 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from vmhost import access, host, networks, settings
-from vmhost.model import HostNic, InvalidRequestError, VmHostError
+from vmhost.model import HostNic, HostTopology, InvalidRequestError, Policy, VmHostError
+from vmhost.topology import format_cpu_list
 
 if TYPE_CHECKING:
     from vmhost.lxd_trust import LxdTrust
 
-__all__ = ["backend_choice_problem", "problems"]
+__all__ = ["backend_choice_problem", "config_host_problems", "problems"]
 
 
 def backend_choice_problem(backend: str, recorded: str | None) -> str | None:
@@ -72,4 +73,84 @@ def problems(
     default = networks.default_network_problem(default_network, mapping, nics)
     if default:
         out.append(default)
+    return out
+
+
+def config_host_problems(
+    *,
+    policy: Policy,
+    hugepages: str,
+    default_storage_pool: str,
+    topology: HostTopology,
+) -> list[str]:
+    """Options this host contradicts, each naming the option, the numbers and the fix.
+
+    Checked before anything is written: the charm sends no huge page reservation to the
+    kernel and composes nothing while one of these stands.
+
+    Args:
+        policy: the placement policy (reserved CPUs and memory) built from the options.
+        hugepages: the `hugepages` option's text (already valid syntax).
+        default_storage_pool: the option as set ("" when vm-host makes its own pool).
+        topology: the host as the hypervisor reports it.
+    """
+    out: list[str] = []
+    cpus = set(topology.cpus)
+    have = f"this host has CPUs {format_cpu_list(sorted(cpus))}" if cpus else "it has none"
+    unknown = sorted(policy.reserved_cpus - cpus)
+    if unknown:
+        out.append(
+            f"reserved-cpus: CPUs {format_cpu_list(unknown)} do not exist ({have}); "
+            "fix with juju config"
+        )
+    elif cpus and cpus <= policy.reserved_cpus:
+        out.append(
+            f"reserved-cpus: reserves all {len(cpus)} CPUs of this host, none is left for VMs; "
+            "keep some out of it with juju config"
+        )
+    memory_mib = sum(n.memory_kib for n in topology.nodes) // 1024
+    if memory_mib and policy.reserved_memory_mib >= memory_mib:
+        out.append(
+            f"reserved-memory: {policy.reserved_memory_mib} MiB is not less than this host's "
+            f"{memory_mib} MiB; lower it with juju config"
+        )
+    out += _hugepage_memory_problems(hugepages, topology)
+    names = sorted(p.name for p in topology.pools)
+    if default_storage_pool and default_storage_pool not in names:
+        out.append(
+            f"default-storage-pool: pool {default_storage_pool!r} does not exist on this host "
+            f"(pools: {', '.join(names) or 'none'}); create it, or fix with juju config"
+        )
+    return out
+
+
+def _hugepage_memory_problems(hugepages: str, topology: HostTopology) -> list[str]:
+    """Huge page reservations larger than the memory they would come from."""
+    wanted_host = 0
+    wanted_node: dict[int, int] = {}
+    for setting in settings.parse_hugepages_setting(hugepages):
+        size = setting.size_kib * setting.count
+        if setting.node is None:
+            wanted_host += size
+        else:
+            wanted_node[setting.node] = wanted_node.get(setting.node, 0) + size
+    nodes = {n.id: n.memory_kib for n in topology.nodes}
+    out = []
+    for node, kib in sorted(wanted_node.items()):
+        if node not in nodes:
+            out.append(
+                f"hugepages: NUMA node {node} does not exist (nodes: "
+                f"{format_cpu_list(sorted(nodes))}); fix with juju config"
+            )
+        elif kib >= nodes[node]:
+            out.append(
+                f"hugepages: {kib // 1024} MiB of huge pages on node {node} is not less than its "
+                f"{nodes[node] // 1024} MiB of memory; lower it with juju config"
+            )
+    total = sum(nodes.values())
+    if total and wanted_host + sum(wanted_node.values()) >= total:
+        out.append(
+            f"hugepages: {(wanted_host + sum(wanted_node.values())) // 1024} MiB of huge pages is "
+            f"not less than this host's {total // 1024} MiB of memory; lower it with juju config"
+        )
     return out

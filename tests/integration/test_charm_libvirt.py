@@ -147,3 +147,17 @@ def test_image_store_name_is_refused_on_libvirt(ctx, state, backend, test_pool):
     assert "local-image-dir" in failed.value.message
     assert VM not in domain_names(backend)
     assert volume_names(backend, test_pool) == before_volumes
+
+
+def test_config_this_host_contradicts_is_blocked_naming_the_option(ctx, backend, test_pool):
+    cpus = len(backend.topology().cpus)
+    beyond = {"default-storage-pool": test_pool, "reserved-cpus": f"0-{cpus + 3}"}
+    out = ctx.run(ctx.on.config_changed(), testing.State(config=beyond, leader=True))
+    assert isinstance(out.unit_status, testing.BlockedStatus)
+    assert f"reserved-cpus: CPUs {cpus}-{cpus + 3} do not exist" in out.unit_status.message
+
+    missing = {"default-storage-pool": "vmhost-test-absent"}
+    out = ctx.run(ctx.on.config_changed(), testing.State(config=missing, leader=True))
+    assert isinstance(out.unit_status, testing.BlockedStatus)
+    assert "pool 'vmhost-test-absent' does not exist" in out.unit_status.message
+    assert test_pool in out.unit_status.message  # the pools it does have

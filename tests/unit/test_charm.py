@@ -399,3 +399,29 @@ def test_compose_vm_recovers_first_and_says_so(ctx, backend):
     results = run_action(ctx, "compose-vm", {"name": "vm1", "memory": 512})
     assert backend.calls.index("recover") < backend.calls.index("compose:vm1")
     assert results["recovered"].endswith("removed vm-host/vm1-root")
+
+
+@pytest.mark.parametrize(
+    ("config", "phrase"),
+    [
+        ({"reserved-cpus": "0-99"}, "reserved-cpus: CPUs 24-99 do not exist"),
+        ({"reserved-cpus": "0-23"}, "reserved-cpus: reserves all 24 CPUs"),
+        ({"reserved-memory": 10**8}, "reserved-memory: 100000000 MiB is not less than"),
+        ({"default-storage-pool": "nope"}, "default-storage-pool: pool 'nope' does not exist"),
+        ({"hugepages": "1G:4000"}, "hugepages: 4096000 MiB of huge pages is not less than"),
+        ({"hugepages": "2M:8@7"}, "hugepages: NUMA node 7 does not exist"),
+    ],
+)
+def test_config_the_host_contradicts_blocks_before_anything_is_written(
+    ctx, backend, fake_host, config, phrase
+):
+    out = ctx.run(ctx.on.config_changed(), testing.State(config=config))
+    assert isinstance(out.unit_status, testing.BlockedStatus)
+    assert phrase in out.unit_status.message
+    assert "juju config" in out.unit_status.message
+    assert not [c for c in fake_host.calls if c.startswith("hugepages:")]
+    assert not [c for c in backend.calls if c.startswith(("compose", "delete", "recover"))]
+    # An action does not unblock it: status is computed from config and host each time.
+    ctx.run(ctx.on.action("list-vms"), testing.State(config=config))
+    again = ctx.run(ctx.on.update_status(), testing.State(config=config))
+    assert phrase in again.unit_status.message
