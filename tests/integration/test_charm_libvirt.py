@@ -113,17 +113,16 @@ def test_dry_run_creates_nothing(ctx, state, backend, test_pool):
 
 
 def test_failed_compose_through_the_charm_leaves_nothing(ctx, state, backend, test_pool):
-    # A disk in a pool that does not exist fails after the root volume was created.
+    # The data disk's volume name is taken: the hypervisor refuses it, the root is rolled back.
+    pool = backend.conn.storagePoolLookupByName(test_pool)
+    pool.createXML(
+        f"<volume><name>{VM}-data</name><capacity unit='bytes'>1048576</capacity>"
+        "<target><format type='qcow2'/></target></volume>",
+        0,
+    )
     before_volumes = volume_names(backend, test_pool)
     with pytest.raises(testing.ActionFailed) as failed:
-        run(
-            ctx,
-            state,
-            "compose-vm",
-            name=VM,
-            memory=128,
-            storage="root:1,data:1(vmhost-test-missing-pool)",
-        )
+        run(ctx, state, "compose-vm", name=VM, memory=128, storage="root:1,data:1")
     assert "rolled back" in failed.value.message
     assert VM not in domain_names(backend)
     assert volume_names(backend, test_pool) == before_volumes
@@ -135,6 +134,25 @@ def test_a_host_path_image_is_refused_through_the_charm(ctx, state, backend, tes
         run(ctx, state, "compose-vm", name=VM, memory=128, image="/etc/shadow")
     assert "host path" in failed.value.message
     assert "nothing done" in failed.value.message
+    assert VM not in domain_names(backend)
+    assert volume_names(backend, test_pool) == before_volumes
+
+
+def test_a_disk_in_a_missing_pool_is_refused_before_anything(ctx, state, backend, test_pool):
+    before_volumes = volume_names(backend, test_pool)
+    for dry_run in (True, False):
+        with pytest.raises(testing.ActionFailed) as failed:
+            run(
+                ctx,
+                state,
+                "compose-vm",
+                name=VM,
+                memory=128,
+                storage="root:1,data:1(vmhost-test-missing-pool)",
+                **{"dry-run": dry_run},
+            )
+        assert "'vmhost-test-missing-pool' does not exist" in failed.value.message
+        assert "nothing done" in failed.value.message
     assert VM not in domain_names(backend)
     assert volume_names(backend, test_pool) == before_volumes
 

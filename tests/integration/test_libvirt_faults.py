@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import shutil
 import subprocess
+import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -315,11 +316,12 @@ def test_a_pool_whose_directory_vanished_is_a_clear_error(
 
 
 @pytest.fixture
-def tiny_pool(backend: LibvirtBackend, tmp_path: Path) -> Iterator[str]:
+def tiny_pool(backend: LibvirtBackend) -> Iterator[str]:
     """A directory pool on a 128 MiB tmpfs: a really small pool, vmhost-test-tiny."""
-    mount = tmp_path / "tiny"
+    base = Path(tempfile.mkdtemp(prefix="vmhost-test-tiny-"))
+    base.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the disk files
+    mount = base / "tiny"
     mount.mkdir()
-    tmp_path.chmod(0o755)
     subprocess.run(
         ["/bin/mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mount)], check=True
     )
@@ -335,6 +337,7 @@ def tiny_pool(backend: LibvirtBackend, tmp_path: Path) -> Iterator[str]:
             pool.destroy()
             pool.undefine()
         subprocess.run(["/bin/umount", str(mount)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_full_pool_is_refused_in_dry_run_and_compose_and_the_ratio_applies(
