@@ -341,13 +341,13 @@ def tiny_pool(backend: LibvirtBackend) -> Iterator[str]:
 
 
 def test_a_full_pool_is_refused_in_dry_run_and_compose_and_the_ratio_applies(
-    backend: LibvirtBackend, tiny_pool: str
+    backend: LibvirtBackend, tiny_pool: str, test_bridge: str
 ) -> None:
     topology = backend.topology()
     pool = next(p for p in topology.pools if p.name == tiny_pool)
     assert 0 < pool.available_bytes <= 128 * 1024 * 1024
     vm = spec("vmhost-test-full", tiny_pool)
-    host = HostState(topology, backend.list_vms(), Policy(), {}, tiny_pool)
+    host = HostState(topology, backend.list_vms(), Policy(), {}, tiny_pool, test_bridge)
 
     for dry_run in (True, False):
         got = compose(backend, vm, host, dry_run=dry_run)
