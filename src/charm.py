@@ -42,6 +42,7 @@ from vmhost.config import (
     KeyParams,
     NameParams,
     PowerParams,
+    ReassignParams,
     RevokeParams,
     StopParams,
     TrustParams,
@@ -55,7 +56,7 @@ from vmhost.model import (
     VmHostError,
     VmRecord,
 )
-from vmhost.relation import fleet, keys, serve
+from vmhost.relation import fleet, journal, keys, serve
 
 if TYPE_CHECKING:
     from vmhost.lxd_trust import LxdTrust
@@ -111,15 +112,16 @@ class VmHostCharm(ops.CharmBase):
             self.on.leader_elected,
             self.on.secret_changed,
             self.on.vms_relation_changed,
-            self.on.vms_relation_broken,
             self.on.access_relation_changed,
             self.on.access_relation_broken,
             self.on.hosts_relation_changed,
-            self.on.hosts_relation_departed,
             self.on["cos-agent"].relation_joined,
             self.on["cos-agent"].relation_changed,
         ):
             framework.observe(event, self._reconcile)
+        framework.observe(self.on.vms_relation_broken, self._on_vms_broken)
+        framework.observe(self.on.vms_relation_departed, self._on_departed)
+        framework.observe(self.on.hosts_relation_departed, self._on_departed)
         framework.observe(self.on.collect_unit_status, self._on_collect_status)
         framework.observe(self.on.remove, self._on_remove)
         framework.observe(self.on.compose_vm_action, self._on_compose_vm)
@@ -135,6 +137,7 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(self.on.stop_vm_action, self._on_stop_vm)
         framework.observe(self.on.restart_vm_action, self._on_restart_vm)
         framework.observe(self.on.list_access_action, self._on_list_access)
+        framework.observe(self.on.reassign_vm_action, self._on_reassign_vm)
 
     # ----------------------------------------------------------------------------------------
     # Inputs
@@ -150,6 +153,15 @@ class VmHostCharm(ops.CharmBase):
             except InvalidRequestError as exc:
                 self._config_error = str(exc)
         return self._config
+
+    @property
+    def _scope(self) -> keys.Scope:
+        """This vm-host application and model: what every VM it composes is owned by."""
+        return keys.Scope(self.app.name, self.model.uuid)
+
+    def _departing(self) -> bool:
+        """Whether this unit is leaving (remove-unit), as recorded on the host."""
+        return self.unit.name in journal.read(self._scope).departing
 
     def _mapping(self, config: CharmConfig) -> Mapping[str, networks.NetworkMapping]:
         return parse_networks(config.networks)
@@ -289,21 +301,54 @@ class VmHostCharm(ops.CharmBase):
     # ----------------------------------------------------------------------------------------
     # VMs requested over the `vms` relation
 
-    def _reconcile_vms(self, config: CharmConfig, snapshot: _Snapshot) -> None:
-        """Compose what related apps request here, delete what they withdrew, answer all."""
-        batches = self.vms.requests
-        requests = [
+    def _on_departed(self, event: ops.RelationDepartedEvent) -> None:
+        """Record on the host that this unit is leaving, before any relation-broken."""
+        if event.departing_unit is not None and event.departing_unit.name == self.unit.name:
+            journal.record_departing(self._scope, self.unit.name)
+            logger.info("this unit is leaving: its VMs stay on the host, nothing is deleted")
+            return
+        self._reconcile(event)
+
+    def _on_vms_broken(self, event: ops.RelationBrokenEvent) -> None:
+        """A relation seen broken by a unit that stays: its VMs may be released."""
+        if not self._departing():
+            app = event.relation.app.name if event.relation.app is not None else ""
+            journal.record_broken(self._scope, event.relation.id, app)
+        self._reconcile(event)
+
+    def _requests(self, config: CharmConfig) -> list[serve.RelationRequest]:
+        return [
             request
-            for batch in batches
+            for batch in self.vms.requests
             for request in serve.gather(
                 batch.relation_id,
                 batch.app_name,
                 [r.model_dump(mode="json", by_alias=True, exclude_none=True) for r in batch.valid],
                 [(bad.id, bad.reason) for bad in batch.invalid],
                 default_root_gb=config.default_root_disk_size,
+                scope=self._scope,
             )
         ]
-        decision = self._lead(config, snapshot, requests)
+
+    def _reconcile_vms(
+        self,
+        config: CharmConfig,
+        snapshot: _Snapshot,
+        reassign: frozenset[keys.RequestKey] = frozenset(),
+    ) -> fleet.Decision | None:
+        """Compose what related apps request here, delete what they withdrew, answer all.
+
+        A unit that is leaving (remove-unit) does none of it: its relation-broken hooks are
+        the unit going, not the relations, so it composes, deletes and releases nothing.
+        """
+        if self._departing():
+            logger.info("this unit is leaving: relation VMs are left as they are")
+            return None
+        batches = self.vms.requests
+        requests = self._requests(config)
+        decision = self._lead(config, snapshot, requests, reassign)
+        scope = self._scope
+        seen = journal.read(scope)
         result = serve.serve(
             self._backend(config),
             self._host_state(config, snapshot),
@@ -316,21 +361,51 @@ class VmHostCharm(ops.CharmBase):
             ),
             answer_errors=decision.answer_errors,
             waiting=decision.assignment.waiting,
+            broken_relation_ids=frozenset(seen.broken_apps),
+            scope=scope,
+            live_apps={
+                **{i: app for i, app in seen.broken_apps.items() if app},
+                **{b.relation_id: b.app_name for b in batches},
+            },
         )
         for name in result.composed:
             logger.info("composed %s for a related application", name)
         for name in result.deleted:
             logger.info("deleted %s: its request or relation is gone", name)
         for name in result.released:
-            logger.info("kept %s after its relation left (release-policy keep)", name)
+            logger.info(
+                "kept %s after its relation left (release-policy keep); it is now "
+                "released and delete-vm may delete it",
+                name,
+            )
+        if result.orphaned:
+            logger.warning(
+                "relation VMs whose relation this unit did not see removed, left alone: %s",
+                ", ".join(result.orphaned),
+            )
         for batch in batches:
             if batch.relation is not None:
                 self.vms.publish(batch.relation, result.answers.get(batch.relation_id, []))
-        if result.composed or result.deleted:
-            self._snapshot(config, refresh=True)
+        if result.composed or result.deleted or result.released:
+            fresh = self._snapshot(config, refresh=True)
+            peer = self.model.get_relation("hosts")
+            if fresh is not None and peer is not None:
+                # Report what changed now, not at this unit's next hook: the leader learns
+                # sooner that a request is composed here (and never places it elsewhere).
+                peer.data[self.unit]["report"] = fleet.host_report(
+                    fresh.topology,
+                    fresh.allocations,
+                    hostname=socket.gethostname(),
+                    composed=keys.composed_keys(fresh.vms, scope),
+                )
+        return decision
 
     def _lead(
-        self, config: CharmConfig, snapshot: _Snapshot, requests: list[serve.RelationRequest]
+        self,
+        config: CharmConfig,
+        snapshot: _Snapshot,
+        requests: list[serve.RelationRequest],
+        reassign: frozenset[keys.RequestKey] = frozenset(),
     ) -> fleet.Decision:
         """Which requests this unit hosts: read the peer relation, decide, write it back."""
         peer = self.model.get_relation("hosts")
@@ -339,6 +414,7 @@ class VmHostCharm(ops.CharmBase):
             peers = fleet.Peers(
                 reports={u.name: peer.data[u].get("report") for u in peer.units},
                 assignment=peer.data[self.app].get("assignment"),
+                composed=peer.data[self.app].get("composed"),
             )
         decision = fleet.lead(
             self.unit.name,
@@ -350,6 +426,8 @@ class VmHostCharm(ops.CharmBase):
             peers=peers,
             policy=config.policy,
             mapping=self._mapping(config),
+            scope=self._scope,
+            reassign=reassign,
         )
         for problem in decision.problems:
             logger.warning("%s", problem)
@@ -357,6 +435,8 @@ class VmHostCharm(ops.CharmBase):
             peer.data[self.unit]["report"] = decision.report
             if decision.assignment_text is not None:
                 peer.data[self.app]["assignment"] = decision.assignment_text
+            if decision.composed_text is not None:
+                peer.data[self.app]["composed"] = decision.composed_text
         return decision
 
     def _setup_libvirt(self, *, install: bool) -> None:
@@ -583,7 +663,13 @@ class VmHostCharm(ops.CharmBase):
         if inputs is None:
             return
         config, snapshot = inputs
-        vm = compose.deletable(snapshot.vms, name, owner=keys.ACTION_OWNER)
+        scope = self._scope
+
+        def released_here(owner: str) -> bool:
+            parsed = keys.read_owner(owner)
+            return parsed is not None and parsed.released and parsed.scope == scope
+
+        vm = compose.deletable(snapshot.vms, name, owner=keys.ACTION_OWNER, released=released_here)
         if isinstance(vm, str):
             event.fail(vm)
             return
@@ -600,6 +686,55 @@ class VmHostCharm(ops.CharmBase):
         if kept:
             results["kept-volumes"] = ", ".join(kept)
         event.set_results(results)
+
+    def _on_reassign_vm(self, event: ops.ActionEvent) -> None:
+        """Place anew a request whose VM went with a unit that left (leader only)."""
+        try:
+            params = event.load_params(ReassignParams)
+        except pydantic.ValidationError as exc:
+            event.fail(f"bad parameters, nothing done: {pydantic_message(exc)}")
+            return
+        if not self.unit.is_leader():
+            event.fail("run reassign-vm on the vm-host leader unit (juju run vm-host/leader ...)")
+            return
+        inputs = self._action_inputs(event)
+        if inputs is None:
+            return
+        config, snapshot = inputs
+        peer = self.model.get_relation("hosts")
+        current, _ = fleet.assignment_from_json(
+            peer.data[self.app].get("assignment") if peer is not None else None
+        )
+        matches = sorted(
+            k
+            for k in current.left
+            if k.app == params.app
+            and k.request_id == params.id
+            and params.relation_id in (None, k.relation_id)
+        )
+        if not matches:
+            lost = ", ".join(f"app={k.app} id={k.request_id}" for k in sorted(current.left))
+            event.fail(
+                f"no request of {params.app} with id {params.id!r} lost its host; requests "
+                f"whose host left: {lost or 'none'}"
+            )
+            return
+        if len(matches) > 1:
+            ids = ", ".join(str(k.relation_id) for k in matches)
+            event.fail(f"{params.app} has {params.id!r} on relations {ids}; give relation-id")
+            return
+        key = matches[0]
+        decision = self._reconcile_vms(config, snapshot, reassign=frozenset({key}))
+        if decision is None:
+            event.fail("this unit is leaving; run reassign-vm on the new leader")
+            return
+        unit = decision.assignment.units.get(key)
+        if unit is None:
+            reason = decision.assignment.unplaced.get(key, "not placed")
+            event.fail(f"{key} could not be placed anew: {reason}")
+            return
+        logger.info("reassigned %s to %s after its host left", key, unit)
+        event.set_results({"app": key.app, "id": key.request_id, "unit": unit})
 
     def _on_list_vms(self, event: ops.ActionEvent) -> None:
         inputs = self._action_inputs(event)

@@ -249,11 +249,19 @@ def _gb(size: int) -> str:
     return f"{size / GB:.1f} GB" if size < 100 * GB else f"{size // GB} GB"
 
 
-def deletable(vms: Sequence[VmRecord], name: str, *, owner: str) -> VmRecord | str:
+def deletable(
+    vms: Sequence[VmRecord],
+    name: str,
+    *,
+    owner: str,
+    released: Callable[[str], bool] | None = None,
+) -> VmRecord | str:
     """The VM an operator may delete by name, or why not (the fix included).
 
-    Only VMs vm-host composed for `owner` (the compose-vm action): a relation's VMs go when
-    their request or relation does, and domains vm-host did not create are left alone.
+    Only VMs vm-host composed for `owner` (the compose-vm action), or whose owner `released`
+    accepts (VMs this vm-host application released under release-policy keep): a relation's
+    VMs go when their request or relation does, and domains vm-host did not create are left
+    alone.
     """
     vm = next((v for v in vms if v.name == name), None)
     if vm is None:
@@ -261,7 +269,7 @@ def deletable(vms: Sequence[VmRecord], name: str, *, owner: str) -> VmRecord | s
         return f"no VM named {name!r}; VMs composed by vm-host: {known}"
     if not vm.managed:
         return f"{name} was not composed by vm-host; it is left alone"
-    if vm.owner != owner:
+    if vm.owner != owner and not (released is not None and released(vm.owner)):
         return (
             f"{name} belongs to {vm.owner}; withdraw the request or remove that relation instead"
         )

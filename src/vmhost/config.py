@@ -23,6 +23,7 @@ __all__ = [
     "KeyParams",
     "NameParams",
     "PowerParams",
+    "ReassignParams",
     "RevokeParams",
     "StopParams",
     "TrustParams",
@@ -212,6 +213,16 @@ class ComposeParams(pydantic.BaseModel):
     ssh_public_keys: str | None = None
     hostname: str | None = None
     dry_run: bool = False
+
+
+class ReassignParams(pydantic.BaseModel):
+    """Parameters of reassign-vm (actions.yaml)."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    app: str
+    id: str
+    relation_id: int | None = None
 
 
 class NameParams(pydantic.BaseModel):

@@ -12,6 +12,8 @@ Every module here may use them:
 - `clean_host` (function): removes `vmhost-test-*` domains and volumes before and after one
   test, so a failing test cannot leak into the next.
 - `test_bridge` (function): a Linux bridge `vmhost-test-br0`, up, deleted afterwards.
+- the relation journal (autouse): the charm's record of relations it saw broken lives in a
+  temporary directory, not /var/lib/vm-host.
 - `reserve_hugepages` (function): `reserve_hugepages(count, size_kib=2048)` adds `count` free
   huge pages on node 0 (or host-wide without NUMA) and returns how many are free now; the
   previous reservation is restored afterwards. The test is skipped, with the numbers, only
@@ -112,6 +114,17 @@ def remove_leftovers(conn: libvirt.virConnect) -> None:
     remove_test_volumes(conn)
     remove_test_pools(conn)
     remove_test_bridges()
+
+
+@pytest.fixture(autouse=True)
+def _relation_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the charm's relation journal in a temporary directory.
+
+    Charm tests then leave nothing under /var/lib/vm-host.
+    """
+    from vmhost.relation import journal
+
+    monkeypatch.setattr(journal, "JOURNAL_DIR", tmp_path / "relations")
 
 
 @pytest.fixture(scope="session")

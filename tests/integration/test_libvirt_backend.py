@@ -560,3 +560,74 @@ def test_forged_metadata_makes_a_domain_unmanaged_not_a_crash(
         backend.delete("vmhost-test-forged")
     assert "vmhost-test-forged" in domains(backend)
     assert "vmhost-test-other-root" in volumes(backend, test_pool)
+
+
+def _owner_seen_afresh(name: str) -> dict[str, str]:
+    """The owner of `name` as a new connection to libvirtd sees it, in every place it lives."""
+    ns = f"{{{METADATA_NS}}}"
+    conn = libvirt.open("qemu:///system")
+    try:
+        dom = conn.lookupByName(name)
+        seen = {
+            "live": ET.fromstring(dom.XMLDesc(0)).findtext(f"metadata/{ns}vm/{ns}owner"),
+            "defined": ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).findtext(
+                f"metadata/{ns}vm/{ns}owner"
+            ),
+            "metadata": ET.fromstring(
+                dom.metadata(
+                    libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                    METADATA_NS,
+                    libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+                )
+            ).findtext("owner"),
+        }
+    finally:
+        conn.close()
+    return {k: (v or "").strip() for k, v in seen.items()}
+
+
+def test_set_owner_re_owns_a_vm_as_a_fresh_connection_sees_it(
+    backend: LibvirtBackend, test_pool: str
+) -> None:
+    # Composed with the owner format of earlier releases, as a VM from before an upgrade is.
+    vm = spec("vmhost-test-owner", test_pool, owner="relation:3:pg", request_id="db-0")
+    placement = placed(backend, vm)
+    before = backend.compose(vm, placement, (), test_pool)
+    released = "released:pg:vm-host:5f0c1d2e-3a4b-4c5d-8e6f-7a8b9c0d1e2f"
+
+    backend.set_owner(vm.name, released)  # running: live and stored definition
+
+    assert _owner_seen_afresh(vm.name) == dict.fromkeys(("live", "defined", "metadata"), released)
+    assert backend.conn.lookupByName(vm.name).isActive()
+    with LibvirtBackend(virt_type=backend.virt_type) as fresh:
+        (record,) = [r for r in fresh.list_vms() if r.name == vm.name]
+    assert record.managed, record.problem
+    assert record.owner == released
+    # Nothing but the owner changed in vm-host's metadata.
+    assert (record.request_id, record.spec_hash, record.volumes, record.placement) == (
+        before.request_id,
+        before.spec_hash,
+        before.volumes,
+        placement,
+    )
+
+    backend.stop(vm.name, timeout_s=1.0)  # stopped: the stored definition only
+    backend.set_owner(vm.name, "action")
+    seen = _owner_seen_afresh(vm.name)
+    assert (seen["defined"], seen["metadata"]) == ("action", "action")
+
+    # Re-owned twice, delete still finds every volume it composed.
+    backend.delete(vm.name)
+    assert not {v.partition("/")[2] for v in before.volumes} & volumes(backend, test_pool)
+
+
+def test_set_owner_leaves_a_foreign_domain_alone(backend: LibvirtBackend) -> None:
+    backend.conn.defineXML(
+        """<domain type='qemu'><name>vmhost-test-foreign-owner</name>
+      <memory unit='MiB'>64</memory><vcpu placement='static'>1</vcpu>
+      <os><type arch='x86_64'>hvm</type></os></domain>"""
+    )
+    with pytest.raises(VmHostError, match="not created by vm-host"):
+        backend.set_owner("vmhost-test-foreign-owner", "action")
+    xml = backend.conn.lookupByName("vmhost-test-foreign-owner").XMLDesc(0)
+    assert "<metadata" not in xml

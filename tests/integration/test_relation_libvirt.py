@@ -2,7 +2,9 @@
 
 The request asks for one NIC by subnet and one by static address; the VM's NICs must sit on
 the bridges that carry those subnets and its NoCloud seed must carry the address. Breaking
-the relation removes the VM and its volumes.
+the relation removes the VM and its volumes. Removing the unit (relation-departed with itself
+departing, then relation-broken) leaves the VM and its disks, under both release policies;
+release-policy keep re-owns the domain in libvirt so delete-vm can delete it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import replace
 
+import libvirt
 import pytest
 import yaml
 from ops import testing
@@ -96,3 +100,88 @@ def test_relation_request_gets_nics_on_the_right_bridges_and_a_static_address(
     ctx.run(ctx.on.relation_broken(relation), state)
     assert name not in {d.name() for d in backend.conn.listAllDomains(0)}
     assert not [v.name() for v in pool.listAllVolumes(0) if v.name().startswith(name)]
+
+
+def _names(backend) -> set[str]:
+    return {d.name() for d in backend.conn.listAllDomains(0)}
+
+
+def _volumes(backend, pool: str, name: str) -> list[str]:
+    volumes = backend.conn.storagePoolLookupByName(pool).listAllVolumes(0)
+    return sorted(v.name() for v in volumes if v.name().startswith(name))
+
+
+MODEL = testing.Model(uuid="5f0c1d2e-3a4b-4c5d-8e6f-7a8b9c0d1e2f")
+
+
+@pytest.mark.usefixtures("clean_host")
+@pytest.mark.parametrize("policy", ["delete", "keep"])
+def test_remove_unit_leaves_the_vm_and_its_disks_on_the_real_host(
+    ctx, backend, test_pool, test_bridge, policy
+):
+    request = {"id": "db-0", "cores": 1, "memory": 128, "storage": "root:1"}
+    relation = vm_lib.requirer_relation([request], remote_app_name=APP, relation_id=43)
+    peer = testing.PeerRelation("hosts", id=3, peers_data={0: {}})
+    config = {
+        "default-storage-pool": test_pool,
+        "default-network": test_bridge,
+        "release-policy": policy,
+    }
+    unit = testing.Context(charm.VmHostCharm, unit_id=1)
+    state = testing.State(config=config, leader=True, relations={relation}, model=MODEL)
+    out = unit.run(unit.on.relation_changed(relation), state)
+    print("ANSWER", vm_lib.answers_from(out.get_relation(43)))
+    name = f"{APP}-43-db-0"
+    assert name in _names(backend)
+    volumes = _volumes(backend, test_pool, name)
+    assert volumes
+
+    # juju remove-unit vm-host/1: departed with itself departing, then every relation broken.
+    leaving = testing.State(config=config, leader=True, relations={relation, peer}, model=MODEL)
+    unit.run(unit.on.relation_departed(peer, remote_unit=0, departing_unit=1), leaving)
+    unit.run(unit.on.relation_broken(relation), leaving)
+    unit.run(unit.on.relation_broken(peer), leaving)
+    unit.run(unit.on.update_status(), testing.State(config=config, leader=True, model=MODEL))
+    assert name in _names(backend)
+    assert _volumes(backend, test_pool, name) == volumes
+    owner = ET.fromstring(backend.conn.lookupByName(name).XMLDesc(0)).findtext(
+        "metadata/{https://charmhub.io/vm-host/metadata/1}vm/{https://charmhub.io/vm-host/metadata/1}owner"
+    )
+    assert owner == f"relation:43:{APP}:vm-host:{MODEL.uuid}"
+
+
+@pytest.mark.usefixtures("clean_host")
+def test_keep_re_owns_the_domain_in_libvirt_and_delete_vm_then_deletes_it(
+    ctx, backend, test_pool, test_bridge
+):
+    request = {"id": "db-0", "cores": 1, "memory": 128, "storage": "root:1"}
+    relation = vm_lib.requirer_relation([request], remote_app_name=APP, relation_id=44)
+    config = {
+        "default-storage-pool": test_pool,
+        "default-network": test_bridge,
+        "release-policy": "keep",
+    }
+    state = testing.State(config=config, leader=True, relations={relation}, model=MODEL)
+    ctx.run(ctx.on.relation_changed(relation), state)
+    name = f"{APP}-44-db-0"
+    dom = backend.conn.lookupByName(name)
+    assert dom.isActive()
+    ctx.run(ctx.on.relation_broken(relation), state)
+
+    # Re-owned live and in the stored definition; still running, disks untouched.
+    ns = "{https://charmhub.io/vm-host/metadata/1}"
+    released = f"released:{APP}:vm-host:{MODEL.uuid}"
+    for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+        root = ET.fromstring(backend.conn.lookupByName(name).XMLDesc(flags))
+        assert root.findtext(f"metadata/{ns}vm/{ns}owner") == released
+        assert root.find(f"metadata/{ns}vm/{ns}placement") is not None
+    assert backend.conn.lookupByName(name).isActive()
+    (record,) = [vm for vm in backend.list_vms() if vm.name == name]
+    assert (record.owner, record.request_id, record.managed) == (released, "db-0", True)
+
+    # The operator deletes it with delete-vm, disks included.
+    volumes = _volumes(backend, test_pool, name)
+    assert volumes
+    ctx.run(ctx.on.action("delete-vm", params={"name": name}), replace(state, relations=set()))
+    assert name not in _names(backend)
+    assert _volumes(backend, test_pool, name) == []

@@ -1,7 +1,9 @@
 """Shared unit test fixtures: fixture paths, and the in-memory host for charm tests."""
 
+import dataclasses
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,12 +15,21 @@ import charm
 from fake_backend import FakeBackend
 from vmhost import access, exporter, host, refusals
 from vmhost.model import PAGE_2M_KIB, HostNic, HostTopology, NicKind, VmHostError
+from vmhost.relation import journal
 from vmhost.topology import parse_capabilities
 
 # Property tests check behaviour, not speed (bench/ measures speed): on a loaded 2-CPU machine
 # Hypothesis's timing checks would fail tests whose properties hold.
 settings.register_profile("vm-host", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("vm-host")
+
+
+@pytest.fixture(autouse=True)
+def journal_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The relation journal lives on the host; tests keep theirs in a temporary directory."""
+    path = tmp_path / "relations"
+    monkeypatch.setattr(journal, "JOURNAL_DIR", path)
+    return path
 
 
 @pytest.fixture(autouse=True)
@@ -266,6 +277,19 @@ def _charm_yaml(name: str) -> dict[str, object]:
     return yaml.safe_load((Path(charm.CHARM_DIR) / name).read_text())
 
 
+MODEL_UUID = "5f0c1d2e-3a4b-4c5d-8e6f-7a8b9c0d1e2f"
+"""One model for every hook of a test: ops.testing gives each State a new random model uuid,
+and VM owners carry it (a VM of another model is never touched)."""
+
+
+class OneModelContext(testing.Context[charm.VmHostCharm]):
+    """A Context whose hooks all run in the model MODEL_UUID, as Juju's would."""
+
+    def run(self, event: Any, state: testing.State) -> testing.State:  # type: ignore[override]
+        model = dataclasses.replace(state.model, uuid=MODEL_UUID)
+        return super().run(event, dataclasses.replace(state, model=model))
+
+
 @pytest.fixture
 def ctx() -> testing.Context[charm.VmHostCharm]:
     """The charm, whose default-network defaults to the test host's bridge br0.
@@ -274,11 +298,17 @@ def ctx() -> testing.Context[charm.VmHostCharm]:
     about networks compose on br0 as if the operator had set it. Tests of the refusal set
     default-network to "" in their state.
     """
+    return make_ctx()
+
+
+def make_ctx(**kwargs: Any) -> OneModelContext:
+    """A charm Context as the `ctx` fixture gives it (kwargs: unit_id and the like)."""
     config = _charm_yaml("config.yaml")
     config["options"]["default-network"]["default"] = TEST_BRIDGE  # type: ignore[index]
-    return testing.Context(
+    return OneModelContext(
         charm.VmHostCharm,
         meta=_charm_yaml("metadata.yaml"),
         actions=_charm_yaml("actions.yaml"),
         config=config,
+        **kwargs,
     )

@@ -115,6 +115,13 @@ class FakeBackend:
             raise VmHostError(f"no domain {name}")
         return list(self.vms.pop(name).volumes)
 
+    def set_owner(self, name: str, owner: str) -> None:
+        self._check()
+        self.calls.append(f"set_owner:{name}:{owner}")
+        if name not in self.vms or not self.vms[name].managed:
+            raise VmHostError(f"no vm-host domain {name}")
+        self.vms[name] = replace(self.vms[name], owner=owner)
+
     def _get(self, name: str) -> VmRecord:
         self._check()
         if name not in self.vms:

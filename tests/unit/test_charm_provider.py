@@ -8,14 +8,21 @@ from dataclasses import replace
 import pytest
 from ops import testing
 
+import charm
 import charms.vm_host.v0.vm_host as vm_lib
-from conftest import FakeHost
+from conftest import MODEL_UUID, FakeHost, make_ctx
+from fake_backend import FakeBackend
+from vmhost.model import Placement, VmRecord, VmState
 from vmhost.relation import fleet, keys, serve
 
 pytestmark = pytest.mark.usefixtures("fake_access")
 
 DB = {"id": "db-0", "cores": 2, "memory": 1024, "pinned-cores": 2}
 WEB = {"id": "web-0", "cores": 1, "memory": 512}
+
+
+def out_scope(out: testing.State) -> keys.Scope:
+    return keys.Scope("vm-host", out.model.uuid)
 
 
 def answers(out: testing.State, relation: testing.Relation) -> dict[str, vm_lib.VmAnswer]:
@@ -28,7 +35,10 @@ def test_requests_are_composed_and_answered(ctx, backend, fake_host: FakeHost):
         ctx.on.relation_changed(relation), testing.State(leader=True, relations={relation})
     )
     db = backend.vms[f"pg-{relation.id}-db-0"]
-    assert db.owner == f"relation:{relation.id}:pg"
+    # Owners carry the vm-host application and model (issue 11 item 8; was
+    # f"relation:{relation.id}:pg" before).
+    assert db.owner.startswith(f"relation:{relation.id}:pg:vm-host:")
+    assert keys.read_owner(db.owner) == keys.Owner("pg", relation.id, out_scope(out))
     assert len(db.placement.pinned_cpus) == 2
     got = answers(out, relation)
     assert got["db-0"].state == "running"
@@ -207,3 +217,302 @@ def test_a_request_naming_a_host_path_is_refused_and_reads_nothing(ctx, backend,
     assert "local:NAME" in got.error
     assert not any(call.startswith("compose") for call in backend.calls)
     assert backend.vms == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Removal: remove-unit of one of two units, ownership scopes, release-policy keep
+
+
+KEY_DB = keys.RequestKey(7, "pg", "db-0")
+KEY_WEB = keys.RequestKey(7, "pg", "web-0")
+
+
+class TwoUnits:
+    """vm-host/0 (leader) and vm-host/1, each with its own host, sharing the peer data."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, topology, policy: str):
+        self.monkeypatch = monkeypatch
+        self.backends = {0: FakeBackend(host=topology), 1: FakeBackend(host=topology)}
+        self.ctx = {i: make_ctx(unit_id=i) for i in (0, 1)}
+        self.config = {"release-policy": policy}
+        self.relation = vm_lib.requirer_relation([DB, WEB], remote_app_name="pg", relation_id=7)
+        self.reports: dict[int, str] = {}
+        self.app_data: dict[str, str] = {}
+
+    def peer(self, unit: int, members: tuple[int, ...]) -> testing.PeerRelation:
+        others = [i for i in members if i != unit]
+        return testing.PeerRelation(
+            "hosts",
+            id=3,
+            peers_data={
+                i: ({"report": self.reports[i]} if i in self.reports else {}) for i in others
+            },
+            local_app_data=dict(self.app_data),
+            local_unit_data={"report": self.reports[unit]} if unit in self.reports else {},
+        )
+
+    def run(self, unit: int, event_of, *, members=(0, 1), relations=None, **kwargs):
+        self.monkeypatch.setattr(charm, "make_backend", lambda config: self.backends[unit])
+        peer = self.peer(unit, members)
+        relation = self.relation
+        state = testing.State(
+            leader=unit == 0,
+            relations=relations if relations is not None else {relation, peer},
+            config=self.config,
+            **kwargs,
+        )
+        out = self.ctx[unit].run(event_of(self.ctx[unit], relation, peer), state)
+        if any(r.endpoint == "hosts" for r in state.relations):
+            after = out.get_relation(peer.id)
+            self.reports[unit] = after.local_unit_data.get("report", "")
+            if unit == 0:
+                self.app_data = dict(after.local_app_data)
+        return out
+
+    def hosted(self) -> dict[str, list[str]]:
+        return {f"vm-host/{i}": sorted(b.vms) for i, b in self.backends.items()}
+
+    def settle(self) -> None:
+        """Hooks on both units until the assignment is served (leader, follower, leader)."""
+        for unit in (0, 1, 0, 1):
+            self.run(unit, lambda c, r, p: c.on.relation_changed(r, remote_unit=0))
+
+
+@pytest.mark.parametrize("policy", ["delete", "keep"])
+def test_remove_unit_of_one_of_two_deletes_nothing_and_composes_no_duplicate(
+    fake_host, topology, monkeypatch, policy
+):
+    fleet_ = TwoUnits(monkeypatch, topology, policy)
+    # db-0 pinned to vm-host/1, web-0 to vm-host/0.
+    fleet_.relation = vm_lib.requirer_relation(
+        [{**DB, "host": "vm-host/1"}, {**WEB, "host": "vm-host/0"}],
+        remote_app_name="pg",
+        relation_id=7,
+    )
+    fleet_.run(1, lambda c, r, p: c.on.relation_changed(r, remote_unit=0))  # first report
+    fleet_.settle()
+    assert fleet_.hosted() == {"vm-host/0": ["pg-7-web-0"], "vm-host/1": ["pg-7-db-0"]}
+
+    # juju remove-unit vm-host/1: on vm-host/1, departed (itself departing), then broken.
+    leaving = fleet_.run(
+        1, lambda c, r, p: c.on.relation_departed(p, remote_unit=0, departing_unit=1)
+    )
+    assert "report" in leaving.get_relation(3).local_unit_data
+    fleet_.run(1, lambda c, r, p: c.on.relation_broken(r))
+    fleet_.run(1, lambda c, r, p: c.on.relation_broken(p))
+    fleet_.run(1, lambda c, r, p: c.on.update_status(), relations={fleet_.relation})
+    # Nothing deleted, nothing re-owned, nothing composed on the departing unit.
+    assert fleet_.hosted()["vm-host/1"] == ["pg-7-db-0"]
+    db = fleet_.backends[1].vms["pg-7-db-0"]
+    assert keys.read_owner(db.owner) == keys.Owner("pg", 7, keys.Scope("vm-host", MODEL_UUID))
+    assert not [c for c in fleet_.backends[1].calls if c.startswith(("delete", "set_owner"))]
+
+    # The leader sees vm-host/1 go: db-0 is answered failed, never composed again by itself.
+    out = fleet_.run(
+        0,
+        lambda c, r, p: c.on.relation_departed(p, remote_unit=1, departing_unit=1),
+        members=(0,),
+    )
+    assert fleet_.hosted()["vm-host/0"] == ["pg-7-web-0"]
+    got = answers(out, fleet_.relation)
+    assert got["db-0"].state == "failed"
+    assert got["db-0"].error is not None
+    assert got["db-0"].error.startswith("host vm-host/1 left")
+    assert "reassign-vm" in got["db-0"].error
+    assert got["web-0"].state == "running"
+    # Later hooks keep it so.
+    again = fleet_.run(0, lambda c, r, p: c.on.update_status(), members=(0,))
+    assert fleet_.hosted()["vm-host/0"] == ["pg-7-web-0"]
+    assert answers(again, fleet_.relation)["db-0"].error.startswith("host vm-host/1 left")  # type: ignore[union-attr]
+
+    # The request's host changes to the remaining unit: it is placed anew there.
+    fleet_.relation = vm_lib.requirer_relation(
+        [{**DB, "host": "vm-host/0"}, {**WEB, "host": "vm-host/0"}],
+        remote_app_name="pg",
+        relation_id=7,
+    )
+    moved = fleet_.run(0, lambda c, r, p: c.on.relation_changed(r, remote_unit=0), members=(0,))
+    assert fleet_.hosted()["vm-host/0"] == ["pg-7-db-0", "pg-7-web-0"]
+    assert answers(moved, fleet_.relation)["db-0"].state == "running"
+
+
+def test_reassign_vm_places_a_request_whose_host_left(fake_host, topology, monkeypatch):
+    fleet_ = TwoUnits(monkeypatch, topology, "delete")
+    fleet_.relation = vm_lib.requirer_relation(
+        [{**DB, "host": None}, WEB], remote_app_name="pg", relation_id=7
+    )
+    fleet_.relation = vm_lib.requirer_relation([DB, WEB], remote_app_name="pg", relation_id=7)
+    fleet_.run(1, lambda c, r, p: c.on.relation_changed(r, remote_unit=0))
+    # vm-host/1 composed db-0 under an assignment the leader wrote earlier.
+    fleet_.app_data["assignment"] = fleet.assignment_to_json(
+        fleet.Assignment(units={KEY_DB: "vm-host/1", KEY_WEB: "vm-host/0"})
+    )
+    fleet_.run(1, lambda c, r, p: c.on.relation_changed(r, remote_unit=0))
+    fleet_.settle()
+    assert fleet_.hosted() == {"vm-host/0": ["pg-7-web-0"], "vm-host/1": ["pg-7-db-0"]}
+    fleet_.run(
+        0, lambda c, r, p: c.on.relation_departed(p, remote_unit=1, departing_unit=1), members=(0,)
+    )
+    assert fleet_.hosted()["vm-host/0"] == ["pg-7-web-0"]
+
+    ctx = fleet_.ctx[0]
+    monkeypatch.setattr(charm, "make_backend", lambda config: fleet_.backends[0])
+    state = testing.State(leader=True, relations={fleet_.relation, fleet_.peer(0, (0,))})
+    with pytest.raises(testing.ActionFailed, match="no request of pg with id 'nope'"):
+        ctx.run(ctx.on.action("reassign-vm", params={"app": "pg", "id": "nope"}), state)
+    out = ctx.run(ctx.on.action("reassign-vm", params={"app": "pg", "id": "db-0"}), state)
+    assert ctx.action_results == {"app": "pg", "id": "db-0", "unit": "vm-host/0"}
+    assert fleet_.hosted()["vm-host/0"] == ["pg-7-db-0", "pg-7-web-0"]
+    assert answers(out, fleet_.relation)["db-0"].state == "running"
+    follower = make_ctx(unit_id=1)
+    with pytest.raises(testing.ActionFailed, match="leader"):
+        follower.run(
+            follower.on.action("reassign-vm", params={"app": "pg", "id": "db-0"}),
+            testing.State(leader=False, relations={fleet_.relation}),
+        )
+
+
+def test_keep_re_owns_released_vms_and_delete_vm_may_delete_them(ctx, backend, fake_host):
+    relation = vm_lib.requirer_relation([DB], remote_app_name="pg", relation_id=7)
+    state = testing.State(leader=True, relations={relation}, config={"release-policy": "keep"})
+    ctx.run(ctx.on.relation_changed(relation), state)
+    ctx.run(ctx.on.relation_broken(relation), state)
+    vm = backend.vms["pg-7-db-0"]
+    assert vm.owner == f"released:pg:vm-host:{MODEL_UUID}"
+    listed = ctx.run(ctx.on.action("list-vms"), testing.State())
+    assert listed is not None
+    assert f"released:pg:vm-host:{MODEL_UUID}" in (ctx.action_results or {})["json"]
+    # Another vm-host application's released VM stays out of reach.
+    other = replace(vm, name="other-0", owner=f"released:pg:vm-host-b:{MODEL_UUID}")
+    backend.vms["other-0"] = other
+    with pytest.raises(testing.ActionFailed, match="belongs to"):
+        ctx.run(ctx.on.action("delete-vm", params={"name": "other-0"}), testing.State())
+    ctx.run(ctx.on.action("delete-vm", params={"name": "pg-7-db-0"}), testing.State())
+    assert sorted(backend.vms) == ["other-0"]
+
+
+def test_vms_of_another_vm_host_application_or_model_are_never_touched(ctx, backend, fake_host):
+    relation = vm_lib.requirer_relation([DB], remote_app_name="pg", relation_id=7)
+    template = VmRecord(
+        name="x",
+        uuid="u",
+        state=VmState.RUNNING,
+        placement=Placement(vcpus=1, memory_mib=512),
+        request_id="db-0",
+        spec_hash="0",
+    )
+    other_app = replace(template, name="pg-7-db-0", owner=f"relation:7:pg:vm-host-b:{MODEL_UUID}")
+    other_model = replace(
+        template,
+        name="pg-9-db-0",
+        owner="relation:9:pg:vm-host:0b8c3c1e-4e09-4b6f-9d0e-7f1f5d1c2a3b",
+    )
+    backend.vms = {vm.name: vm for vm in (other_app, other_model)}
+    for policy in ("delete", "keep"):
+        state = testing.State(leader=True, relations={relation}, config={"release-policy": policy})
+        out = ctx.run(ctx.on.relation_changed(relation), state)
+        # Our db-0 cannot have the name another application's VM holds: refused, not matched.
+        got = answers(out, relation)["db-0"]
+        assert got.state == "failed"
+        assert "already taken" in (got.error or "")
+        ctx.run(ctx.on.relation_broken(relation), state)
+    assert backend.vms == {vm.name: vm for vm in (other_app, other_model)}
+    assert not [c for c in backend.calls if c.startswith(("delete", "set_owner"))]
+
+
+@pytest.mark.parametrize("policy", ["delete", "keep"])
+def test_a_vm_that_merely_looks_orphaned_is_reported_not_released(
+    ctx, backend, fake_host, policy, caplog
+):
+    # A VM of this application for relation 9, which this hook does not list and this unit
+    # never saw broken (a run that does not list every relation).
+    relation = vm_lib.requirer_relation([WEB], remote_app_name="pg", relation_id=7)
+    ctx.run(ctx.on.relation_changed(relation), testing.State(leader=True, relations={relation}))
+    nine = vm_lib.requirer_relation([DB], remote_app_name="pg", relation_id=9)
+    ctx.run(ctx.on.relation_changed(nine), testing.State(leader=True, relations={nine}))
+    assert sorted(backend.vms) == ["pg-7-web-0", "pg-9-db-0"]
+    state = testing.State(leader=True, relations={relation}, config={"release-policy": policy})
+    ctx.run(ctx.on.relation_changed(relation), state)
+    assert sorted(backend.vms) == ["pg-7-web-0", "pg-9-db-0"]
+    assert backend.vms["pg-9-db-0"].owner.startswith("relation:9:pg:vm-host:")
+    assert "pg-9-db-0" in caplog.text
+    assert "did not see removed" in caplog.text
+    # Once this unit sees relation 9 broken, it is released by the policy.
+    ctx.run(ctx.on.relation_broken(nine), replace(state, relations={relation, nine}))
+    if policy == "delete":
+        assert sorted(backend.vms) == ["pg-7-web-0"]
+    else:
+        assert backend.vms["pg-9-db-0"].owner.startswith("released:pg:vm-host:")
+
+
+def test_legacy_owners_written_before_scopes_are_still_served(ctx, backend, fake_host):
+    """Upgrade path: VMs owned ``relation:<id>:<app>`` (no scope) by an older revision."""
+    relation = vm_lib.requirer_relation([DB, WEB], remote_app_name="pg", relation_id=7)
+    state = testing.State(leader=True, relations={relation})
+    ctx.run(ctx.on.relation_changed(relation), state)
+    # Rewrite both VMs as an older revision would have owned them; add another model's
+    # legacy VM that happens to have relation id 7 too (but app mysql).
+    for name in ("pg-7-db-0", "pg-7-web-0"):
+        backend.vms[name] = replace(backend.vms[name], owner="relation:7:pg")
+    stranger = replace(backend.vms["pg-7-web-0"], name="mysql-7-web-0", owner="relation:7:mysql")
+    backend.vms[stranger.name] = stranger
+    backend.calls.clear()
+    out = ctx.run(ctx.on.relation_changed(relation), state)
+    got = answers(out, relation)
+    assert (got["db-0"].state, got["db-0"].error) == ("running", None)
+    assert not [c for c in backend.calls if c.startswith(("compose", "delete"))]
+    # A withdrawn request's legacy VM goes; the other model's legacy VM stays.
+    web_only = replace(relation, remote_app_data={"version": '"0"', "requests": json.dumps([WEB])})
+    ctx.run(ctx.on.relation_changed(web_only), replace(state, relations={web_only}))
+    assert sorted(backend.vms) == ["mysql-7-web-0", "pg-7-web-0"]
+    # Its relation seen broken: the legacy VM is released like a scoped one.
+    ctx.run(ctx.on.relation_broken(web_only), replace(state, relations={web_only}))
+    assert sorted(backend.vms) == ["mysql-7-web-0"]
+
+
+@pytest.mark.parametrize("policy", ["delete", "keep"])
+def test_legacy_owned_vms_are_never_released_by_mistake_after_upgrade(
+    backend, fake_host, policy, caplog
+):
+    """VMs an older revision composed (owner ``relation:<id>:<app>``) survive every hook.
+
+    Upgraded, the charm must still see them as this application's where their relation is
+    live, report them where it is not, leave them alone while the unit is leaving, and only
+    release them (by the policy) once this unit saw their relation broken.
+    """
+    ctx = make_ctx(unit_id=1)  # ops.testing takes departing_unit=0 for "none given"
+    relation = vm_lib.requirer_relation([DB], remote_app_name="pg", relation_id=7)
+    nine = vm_lib.requirer_relation([WEB], remote_app_name="pg", relation_id=9)
+    config = {"release-policy": policy}
+    ctx.run(ctx.on.relation_changed(relation), testing.State(leader=True, relations={relation}))
+    ctx.run(ctx.on.relation_changed(nine), testing.State(leader=True, relations={nine}))
+    for name, number in (("pg-7-db-0", 7), ("pg-9-web-0", 9)):
+        backend.vms[name] = replace(backend.vms[name], owner=f"relation:{number}:pg")
+    legacy = dict(backend.vms)
+    backend.calls.clear()
+
+    def untouched() -> None:
+        assert backend.vms == legacy
+        assert not [c for c in backend.calls if c.startswith(("compose", "delete", "set_owner"))]
+
+    # The upgrade itself, then hooks that list relation 7 only, or no relation at all.
+    state = testing.State(leader=True, relations={relation}, config=config)
+    ctx.run(ctx.on.upgrade_charm(), state)
+    untouched()
+    out = ctx.run(ctx.on.relation_changed(relation), state)
+    untouched()
+    assert (answers(out, relation)["db-0"].state, answers(out, relation)["db-0"].error) == (
+        "running",
+        None,
+    )
+    ctx.run(ctx.on.update_status(), testing.State(leader=True, config=config))
+    untouched()
+    assert "pg-9-web-0" in caplog.text  # reported as looking orphaned, not released
+
+    # juju remove-unit of this unit: departed with itself departing, then every relation broken.
+    peer = testing.PeerRelation("hosts", id=3, peers_data={0: {}})
+    leaving = testing.State(leader=True, relations={relation, nine, peer}, config=config)
+    ctx.run(ctx.on.relation_departed(peer, remote_unit=0, departing_unit=1), leaving)
+    ctx.run(ctx.on.relation_broken(relation), leaving)
+    ctx.run(ctx.on.relation_broken(nine), leaving)
+    untouched()

@@ -39,16 +39,21 @@ from vmhost.relation.fleet import (
     assignment_from_json,
     assignment_to_json,
     collect_reports,
+    composed_from_json,
     host_report,
     lead,
     parse_host_report,
 )
 from vmhost.relation.keys import (
     VM_NAME_MAX,
+    Owner,
     RequestKey,
+    Scope,
     composed_keys,
     parse_owner,
+    read_owner,
     relation_owner,
+    released_owner,
     request_key_of,
     vm_name,
 )
@@ -1147,3 +1152,190 @@ def test_a_failed_vm_is_answered_with_the_hypervisor_reason():
     assert answer["state"] == "failed"
     assert answer["error"] == "paused on a disk I/O error"
     assert answer_for(A_X, vm, "changed", spec=spec)["error"] == "changed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scopes, legacy owners and relations seen broken (issue 11 items 7 and 8)
+
+SCOPE = Scope("vm-host", "5f0c1d2e-3a4b-4c5d-8e6f-7a8b9c0d1e2f")
+OTHER_APP = Scope("vm-host-b", SCOPE.model_uuid)
+OTHER_MODEL = Scope("vm-host", "0b8c3c1e-4e09-4b6f-9d0e-7f1f5d1c2a3b")
+
+
+def scoped(key: RequestKey, scope: Scope = SCOPE) -> VmRecord:
+    return replace(record_of(spec_for(key)), owner=key.owner_in(scope))
+
+
+def test_scoped_owners_round_trip_and_legacy_ones_still_parse():
+    owner = relation_owner(7, "pg", SCOPE)
+    assert owner == f"relation:7:pg:vm-host:{SCOPE.model_uuid}"
+    assert read_owner(owner) == Owner("pg", 7, SCOPE)
+    assert parse_owner(owner) == (7, "pg")
+    assert read_owner("relation:7:pg") == Owner("pg", 7, None)
+    released = released_owner("pg", SCOPE)
+    assert released == f"released:pg:vm-host:{SCOPE.model_uuid}"
+    assert read_owner(released) == Owner("pg", None, SCOPE)
+    assert read_owner(released).released  # type: ignore[union-attr]
+    assert parse_owner(released) is None
+    for bad in (
+        "relation:7:pg:vm-host",
+        "relation:7:pg:vm-host:not-a-uuid",
+        f"relation:7:pg:Vm:{SCOPE.model_uuid}",
+        f"relation:7:pg:vm-host:{SCOPE.model_uuid}:x",
+        "released:pg",
+        f"released:PG:vm-host:{SCOPE.model_uuid}",
+    ):
+        assert read_owner(bad) is None, bad
+    with pytest.raises(ValueError, match="model uuid"):
+        Scope("vm-host", "../../etc")
+
+
+def test_a_vm_composed_before_scoped_owners_still_counts_as_its_request():
+    """A legacy owner (relation:<id>:<app>) is still this scope's request in the host report.
+
+    Otherwise the leader would see the request uncomposed after an upgrade and place a
+    second VM for it.
+    """
+    legacy = replace(record_of(spec_for(A_X)), owner="relation:1:app-a")
+    assert request_key_of(legacy, SCOPE) == A_X
+    assert composed_keys([legacy], SCOPE) == {A_X}
+    host_of_b = replace(legacy, owner=relation_owner(1, "app-a", OTHER_APP))
+    assert composed_keys([legacy, host_of_b], OTHER_MODEL) == {A_X}
+    assert request_key_of(host_of_b, SCOPE) is None
+
+
+@pytest.mark.parametrize("policy", ["delete", "keep"])
+def test_vms_of_another_application_or_model_are_in_no_result(policy: str):
+    existing = [scoped(A_X, OTHER_APP), scoped(A_Y, OTHER_MODEL), scoped(B_Y, OTHER_APP)]
+    for live, broken in (({1, 2}, set()), (set(), {1, 2})):
+        changes = plan_changes(
+            {},
+            existing,
+            release_policy=policy,
+            live_relation_ids=live,
+            broken_relation_ids=broken,
+            scope=SCOPE,
+        )
+        assert touched(changes) == set()
+        assert changes.orphaned == ()
+    assert request_key_of(scoped(A_X, OTHER_APP), SCOPE) is None
+    assert composed_keys([scoped(A_X, OTHER_APP), scoped(A_Y)], SCOPE) == {A_Y}
+
+
+@pytest.mark.parametrize("policy", ["delete", "keep"])
+def test_only_relations_seen_broken_are_released_the_rest_is_orphaned(policy: str):
+    existing = [scoped(A_X), scoped(B_Y), replace(scoped(B_Z), owner="relation:2:app-b")]
+    changes = plan_changes(
+        {},
+        existing,
+        release_policy=policy,
+        live_relation_ids=set(),
+        broken_relation_ids={1},
+        scope=SCOPE,
+    )
+    gone = names(changes.to_delete) if policy == "delete" else names(changes.released)
+    assert gone == [scoped(A_X).name]
+    assert names(changes.orphaned) == sorted([scoped(B_Y).name, scoped(B_Z).name])
+    assert (changes.released if policy == "delete" else changes.to_delete) == ()
+
+
+def test_legacy_owner_of_a_live_relation_id_with_another_app_is_orphaned():
+    mine = replace(record_of(spec_for(A_X)), owner="relation:1:app-a")
+    theirs = replace(record_of(spec_for(RequestKey(1, "mysql", "x"))), owner="relation:1:mysql")
+    spec = replace(spec_for(A_X), owner=A_X.owner_in(SCOPE))
+    changes = plan_changes(
+        {A_X: spec},
+        [mine, theirs],
+        release_policy="delete",
+        live_relation_ids={1},
+        broken_relation_ids=set(),
+        scope=SCOPE,
+        live_apps={1: "app-a"},
+    )
+    assert changes.unchanged == ((A_X, mine),)
+    assert changes.orphaned == (theirs,)
+    assert changes.to_delete == ()
+
+
+def test_serve_re_owns_kept_vms_and_answers_nothing_for_them():
+    vm = scoped(A_X)
+    backend = FakeBackend(host=host(cpus=8), vms={vm.name: vm})
+    state = HostState(backend.topology(), backend.list_vms(), POLICY, {}, "vm-host")
+    result = serve(
+        backend,
+        state,
+        [],
+        set(),
+        release_policy="keep",
+        live_relation_ids=set(),
+        power=Power(),
+        broken_relation_ids={1},
+        scope=SCOPE,
+    )
+    assert result.released == [vm.name]
+    assert backend.vms[vm.name].owner == released_owner("app-a", SCOPE)
+    assert result.answers == {}
+    # The next round leaves a released VM alone whatever happens.
+    again = plan_changes(
+        {A_X: replace(spec_for(A_X), owner=A_X.owner_in(SCOPE))},
+        backend.list_vms(),
+        release_policy="delete",
+        live_relation_ids={1},
+        broken_relation_ids={1},
+        scope=SCOPE,
+    )
+    assert again.to_delete == ()
+    assert again.released == ()
+    assert [k for k, _ in again.to_compose] == [A_X]
+
+
+# ---------------------------------------------------------------------------------------------
+# Departed units (issue 11 item 5)
+
+
+def test_a_request_composed_on_a_unit_that_left_is_answered_not_placed_anew():
+    topology = host(cpus=8)
+    reports = {"vm-host/0": report(topology)}
+    previous = Assignment(units={K[0]: "vm-host/1", K[1]: "vm-host/1"}, composed=frozenset({K[0]}))
+    requests = [(K[0], pinned(K[0], 2), None), (K[1], pinned(K[1], 2), None)]
+    result = run_assign(requests, reports, previous.units, previous=previous)
+    # K1 was not composed there yet: placed anew. K0's VM went with vm-host/1.
+    assert result.units == {K[1]: "vm-host/0"}
+    assert result.unplaced[K[0]].startswith("host vm-host/1 left")
+    assert result.left == {K[0]: ("vm-host/1", "")}
+    # It stays so in later rounds, read back from the peer data ...
+    text = assignment_to_json(result)
+    back, why = assignment_from_json(text)
+    assert why is None
+    assert back.left == result.left
+    later = run_assign(requests, reports, back.units, previous=back)
+    assert later.left == result.left
+    assert set(later.units) == {K[1]}
+    # ... until an operator asks, or the request's host changes.
+    asked = run_assign(requests, reports, back.units, previous=back, reassign={K[0]})
+    assert asked.units == {K[0]: "vm-host/0", K[1]: "vm-host/0"}
+    assert asked.left == {}
+    pinned_now = [(K[0], pinned(K[0], 2), "vm-host/0"), requests[1]]
+    moved = run_assign(pinned_now, reports, back.units, previous=back)
+    assert moved.units[K[0]] == "vm-host/0"
+
+
+def test_lead_keeps_which_requests_are_composed_in_the_peer_data():
+    other = host_report(host(), [], hostname="b", composed={A_X})
+    peers = Peers(
+        reports={"vm-host/1": other},
+        assignment=assignment_to_json(Assignment(units={A_X: "vm-host/1"})),
+    )
+    decision = lead("vm-host/0", **lead_args(peers=peers))  # type: ignore[arg-type]
+    assert decision.composed_text is not None
+    assert composed_from_json(decision.composed_text) == ({A_X: "vm-host/1"}, None)
+    # vm-host/1 leaves: A_X is answered, never composed here.
+    gone = Peers(reports={}, assignment=decision.assignment_text, composed=decision.composed_text)
+    after = lead("vm-host/0", **lead_args(peers=gone))  # type: ignore[arg-type]
+    assert after.mine == frozenset()
+    assert after.answer_errors[A_X].startswith("host vm-host/1 left")
+    # A garbled `composed` is logged; nothing else is lost.
+    bad = Peers(reports={"vm-host/1": other}, assignment=decision.assignment_text, composed="{")
+    noisy = lead("vm-host/0", **lead_args(peers=bad))  # type: ignore[arg-type]
+    assert noisy.problems == ("peer data unreadable: composed is not JSON",)
+    assert assignment_from_json(noisy.assignment_text)[0].units == {A_X: "vm-host/1"}

@@ -289,27 +289,48 @@ ASSIGNMENT = {
     "version": "0",
     "assigned": [[9, "pg", "db-0", "vm-host/1"], [9, "pg", "web-0", "vm-host/0"]],
     "unplaced": [[9, "pg", "cache-0", "no host has room"]],
+    "left": [[9, "pg", "old-1", "vm-host/2", ""]],
 }
+COMPOSED = {"version": "0", "composed": [[9, "pg", "db-0", "vm-host/1"]]}
 
 
 @FUZZ
 @given(
     report=absent_or(raw_text(REPORT)),
     assignment=absent_or(raw_text(ASSIGNMENT)),
+    composed=absent_or(raw_text(COMPOSED)),
     leader=st.booleans(),
+    departed=st.booleans(),
 )
-def test_fuzz_peer_data(report: str | None, assignment: str | None, leader: bool):
+def test_fuzz_peer_data(
+    report: str | None,
+    assignment: str | None,
+    composed: str | None,
+    leader: bool,
+    departed: bool,
+):
     peer = testing.PeerRelation(
         "hosts",
         id=100,
         peers_data={1: databag(report=report)},
-        local_app_data=databag(assignment=assignment),
+        local_app_data=databag(assignment=assignment, composed=composed),
     )
-    vms = vm_lib.requirer_relation(VALID_REQUESTS[:2], remote_app_name="pg", relation_id=9)
-    with vm_host_ctx() as (ctx, _):
+    old = {"id": "old-0", "memory": 256}
+    vms = vm_lib.requirer_relation([*VALID_REQUESTS[:2], old], remote_app_name="pg", relation_id=9)
+    with vm_host_ctx() as (ctx, backend):
         state = testing.State(leader=leader, relations={peer, vms})
-        out = run_hook(ctx, ctx.on.relation_changed(peer, remote_unit=1), state)
+        event = (
+            ctx.on.relation_departed(peer, remote_unit=1, departing_unit=1)
+            if departed
+            else ctx.on.relation_changed(peer, remote_unit=1)
+        )
+        out = run_hook(ctx, event, state)
         assert_status(out)
+        # However garbled the rest is, no unit composes a request another readable report
+        # lists as composed (REPORT says vm-host/1 hosts old-0).
+        parsed, _ = fleet.parse_host_report(report)
+        if parsed is not None and RequestKey(9, "pg", "old-0") in parsed.composed:
+            assert "pg-9-old-0" not in backend.vms
 
 
 # ---------------------------------------------------------------------------------------------

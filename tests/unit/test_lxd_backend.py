@@ -520,12 +520,13 @@ class FakeLxd:
         self.volumes: dict[str, set[str]] = {"default": set(), "ssd": set()}
         self.fail_start: str | None = None
         self.calls: list[tuple[str, str]] = []
+        self.patches: list[tuple[str, Any]] = []
         self.hugepages_size = 2 << 20
 
     def projects(self) -> list[str]:
         return ["default", "vm-host"]
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None) -> Any:  # noqa: C901 - a router
         url = urlsplit(path)
         query = parse_qs(url.query)
         parts = url.path.strip("/").split("/")[1:]
@@ -539,6 +540,8 @@ class FakeLxd:
             doc = json.loads((FIXTURES / "x86-2node-smt-sriov.json").read_text())
             doc["memory"]["hugepages_size"] = self.hugepages_size
             return doc
+        if parts[0] == "instances" and method == "PATCH":
+            return self._patch(parts[1], body)
         if parts[0] == "instances":
             return self._instances(method, parts[1:], query, body)
         if parts[0] == "storage-pools":
@@ -559,6 +562,12 @@ class FakeLxd:
         if parts[0] == "images":
             return [{"fingerprint": "ab" * 32, "aliases": [{"name": "jammy-vm"}]}]
         raise AssertionError(f"unexpected call {method} {path}")
+
+    def _patch(self, name: str, body: Any) -> None:
+        """PATCH /1.0/instances/<name>: recorded; its config keys merged into the instance's."""
+        self.patches.append((name, body))
+        instance = self.instances[name]
+        instance["config"] = {**instance["config"], **body.get("config", {})}
 
     def _instances(
         self, method: str, parts: list[str], query: dict[str, list[str]], body: Any
@@ -735,3 +744,22 @@ def test_unreachable_daemon_is_backend_unavailable() -> None:
     backend = LxdBackend("vm-host", socket_path="/nonexistent/unix.socket")
     with pytest.raises(BackendUnavailableError, match="is LXD running"):
         backend.version()
+
+
+def test_set_owner_patches_only_the_owner_key_of_a_vm_host_instance() -> None:
+    fake = FakeLxd()
+    backend = fake_backend(fake)
+    backend.compose(spec(owner="relation:7:pg"), Placement(2, 2048), [], "default", start=False)
+    backend.set_owner("web-1", "released:pg:vm-host:5f0c1d2e-3a4b-4c5d-8e6f-7a8b9c0d1e2f")
+    assert fake.patches == [
+        (
+            "web-1",
+            {"config": {KEY_OWNER: "released:pg:vm-host:5f0c1d2e-3a4b-4c5d-8e6f-7a8b9c0d1e2f"}},
+        )
+    ]
+    (record,) = backend.list_vms()
+    assert record.owner.startswith("released:pg:")
+    fake.instances["other"] = {"name": "other", "status": "Stopped", "config": {}}
+    with pytest.raises(VmHostError, match="not created by vm-host"):
+        backend.set_owner("other", "action")
+    assert len(fake.patches) == 1

@@ -84,6 +84,14 @@ class Backend(Protocol):
         """What `recover` removed or kept in the last day, for the status line."""
         ...
 
+    def set_owner(self, name: str, owner: str) -> None:
+        """Rewrite the owner in a vm-host VM's own ledger entry (nothing else changes).
+
+        Raises:
+            VmHostError: the VM does not exist or was not created by vm-host.
+        """
+        ...
+
     def start(self, name: str) -> None:
         """Start a defined VM (a running one is left as it is)."""
         ...

@@ -795,6 +795,13 @@ def _as_memory(cell: ET.Element) -> ET.Element:
     return element
 
 
+def _without_namespace(root: ET.Element) -> ET.Element:
+    """Drop the namespace from `root` and its children's tags (vm-host's attributes have none)."""
+    for element in root.iter():
+        element.tag = element.tag.rpartition("}")[2]
+    return root
+
+
 def record_from_metadata(name: str, domain_uuid: str, metadata: str, state: VmState) -> VmRecord:
     """Build the VmRecord of a vm-host domain from its name, UUID and metadata element alone.
 
@@ -1809,6 +1816,46 @@ class LibvirtBackend:
             else:
                 own.append((ref, vol))
         return own, kept
+
+    def set_owner(self, name: str, owner: str) -> None:
+        """Rewrite the owner in a vm-host domain's metadata, live and in its definition.
+
+        libvirt hands vm-host's metadata element back without its namespace and, on
+        setMetadata, puts the element and all its children in the namespace given with the
+        key: so only the `<owner>` text changes, the rest goes back as libvirt returned it.
+        The owner is read back from the stored definition to be sure it took.
+
+        Raises:
+            VmHostError: the domain does not exist, is not vm-host's, or libvirt refused.
+        """
+        dom = self._lookup(name)
+        config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        try:
+            text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, config)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                raise VmHostError(f"set owner of {name}: {e.get_error_message()}") from e
+            raise VmHostError(f"VM {name!r} was not created by vm-host; it is left alone") from e
+        root = _without_namespace(ET.fromstring(text))  # noqa: S314 - libvirtd's own output
+        element = root.find("owner")
+        if element is None:
+            element = ET.SubElement(root, "owner")
+        element.text = owner
+        xml = ET.tostring(root, encoding="unicode")
+        flags = config
+        try:
+            if dom.isActive():
+                flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+            dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, METADATA_PREFIX, METADATA_NS, flags
+            )
+            after = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, config)
+        except libvirt.libvirtError as e:
+            raise VmHostError(f"set owner of {name}: {e.get_error_message()}") from e
+        written = (_without_namespace(ET.fromstring(after)).findtext("owner") or "").strip()  # noqa: S314
+        if written != owner:
+            raise VmHostError(f"set owner of {name}: libvirt kept owner {written!r}")
+        logger.info("VM %s re-owned %s", name, owner)
 
     def start(self, name: str) -> None:
         """Start a defined VM (a running VM is left as it is; a crashed one is reset first)."""

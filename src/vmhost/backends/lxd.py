@@ -1125,6 +1125,20 @@ class LxdBackend:
         """LXD composes write no intent record, so no recovery has run."""
         return []
 
+    def set_owner(self, name: str, owner: str) -> None:
+        """Rewrite `user.vm-host.owner` of a vm-host VM (PATCH: other keys stay).
+
+        Raises:
+            VmHostError: the VM does not exist, was not created by vm-host, or LXD refused.
+        """
+        config = self._get_instance(name).get("config") or {}
+        if KEY_OWNER not in config:
+            raise VmHostError(f"VM {name!r} was not created by vm-host; it is left alone")
+        try:
+            self._call("PATCH", self._p(f"/1.0/instances/{name}"), {"config": {KEY_OWNER: owner}})
+        except LxdError as e:
+            raise VmHostError(f"set owner of {name}: {e}") from e
+
     def start(self, name: str) -> None:
         """Start a VM (a running one is left as it is).
 

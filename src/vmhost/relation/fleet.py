@@ -10,6 +10,7 @@ its unit left, its `host` pin no longer names that unit, or it no longer fits th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -36,7 +37,7 @@ from vmhost.model import (
     VmSpec,
 )
 from vmhost.placement import plan, usage
-from vmhost.relation.keys import RequestKey, composed_keys
+from vmhost.relation.keys import RequestKey, Scope, composed_keys
 from vmhost.relation.serve import RelationRequest
 
 __all__ = [
@@ -51,6 +52,8 @@ __all__ = [
     "assignment_from_json",
     "assignment_to_json",
     "collect_reports",
+    "composed_from_json",
+    "composed_to_json",
     "host_report",
     "lead",
     "parse_host_report",
@@ -126,11 +129,32 @@ class ReportData(_PeerData):
     composed: tuple[_Key, ...] = ()
 
 
+def _checked_left(row: tuple[int, str, str, str, str]) -> tuple[int, str, str, str, str]:
+    _checked_key(row[:3])
+    return row
+
+
+_LeftRow = Annotated[
+    tuple[StrictInt, StrictStr, StrictStr, StrictStr, StrictStr],
+    pydantic.AfterValidator(_checked_left),
+]
+"""[relation id, app, request id, the unit that left, the request's `host` then ("" none)]."""
+
+
 class AssignmentData(_PeerData):
-    """The leader's `assignment` in the peer application databag."""
+    """The leader's `assignment` in the peer application databag.
+
+    `left` is written only when not empty (older leaders never wrote it, and readers ignore
+    what they do not know). Which assigned requests are composed goes under its own key
+    (`composed`, `composed_to_json`), so the assignment text changes only when an
+    assignment does.
+    """
 
     assigned: tuple[_Row, ...] = ()
     unplaced: tuple[_Row, ...] = ()
+    left: tuple[_LeftRow, ...] = ()
+    """Requests whose VM went with a unit that left: answered failed until an operator runs
+    reassign-vm or the request's `host` changes."""
 
 
 def _compact(data: object) -> str:
@@ -250,6 +274,13 @@ class Assignment:
     waiting: frozenset[RequestKey] = frozenset()
     """Unplaced requests that only wait for a unit to report (answered pending, not failed);
     not written to the peer data."""
+    composed: frozenset[RequestKey] = frozenset()
+    """Assigned requests whose unit reported them composed (`composed_to_json`; not part of
+    the assignment text)."""
+    left: Mapping[RequestKey, tuple[str, str]] = field(
+        default_factory=dict[RequestKey, tuple[str, str]]
+    )
+    """Request -> (the unit that left with its VM, the request's `host` then, "" for none)."""
 
     def for_unit(self, unit: str) -> frozenset[RequestKey]:
         """The requests assigned to one unit."""
@@ -301,6 +332,8 @@ def assign(
     *,
     eligible: Eligibility | None = None,
     present: AbstractSet[str] | None = None,
+    previous: Assignment | None = None,
+    reassign: AbstractSet[RequestKey] = frozenset(),
 ) -> Assignment:
     """Assign each request to the vm-host unit that hosts it best.
 
@@ -308,8 +341,13 @@ def assign(
 
     1. A composed request (in any report's `composed`, or in `composed`) stays where it
        is: on its current unit when that unit reports it composed (or no unit reports it),
-       else on the first unit reporting it. A request composed on a unit that left is not
-       in any report, so it is placed anew (its VM went with its unit).
+       else on the first unit reporting it.
+    1a. A request whose VM went with a unit that left (`previous.composed` said its unit
+       had composed it, and that unit is no member now; or `previous.left` already says
+       so) is not placed anew: it is answered "host vm-host/1 left" until an operator asks
+       (its key in `reassign`, the reassign-vm action) or the request's `host` changes.
+       Placing it anew by itself would give the requester an empty VM under the same name
+       while the old one, with its disks, may still run on the departed machine.
     2. A request assigned to a unit that is still a member of the peer relation but whose
        report is unusable stays there: it cannot be checked, and moving it could give the
        requester a second VM.
@@ -335,6 +373,9 @@ def assign(
         eligible: an extra per-unit check (see Eligibility).
         present: every unit in the peer relation, readable or not (default: the units of
             `reports`).
+        previous: the whole assignment in force (its `composed` and `left`; `current` is
+            its `units`).
+        reassign: requests an operator asked to place anew (reassign-vm).
 
     Returns:
         The new Assignment; every request is either assigned or has a reason.
@@ -347,16 +388,29 @@ def assign(
     if len(set(keys)) != len(keys):
         raise ValueError("two requests share a key")
     fleet = _Fleet(reports, policy, eligible, set(reports) if present is None else set(present))
+    previous = previous or Assignment()
     pending: list[tuple[RequestKey, VmSpec, str | None]] = []
     for key, spec, host in ordered:
-        if not fleet.keep(key, spec, host, current.get(key), key in composed):
-            pending.append((key, spec, host))
+        if fleet.keep(key, spec, host, current.get(key), key in composed):
+            continue
+        gone = None if key in reassign else fleet.lost(key, host, current.get(key), previous)
+        if gone is not None:
+            fleet.left[key] = (gone, host or "")
+            fleet.unplaced[key] = (
+                f"host {gone} left; its VM went with it. Run the reassign-vm action on the "
+                f"vm-host leader (app={key.app} id={key.request_id}) to compose it on "
+                "another unit, or change the request's host"
+            )
+            continue
+        pending.append((key, spec, host))
     for key, spec, host in pending:
         fleet.place(key, spec, host)
     return Assignment(
         units=dict(sorted(fleet.units.items())),
         unplaced=dict(sorted(fleet.unplaced.items())),
         waiting=frozenset(fleet.waiting),
+        composed=frozenset(k for k, u in fleet.units.items() if u in fleet.composed_at.get(k, ())),
+        left=dict(sorted(fleet.left.items())),
     )
 
 
@@ -382,6 +436,18 @@ class _Fleet:
         self.units: dict[RequestKey, str] = {}
         self.unplaced: dict[RequestKey, str] = {}
         self.waiting: set[RequestKey] = set()
+        self.left: dict[RequestKey, tuple[str, str]] = {}
+
+    def lost(
+        self, key: RequestKey, host: str | None, held: str | None, previous: Assignment
+    ) -> str | None:
+        """The unit that left with this request's VM (rule 1a of `assign`), or None."""
+        if key in previous.left:
+            unit, pinned = previous.left[key]
+            return unit if pinned == (host or "") else None
+        if held is not None and held not in self.members and key in previous.composed:
+            return held  # composed there when last seen, and that unit has gone
+        return None
 
     def fits(self, unit: str, spec: VmSpec) -> Placement | str:
         """Plan the spec on a unit as it is now; a Placement, or why not."""
@@ -469,37 +535,70 @@ class _Fleet:
 
 def assignment_to_json(assignment: Assignment) -> str:
     """Return the assignment as the JSON text for the peer application databag (stable)."""
-    return _dumps(
-        AssignmentData(
-            assigned=tuple((*_key_row(k), assignment.units[k]) for k in sorted(assignment.units)),
-            unplaced=tuple(
-                (*_key_row(k), assignment.unplaced[k]) for k in sorted(assignment.unplaced)
-            ),
-        )
-    )
+    data = AssignmentData(
+        assigned=tuple((*_key_row(k), assignment.units[k]) for k in sorted(assignment.units)),
+        unplaced=tuple(
+            (*_key_row(k), assignment.unplaced[k]) for k in sorted(assignment.unplaced)
+        ),
+        left=tuple((*_key_row(k), *assignment.left[k]) for k in sorted(assignment.left)),
+    ).model_dump(mode="json")
+    if not data["left"]:
+        del data["left"]
+    return _compact(data)
+
+
+def composed_to_json(assignment: Assignment) -> str:
+    """Return which assigned requests are composed, for the peer application key `composed`.
+
+    The leader needs it once a unit has left (its report is gone with it): a request that
+    unit had composed is not placed anew by itself (rule 1a of `assign`).
+    """
+    rows = [[*_key_row(k), assignment.units[k]] for k in sorted(assignment.composed)]
+    return _compact({"version": WIRE_VERSION, "composed": rows})
+
+
+def composed_from_json(text: str | None) -> tuple[dict[RequestKey, str], str | None]:
+    """Read the `composed` key: request -> the unit that composed it; never raises."""
+    if not text:
+        return {}, None
+    data, problem = _load(text, "composed")
+    if data is None:
+        return {}, problem
+    problems: list[str] = []
+    found = {k: v[0] for k, v in _rows(data, "composed", problems).items()}
+    return found, _shorten("composed: " + "; ".join(problems), _REASON_MAX) if problems else None
 
 
 def _key_row(key: RequestKey) -> tuple[int, str, str]:
     return key.relation_id, key.app, key.request_id
 
 
-_ROW = pydantic.TypeAdapter(_Row)
+_ROW: pydantic.TypeAdapter[tuple[Any, ...]] = pydantic.TypeAdapter(_Row)
+_LEFT_ROW: pydantic.TypeAdapter[tuple[Any, ...]] = pydantic.TypeAdapter(_LeftRow)
 
 
-def _rows(data: Mapping[str, Any], name: str, problems: list[str]) -> dict[RequestKey, str]:
-    """The readable rows of one assignment table; each bad row is skipped and named."""
+def _rows(
+    data: Mapping[str, Any],
+    name: str,
+    problems: list[str],
+    adapter: pydantic.TypeAdapter[tuple[Any, ...]] = _ROW,
+) -> dict[RequestKey, tuple[Any, ...]]:
+    """The readable rows of one table by key, the rest of each row as value.
+
+    Each bad row is skipped and named in `problems`.
+    """
     rows = data.get(name, [])
     if not isinstance(rows, list):
         problems.append(f"{name} is not an array")
         return {}
-    found: dict[RequestKey, str] = {}
+    found: dict[RequestKey, tuple[Any, ...]] = {}
     for i, row in enumerate(rows):  # pyright: ignore[reportUnknownVariableType]
         try:
-            good = _ROW.validate_python(row)
+            good = adapter.validate_python(row)
         except pydantic.ValidationError as exc:
             problems.append(f"{name}[{i}]{_why(exc)} (row skipped)")
             continue
-        found[RequestKey(*good[:3])] = good[3]
+        found[RequestKey(*good[:3])] = tuple(good[3:])
     return dict(sorted(found.items()))
 
 
@@ -523,12 +622,13 @@ def assignment_from_json(text: str | None) -> tuple[Assignment, str | None]:
     problems: list[str] = []
     if data.get("version") != WIRE_VERSION:
         problems.append(f"assignment is not a version {WIRE_VERSION!r} object")
-    units = _rows(data, "assigned", problems)
-    unplaced = _rows(data, "unplaced", problems)
+    units = {k: v[0] for k, v in _rows(data, "assigned", problems).items()}
+    unplaced = {k: v[0] for k, v in _rows(data, "unplaced", problems).items()}
+    left = {k: (v[0], v[1]) for k, v in _rows(data, "left", problems, _LEFT_ROW).items()}
     reason = None
     if problems:
         reason = _shorten("assignment: " + "; ".join(problems), _REASON_MAX)
-    return Assignment(units=units, unplaced=unplaced), reason
+    return Assignment(units=units, unplaced=unplaced, left=left), reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,6 +643,8 @@ class Peers:
     """Every other member unit -> the text of its `report` (None when absent)."""
     assignment: str | None
     """The `assignment` text in the peer application databag."""
+    composed: str | None = None
+    """The `composed` text in the peer application databag (composed_to_json)."""
 
 
 @dataclass(frozen=True)
@@ -559,6 +661,8 @@ class Decision:
     """This unit's host report, for its peer unit databag."""
     assignment_text: str | None = None
     """The new assignment for the peer application databag (leader only)."""
+    composed_text: str | None = None
+    """Which assigned requests are composed, for the peer application databag (leader)."""
     problems: tuple[str, ...] = ()
     """Unreadable peer data, for the log."""
 
@@ -574,16 +678,19 @@ def lead(
     peers: Peers | None,
     policy: Policy,
     mapping: Mapping[str, networks.NetworkMapping],
+    scope: Scope | None = None,
+    reassign: AbstractSet[RequestKey] = frozenset(),
 ) -> Decision:
     """Decide which requests this unit hosts and which refusals it answers.
 
     Without a peer relation (yet) this unit is the whole fleet. With one, a follower takes the
     assignment in force; the leader assigns every valid request (`assign`), a unit being
     eligible only when its NICs can serve the request's interfaces under `networks`.
+    `scope` is this vm-host application and model (only its VMs count as composed here);
+    `reassign` (leader) the requests an operator asked to place anew after their unit left.
     """
-    report = host_report(
-        topology, [vm.placement for vm in vms], hostname=hostname, composed=composed_keys(vms)
-    )
+    here = composed_keys(vms, scope)
+    report = host_report(topology, [vm.placement for vm in vms], hostname=hostname, composed=here)
     invalid = {r.key: r.error for r in requests if r.error is not None} if leader else {}
     valid = [(r.key, r.spec, r.host) for r in requests if r.spec is not None]
     if peers is None:
@@ -591,9 +698,16 @@ def lead(
         return Decision(alone, alone.for_unit(unit), invalid, report)
     current, problem = assignment_from_json(peers.assignment)
     problems = [f"peer assignment unreadable: {problem}"] if problem else []
+    if leader:
+        was_composed, why = composed_from_json(peers.composed)
+        problems += [f"peer data unreadable: {why}"] if why else []
+        # Only rows that still name the unit the assignment holds count.
+        current = dataclasses.replace(
+            current,
+            composed=frozenset(k for k, u in was_composed.items() if current.units.get(k) == u),
+        )
     # A unit never composes a request another unit's readable report lists as composed
     # (an assignment that was lost or rewritten cannot make a second VM).
-    here = composed_keys(vms)
     others, _ = collect_reports(peers.reports)
     elsewhere = {k for r in others.values() for k in r.composed} - here
     if not leader:
@@ -617,6 +731,8 @@ def lead(
         policy,
         eligible=eligible,
         present={*peers.reports, unit},
+        previous=current,
+        reassign=reassign,
     )
     return Decision(
         assignment,
@@ -624,5 +740,6 @@ def lead(
         {**invalid, **assignment.unplaced},
         report,
         assignment_to_json(assignment),
+        composed_to_json(assignment),
         tuple(problems),
     )

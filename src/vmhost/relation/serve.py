@@ -21,7 +21,14 @@ from vmhost import compose, constraints
 from vmhost.backends import Backend
 from vmhost.constraints import spec_hash
 from vmhost.model import InvalidRequestError, VmHostError, VmRecord, VmSpec, page_label
-from vmhost.relation.keys import RequestKey, parse_owner, request_key_of, vm_name
+from vmhost.relation.keys import (
+    RequestKey,
+    Scope,
+    read_owner,
+    released_owner,
+    request_key_of,
+    vm_name,
+)
 
 __all__ = [
     "CHANGED_ERROR",
@@ -80,10 +87,16 @@ class RelationRequest:
 
 
 def build_request(
-    relation_id: int, app: str, wire: Mapping[str, Any], *, default_root_gb: int
+    relation_id: int,
+    app: str,
+    wire: Mapping[str, Any],
+    *,
+    default_root_gb: int,
+    scope: Scope | None = None,
 ) -> RelationRequest | None:
     """Turn one request in wire form (hyphenated keys) into a spec, or a refusal.
 
+    The spec's owner carries `scope` (the vm-host application and model composing it).
     Returns None when the request has no usable id: it cannot be answered, only logged.
     """
     try:
@@ -97,7 +110,7 @@ def build_request(
     try:
         spec = constraints.build_spec(
             name=vm_name(key),
-            owner=key.owner,
+            owner=key.owner_in(scope),
             request_id=key.request_id,
             default_root_gb=default_root_gb,
             **kwargs,
@@ -115,6 +128,7 @@ def gather(
     invalid: Iterable[tuple[str | None, str]],
     *,
     default_root_gb: int,
+    scope: Scope | None = None,
 ) -> list[RelationRequest]:
     """Every request of one related app: built into a spec, or refused with a reason.
 
@@ -125,6 +139,7 @@ def gather(
         invalid: (id or None, reason) for those it refused; one without a usable id cannot
             be answered and is only logged.
         default_root_gb: the root disk size of requests that name none.
+        scope: the vm-host application and model (the owner of the specs carries it).
     """
     requests: list[RelationRequest] = []
     for bad_id, reason in invalid:
@@ -137,7 +152,7 @@ def gather(
             continue
         requests.append(RelationRequest(key, error=reason))
     for wire in valid:
-        built = build_request(relation_id, app, wire, default_root_gb=default_root_gb)
+        built = build_request(relation_id, app, wire, default_root_gb=default_root_gb, scope=scope)
         if built is not None:
             requests.append(built)
     return requests
@@ -155,9 +170,14 @@ class Changes:
     """Requested here and not on the host yet, by key."""
     to_delete: tuple[VmRecord, ...] = ()
     """VMs of live relations whose request is gone, and (release-policy delete) VMs of
-    relations that are gone; by name."""
+    relations seen broken; by name."""
     released: tuple[VmRecord, ...] = ()
-    """VMs of relations that are gone, left on the host by release-policy keep; by name."""
+    """VMs of relations seen broken, left on the host by release-policy keep (the round
+    re-owns them `released:<app>`); by name."""
+    orphaned: tuple[VmRecord, ...] = ()
+    """VMs of this scope whose relation is neither live nor seen broken: they only look
+    orphaned (a relation this hook did not list), so they are reported, never touched; by
+    name."""
     changed: tuple[tuple[RequestKey, VmRecord], ...] = ()
     """Requests whose VM exists but whose spec changed since: the VM is left as it is and
     the request is answered with CHANGED_ERROR; by key."""
@@ -180,12 +200,13 @@ class Changes:
         return dict(sorted([*self.changed, *self.unchanged, *self.retained], key=lambda kv: kv[0]))
 
 
-def _check_desired(desired: Mapping[RequestKey, VmSpec]) -> None:
+def _check_desired(desired: Mapping[RequestKey, VmSpec], scope: Scope | None) -> None:
     for key, spec in desired.items():
-        if spec.owner != key.owner or spec.request_id != key.request_id:
+        if spec.owner != key.owner_in(scope) or spec.request_id != key.request_id:
             raise ValueError(
                 f"spec {spec.name!r} carries owner {spec.owner!r} and request id "
-                f"{spec.request_id!r}, not those of {key}; build it with owner=key.owner"
+                f"{spec.request_id!r}, not those of {key}; build it with "
+                "owner=key.owner_in(scope)"
             )
 
 
@@ -196,11 +217,15 @@ def plan_changes(
     release_policy: str,
     live_relation_ids: AbstractSet[int],
     retain: AbstractSet[RequestKey] = frozenset(),
+    broken_relation_ids: AbstractSet[int] | None = None,
+    scope: Scope | None = None,
+    live_apps: Mapping[int, str] | None = None,
 ) -> Changes:
     """Decide what to compose and delete so the host matches the relation requests.
 
-    Only VMs whose owner is a relation owner are considered; everything else on the host
-    (action VMs, foreign domains) is never in any result.
+    Only VMs whose owner is a relation owner of this scope (or a legacy owner, which names
+    none) are considered; everything else on the host (action VMs, released VMs, VMs of
+    another vm-host application or model, foreign domains) is never in any result.
 
     Args:
         desired: the valid requests this unit should host, each with the VmSpec built by
@@ -212,6 +237,14 @@ def plan_changes(
             (during relation-broken, without the broken one).
         retain: requests still present on a live relation but not in `desired` (invalid
             now, or assigned to another unit); their VMs are kept, never deleted.
+        broken_relation_ids: relations whose relation-broken this unit saw (the host's
+            journal): only their VMs are released; VMs of other relations that are not
+            live are `orphaned`. None treats every relation that is not live as broken
+            (for callers that know every relation there is).
+        scope: this vm-host application and model; None accepts every scope.
+        live_apps: relation id -> requiring app of the live relations and of those seen
+            broken; a legacy owner (no scope) naming one of those ids with another app is
+            not this application's (another model's relation of the same id): orphaned.
 
     Returns:
         The Changes; a changed spec is never deleted or recreated, only reported.
@@ -222,8 +255,16 @@ def plan_changes(
     """
     if release_policy not in RELEASE_POLICIES:
         raise ValueError(f"release policy {release_policy!r} is not one of delete, keep")
-    _check_desired(desired)
-    sorted_vms = _SortedVms(desired, retain, live_relation_ids, release_policy == "delete")
+    _check_desired(desired, scope)
+    sorted_vms = _SortedVms(
+        desired,
+        retain,
+        live_relation_ids,
+        release_policy == "delete",
+        broken_relation_ids,
+        scope,
+        live_apps,
+    )
     for vm in sorted(existing, key=lambda v: v.name):
         sorted_vms.add(vm)
 
@@ -247,6 +288,7 @@ def plan_changes(
         unchanged=tuple(unchanged),
         retained=tuple(sorted(sorted_vms.retained.items())),
         duplicates=tuple(sorted_vms.duplicates),
+        orphaned=tuple(sorted_vms.orphaned),
     )
 
 
@@ -258,19 +300,31 @@ class _SortedVms:
     retain: AbstractSet[RequestKey]
     live: AbstractSet[int]
     release_deletes: bool
+    broken: AbstractSet[int] | None
+    scope: Scope | None
+    live_apps: Mapping[int, str] | None
     matched: dict[RequestKey, VmRecord] = field(default_factory=dict[RequestKey, VmRecord])
     to_delete: list[VmRecord] = field(default_factory=list[VmRecord])
     released: list[VmRecord] = field(default_factory=list[VmRecord])
     retained: dict[RequestKey, VmRecord] = field(default_factory=dict[RequestKey, VmRecord])
     duplicates: list[VmRecord] = field(default_factory=list[VmRecord])
+    orphaned: list[VmRecord] = field(default_factory=list[VmRecord])
 
     def add(self, vm: VmRecord) -> None:
-        parsed = parse_owner(vm.owner) if vm.managed else None
-        if parsed is None:
-            return  # an action VM or a domain vm-host did not create: never touched here
+        owner = read_owner(vm.owner) if vm.managed else None
+        if owner is None or owner.relation_id is None:
+            return  # an action, released or foreign VM: never touched here
+        if self.scope is not None and owner.scope not in (None, self.scope):
+            return  # another vm-host application's or model's VM
         key = request_key_of(vm)
-        if parsed[0] not in self.live:
-            (self.to_delete if self.release_deletes else self.released).append(vm)
+        live_app = (self.live_apps or {}).get(owner.relation_id)
+        if owner.scope is None and live_app not in (None, owner.app):
+            self.orphaned.append(vm)  # a legacy owner of another model's relation
+        elif owner.relation_id not in self.live:
+            if self.broken is not None and owner.relation_id not in self.broken:
+                self.orphaned.append(vm)  # looks orphaned: report it, never release it
+            else:
+                (self.to_delete if self.release_deletes else self.released).append(vm)
         elif key is None:
             self.to_delete.append(vm)  # a relation's VM without a usable request id
         elif key in self.desired or key in self.retain:
@@ -423,6 +477,9 @@ class Round:
     composed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    """Kept under release-policy keep and re-owned `released:<app>` (operator-deletable)."""
+    orphaned: list[str] = field(default_factory=list)
+    """Relation VMs whose relation is neither live nor seen broken: reported only."""
     failures: dict[RequestKey, str] = field(default_factory=dict)
 
 
@@ -437,6 +494,9 @@ def serve(
     power: Power,
     answer_errors: Mapping[RequestKey, str] | None = None,
     waiting: AbstractSet[RequestKey] = frozenset(),
+    broken_relation_ids: AbstractSet[int] | None = None,
+    scope: Scope | None = None,
+    live_apps: Mapping[int, str] | None = None,
 ) -> Round:
     """Make this host match the requests assigned to it, then answer them.
 
@@ -452,6 +512,11 @@ def serve(
         answer_errors: refusals this unit answers besides its own (the leader answers
             invalid and unplaceable requests, so each is answered exactly once).
         waiting: those of answer_errors that only wait (answered pending with the reason).
+        broken_relation_ids: relations this unit saw broken (see `plan_changes`).
+        scope: this vm-host application and model (see `plan_changes`). With a scope, VMs
+            kept by release-policy keep are re-owned ``released:<app>:<scope>`` (no
+            relation touches them again; delete-vm may).
+        live_apps: see `plan_changes`.
     """
     specs = {r.key: r.spec for r in requests if r.spec is not None}
     desired = {k: specs[k] for k in sorted(mine) if k in specs}
@@ -461,8 +526,12 @@ def serve(
         release_policy=release_policy,
         live_relation_ids=live_relation_ids,
         retain={r.key for r in requests} - set(desired),
+        broken_relation_ids=broken_relation_ids,
+        scope=scope,
+        live_apps=live_apps,
     )
     result = Round(failures=dict(changes.errors))
+    result.orphaned = [vm.name for vm in changes.orphaned]
     gone: set[str] = set()
     for vm in changes.to_delete:
         try:
@@ -472,8 +541,23 @@ def serve(
             continue
         gone.add(vm.name)
         result.deleted.append(vm.name)
-    result.released = [vm.name for vm in changes.released]
-    now = [vm for vm in host.vms if vm.name not in gone]
+    reowned: dict[str, str] = {}
+    for vm in changes.released:
+        owner = read_owner(vm.owner)
+        if scope is not None and owner is not None:
+            new_owner = released_owner(owner.app, scope)
+            try:
+                backend.set_owner(vm.name, new_owner)
+            except VmHostError as exc:
+                logger.error("could not release %s (owner %s): %s", vm.name, vm.owner, exc)
+                continue
+            reowned[vm.name] = new_owner
+        result.released.append(vm.name)
+    now = [
+        dataclasses.replace(vm, owner=reowned[vm.name]) if vm.name in reowned else vm
+        for vm in host.vms
+        if vm.name not in gone
+    ]
     booked = host
     for key, spec in changes.to_compose:
         outcome = compose.compose(backend, spec, dataclasses.replace(booked, vms=now))
@@ -483,7 +567,7 @@ def serve(
         now.append(outcome.vm)
         booked = compose.book_disks(booked, spec)  # its disks may grow: the next ones see it
         result.composed.append(outcome.vm.name)
-    by_key = {k: vm for vm in now if (k := request_key_of(vm)) is not None}
+    by_key = {k: vm for vm in now if (k := request_key_of(vm, scope)) is not None}
     errors = {**(answer_errors or {}), **result.failures}
     keys = set(desired) | set(answer_errors or {})
     result.answers = answers_by_relation(
