@@ -173,7 +173,9 @@ def compose(
         return Outcome(spec, refused=missing)
     if full:
         return Outcome(spec, rejected=full)
-    result = placement.plan(host.topology, host.allocations, spec, host.policy)
+    # The resolved NICs go into the plan: an SR-IOV NIC mapped through `networks` is counted
+    # and NUMA-aligned like one the request names itself.
+    result = placement.plan(host.topology, host.allocations, spec, host.policy, nics)
     if isinstance(result, Rejection):
         if not dry_run:
             # A relation request is retried every hook: count it once per distinct reason.

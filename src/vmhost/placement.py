@@ -43,13 +43,16 @@ Rules, and why they are what they are:
 * Emulator threads of pinned VMs go to the reserved CPUs on the VM's nodes, else all
   reserved CPUs, else the shared pool of the VM's nodes, else the host-wide shared pool,
   else (nothing left) the VM's own pinned CPUs.
-* SR-IOV. Interfaces in mode sriov with a ``parent`` NIC take one VF each, counted against
-  the NIC's ``sriov_total_vfs`` (enabling VFs is the host layer's job, so the enabled count
-  does not limit). The VM prefers the NIC's NUMA node; ``numa_strict`` makes it a must (the
-  node must be one of the VM's nodes), which only a NUMA-bound VM (pinned or hugepage-backed)
-  can honour: a floating VM asking for it is rejected. A NIC whose NUMA node the kernel does
-  not report constrains nothing. Interfaces without a parent are resolved by the networks
-  layer and not counted here.
+* SR-IOV. Each SR-IOV NIC takes one VF of its PF, counted against the VFs the PF has
+  enabled (``sriov_numvfs``: only enabled VFs exist to be passed through, so counting
+  ``sriov_totalvfs`` would approve what compose then refuses). Which NICs are SR-IOV comes
+  from the resolved attachments when the caller has them (`plan`'s ``nics``: an interface
+  mapped through the `networks` option, ``fast: {sriov-pf: enp65s0f0}``, is as much SR-IOV as
+  one that names mode sriov and a parent), else from the request's own mode sriov and
+  ``parent``. The VM prefers the PF's NUMA node; ``numa_strict`` makes it a must (the node
+  must be one of the VM's nodes), which only a NUMA-bound VM (pinned or hugepage-backed) can
+  honour: a floating VM asking for it is rejected. A NIC whose NUMA node the kernel does not
+  report constrains nothing.
 * Placement cost. Every node set that fits is priced in vCPUs: the vCPUs of future requests
   the placement is expected to make unplaceable, plus what a span or a missed NIC costs the
   VM itself. The cheapest wins; ties go to the best fit (fewest free CPUs left on the chosen
@@ -103,11 +106,13 @@ from vmhost.model import (
     KIB_PER_MIB,
     PAGE_1G_KIB,
     PAGE_2M_KIB,
+    AttachmentKind,
     CellPlacement,
     HostTopology,
     HugepageRequest,
     InterfaceMode,
     InvalidRequestError,
+    NicAttachment,
     Placement,
     Policy,
     Rejection,
@@ -527,7 +532,7 @@ def usage(topology: HostTopology, allocations: Sequence[Placement], policy: Poli
                 vfs_total=nic.sriov_total_vfs,
                 vfs_enabled=nic.sriov_enabled_vfs,
                 vfs_used=used,
-                vfs_free=nic.sriov_total_vfs - used,
+                vfs_free=max(0, nic.sriov_enabled_vfs - used),
             )
         )
     return HostUsage(
@@ -758,7 +763,11 @@ def _pick_fill(avail: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], count: 
 
 
 def plan(
-    topology: HostTopology, allocations: Sequence[Placement], spec: VmSpec, policy: Policy
+    topology: HostTopology,
+    allocations: Sequence[Placement],
+    spec: VmSpec,
+    policy: Policy,
+    nics: Sequence[NicAttachment] | None = None,
 ) -> Placement | Rejection:
     """Choose where a VM's resources come from, or say why it cannot be placed.
 
@@ -767,6 +776,9 @@ def plan(
         allocations: placements of every VM on the host (running or not).
         spec: the validated request.
         policy: the host-wide placement rules.
+        nics: the request's NICs as resolved on this host (networks.resolve), when known:
+            their SR-IOV (hostdev) attachments are the VFs counted and aligned. None reads
+            SR-IOV from the request's own mode and parent.
 
     Returns:
         A Placement, or a Rejection whose reason carries the numbers an operator needs.
@@ -776,14 +788,14 @@ def plan(
     """
     host = _Host(topology, allocations, policy)
     try:
-        return _plan(host, spec)
+        return _plan(host, spec, nics)
     except _Reject as exc:
         return Rejection(str(exc))
 
 
-def _plan(host: _Host, spec: VmSpec) -> Placement:
+def _plan(host: _Host, spec: VmSpec, nics: Sequence[NicAttachment] | None = None) -> Placement:
     cpu_nodes = _check_shape(host, spec)
-    sriov = _check_sriov(host, spec)
+    sriov = _check_sriov(host, spec, nics)
     sizes = _page_sizes(spec)
     if spec.hugepages is None:
         _check_general_memory(host, spec)
@@ -891,35 +903,55 @@ def _check_shared_vcpus(host: _Host, spec: VmSpec) -> None:
         )
 
 
-def _check_sriov(host: _Host, spec: VmSpec) -> _Sriov:
+def _sriov_nics(spec: VmSpec, nics: Sequence[NicAttachment] | None) -> list[tuple[str, str, bool]]:
+    """(label, PF, numa_strict) of every SR-IOV NIC of the request."""
+    if nics is None:
+        return [
+            (i.label, i.parent, i.numa_strict)
+            for i in spec.interfaces
+            if i.mode == InterfaceMode.SRIOV and i.parent
+        ]
+    strict = {i.label: i.numa_strict for i in spec.interfaces}
+    return [
+        (n.label, n.source, strict.get(n.label, False))
+        for n in nics
+        if n.kind == AttachmentKind.HOSTDEV
+    ]
+
+
+def _check_sriov(host: _Host, spec: VmSpec, resolved: Sequence[NicAttachment] | None) -> _Sriov:
     nics = {n.name: n for n in host.topology.nics}
     counts: dict[str, int] = {}
     prefer: list[int] = []
     strict: list[int] = []
-    for iface in spec.interfaces:
-        if iface.mode != InterfaceMode.SRIOV or not iface.parent:
-            continue
-        nic = nics.get(iface.parent)
+    for label, pf, numa_strict in _sriov_nics(spec, resolved):
+        nic = nics.get(pf)
         if nic is None:
             raise _Reject(
-                f"SR-IOV interface {iface.label} asks for host NIC {iface.parent!r}, which "
-                "does not exist"
+                f"SR-IOV interface {label} asks for host NIC {pf!r}, which does not exist"
             )
         counts[nic.name] = counts.get(nic.name, 0) + 1
         if nic.numa_node is None or nic.numa_node not in host.node_by_id:
             continue
         if nic.numa_node not in prefer:
             prefer.append(nic.numa_node)
-        if iface.numa_strict and nic.numa_node not in strict:
+        if numa_strict and nic.numa_node not in strict:
             strict.append(nic.numa_node)
     vfs = []
     for name in sorted(counts):
+        enabled = nics[name].sriov_enabled_vfs
         total = nics[name].sriov_total_vfs
         used = host.vfs_used.get(name, 0)
-        if used + counts[name] > total:
+        if used + counts[name] > enabled:
+            more = (
+                f"; {total - enabled} more can be enabled (sriov_numvfs {enabled} of "
+                f"sriov_totalvfs {total})"
+                if total > enabled
+                else ""
+            )
             raise _Reject(
-                f"needs {counts[name]} SR-IOV VFs on {name}; {used} of its {total} VFs are "
-                f"in use, {max(0, total - used)} free"
+                f"needs {counts[name]} SR-IOV VFs on {name}; {used} of its {enabled} enabled "
+                f"VFs are in use, {max(0, enabled - used)} free{more}"
             )
         vfs.append(VfAssignment(nic=name, count=counts[name]))
     return _Sriov(tuple(vfs), tuple(sorted(prefer)), tuple(sorted(strict)))

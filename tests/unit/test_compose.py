@@ -8,7 +8,7 @@ import pytest
 
 from fake_backend import FakeBackend
 from vmhost.compose import HostState, Outcome, book_disks, compose, deletable, name_taken
-from vmhost.constraints import build_spec
+from vmhost.constraints import build_spec, spec_hash
 from vmhost.model import (
     AttachmentKind,
     Cpu,
@@ -16,10 +16,14 @@ from vmhost.model import (
     HostTopology,
     NicKind,
     NumaNode,
+    Placement,
     Policy,
+    VfAssignment,
+    VmRecord,
     VmSpec,
+    VmState,
 )
-from vmhost.networks import NetworkMapping, default_network_problem
+from vmhost.networks import NetworkMapping, default_network_problem, parse_networks_config
 
 
 def host(cpus: int = 4) -> HostTopology:
@@ -46,6 +50,16 @@ def state(backend: FakeBackend, default_network: str = "br0") -> HostState:
 def spec(name: str = "web", **fields: object) -> VmSpec:
     fields.setdefault("memory_mib", 1024)
     return build_spec(name=name, **fields)  # type: ignore[arg-type]
+
+
+def record_of(s: VmSpec) -> VmRecord:
+    return VmRecord(
+        name=s.name,
+        uuid="u",
+        state=VmState.RUNNING,
+        placement=Placement(vcpus=s.vcpus, memory_mib=s.memory_mib),
+        spec_hash=spec_hash(s),
+    )
 
 
 def composes(backend: FakeBackend) -> list[str]:
@@ -285,3 +299,42 @@ def test_a_round_books_the_disks_it_composed():
     assert booked.topology.pools[0].committed_bytes == 30 * GB
     assert first.topology.pools[0].committed_bytes == 0
     assert "cannot hold" in compose(backend, spec("b", storage="root:30"), booked).rejected
+
+
+def two_nodes_with_a_pf(enabled: int) -> HostTopology:
+    nodes = tuple(
+        NumaNode(
+            id=n,
+            cpus=tuple(Cpu(id=n * 4 + c, socket_id=n, core_id=c) for c in range(4)),
+            memory_kib=8 * 1024 * 1024,
+            distances={m: 10 if m == n else 21 for m in range(2)},
+        )
+        for n in range(2)
+    )
+    pf = HostNic(name="enp65s0f0", numa_node=1, sriov_total_vfs=8, sriov_enabled_vfs=enabled)
+    return HostTopology(nodes=nodes, nics=(pf,))
+
+
+def test_sriov_mapped_through_networks_gets_numa_alignment_and_vf_counts():
+    """`fast: {sriov-pf: enp65s0f0}` in networks, the way the README recommends."""
+    mapping = parse_networks_config("fast: {sriov-pf: enp65s0f0}")
+    backend = FakeBackend(host=two_nodes_with_a_pf(enabled=1))
+    wired = spec("db", pinned_cores=2, interfaces="eth0:space=fast")
+    here = replace(state(backend), networks=mapping)
+    got = compose(backend, wired, here, dry_run=True)
+    assert got.placement is not None, got.error
+    assert got.placement.host_nodes == (1,)  # the PF's node, though node 0 is as free
+    assert got.placement.vfs == (VfAssignment(nic="enp65s0f0", count=1),)
+    # The one enabled VF taken, dry-run refuses the next as compose would.
+    taken = replace(here, vms=[replace(record_of(wired), placement=got.placement)])
+    again = compose(
+        backend, spec("db2", pinned_cores=2, interfaces="eth0:space=fast"), taken, dry_run=True
+    )
+    assert again.placement is None
+    assert "1 of its 1 enabled VFs are in use" in again.rejected
+    # VFs the PF could have but has not enabled are not free.
+    without_vfs = replace(two_nodes_with_a_pf(enabled=0), pools=here.topology.pools)
+    none = replace(here, topology=without_vfs)
+    refused = compose(backend, wired, none, dry_run=True)
+    assert "0 of its 0 enabled VFs" in refused.rejected
+    assert "sriov_numvfs 0 of sriov_totalvfs 8" in refused.rejected

@@ -1339,3 +1339,27 @@ def test_lead_keeps_which_requests_are_composed_in_the_peer_data():
     noisy = lead("vm-host/0", **lead_args(peers=bad))  # type: ignore[arg-type]
     assert noisy.problems == ("peer data unreadable: composed is not JSON",)
     assert assignment_from_json(noisy.assignment_text)[0].units == {A_X: "vm-host/1"}
+
+
+def test_the_leader_counts_vfs_of_sriov_mapped_through_networks():
+    from vmhost.model import HostNic
+    from vmhost.networks import parse_networks_config
+
+    def with_pf(enabled: int) -> HostTopology:
+        pf = HostNic(name="enp65s0f0", numa_node=0, sriov_total_vfs=8, sriov_enabled_vfs=enabled)
+        return replace(host(), nics=(pf,))
+
+    mapping = parse_networks_config("fast: {sriov-pf: enp65s0f0}")
+    wired = spec_for(A_X, pinned_cores=2, interfaces="eth0:space=fast")
+    peers = Peers(reports={"vm-host/1": host_report(with_pf(2), [])}, assignment=None)
+    decision = lead(
+        "vm-host/0",
+        **lead_args(  # type: ignore[arg-type]
+            requests=[RelationRequest(A_X, wired)],
+            topology=with_pf(0),
+            peers=peers,
+            mapping=mapping,
+        ),
+    )
+    # vm-host/0's PF has no VF enabled: only vm-host/1 can pass one through.
+    assert assignment_from_json(decision.assignment_text)[0].units == {A_X: "vm-host/1"}

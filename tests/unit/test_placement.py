@@ -15,6 +15,7 @@ from tests.fixtures import LIBVIRT_CAPS
 from vmhost.model import (
     PAGE_1G_KIB,
     PAGE_2M_KIB,
+    AttachmentKind,
     Cpu,
     HostNic,
     HostTopology,
@@ -22,10 +23,12 @@ from vmhost.model import (
     InterfaceMode,
     InterfaceSpec,
     InvalidRequestError,
+    NicAttachment,
     NumaNode,
     Placement,
     Policy,
     Rejection,
+    VfAssignment,
     VmSpec,
 )
 from vmhost.placement import HostUsage, plan, usage
@@ -658,12 +661,14 @@ def sriov(parent: str, strict: bool = False) -> InterfaceSpec:
 
 
 NICS = (
-    HostNic(name="ens1", numa_node=1, sriov_total_vfs=2, sriov_enabled_vfs=0),
-    HostNic(name="ens2", numa_node=None, sriov_total_vfs=1),
+    HostNic(name="ens1", numa_node=1, sriov_total_vfs=4, sriov_enabled_vfs=2),
+    HostNic(name="ens2", numa_node=None, sriov_total_vfs=1, sriov_enabled_vfs=1),
 )
 
 
-def test_vfs_counted_against_total_not_enabled() -> None:
+def test_vfs_counted_against_enabled_not_total() -> None:
+    # Until issue 11 item 14 VFs were counted against sriov_totalvfs (this test was
+    # test_vfs_counted_against_total_not_enabled); only enabled VFs can be passed through.
     topo = make_host(nics=NICS)
     spec = pinned(2, interfaces=(sriov("ens1"),))
     allocs = place_all(topo, [spec, spec])
@@ -671,10 +676,42 @@ def test_vfs_counted_against_total_not_enabled() -> None:
     rejected(
         plan(topo, allocs, spec, Policy()),
         "needs 1 SR-IOV VFs on ens1",
-        "2 of its 2 VFs are in use, 0 free",
+        "2 of its 2 enabled VFs are in use, 0 free",
+        "2 more can be enabled (sriov_numvfs 2 of sriov_totalvfs 4)",
     )
     nic = usage(topo, allocs, Policy()).nics[0]
-    assert (nic.nic, nic.vfs_total, nic.vfs_used, nic.vfs_free) == ("ens1", 2, 2, 0)
+    assert (nic.nic, nic.vfs_total, nic.vfs_enabled, nic.vfs_used, nic.vfs_free) == (
+        "ens1",
+        4,
+        2,
+        2,
+        0,
+    )
+    none_enabled = make_host(nics=(HostNic(name="ens1", numa_node=1, sriov_total_vfs=8),))
+    rejected(plan(none_enabled, [], spec, Policy()), "0 of its 0 enabled VFs", "8 more")
+
+
+def mapped_sriov(label: str = "data", strict: bool = False) -> InterfaceSpec:
+    """An interface that reaches SR-IOV only through the networks option (space fast)."""
+    return InterfaceSpec(label=label, space="fast", numa_strict=strict)
+
+
+def hostdev(pf: str, label: str = "data") -> NicAttachment:
+    return NicAttachment(label=label, kind=AttachmentKind.HOSTDEV, source=pf)
+
+
+def test_sriov_through_the_networks_option_is_counted_and_aligned() -> None:
+    topo = make_host(nics=NICS)
+    allocs = place_all(topo, [pinned(2)])  # best fit would pick node 0 again
+    spec = pinned(2, interfaces=(mapped_sriov(),))
+    # Without the resolved NICs the request looks like a plain NIC (the bug).
+    p = ok(plan(topo, allocs, spec, Policy(), [hostdev("ens1")]))
+    assert p.host_nodes == (1,)
+    assert p.vfs == (VfAssignment(nic="ens1", count=1),)
+    two = [*allocs, p, ok(plan(topo, [*allocs, p], spec, Policy(), [hostdev("ens1")]))]
+    rejected(plan(topo, two, spec, Policy(), [hostdev("ens1")]), "needs 1 SR-IOV VFs on ens1")
+    strict = shared(2, interfaces=(mapped_sriov(strict=True),))
+    rejected(plan(topo, [], strict, Policy(), [hostdev("ens1")]), "strict NUMA alignment")
 
 
 def test_sriov_prefers_the_nic_node() -> None:

@@ -77,13 +77,15 @@ def worlds(draw: st.DrawFn) -> World:
                 },
             )
         )
+    totals = [draw(st.integers(0, 4)) for _ in range(draw(st.integers(0, 2)))]
     nics = tuple(
         HostNic(
             name=f"ens{i}",
             numa_node=draw(st.one_of(st.none(), st.integers(0, n_nodes - 1))),
-            sriov_total_vfs=draw(st.integers(0, 4)),
+            sriov_total_vfs=total,
+            sriov_enabled_vfs=draw(st.integers(0, total)),
         )
-        for i in range(draw(st.integers(0, 2)))
+        for i, total in enumerate(totals)
     )
     all_cpus = [c.id for node in nodes for c in node.cpus]
     reserved = draw(st.sets(st.sampled_from(all_cpus), max_size=2))
@@ -169,6 +171,7 @@ def check_pages_and_vfs(world: World, allocs: list[Placement]) -> Counter[tuple[
     vfs: Counter[str] = Counter(vf.nic for a in allocs for vf in a.vfs for _ in range(vf.count))
     for nic in topo.nics:
         assert vfs[nic.name] <= nic.sriov_total_vfs, "a VF given twice"
+        assert vfs[nic.name] <= nic.sriov_enabled_vfs, "a VF that is not enabled"
     return pages
 
 
@@ -202,7 +205,8 @@ def check_usage(world: World, allocs: list[Placement], pages: Counter[tuple[int,
     assert sum(n.cpus_pinned for n in u.nodes) == sum(len(a.pinned_cpus) for a in allocs)
     for nic in u.nics:
         assert nic.vfs_used == sum(v.count for a in allocs for v in a.vfs if v.nic == nic.nic)
-        assert nic.vfs_used + nic.vfs_free == nic.vfs_total
+        # Free VFs are the enabled ones not in use (issue 11 item 14; was vfs_total).
+        assert nic.vfs_used + nic.vfs_free == nic.vfs_enabled
         assert nic.vfs_free >= 0
 
 

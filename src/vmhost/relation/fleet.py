@@ -30,6 +30,7 @@ from vmhost.codec import (
 from vmhost.model import (
     HostTopology,
     InvalidRequestError,
+    NicAttachment,
     Placement,
     Policy,
     Rejection,
@@ -287,6 +288,8 @@ class Assignment:
         return frozenset(k for k, u in self.units.items() if u == unit)
 
 
+Resolver = Callable[[HostReport, VmSpec], Sequence[NicAttachment] | None]
+"""(report, spec) -> the spec's NICs as they would resolve on that unit (for `plan`)."""
 Eligibility = Callable[[str, HostReport, VmSpec], str | None]
 """(unit, report, spec) -> None when the unit may host the spec, else why not (for checks
 `assign` cannot make itself, such as whether the unit's networks reach a requested space)."""
@@ -334,6 +337,7 @@ def assign(
     present: AbstractSet[str] | None = None,
     previous: Assignment | None = None,
     reassign: AbstractSet[RequestKey] = frozenset(),
+    resolve: Resolver | None = None,
 ) -> Assignment:
     """Assign each request to the vm-host unit that hosts it best.
 
@@ -376,6 +380,8 @@ def assign(
         previous: the whole assignment in force (its `composed` and `left`; `current` is
             its `units`).
         reassign: requests an operator asked to place anew (reassign-vm).
+        resolve: the NICs a spec resolves to on a unit, so `plan` counts and aligns its
+            SR-IOV VFs there (None: plan reads SR-IOV from the request alone).
 
     Returns:
         The new Assignment; every request is either assigned or has a reason.
@@ -388,6 +394,7 @@ def assign(
     if len(set(keys)) != len(keys):
         raise ValueError("two requests share a key")
     fleet = _Fleet(reports, policy, eligible, set(reports) if present is None else set(present))
+    fleet.resolve = resolve
     previous = previous or Assignment()
     pending: list[tuple[RequestKey, VmSpec, str | None]] = []
     for key, spec, host in ordered:
@@ -437,6 +444,7 @@ class _Fleet:
         self.unplaced: dict[RequestKey, str] = {}
         self.waiting: set[RequestKey] = set()
         self.left: dict[RequestKey, tuple[str, str]] = {}
+        self.resolve: Resolver | None = None
 
     def lost(
         self, key: RequestKey, host: str | None, held: str | None, previous: Assignment
@@ -456,7 +464,8 @@ class _Fleet:
             reason = self.eligible(unit, report, spec)
             if reason:
                 return reason
-        result = plan(report.topology, self.simulated[unit], spec, self.policy)
+        nics = self.resolve(report, spec) if self.resolve is not None else None
+        result = plan(report.topology, self.simulated[unit], spec, self.policy, nics)
         return result.reason if isinstance(result, Rejection) else result
 
     def keep(
@@ -723,6 +732,12 @@ def lead(
             return str(exc)
         return None
 
+    def resolve(host: HostReport, spec: VmSpec) -> Sequence[NicAttachment] | None:
+        try:
+            return networks.resolve(spec.interfaces, host.topology.nics, mapping)
+        except InvalidRequestError:
+            return None  # eligible() has refused it already
+
     assignment = assign(
         valid,
         reports,
@@ -733,6 +748,7 @@ def lead(
         present={*peers.reports, unit},
         previous=current,
         reassign=reassign,
+        resolve=resolve,
     )
     return Decision(
         assignment,
