@@ -29,6 +29,7 @@ from vmhost import (
     exporter,
     health,
     host,
+    imagecache,
     lifecycle,
     networks,
     report,
@@ -45,10 +46,13 @@ from vmhost.config import (
     ReassignParams,
     RevokeParams,
     StopParams,
+    SyncImagesParams,
     TrustParams,
     parse_networks,
     pydantic_message,
+    split_names,
 )
+from vmhost.images import ImageFetchError
 from vmhost.model import (
     HostTopology,
     InvalidRequestError,
@@ -86,7 +90,7 @@ def make_backend(config: CharmConfig) -> Backend:
         config.backend,
         project=config.lxd_project,
         templates_dir=TEMPLATES_DIR,
-        local_image_dir=config.local_image_dir,
+        virt_type=config.virt_type,
     )
 
 
@@ -127,6 +131,8 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(self.on.compose_vm_action, self._on_compose_vm)
         framework.observe(self.on.delete_vm_action, self._on_delete_vm)
         framework.observe(self.on.list_vms_action, self._on_list_vms)
+        framework.observe(self.on.sync_images_action, self._on_sync_images)
+        framework.observe(self.on.list_images_action, self._on_list_images)
         framework.observe(self.on.show_resources_action, self._on_show_resources)
         framework.observe(self.on.authorize_ssh_key_action, self._on_authorize_ssh_key)
         framework.observe(self.on.revoke_ssh_key_action, self._on_revoke_ssh_key)
@@ -272,6 +278,40 @@ class VmHostCharm(ops.CharmBase):
             snapshot = self._snapshot(config) or snapshot
             if lifecycle.revive_crashed(backend, snapshot.vms):
                 self._snapshot(config, refresh=True)
+            self._keep_images(config)
+
+    # ----------------------------------------------------------------------------------------
+    # Images
+
+    def _default_image(self, config: CharmConfig) -> str:
+        """default-image where this host caches images by name; LXD hosts name their own."""
+        return config.default_image if self._backend(config).image_store() is not None else ""
+
+    def _image_in_background(self, config: CharmConfig):
+        """prepare_image for hooks: never waits; a missing image is fetched apart."""
+        store = self._backend(config).image_store()
+        if store is None:
+            return None
+        image_settings = config.image_settings
+
+        def prepare(name: str) -> str | None:
+            return imagecache.background(store, image_settings, name)
+
+        return prepare
+
+    def _keep_images(self, config: CharmConfig) -> None:
+        """Keep the images of option `images` fetched and current (in the background)."""
+        store = self._backend(config).image_store()
+        if store is None:
+            return
+        for name in config.kept_images:
+            try:
+                how = imagecache.refresh_in_background(store, config.image_settings, name)
+            except VmHostError as exc:
+                logger.warning("images: %s: %s", name, exc)
+                continue
+            if how:
+                logger.info("images: refreshing %s (%s)", name, how)
 
     def _reconcile_observability(self, config: CharmConfig) -> None:
         """Keep the exporter running with the current options; publish what COS reads."""
@@ -327,6 +367,7 @@ class VmHostCharm(ops.CharmBase):
                 [(bad.id, bad.reason) for bad in batch.invalid],
                 default_root_gb=config.default_root_disk_size,
                 scope=self._scope,
+                default_image=self._default_image(config),
             )
         ]
 
@@ -367,6 +408,7 @@ class VmHostCharm(ops.CharmBase):
                 **{i: app for i, app in seen.broken_apps.items() if app},
                 **{b.relation_id: b.app_name for b in batches},
             },
+            prepare_image=self._image_in_background(config),
         )
         for name in result.composed:
             logger.info("composed %s for a related application", name)
@@ -598,6 +640,7 @@ class VmHostCharm(ops.CharmBase):
                 hostname=params.hostname,
                 owner=keys.ACTION_OWNER,
                 default_root_gb=config.default_root_disk_size,
+                default_image=self._default_image(config),
             )
         except InvalidRequestError as exc:
             event.fail(f"bad request, nothing done: {exc}")
@@ -605,12 +648,23 @@ class VmHostCharm(ops.CharmBase):
         recovered: list[str] = []
         if not params.dry_run:
             recovered, snapshot = self._recover(event, config, snapshot)
+        store = self._backend(config).image_store()
+
+        def fetch(name: str) -> None:
+            # The action may wait: it fetches in the foreground, its progress in the log.
+            assert store is not None
+            try:
+                imagecache.ensure(store, name, config.image_settings, log=event.log)
+            except ImageFetchError as exc:
+                raise VmHostError(imagecache.failure_text(name, exc)) from exc
+
         outcome = compose.compose(
             self._backend(config),
             spec,
             self._host_state(config, snapshot),
             dry_run=params.dry_run,
             progress=event.log,
+            prepare_image=fetch if store is not None else None,
         )
         if outcome.vm is not None or outcome.failed:
             self._snapshot(config, refresh=True)
@@ -627,6 +681,8 @@ class VmHostCharm(ops.CharmBase):
             event.fail(f"cannot place {spec.name}, nothing done: {outcome.rejected}")
         elif outcome.failed:
             event.fail(outcome.error or "compose failed")
+        elif outcome.unavailable:
+            event.fail(f"image not available, nothing done: {outcome.unavailable}")
         elif outcome.vm is not None:
             logger.info("composed %s (%s)", outcome.vm.name, outcome.vm.uuid)
             results = report.vm_result(outcome.vm)
@@ -735,6 +791,46 @@ class VmHostCharm(ops.CharmBase):
             return
         logger.info("reassigned %s to %s after its host left", key, unit)
         event.set_results({"app": key.app, "id": key.request_id, "unit": unit})
+
+    def _on_sync_images(self, event: ops.ActionEvent) -> None:
+        """Fetch or refresh images now (the named ones, else default-image and images)."""
+        params = event.load_params(SyncImagesParams, errors="fail")
+        inputs = self._action_inputs(event)
+        if inputs is None:
+            return
+        config, _ = inputs
+        store = self._backend(config).image_store()
+        if store is None:
+            event.fail("this backend keeps images in its own store; nothing to sync")
+            return
+        wanted = split_names(params.names) or [
+            n for n in (config.default_image, *config.kept_images) if n
+        ]
+        synced, failed = imagecache.sync(store, config.image_settings, wanted, log=event.log)
+        if failed:
+            event.fail("; ".join(failed))
+            return
+        listed = imagecache.listing(store)
+        event.set_results(
+            {
+                "synced": ", ".join(f"{b.name} {b.version}" for b in synced) or "nothing",
+                "table": imagecache.listing_table(listed),
+            }
+        )
+
+    def _on_list_images(self, event: ops.ActionEvent) -> None:
+        inputs = self._action_inputs(event)
+        if inputs is None:
+            return
+        config, _ = inputs
+        store = self._backend(config).image_store()
+        listed = imagecache.listing(store) if store is not None else []
+        event.set_results(
+            {
+                "table": imagecache.listing_table(listed),
+                "json": json.dumps(listed, sort_keys=True),
+            }
+        )
 
     def _on_list_vms(self, event: ops.ActionEvent) -> None:
         inputs = self._action_inputs(event)

@@ -78,13 +78,17 @@ class Outcome:
     """It does not fit on this host (the allocator's reason)."""
     failed: str = ""
     """The hypervisor failed; what it made was rolled back."""
+    waiting: str = ""
+    """Placed, but its image is not cached yet (what it waits for: a background download)."""
+    unavailable: str = ""
+    """Its image could not be fetched (the check that failed); nothing was created."""
 
     @property
     def error(self) -> str | None:
         """The reason for the requester, or None when it succeeded."""
         if self.failed:
             return f"compose failed and was rolled back: {self.failed}"
-        return self.refused or self.rejected or None
+        return self.refused or self.rejected or self.unavailable or self.waiting or None
 
 
 def name_taken(spec: VmSpec, vms: Sequence[VmRecord]) -> str | None:
@@ -156,10 +160,14 @@ def compose(
     *,
     dry_run: bool = False,
     progress: Callable[[str], None] | None = None,
+    prepare_image: Callable[[str], str | None] | None = None,
 ) -> Outcome:
-    """Check the name, resolve the NICs, plan, then compose (unless a dry run).
+    """Check the name, resolve the NICs, plan, get the image ready, then compose.
 
     `progress` hears one line before the slow part (volumes, define, boot) starts.
+    `prepare_image(name)` runs only once the VM fits (nothing is downloaded for a request
+    that cannot be placed): it returns None when the image is cached, or what the request
+    waits for (answered pending); it raises VmHostError when the image cannot be had.
     """
     taken = name_taken(spec, host.vms)
     if taken:
@@ -184,6 +192,10 @@ def compose(
         return Outcome(spec, rejected=result.reason)
     if dry_run:
         return Outcome(spec, placement=result)
+    if spec.image and prepare_image is not None:
+        blocked = _prepare(spec, result, prepare_image)
+        if blocked is not None:
+            return blocked
     if progress is not None:
         progress(f"composing {spec.name} on host nodes {list(result.host_nodes) or 'any'}")
     try:
@@ -249,6 +261,20 @@ def book_disks(host: HostState, spec: VmSpec) -> HostState:
 
 def _gb(size: int) -> str:
     return f"{size / GB:.1f} GB" if size < 100 * GB else f"{size // GB} GB"
+
+
+def _prepare(
+    spec: VmSpec, placed: Placement, prepare_image: Callable[[str], str | None]
+) -> Outcome | None:
+    """Get the spec's image ready: None when it is, else the outcome that stops here."""
+    assert spec.image
+    try:
+        waiting = prepare_image(spec.image)
+    except InvalidRequestError as exc:
+        return Outcome(spec, placement=placed, refused=str(exc))
+    except VmHostError as exc:
+        return Outcome(spec, placement=placed, unavailable=str(exc))
+    return Outcome(spec, placement=placed, waiting=waiting) if waiting else None
 
 
 def deletable(

@@ -13,8 +13,18 @@ from typing import Literal
 
 import pydantic
 
-from vmhost import access, constraints, exporter, host, images, lifecycle, networks, settings
-from vmhost.model import Policy
+from vmhost import (
+    access,
+    constraints,
+    exporter,
+    host,
+    imagecache,
+    images,
+    lifecycle,
+    networks,
+    settings,
+)
+from vmhost.model import InvalidRequestError, Policy
 
 __all__ = [
     "PER_HOST_OPTIONS",
@@ -43,6 +53,24 @@ def pydantic_message(exc: pydantic.ValidationError) -> str:
             message = f"{message} (got {given!r})"
         parts.append(f"{name}: {message}")
     return "; ".join(parts)
+
+
+def _image_name(value: str) -> str:
+    """The canonical image name, or ValueError (pydantic names the option)."""
+    if "/" in value:
+        raise ValueError(
+            f"{value!r} is a host path; give an image name (ubuntu@24.04, 24.04 or noble) or "
+            "local:NAME for a file in local-image-dir"
+        )
+    try:
+        return images.parse_name(value).name
+    except InvalidRequestError as exc:
+        raise ValueError(str(exc).removeprefix("image: ")) from exc
+
+
+def split_names(text: str) -> list[str]:
+    """Split a comma- or space-separated list of image names."""
+    return [n for n in text.replace(",", " ").split() if n]
 
 
 @functools.lru_cache(maxsize=4)
@@ -82,6 +110,12 @@ class CharmConfig(pydantic.BaseModel):
     metrics_listen: str = exporter.DEFAULT_LISTEN
     metrics_interval: int = pydantic.Field(30, ge=5, le=3600)
     local_image_dir: str = images.DEFAULT_LOCAL_DIR
+    default_image: str = "ubuntu@24.04"
+    image_source: str = images.DEFAULT_SOURCE
+    image_keyring: str = images.DEFAULT_KEYRING
+    image_source_unsigned: bool = False
+    images: str = ""
+    virt_type: Literal["auto", "kvm", "qemu"] = "auto"
 
     @pydantic.field_validator(
         "cpu_overcommit_ratio", "memory_overcommit_ratio", "disk_overcommit_ratio"
@@ -149,6 +183,33 @@ class CharmConfig(pydantic.BaseModel):
     def _project(cls, value: str) -> str:
         return constraints.validate_project(value)
 
+    @pydantic.field_validator("default_image")
+    @classmethod
+    def _default_image(cls, value: str) -> str:
+        return _image_name(value) if value.strip() else ""
+
+    @pydantic.field_validator("images")
+    @classmethod
+    def _images(cls, value: str) -> str:
+        return ",".join(dict.fromkeys(_image_name(n) for n in split_names(value)))
+
+    @pydantic.field_validator("image_source")
+    @classmethod
+    def _image_source(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://", "file://")):
+            raise ValueError(
+                "must be an http://, https:// or file:// URL of a simplestreams tree, for "
+                f"example {images.DEFAULT_SOURCE}"
+            )
+        return value
+
+    @pydantic.field_validator("image_keyring")
+    @classmethod
+    def _image_keyring(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be the absolute path of a GPG keyring")
+        return value
+
     @pydantic.field_validator("local_image_dir")
     @classmethod
     def _local_image_dir(cls, value: str) -> str:
@@ -177,6 +238,25 @@ class CharmConfig(pydantic.BaseModel):
             smt_policy=self.smt_policy,
             hugepages=self.hugepages,
         )
+
+    @property
+    def image_settings(self) -> imagecache.Settings:
+        """Where images come from and how they are trusted (the image-* options)."""
+        return imagecache.Settings(
+            source=images.Source(
+                self.image_source, self.image_keyring, self.image_source_unsigned
+            ),
+            arch=images.host_arch(),
+            local_dir=self.local_image_dir,
+            state_dir=imagecache.STATE_DIR,
+            pool=images.IMAGE_POOL,
+            pool_path=images.IMAGE_POOL_PATH,
+        )
+
+    @property
+    def kept_images(self) -> list[str]:
+        """The images update-status keeps fetched (option images)."""
+        return split_names(self.images)
 
     @property
     def policy(self) -> Policy:
@@ -280,3 +360,11 @@ class TrustParams(pydantic.BaseModel):
 
     name: str
     certificate: str
+
+
+class SyncImagesParams(pydantic.BaseModel):
+    """Parameters of sync-images."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    names: str = ""

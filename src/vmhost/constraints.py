@@ -908,6 +908,7 @@ def build_spec(
     request_id: object = "",
     default_root_gb: int = 20,
     default_interface_bridge: str | None = None,
+    default_image: str = "",
 ) -> VmSpec:
     """Validate one VM request and return its VmSpec.
 
@@ -937,6 +938,8 @@ def build_spec(
         request_id: the relation request id ("" for actions).
         default_root_gb: root disk size when no storage is requested (charm config).
         default_interface_bridge: host bridge of the default NIC (charm config).
+        default_image: the image of a request that names none (charm config default-image;
+            "" boots it from the network).
     """
     checked_name = validate_name(name)
     checked_id = validate_request_id(request_id) if request_id not in ("", None) else ""
@@ -971,6 +974,7 @@ def build_spec(
         disks = (DiskSpec(label="root", size_gb=default_root_gb),)
     _check_volume_names(checked_name, disks)
 
+    chosen_image = _validate_image(image)
     nics = parse_interfaces(interfaces)
     if not nics and default_interface_bridge:
         bridge = validate_host_device(default_interface_bridge, "interfaces", "default bridge")
@@ -998,7 +1002,8 @@ def build_spec(
         hugepages=page_request,
         disks=disks,
         interfaces=nics,
-        image=_validate_image(image),
+        image=chosen_image or _validate_image(default_image),
+        image_from_default=chosen_image is None and bool(default_image),
         user_data=checked_user_data,
         ssh_public_keys=_validate_ssh_keys(ssh_public_keys),
         hostname=checked_hostname,
@@ -1038,6 +1043,8 @@ def spec_hash(spec: VmSpec) -> str:
     The owner and request id are left out: they say who asked, not what the VM is, so a
     request is "changed" only when the VM it describes changes.
     """
+    if spec.image_from_default:
+        spec = dataclasses.replace(spec, image=None, image_from_default=False)
     data = _canonical(dataclasses.replace(spec, owner="action", request_id=""))
     encoded = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(encoded.encode()).hexdigest()[:16]

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import jinja2
 import pydantic
 
-from vmhost import metrics, refusals, report, settings
+from vmhost import images, metrics, refusals, report, settings
 from vmhost.backends import Backend
 from vmhost.model import HostTopology, InvalidRequestError, Policy, VmRecord
 from vmhost.placement import usage
@@ -52,8 +52,8 @@ UNIT_PATH = Path(f"/etc/systemd/system/{SERVICE_NAME}.service")
 PID_PATH = Path(f"/run/{SERVICE_NAME}.pid")
 LOG_PATH = Path(f"/var/log/{SERVICE_NAME}.log")
 SETSID = "/usr/bin/setsid"
-IMAGE_CACHE_DIR = Path("/var/lib/vm-host/image-cache")
-"""Where cached base images live (not the default storage pool's directory)."""
+IMAGE_CACHE_DIR = Path(images.IMAGE_POOL_PATH)
+"""Where cached base images live: the vm-host-images pool (not the default storage pool)."""
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 DEFAULT_LISTEN = "127.0.0.1:9540"
 _VM_PATH = re.compile(r"^/vm/([A-Za-z0-9][A-Za-z0-9_.-]{0,62})$")

@@ -50,7 +50,13 @@ def packages_for_arch(machine: str | None = None) -> list[str]:
         qemu,
         "qemu-utils",
         "genisoimage",
+        "gpgv",
     ]
+
+
+IMAGE_KEYRING_PACKAGES = ("ubuntu-cloudimage-keyring", "ubuntu-keyring")
+"""The package holding /usr/share/keyrings/ubuntu-cloudimage-keyring.gpg: Ubuntu's own, then
+Debian's (which ships the same keyring in ubuntu-keyring)."""
 
 
 def install_packages() -> None:
@@ -64,6 +70,24 @@ def install_packages() -> None:
         apt.add_package(packages, update_cache=True)
     except (apt.PackageError, apt.PackageNotFoundError) as e:
         raise VmHostError(f"installing {', '.join(packages)} failed: {e}") from e
+    install_image_keyring()
+
+
+def install_image_keyring() -> str | None:
+    """Install the Ubuntu cloud image keyring (image-keyring's default); return the package.
+
+    None when neither package exists here: fetching then says the keyring is missing and
+    names image-keyring, so an offline mirror can bring its own key.
+    """
+    for package in IMAGE_KEYRING_PACKAGES:
+        try:
+            apt.add_package(package)
+        except (apt.PackageError, apt.PackageNotFoundError) as e:
+            logger.info("image keyring package %s not installed: %s", package, e)
+            continue
+        return package
+    logger.warning("no package of %s could be installed", ", ".join(IMAGE_KEYRING_PACKAGES))
+    return None
 
 
 def render_libvirtd_conf(templates_dir: Path) -> str:

@@ -25,6 +25,7 @@ import hashlib
 import http.client
 import json
 import os
+import platform
 import re
 import stat
 import subprocess
@@ -32,7 +33,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,12 @@ class StreamItem:
     url: str
     sha256: str
     size: int
+
+
+def host_arch() -> str:
+    """Return this host's architecture in libvirt's spelling (x86_64, aarch64)."""
+    machine = platform.machine()
+    return "aarch64" if machine in ("aarch64", "arm64") else machine
 
 
 def parse_name(name: str) -> StreamImage | LocalImage:
@@ -274,7 +281,7 @@ def resolve(source: Source, image: StreamImage, arch: str) -> StreamItem:
         path = str(content["path"]).removesuffix(".sjson").removesuffix(".json")
         products = read_stream(source, path).get("products") or {}
         versions: dict[str, Any] = (products.get(product) or {}).get("versions") or {}
-        for version in sorted(versions, reverse=True):
+        for version in sorted(versions, key=version_key, reverse=True):
             items: dict[str, Any] = versions[version].get("items") or {}
             for ftype in DISK_ITEMS:
                 item = items.get(ftype)
@@ -465,3 +472,93 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The image cache: one base volume per image version, in a pool of its own
+
+
+IMAGE_POOL = "vm-host-images"
+IMAGE_POOL_PATH = "/var/lib/vm-host/image-cache"
+"""The pool's directory; the exporter's vmhost_image_cache_bytes reads the same one."""
+STAGING_DIR = "/var/lib/vm-host/image-staging"
+"""Where downloads and conversions are written before they become a base (same filesystem as
+the pool, so the move is a rename: a base is whole or absent)."""
+_BASE_RE = re.compile(
+    r"^(?P<slug>(ubuntu-\d{2}\.\d{2}-[a-z0-9]+|local-[a-z0-9][a-z0-9._-]{0,62}))"
+    r"_(?P<version>[A-Za-z0-9.+-]{1,64})_(?P<sha256>[0-9a-f]{64})\.qcow2$"
+)
+_VERSION_RE = re.compile(r"^[A-Za-z0-9.+-]{1,64}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedImage:
+    """A base volume of the image pool; its name records image, version and sha256.
+
+    The pool is the ledger: nothing about a base is kept anywhere but its volume name, so a
+    lost unit state or a re-run hook cannot disagree with what is on disk.
+    """
+
+    name: str
+    """`ubuntu@24.04` or `local:NAME`."""
+    arch: str
+    """The simplestreams architecture (amd64) for stream images, "" for local ones."""
+    version: str
+    sha256: str
+    """sha256 of the base file as it was verified (the index's, or of the converted copy)."""
+    volume: str
+    path: str = ""
+    size: int = 0
+    """Bytes on disk."""
+
+    @property
+    def product(self) -> str:
+        """The simplestreams product id, or `local:NAME`."""
+        if self.name.startswith("local:"):
+            return self.name
+        release = self.name.removeprefix("ubuntu@")
+        return f"com.ubuntu.cloud:server:{release}:{self.arch}"
+
+
+def base_volume_name(image: StreamImage | LocalImage, arch: str, version: str, sha256: str) -> str:
+    """Return the volume name recording an image, its version and its sha256."""
+    if not _VERSION_RE.fullmatch(version):
+        raise ImageFetchError("not-found", f"{image.name}: version {version!r} is not usable")
+    if isinstance(image, LocalImage):
+        slug = f"local-{image.local_name}"
+    else:
+        slug = f"ubuntu-{image.release}-{ARCHES.get(arch, arch)}"
+    return f"{slug}_{version}_{sha256}.qcow2"
+
+
+def parse_base_volume(volume: str, path: str = "", size: int = 0) -> CachedImage | None:
+    """Read a base volume's name back; None for any other file in the pool."""
+    match = _BASE_RE.fullmatch(volume)
+    if match is None:
+        return None
+    slug = match["slug"]
+    if slug.startswith("local-"):
+        name, arch = f"local:{slug.removeprefix('local-')}", ""
+    else:
+        _, release, arch = slug.split("-", 2)
+        name = f"ubuntu@{release}"
+    return CachedImage(
+        name=name,
+        arch=arch,
+        version=match["version"],
+        sha256=match["sha256"],
+        volume=volume,
+        path=path,
+        size=size,
+    )
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Order versions as simplestreams serials compare: 20240423.1 after 20240423."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.+-]", version))
+
+
+def newest(cached: Sequence[CachedImage], name: str) -> CachedImage | None:
+    """Return the newest cached base of an image, or None."""
+    mine = [c for c in cached if c.name == name]
+    return max(mine, key=lambda c: version_key(c.version)) if mine else None

@@ -234,6 +234,9 @@ class VmSpec:
     disks: tuple[DiskSpec, ...] = ()
     interfaces: tuple[InterfaceSpec, ...] = ()
     image: str | None = None
+    image_from_default: bool = False
+    """The request named no image and got the host's default-image (which spec_hash leaves
+    out: changing that option, or upgrading to a charm that has one, changes no request)."""
     user_data: str | None = None
     ssh_public_keys: tuple[str, ...] = ()
     hostname: str | None = None

@@ -1,25 +1,107 @@
-"""Drive the vm-host charm against this machine's libvirt: set up, compose a pinned VM, report.
+"""Drive the vm-host charm against this machine's libvirt: set up, compose a VM that boots.
 
 The charm runs exactly as under Juju (install, config-changed, then actions), through
-ops.testing's Context; nothing in the workload is replaced, so the VM is real.
+ops.testing's Context; nothing in the workload is replaced, so the VM is real. Its image is
+the charm's default-image (ubuntu@24.04): from cloud-images.ubuntu.com when that answers and
+its keyring is installed, otherwise (an offline machine) from the tiny test guest
+(tests/guest/build-tiny-image) published as ubuntu@24.04 in a signed mirror on 127.0.0.1, the
+one the tests use. After composing, the guest's own report (what it read inside: CPUs, NUMA
+nodes, MACs, its cloud-init seed) is printed from the serial console log.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
+import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 from ops import testing
 
 import charm
+from vmhost import images
+from vmhost.backends.libvirt import LibvirtBackend
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST = REPO / "tests" / "guest"
+MIRROR_DIR = Path("/var/cache/vm-host-tests/quickstart-mirror")
+REPORT_TIMEOUT_S = 240
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"vmhost_guest_{name}", GUEST / f"{name}.py")
+    assert spec
+    assert spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def default_source_reachable() -> bool:
+    """Whether cloud-images.ubuntu.com answers and its keyring is installed."""
+    if not Path(images.DEFAULT_KEYRING).exists():
+        return False
+    url = images.DEFAULT_SOURCE + "streams/v1/index.sjson"
+    try:
+        with urllib.request.urlopen(url, timeout=5):  # noqa: S310 - a fixed https URL
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def image_source() -> Iterator[dict[str, str]]:
+    """The image options: the default source, or the local signed mirror while it is served."""
+    if default_source_reachable():
+        print(f"image source: {images.DEFAULT_SOURCE}")
+        yield {}
+        return
+    built = subprocess.run(
+        ["bash", str(GUEST / "build-tiny-image")], check=True, capture_output=True, text=True
+    )
+    tiny = Path(built.stdout.strip().splitlines()[-1])
+    mirror = _load("mirror")
+    MIRROR_DIR.mkdir(parents=True, exist_ok=True)
+    keyring = mirror.publish(tiny, MIRROR_DIR)
+    with mirror.serve(MIRROR_DIR) as url:
+        print(
+            f"image source: {images.DEFAULT_SOURCE} is not reachable from here; serving the "
+            f"tiny test guest as ubuntu@24.04 from a signed mirror at {url}"
+        )
+        yield {"image-source": url, "image-keyring": str(keyring)}
+
+
+def guest_report(name: str) -> str:
+    """The guest's own report from its console log (the tiny guest), or the log's tail."""
+    report = _load("report")
+    backend = LibvirtBackend()
+    deadline = time.monotonic() + REPORT_TIMEOUT_S
+    text = ""
+    while time.monotonic() < deadline:
+        text = backend.console_log(name, 2000)
+        try:
+            return json.dumps(report.parse(text), indent=1, sort_keys=True)
+        except report.NoReportError:
+            pass
+        if "login:" in text:
+            break
+        time.sleep(1)
+    return "\n".join(text.splitlines()[-40:]) or "(nothing on the console yet)"
+
 
 DEFAULT_REQUEST = {
     "name": "quickstart-vm",
-    "memory": 256,
+    "memory": 512,
     "pinned-cores": "1",
-    "storage": "root:1",
+    "storage": "root:4",
 }
 
 
@@ -66,9 +148,14 @@ def main() -> int:
     parser.add_argument("--delete", action="store_true", help="delete the VM and stop")
     args = parser.parse_args()
     request = json.loads(args.request) if args.request else dict(DEFAULT_REQUEST)
+    with image_source() as image_config:
+        return run(request, image_config | json.loads(args.config), delete=args.delete)
+
+
+def run(request: dict, config: dict, *, delete: bool) -> int:
+    """Set up, compose, print the guest's report and the resource table."""
     ctx = testing.Context(charm.VmHostCharm)
-    config = json.loads(args.config)
-    bridge = None if args.delete else _default_network(config)
+    bridge = None if delete else _default_network(config)
     if bridge:
         config["default-network"] = bridge
         print(f"the VM's NIC goes on {bridge} (libvirt's default NAT network)")
@@ -92,7 +179,7 @@ def main() -> int:
             f"[{time.monotonic() - started:5.1f}s] deleted the previous {request['name']}"
             + (f" (failed: {error})" if error else "")
         )
-    if args.delete:
+    if delete:
         return 0
 
     print(f"[{time.monotonic() - started:5.1f}s] compose-vm {json.dumps(request)}")
@@ -105,6 +192,12 @@ def main() -> int:
     for key in ("name", "uuid", "state", "volumes"):
         print(f"  {key}: {results.get(key, '')}")
     print(f"  placement: {results['placement']}")
+    print()
+    print(f"[{time.monotonic() - started:5.1f}s] the guest's own report (from its console):")
+    print(guest_report(request["name"]))
+    print(f"[{time.monotonic() - started:5.1f}s] images cached on this host:")
+    listed, _ = _run(ctx, state, "list-images")
+    print(listed["table"] if listed else "(list-images failed)")
 
     resources, error = _run(ctx, state, "show-resources")
     if resources is None:

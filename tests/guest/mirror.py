@@ -147,14 +147,25 @@ def publish(
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    requests: list[str] | None = None
+
     def log_message(self, format: str, *args: object) -> None:
         pass
 
+    def do_GET(self) -> None:
+        if self.requests is not None:
+            self.requests.append(self.path)
+        super().do_GET()
+
 
 @contextlib.contextmanager
-def serve(directory: Path, port: int = 0) -> Iterator[str]:
-    """Serve a directory over HTTP on 127.0.0.1 while the context is open; yield its URL."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
+def serve(directory: Path, port: int = 0, requests: list[str] | None = None) -> Iterator[str]:
+    """Serve a directory over HTTP on 127.0.0.1 while the context is open; yield its URL.
+
+    With `requests`, the path of every GET is appended to it (tests count downloads).
+    """
+    handler_class = type("_Handler", (_QuietHandler,), {"requests": requests})
+    handler = functools.partial(handler_class, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -9,6 +9,9 @@ Every module here may use them:
   first test and again after the last.
 - `test_pool` (session): the name of a started directory pool `vmhost-test-pool` in a temporary
   directory, created through `backend.ensure_pool`.
+- `image_pool` (function): points `backend` at a fresh image cache pool `vmhost-test-images`
+  (its bases are removed with the pool afterwards) and returns an imagecache.Settings whose
+  local-image-dir and state dir are private temporary directories.
 - `clean_host` (function): removes `vmhost-test-*` domains and volumes before and after one
   test, so a failing test cannot leak into the next.
 - `test_bridge` (function): a Linux bridge `vmhost-test-br0`, up, deleted afterwards.
@@ -34,6 +37,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from vmhost import imagecache
 from vmhost.backends.libvirt import LibvirtBackend
 from vmhost.host import set_hugepages
 
@@ -42,6 +46,7 @@ ENSURE_LIBVIRT = REPO / "tests" / "bin" / "ensure-libvirt.sh"
 PREFIX = "vmhost-test-"
 TEST_POOL = "vmhost-test-pool"
 TEST_BRIDGE = "vmhost-test-br0"
+TEST_IMAGE_POOL = "vmhost-test-images"
 IP = "/usr/sbin/ip" if Path("/usr/sbin/ip").exists() else "/sbin/ip"
 SYSFS = Path("/sys")
 
@@ -168,6 +173,37 @@ def test_pool(backend: LibvirtBackend) -> Iterator[str]:
             vol.delete(0)
         pool.destroy()
         pool.undefine()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def remove_pool(conn: libvirt.virConnect, name: str) -> None:
+    """Delete a pool's volumes, stop and undefine it (leaving its directory to the caller)."""
+    with contextlib.suppress(libvirt.libvirtError):
+        pool = conn.storagePoolLookupByName(name)
+        if pool.isActive():
+            pool.refresh(0)
+            for vol in pool.listAllVolumes(0):
+                vol.delete(0)
+            pool.destroy()
+        pool.undefine()
+
+
+@pytest.fixture
+def image_pool(
+    backend: LibvirtBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[imagecache.Settings]:
+    """A fresh image cache pool for `backend`; Settings with private local and state dirs."""
+    base = Path(tempfile.mkdtemp(prefix=PREFIX + "images-"))
+    base.chmod(0o755)
+    remove_pool(backend.conn, TEST_IMAGE_POOL)
+    monkeypatch.setattr(backend, "image_pool", TEST_IMAGE_POOL)
+    monkeypatch.setattr(backend, "image_pool_path", str(base / "cache"))
+    local = tmp_path / "local-images"
+    local.mkdir()
+    yield imagecache.Settings(local_dir=str(local), state_dir=str(tmp_path / "state"))
+    remove_test_domains(backend.conn)
+    remove_test_volumes(backend.conn)
+    remove_pool(backend.conn, TEST_IMAGE_POOL)
     shutil.rmtree(base, ignore_errors=True)
 
 

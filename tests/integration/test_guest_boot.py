@@ -2,13 +2,14 @@
 
 The image is the tiny test guest (tests/guest/build-tiny-image, cached by recipe), published as
 com.ubuntu.cloud:server:24.04:amd64 in a signed simplestreams mirror on 127.0.0.1
-(tests/guest/mirror.py). `ubuntu@24.04` is resolved and fetched through vmhost.images with
-gpgv and sha256/size checks, composed by the libvirt backend with virt-type=qemu, and the
-guest's own console report is read back through console_log().
+(tests/guest/mirror.py). `ubuntu@24.04` is resolved and fetched into the image cache pool
+(gpgv, sha256 and size checked), composed by the libvirt backend as an overlay on that base
+with virt-type=qemu, and the guest's own console report is read back through console_log().
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ import libvirt
 import pytest
 from tests.integration.test_libvirt_backend import placed, spec
 
-from vmhost import images
+from vmhost import imagecache, images
 from vmhost.backends.libvirt import LibvirtBackend
 from vmhost.model import AttachmentKind, NicAttachment, VmState
 
@@ -70,9 +71,19 @@ def signed_mirror(tiny_image: Path) -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture
-def tcg(backend: LibvirtBackend, tmp_path: Path) -> Iterator[LibvirtBackend]:
-    """A virt-type=qemu backend (this machine's /dev/kvm cannot boot a guest)."""
-    with LibvirtBackend(virt_type="qemu", console_log_dir=str(tmp_path / "console")) as b:
+def tcg(
+    backend: LibvirtBackend, image_pool: imagecache.Settings, tmp_path: Path
+) -> Iterator[LibvirtBackend]:
+    """A virt-type=qemu backend (this machine's /dev/kvm cannot boot a guest).
+
+    It shares the test image pool of `image_pool`.
+    """
+    with LibvirtBackend(
+        virt_type="qemu",
+        console_log_dir=str(tmp_path / "console"),
+        image_pool=backend.image_pool,
+        image_pool_path=backend.image_pool_path,
+    ) as b:
         yield b
 
 
@@ -92,26 +103,19 @@ def test_named_image_boots_and_the_guest_reports_the_plan(
     test_pool: str,
     test_bridge: str,
     signed_mirror: tuple[str, str],
-    tmp_path: Path,
+    image_pool: imagecache.Settings,
 ) -> None:
     url, keyring = signed_mirror
-    source = images.Source(url=url, keyring=keyring)
-    name = images.parse_name("ubuntu@24.04")
-    assert isinstance(name, images.StreamImage)
-    item = images.resolve(source, name, "x86_64")
-    fetched = images.download(item, tmp_path / "cache")
-    assert images.file_sha256(fetched) == item.sha256
-    local = tmp_path / "local"
-    local.mkdir()
-    fetched.rename(local / "tiny.qcow2")
-    tcg.local_image_dir = str(local)
+    settings = dataclasses.replace(image_pool, source=images.Source(url=url, keyring=keyring))
+    base = imagecache.ensure(tcg, "ubuntu@24.04", settings)
+    assert images.file_sha256(Path(base.path)) == base.sha256
 
     vm = spec(
         "vmhost-test-boot",
         test_pool,
         vcpus=2,
         memory_mib=256,
-        image="local:tiny",
+        image="ubuntu@24.04",
         ssh_public_keys=(KEY,),
         user_data="#cloud-config\npackages: [htop]\n",
     )

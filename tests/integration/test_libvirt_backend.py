@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import libvirt
 import pytest
 from tests.integration.conftest import free_hugepages
 
+from vmhost import imagecache
 from vmhost.backends import BackendUnavailableError
 from vmhost.backends.libvirt import METADATA_NS, LibvirtBackend
 from vmhost.model import (
@@ -54,6 +56,16 @@ def spec(name: str, pool: str, **kw: object) -> VmSpec:
     }
     base.update(kw)
     return VmSpec(**base)  # type: ignore[arg-type]
+
+
+def qemu_info(path: str) -> dict:
+    out = subprocess.run(
+        [QEMU_IMG, "info", "--force-share", "--output=json", path],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
 
 
 def placed(backend: LibvirtBackend, vm: VmSpec) -> Placement:
@@ -246,108 +258,95 @@ def test_delete_removes_exactly_its_volumes(backend: LibvirtBackend, test_pool: 
         backend.delete(vm.name)
 
 
-@pytest.fixture
-def local_images(backend: LibvirtBackend, tmp_path: Path) -> Iterator[LibvirtBackend]:
-    """A backend whose local-image-dir is this test's tmp_path, as the option would set it."""
-    with LibvirtBackend(
-        virt_type=backend.virt_type,
-        console_log_dir=backend.console_log_dir,
-        intent_dir=backend.intents.directory,
-        local_image_dir=str(tmp_path),
-    ) as b:
-        yield b
-
-
 def test_a_host_path_is_never_copied_into_a_disk(
-    local_images: LibvirtBackend, test_pool: str, tmp_path: Path
+    backend: LibvirtBackend, test_pool: str, image_pool: imagecache.Settings
 ) -> None:
     # Once, `image: /etc/shadow` (or another tenant's disk) was copied byte for byte into the
     # requester's root disk.
-    backend = local_images
-    other = tmp_path / "other.raw"
+    local = Path(image_pool.local_dir)
+    other = local / "other.raw"
     other.write_bytes(b"another tenant's data\n" + b"\0" * 4096)
-    (tmp_path / "shadow.raw").symlink_to("/etc/shadow")
+    (local / "shadow.raw").symlink_to("/etc/shadow")
     before = volumes(backend, test_pool)
-    for image in ("/etc/shadow", str(other), "local:shadow"):
+    for image in ("/etc/shadow", str(other)):
         vm = spec("vmhost-test-path", test_pool, image=image)
         with pytest.raises(InvalidRequestError, match="image"):
             backend.compose(vm, placed(backend, vm), (), test_pool)
-        assert volumes(backend, test_pool) == before
-        assert vm.name not in domains(backend)
+    with pytest.raises(InvalidRequestError, match="links out of"):
+        imagecache.ensure(backend, "local:shadow", image_pool)
+    vm = spec("vmhost-test-path", test_pool, image="local:shadow")
+    with pytest.raises(VmHostError, match="not in this host's image cache"):
+        backend.compose(vm, placed(backend, vm), (), test_pool)
+    assert volumes(backend, test_pool) == before
+    assert backend.cached_images() == []
+    assert vm.name not in domains(backend)
 
 
-def test_root_disk_from_a_local_raw_image_is_a_flattened_qcow2(
-    local_images: LibvirtBackend, test_pool: str, tmp_path: Path
+def test_root_disks_are_overlays_on_one_cached_base(
+    backend: LibvirtBackend, test_pool: str, image_pool: imagecache.Settings
 ) -> None:
-    backend = local_images
-    image = tmp_path / "vmhost-test.raw"
+    image = Path(image_pool.local_dir) / "vmhost-test.raw"
     marker = b"vm-host image marker\n"
     image.write_bytes(marker + b"\0" * (4 * 1024 * 1024 - len(marker)))
-    vm = spec("vmhost-test-image", test_pool, image="local:vmhost-test")
-    backend.compose(vm, placed(backend, vm), (), test_pool)
-
-    root = live_xml(backend, vm.name)
-    assert [b.get("dev") for b in root.findall("os/boot")] == ["hd"]
-    driver = root.find("devices/disk[@device='disk']/driver")
-    assert driver is not None
-    assert driver.get("type") == "qcow2"
-    vol = backend.conn.storagePoolLookupByName(test_pool).storageVolLookupByName(
-        "vmhost-test-image-root"
-    )
-    assert vol.info()[1] == GB  # grown to the requested size
-    # The image's bytes, converted (qemu-img compare reads both as disks, not as files).
-    subprocess.run(
-        [QEMU_IMG, "compare", "-q", "-U", "-f", "raw", "-F", "qcow2", str(image), vol.path()],
-        check=True,
-    )
-    backend.delete(vm.name)
-
-
-def test_root_disk_from_a_local_qcow2_image(
-    local_images: LibvirtBackend, test_pool: str, tmp_path: Path
-) -> None:
-    backend = local_images
-    image = tmp_path / "vmhost-test.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), "256M"], check=True)
-    vm = spec("vmhost-test-qcow", test_pool, image="local:vmhost-test")
-    backend.compose(vm, placed(backend, vm), (), test_pool)
-
-    driver = live_xml(backend, vm.name).find("devices/disk[@device='disk']/driver")
-    assert driver is not None
-    assert driver.get("type") == "qcow2"
-    vol = backend.conn.storagePoolLookupByName(test_pool).storageVolLookupByName(
-        "vmhost-test-qcow-root"
-    )
-    info = json.loads(
-        subprocess.run(
-            [QEMU_IMG, "info", "--force-share", "--output=json", vol.path()],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    assert (info["format"], info["virtual-size"]) == ("qcow2", GB)
+    base = imagecache.ensure(backend, "local:vmhost-test", image_pool)
+    assert base.name == "local:vmhost-test"
+    info = qemu_info(base.path)
+    assert info["format"] == "qcow2"  # converted, never copied as bytes
     assert "backing-filename" not in info
-    backend.delete(vm.name)
+    assert imagecache.ensure(backend, "local:vmhost-test", image_pool) == base  # once
+
+    names = ("vmhost-test-image", "vmhost-test-image2")
+    for name in names:
+        vm = spec(name, test_pool, image="local:vmhost-test")
+        backend.compose(vm, placed(backend, vm), (), test_pool)
+        root = live_xml(backend, name)
+        assert [b.get("dev") for b in root.findall("os/boot")] == ["hd"]
+        driver = root.find("devices/disk[@device='disk']/driver")
+        assert driver is not None
+        assert driver.get("type") == "qcow2"
+        vol = backend.conn.storagePoolLookupByName(test_pool).storageVolLookupByName(
+            f"{name}-root"
+        )
+        assert vol.info()[1] == GB  # the requested size
+        info = qemu_info(vol.path())
+        assert info["backing-filename"] == base.path  # an overlay: nothing was copied
+        assert info["actual-size"] < 1024 * 1024
+        # The guest reads the image's bytes through it (qemu-img follows the backing chain).
+        subprocess.run(
+            [QEMU_IMG, "compare", "-q", "-U", "-f", "raw", "-F", "qcow2", str(image), vol.path()],
+            check=True,
+        )
+    assert sorted(backend.image_users()[base.volume]) == list(names)
+    assert [(b.volume, b.sha256) for b in backend.cached_images()] == [(base.volume, base.sha256)]
+
+    # A newer version replaces the base; the old one stays while VMs use it.
+    image.write_bytes(marker + b"v2" + b"\0" * (4 * 1024 * 1024 - len(marker) - 2))
+    os.utime(image, (time.time() + 5, time.time() + 5))
+    newer = imagecache.ensure(backend, "local:vmhost-test", image_pool)
+    assert {b.volume for b in backend.cached_images()} == {base.volume, newer.volume}
+    for name in names:
+        backend.delete(name)
+    assert backend.image_users() == {}
+    image.write_bytes(marker + b"v3" + b"\0" * (4 * 1024 * 1024 - len(marker) - 2))
+    os.utime(image, (time.time() + 10, time.time() + 10))
+    newest = imagecache.ensure(backend, "local:vmhost-test", image_pool)
+    assert [b.volume for b in backend.cached_images()] == [newest.volume]
 
 
 def test_local_qcow2_with_an_external_data_file_is_refused_untouched(
-    local_images: LibvirtBackend, test_pool: str, tmp_path: Path
+    backend: LibvirtBackend, test_pool: str, image_pool: imagecache.Settings
 ) -> None:
     # A qcow2 whose data_file is a host file would make QEMU open that file read-write.
-    backend = local_images
-    image = tmp_path / "evil.qcow2"
+    local = Path(image_pool.local_dir)
     subprocess.run(
-        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'victim'}",
-         str(image), "64M"],
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", f"data_file={local / 'victim'}",
+         str(local / "evil.qcow2"), "64M"],
         check=True,
     )  # fmt: skip
-    before = volumes(backend, test_pool)
-    vm = spec("vmhost-test-evil", test_pool, image="local:evil")
     with pytest.raises(VmHostError, match="external data file"):
-        backend.compose(vm, placed(backend, vm), (), test_pool)
-    assert volumes(backend, test_pool) == before
-    assert vm.name not in domains(backend)
+        imagecache.ensure(backend, "local:evil", image_pool)
+    assert backend.cached_images() == []
+    assert list(backend.staging_dir().iterdir()) == []
 
 
 def test_ensure_pool_defines_starts_and_restarts(backend: LibvirtBackend, tmp_path: Path) -> None:
@@ -372,11 +371,11 @@ def test_ensure_pool_defines_starts_and_restarts(backend: LibvirtBackend, tmp_pa
 
 
 def test_image_larger_than_the_disk_leaves_nothing(
-    local_images: LibvirtBackend, test_pool: str, tmp_path: Path
+    backend: LibvirtBackend, test_pool: str, image_pool: imagecache.Settings
 ) -> None:
-    backend = local_images
-    image = tmp_path / "big.qcow2"
+    image = Path(image_pool.local_dir) / "big.qcow2"
     subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), "2G"], check=True)
+    imagecache.ensure(backend, "local:big", image_pool)
     before = volumes(backend, test_pool)
     vm = spec("vmhost-test-bigimage", test_pool, image="local:big")
     with pytest.raises(VmHostError, match="larger root disk"):

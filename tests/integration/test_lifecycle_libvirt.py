@@ -33,8 +33,13 @@ def ctx() -> testing.Context[charm.VmHostCharm]:
 
 @pytest.fixture
 def state(test_pool: str, clean_host: None, test_bridge: str) -> testing.State:
-    # A request without interfaces gets its one NIC on default-network.
-    config = {"default-storage-pool": test_pool, "default-network": test_bridge}
+    # A request without interfaces gets its one NIC on default-network; network boot
+    # (default-image ""): these VMs test power, images have their own tests.
+    config = {
+        "default-storage-pool": test_pool,
+        "default-network": test_bridge,
+        "default-image": "",
+    }
     return testing.State(config=config, leader=True)
 
 

@@ -65,7 +65,7 @@ def test_relation_request_gets_nics_on_the_right_bridges_and_a_static_address(
         "interfaces": "eth0:subnet_cidr=10.231.1.0/24;data:ip=10.231.2.50",
     }
     relation = vm_lib.requirer_relation([request], remote_app_name=APP, relation_id=41)
-    config = {"default-storage-pool": test_pool}
+    config = {"default-storage-pool": test_pool, "default-image": ""}  # network boot
     state = testing.State(config=config, leader=True, relations={relation})
     out = ctx.run(ctx.on.relation_changed(relation), state)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from vmhost import images
 from vmhost.backends import BackendUnavailableError
 from vmhost.constraints import spec_hash
 from vmhost.model import (
@@ -19,6 +21,49 @@ from vmhost.model import (
     VmState,
     VmStats,
 )
+
+
+@dataclass
+class FakeImageStore:
+    """An image pool in a dict: add_image keeps the volume name it is given and records it."""
+
+    directory: Path
+    bases: dict[str, images.CachedImage] = field(default_factory=dict)
+    users: dict[str, list[str]] = field(default_factory=dict)
+    """What image_users returns (set by the test)."""
+    calls: list[str] = field(default_factory=list)
+
+    def cached_images(self) -> list[images.CachedImage]:
+        return sorted(self.bases.values(), key=lambda b: (b.name, images.version_key(b.version)))
+
+    def staging_dir(self) -> Path:
+        path = self.directory / "staging"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def add_image(self, file: Path, volume: str) -> images.CachedImage:
+        self.calls.append(f"add:{volume}")
+        target = self.directory / volume
+        file.replace(target)
+        base = images.parse_base_volume(volume, str(target), target.stat().st_size)
+        assert base is not None
+        self.bases[volume] = base
+        return base
+
+    def remove_image(self, volume: str) -> None:
+        self.calls.append(f"remove:{volume}")
+        del self.bases[volume]
+
+    def image_users(self) -> dict[str, list[str]]:
+        return self.users
+
+    def cache(self, name: str, version: str = "20261201", sha256: str = "a" * 64) -> None:
+        """Put a base in the pool as if it had been fetched."""
+        image = images.parse_name(name)
+        volume = images.base_volume_name(image, "x86_64", version, sha256)
+        base = images.parse_base_volume(volume, str(self.directory / volume), 10_000_000)
+        assert base is not None
+        self.bases[volume] = base
 
 
 @dataclass
@@ -38,6 +83,12 @@ class FakeBackend:
     orphans: list[str] = field(default_factory=list)
     """Messages the next recover() returns (what a killed compose left, set by the test)."""
     recovered: list[str] = field(default_factory=list)
+    images: FakeImageStore | None = None
+    """The image cache (None: like LXD, the hypervisor resolves image names itself)."""
+
+    def image_store(self) -> FakeImageStore | None:
+        return self.images
+
     ignores_acpi: set[str] = field(default_factory=set)
     """VMs whose guest does not answer a shutdown request (stop needs the plug pulled)."""
     composed: dict[str, tuple[VmSpec, tuple[NicAttachment, ...]]] = field(default_factory=dict)

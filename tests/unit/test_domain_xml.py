@@ -362,23 +362,17 @@ def test_bad_volume_pool_and_bridge_names_are_refused() -> None:
         backend.compose(spec(disks=(DiskSpec("seed", 1),)), placement, (), "vm-host")
 
 
-def test_missing_image_is_refused_before_connecting(tmp_path: Path) -> None:
-    backend = LibvirtBackend(
-        uri="qemu+unix:///system?socket=/nonexistent/sock", local_image_dir=str(tmp_path)
-    )
+def test_a_bad_image_name_is_refused_before_connecting(tmp_path: Path) -> None:
+    backend = LibvirtBackend(uri="qemu+unix:///system?socket=/nonexistent/sock")
     placement = Placement(vcpus=2, memory_mib=2048)
-    with pytest.raises(InvalidRequestError, match="image"):
-        backend.compose(spec(image="local:nope"), placement, (), "vm-host")
-    (tmp_path / "dir.qcow2").mkdir()
-    with pytest.raises(InvalidRequestError, match="not a regular file"):
-        backend.compose(spec(image="local:dir"), placement, (), "vm-host")
+    for name in ("local:Bad Name", "ubuntu@24", "jammy-vm"):
+        with pytest.raises(InvalidRequestError, match="image"):
+            backend.compose(spec(image=name), placement, (), "vm-host")
 
 
 def test_a_host_path_never_reaches_the_disk_even_past_the_request_checks(tmp_path: Path) -> None:
     # Defence in depth: a spec built without constraints.build_spec still cannot name a file.
-    backend = LibvirtBackend(
-        uri="qemu+unix:///system?socket=/nonexistent/sock", local_image_dir=str(tmp_path)
-    )
+    backend = LibvirtBackend(uri="qemu+unix:///system?socket=/nonexistent/sock")
     placement = Placement(vcpus=2, memory_mib=2048)
     for path in ("/etc/shadow", str(tmp_path / "x.qcow2"), "local:../etc/shadow"):
         with pytest.raises(InvalidRequestError, match="image"):
@@ -495,6 +489,18 @@ def test_generated_macs_are_stable_and_local() -> None:
             "storage-volume.xml.j2",
             "storagevol",
             {"name": "vm1-root", "capacity_bytes": 10 * 10**9, "format": "qcow2"},
+        ),
+        (
+            "storage-volume.xml.j2",
+            "storagevol",
+            {
+                "name": "vm1-root",
+                "capacity_bytes": 10 * 10**9,
+                "format": "qcow2",
+                "backing_path": "/var/lib/vm-host/image-cache/ubuntu-24.04-amd64_1_"
+                + "a" * 64
+                + ".qcow2",
+            },
         ),
     ],
 )

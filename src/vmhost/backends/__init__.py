@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vmhost.model import HostTopology, NicAttachment, Placement, VmRecord, VmSpec, VmStats
+
+if TYPE_CHECKING:
+    from vmhost.imagecache import ImageStore
 
 
 def stable_mac(prefix: str, vm: str, label: str) -> str:
@@ -89,6 +92,13 @@ class Backend(Protocol):
 
         Raises:
             VmHostError: the VM does not exist or was not created by vm-host.
+        """
+        ...
+
+    def image_store(self) -> ImageStore | None:
+        """Return where images by name are cached (libvirt: the vm-host-images pool).
+
+        None where the hypervisor resolves names itself (LXD's own image store).
         """
         ...
 

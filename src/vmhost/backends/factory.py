@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmhost import images
 from vmhost.backends import Backend
 
 if TYPE_CHECKING:
@@ -17,7 +18,11 @@ if TYPE_CHECKING:
 
 
 def make_backend(
-    kind: str, *, project: str, templates_dir: Path, local_image_dir: str | None = None
+    kind: str,
+    *,
+    project: str,
+    templates_dir: Path,
+    virt_type: str = "auto",
 ) -> Backend:
     """Build the backend of that kind ("libvirt" or "lxd").
 
@@ -29,9 +34,12 @@ def make_backend(
         return LxdBackend(project=project)
     from vmhost.backends.libvirt import LibvirtBackend
 
-    if local_image_dir is None:
-        return LibvirtBackend(templates_dir=templates_dir)
-    return LibvirtBackend(templates_dir=templates_dir, local_image_dir=local_image_dir)
+    return LibvirtBackend(
+        templates_dir=templates_dir,
+        virt_type=virt_type,
+        image_pool=images.IMAGE_POOL,
+        image_pool_path=images.IMAGE_POOL_PATH,
+    )
 
 
 def make_trust() -> LxdTrust:

@@ -5,10 +5,10 @@ vm-host's own XML namespace (owner, request id, spec hash, placement, the volume
 and `list_vms` rebuilds every allocation from it. Domains without that element are reported as
 unmanaged, with the resources their XML pins, so the allocator never hands those out again.
 
-Disks are qcow2 volumes in libvirt storage pools. A root disk from an image is a volume whose
-content is a flattened qcow2 (`qemu-img convert` of an operator's `local:NAME` file, never a
-path a request names) uploaded through libvirt's stream API (it works for every pool type, not
-only directories), then grown to the requested size. Cloud-init gets a NoCloud
+Disks are qcow2 volumes in libvirt storage pools. Images are cached once per host as base
+volumes of the `vm-host-images` pool (vmhost.imagecache fills it; a request names an image,
+never a path); a root disk from an image is a qcow2 overlay on its base (`<backingStore>`) of
+the requested size, so composing copies nothing. Cloud-init gets a NoCloud
 seed ISO built with genisoimage and uploaded the same way.
 
 SR-IOV NICs pass one VF of the requested PF through (`<interface type='hostdev'>`). The VF is
@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -942,28 +943,6 @@ def build_seed_iso(files: Mapping[str, str], directory: Path) -> Path:
     return iso
 
 
-def local_image(directory: str, name: str) -> tuple[Path, str, int]:
-    """Return (real path, declared format, virtual size) of `local:NAME` in `directory`.
-
-    Only names reach here, never paths (a request naming a host file would get any readable
-    file copied into its disk); the file is found inside the directory alone, its format is the
-    declared one (never probed), and it must have no backing file, data file or encryption.
-
-    Raises:
-        InvalidRequestError: not a local image name, or no such file in the directory.
-        VmHostError: the file is unsafe or not the declared format (images.ImageFetchError).
-    """
-    parsed = images.parse_name(name)
-    if not isinstance(parsed, images.LocalImage):
-        raise InvalidRequestError(
-            "image",
-            f"{name} is not available on this host: put the image file in local-image-dir "
-            f"({directory}) and ask for local:NAME",
-        )
-    path, fmt = images.local_image_file(directory, parsed)
-    return path, fmt, images.check_image_file(path, fmt, parsed.name)
-
-
 def _validate_request(
     spec: VmSpec, nics: Sequence[NicAttachment], default_pool: str
 ) -> list[NicAttachment]:
@@ -1148,11 +1127,13 @@ class LibvirtBackend:
         virt_type: str = "auto",
         console_log_dir: str = CONSOLE_LOG_DIR,
         intent_dir: str | Path = intents.INTENT_DIR,
-        local_image_dir: str = images.DEFAULT_LOCAL_DIR,
+        image_pool: str = images.IMAGE_POOL,
+        image_pool_path: str = images.IMAGE_POOL_PATH,
     ):
         self.uri = uri
         self.intents = intents.IntentStore(intent_dir)
-        self.local_image_dir = local_image_dir
+        self.image_pool = image_pool
+        self.image_pool_path = image_pool_path
         self.virt_type = resolve_virt_type(virt_type)
         self.console_log_dir = console_log_dir
         self.templates_dir = templates_dir or TEMPLATES_DIR
@@ -1344,7 +1325,7 @@ class LibvirtBackend:
                 failed (everything this call created was removed again).
         """
         resolved = _validate_request(spec, nics, default_pool)
-        image = local_image(self.local_image_dir, spec.image) if spec.image else None
+        base = self._base_for(spec.image) if spec.image else None
         conn = self.conn
         domains = conn.listAllDomains(0)
         if spec.name in {d.name() for d in domains}:
@@ -1372,12 +1353,12 @@ class LibvirtBackend:
             for i, (pool_name, vol_name, size) in enumerate(planned[: len(spec.disks)]):
                 step = f"creating volume {pool_name}/{vol_name}"
                 pool = pools[pool_name]
-                if i == 0 and spec.image and image is not None:
-                    fmt = "qcow2"
-                    step = f"copying image {spec.image} into {pool_name}/{vol_name}"
-                    vol = self._image_volume(pool, vol_name, spec.image, image, size, created)
+                fmt = "qcow2"
+                if i == 0 and base is not None:
+                    step = f"creating {pool_name}/{vol_name} as an overlay on {base.volume}"
+                    vol = self._overlay_volume(pool, vol_name, base, size)
+                    created.add(pool_name, vol)
                 else:
-                    fmt = "qcow2"
                     vol = self._create_volume(pool, vol_name, size, fmt)
                     created.add(pool_name, vol)
                 disks.append(Volume(pool_name, vol_name, vol.path(), fmt))
@@ -1515,35 +1496,181 @@ class LibvirtBackend:
                 "choose another pool"
             ) from e
 
-    def _image_volume(
-        self,
-        pool: libvirt.virStoragePool,
-        name: str,
-        image_name: str,
-        image: tuple[Path, str, int],
-        size: int,
-        created: _Created,
-    ) -> libvirt.virStorageVol:
-        """Create a root volume holding a flattened qcow2 copy of a local image, grown to size.
+    def _base_for(self, name: str) -> images.CachedImage:
+        """Return the newest cached base of an image name (never a path).
 
-        The copy is `qemu-img convert` from the declared format, never a byte stream, so what
-        lands in the volume is a standalone qcow2 whatever the file held.
+        Raises:
+            InvalidRequestError: not an image name.
+            VmHostError: the image is not cached on this host (fetch it first).
         """
-        path, fmt, virtual = image
+        parsed = images.parse_name(name)
+        base = images.newest(self.cached_images(), parsed.name)
+        if base is None:
+            raise VmHostError(
+                f"image: {parsed.name} is not in this host's image cache ({self.image_pool}); "
+                "fetch it first (the sync-images action, or compose-vm, fetches it)"
+            )
+        return base
+
+    def _overlay_volume(
+        self, pool: libvirt.virStoragePool, name: str, base: images.CachedImage, size: int
+    ) -> libvirt.virStorageVol:
+        """Create a root volume as a qcow2 overlay on a base, of the requested size.
+
+        Nothing is copied: the overlay starts empty and reads the base through
+        `<backingStore>`; the guest sees a disk of `size` bytes.
+        """
+        virtual = int(
+            self.conn.storagePoolLookupByName(self.image_pool)
+            .storageVolLookupByName(base.volume)
+            .info()[1]
+        )
         if virtual > size:
             raise InvalidRequestError(
                 "image",
-                f"{image_name} needs {virtual} bytes, more than the {size} of the root disk; "
+                f"{base.name} needs {virtual} bytes, more than the {size} of the root disk; "
                 "ask for a larger root disk",
             )
-        with tempfile.TemporaryDirectory(prefix="vm-host-image-") as tmp:
-            flat = images.flatten_local(path, fmt, Path(tmp), image_name)
-            vol = self._create_volume(pool, name, flat.stat().st_size, "qcow2")
-            created.add(pool.name(), vol)
-            self._upload(vol, flat)
-        if size > int(vol.info()[1]):
-            vol.resize(size, 0)
+        # libvirt hands qemu-img the size in KiB, rounded up: ask for whole KiB, then grow.
+        xml = render_template(
+            self.templates_dir,
+            "storage-volume.xml.j2",
+            {
+                "name": name,
+                "capacity_bytes": size - size % 1024,
+                "format": "qcow2",
+                "backing_path": base.path,
+            },
+        )
+        vol = pool.createXML(xml, 0)
+        if size % 1024:
+            try:
+                vol.resize(size, 0)
+            except libvirt.libvirtError:
+                with contextlib.suppress(libvirt.libvirtError):
+                    vol.delete(0)
+                raise
         return vol
+
+    # -- the image cache (vmhost.imagecache.ImageStore)
+
+    def image_store(self) -> LibvirtBackend:
+        """This backend keeps its own image cache (the `vm-host-images` pool)."""
+        return self
+
+    def _images_pool(self, *, create: bool) -> libvirt.virStoragePool | None:
+        try:
+            pool = self.conn.storagePoolLookupByName(self.image_pool)
+        except libvirt.libvirtError:
+            if not create:
+                return None
+            self.ensure_pool(self.image_pool, self.image_pool_path)
+            return self.conn.storagePoolLookupByName(self.image_pool)
+        if not pool.isActive():
+            if not create:
+                return None
+            self.ensure_pool(self.image_pool, self.image_pool_path)
+        return pool
+
+    def cached_images(self) -> list[images.CachedImage]:
+        """Return every base volume of the image pool, oldest version first."""
+        pool = self._images_pool(create=False)
+        if pool is None:
+            return []
+        pool.refresh(0)
+        found: list[images.CachedImage] = []
+        for vol in pool.listAllVolumes(0):
+            try:
+                base = images.parse_base_volume(vol.name(), vol.path(), int(vol.info()[2]))
+            except libvirt.libvirtError:
+                continue  # deleted while we looked
+            if base is not None:
+                found.append(base)
+        return sorted(found, key=lambda b: (b.name, images.version_key(b.version)))
+
+    def _pool_dir(self, pool: libvirt.virStoragePool) -> Path:
+        root = ET.fromstring(pool.XMLDesc(0))  # noqa: S314 - libvirtd's own output
+        if root.get("type") != "dir":
+            raise VmHostError(f"storage pool {self.image_pool} must be a directory pool")
+        return Path((root.findtext("target/path") or "").strip())
+
+    def staging_dir(self) -> Path:
+        """A private directory next to the image pool's (same filesystem: moves are renames)."""
+        pool = self._images_pool(create=True)
+        assert pool is not None
+        path = self._pool_dir(pool).parent / "image-staging"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+
+    def add_image(self, file: Path, volume: str) -> images.CachedImage:
+        """Move a verified qcow2 into the image pool as base `volume` (whole or not at all)."""
+        pool = self._images_pool(create=True)
+        assert pool is not None
+        target = self._pool_dir(pool) / volume
+        file.chmod(0o644)  # QEMU reads bases as libvirt-qemu; they hold no secrets
+        try:
+            os.replace(file, target)
+        except OSError:
+            part = target.with_name(f".{volume}.part")
+            try:
+                shutil.copyfile(file, part)
+                part.chmod(0o644)
+                os.replace(part, target)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    part.unlink()
+        pool.refresh(0)
+        vol = pool.storageVolLookupByName(volume)
+        base = images.parse_base_volume(volume, vol.path(), int(vol.info()[2]))
+        if base is None:  # a name images.base_volume_name did not make: a bug
+            raise VmHostError(f"{volume} is not a base volume name")
+        return base
+
+    def remove_image(self, volume: str) -> None:
+        """Delete a base volume of the image pool."""
+        pool = self._images_pool(create=False)
+        if pool is None or images.parse_base_volume(volume) is None:
+            raise VmHostError(f"{volume} is not a base of {self.image_pool}")
+        try:
+            pool.storageVolLookupByName(volume).delete(0)
+        except libvirt.libvirtError as e:
+            raise VmHostError(f"removing {volume}: {e.get_error_message()}") from e
+
+    def _backing_paths(self) -> dict[str, str]:
+        """Return volume path -> its backing file, for every volume of every active pool."""
+        backing: dict[str, str] = {}
+        for pool in self.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+            for vol in pool.listAllVolumes(0):
+                try:
+                    root = ET.fromstring(vol.XMLDesc(0))  # noqa: S314 - libvirtd's own output
+                    path = vol.path()
+                except libvirt.libvirtError:
+                    continue
+                parent = (root.findtext("backingStore/path") or "").strip()
+                if parent:
+                    backing[path] = parent
+        return backing
+
+    def image_users(self) -> dict[str, list[str]]:
+        """Return base volume -> the VMs (or orphan volumes) whose disks are overlays on it."""
+        bases = {b.path: b.volume for b in self.cached_images()}
+        backing = {p: b for p, b in self._backing_paths().items() if b in bases}
+        users: dict[str, list[str]] = {}
+        attached: set[str] = set()
+        for xml in _domain_xmls(self.conn.listAllDomains(0)):
+            root = ET.fromstring(xml)  # noqa: S314 - libvirtd's own output
+            name = root.findtext("name") or "?"
+            for source in root.iterfind("devices/disk/source"):
+                path = source.get("file") or ""
+                base = bases.get(backing.get(path, path))
+                if base is not None:
+                    attached.add(path)
+                    if name not in users.setdefault(base, []):
+                        users[base].append(name)
+        for path, parent in backing.items():
+            if path not in attached:
+                users.setdefault(bases[parent], []).append(f"volume {path}")
+        return users
 
     def _seed_volume(
         self,

@@ -1066,6 +1066,10 @@ class LxdBackend:
 
     # -- lifecycle
 
+    def image_store(self) -> None:
+        """LXD keeps images in its own store: vm-host caches nothing here."""
+        return None
+
     def delete(self, name: str) -> list[str]:
         """Stop and delete a vm-host VM and exactly the custom volumes its ledger names.
 

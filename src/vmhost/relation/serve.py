@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +93,7 @@ def build_request(
     *,
     default_root_gb: int,
     scope: Scope | None = None,
+    default_image: str = "",
 ) -> RelationRequest | None:
     """Turn one request in wire form (hyphenated keys) into a spec, or a refusal.
 
@@ -113,6 +114,7 @@ def build_request(
             owner=key.owner_in(scope),
             request_id=key.request_id,
             default_root_gb=default_root_gb,
+            default_image=default_image,
             **kwargs,
         )
     except InvalidRequestError as exc:
@@ -129,6 +131,7 @@ def gather(
     *,
     default_root_gb: int,
     scope: Scope | None = None,
+    default_image: str = "",
 ) -> list[RelationRequest]:
     """Every request of one related app: built into a spec, or refused with a reason.
 
@@ -140,6 +143,7 @@ def gather(
             be answered and is only logged.
         default_root_gb: the root disk size of requests that name none.
         scope: the vm-host application and model (the owner of the specs carries it).
+        default_image: the image of requests that name none ("" boots them from the network).
     """
     requests: list[RelationRequest] = []
     for bad_id, reason in invalid:
@@ -152,7 +156,14 @@ def gather(
             continue
         requests.append(RelationRequest(key, error=reason))
     for wire in valid:
-        built = build_request(relation_id, app, wire, default_root_gb=default_root_gb, scope=scope)
+        built = build_request(
+            relation_id,
+            app,
+            wire,
+            default_root_gb=default_root_gb,
+            scope=scope,
+            default_image=default_image,
+        )
         if built is not None:
             requests.append(built)
     return requests
@@ -497,6 +508,7 @@ def serve(
     broken_relation_ids: AbstractSet[int] | None = None,
     scope: Scope | None = None,
     live_apps: Mapping[int, str] | None = None,
+    prepare_image: Callable[[str], str | None] | None = None,
 ) -> Round:
     """Make this host match the requests assigned to it, then answer them.
 
@@ -517,6 +529,9 @@ def serve(
             kept by release-policy keep are re-owned ``released:<app>:<scope>`` (no
             relation touches them again; delete-vm may).
         live_apps: see `plan_changes`.
+        prepare_image: gets a request's image ready without waiting for it (see
+            compose.compose): a request whose image is still downloading is answered pending
+            with the progress, and composed by a later hook.
     """
     specs = {r.key: r.spec for r in requests if r.spec is not None}
     desired = {k: specs[k] for k in sorted(mine) if k in specs}
@@ -559,10 +574,15 @@ def serve(
         if vm.name not in gone
     ]
     booked = host
+    waits = set(waiting)
     for key, spec in changes.to_compose:
-        outcome = compose.compose(backend, spec, dataclasses.replace(booked, vms=now))
+        outcome = compose.compose(
+            backend, spec, dataclasses.replace(booked, vms=now), prepare_image=prepare_image
+        )
         if outcome.vm is None:
             result.failures[key] = outcome.error or "not composed"
+            if outcome.waiting:
+                waits.add(key)
             continue
         now.append(outcome.vm)
         booked = compose.book_disks(booked, spec)  # its disks may grow: the next ones see it
@@ -577,6 +597,6 @@ def serve(
         errors=errors,
         power_type=power.type,
         power_address=power.address,
-        waiting=waiting,
+        waiting=waits,
     )
     return result
