@@ -13,6 +13,8 @@ say() { printf 'ensure-lxd: %s\n' "$*"; }
 # Daemons started here must not keep this script's inherited descriptors: under
 # `flock /tmp/vmhost-daemons.lock ...` the lock's descriptor would stay open in the daemon and hold
 # the lock for as long as the daemon lives (every later `flock` then waits forever).
+# The command starts in the background from this one subshell: `detached cmd &` would fork a
+# second shell that waits for the command with the descriptors still open.
 detached() {
     (
         for fd in /proc/$BASHPID/fd/*; do
@@ -20,7 +22,7 @@ detached() {
             [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-" 2>/dev/null
         done
         exec "$@"
-    )
+    ) &
 }
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -46,7 +48,7 @@ if "$lxd_bin" waitready --timeout=1 >/dev/null 2>&1; then
     say "lxd already running"
 else
     say "starting lxd (log: $log)"
-    detached nohup "$lxd_bin" --group root >>"$log" 2>&1 </dev/null &
+    detached nohup "$lxd_bin" --group root >>"$log" 2>&1 </dev/null
     disown || true
 fi
 
