@@ -82,8 +82,10 @@ def install_image_keyring() -> str | None:
     for package in IMAGE_KEYRING_PACKAGES:
         try:
             apt.add_package(package)
-        except (apt.PackageError, apt.PackageNotFoundError) as e:
-            logger.info("image keyring package %s not installed: %s", package, e)
+        except (apt.PackageError, apt.PackageNotFoundError, KeyError) as e:
+            # KeyError: charmlibs.apt on a package apt knows of but has no candidate for
+            # (Debian lists ubuntu-keyring without a version).
+            logger.info("image keyring package %s not installed: %r", package, e)
             continue
         return package
     logger.warning("no package of %s could be installed", ", ".join(IMAGE_KEYRING_PACKAGES))

@@ -6,7 +6,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from charmlibs import systemd
+from charmlibs import apt, systemd
 
 from vmhost import host
 from vmhost.backends.libvirt import TEMPLATES_DIR
@@ -218,3 +218,26 @@ def test_recorded_backend_reads_without_writing(tmp_path: Path) -> None:
     assert not marker.exists()
     assert host.check_backend_choice("lxd", marker) is None
     assert host.recorded_backend(marker) == "lxd"
+
+
+def test_image_keyring_falls_back_past_a_package_apt_knows_without_a_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On Debian, apt knows ubuntu-keyring by name but has no candidate: charmlibs.apt then
+    # raises KeyError('Version'), which once made the install hook fail.
+    tried: list[str] = []
+
+    def add_package(name: str) -> None:
+        tried.append(name)
+        if name == "ubuntu-cloudimage-keyring":
+            raise apt.PackageNotFoundError(name)
+        raise KeyError("Version")
+
+    monkeypatch.setattr(apt, "add_package", add_package)
+    assert host.install_image_keyring() is None
+    assert tried == ["ubuntu-cloudimage-keyring", "ubuntu-keyring"]
+
+    tried.clear()
+    monkeypatch.setattr(apt, "add_package", tried.append)
+    assert host.install_image_keyring() == "ubuntu-cloudimage-keyring"
+    assert tried == ["ubuntu-cloudimage-keyring"]
