@@ -153,6 +153,23 @@ def _resolve_nics(spec: VmSpec, host: HostState) -> tuple[NicAttachment, ...]:
         ) from exc
 
 
+def _checked_nics(spec: VmSpec, host: HostState) -> tuple[NicAttachment, ...] | Outcome:
+    """The spec's NICs when its name, NICs and disks may go on this host, else the refusal."""
+    taken = name_taken(spec, host.vms)
+    if taken:
+        return Outcome(spec, refused=taken)
+    try:
+        nics = _resolve_nics(spec, host)
+    except InvalidRequestError as exc:
+        return Outcome(spec, refused=str(exc))
+    missing, full = storage_problem(spec, host)
+    if missing:
+        return Outcome(spec, refused=missing)
+    if full:
+        return Outcome(spec, rejected=full)
+    return nics
+
+
 def compose(
     backend: Backend,
     spec: VmSpec,
@@ -169,18 +186,9 @@ def compose(
     that cannot be placed): it returns None when the image is cached, or what the request
     waits for (answered pending); it raises VmHostError when the image cannot be had.
     """
-    taken = name_taken(spec, host.vms)
-    if taken:
-        return Outcome(spec, refused=taken)
-    try:
-        nics = _resolve_nics(spec, host)
-    except InvalidRequestError as exc:
-        return Outcome(spec, refused=str(exc))
-    missing, full = storage_problem(spec, host)
-    if missing:
-        return Outcome(spec, refused=missing)
-    if full:
-        return Outcome(spec, rejected=full)
+    nics = _checked_nics(spec, host)
+    if isinstance(nics, Outcome):
+        return nics
     # The resolved NICs go into the plan: an SR-IOV NIC mapped through `networks` is counted
     # and NUMA-aligned like one the request names itself.
     result = placement.plan(host.topology, host.allocations, spec, host.policy, nics)
