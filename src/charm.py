@@ -8,6 +8,7 @@ the ledger: allocations are read back from it on every hook, nothing is kept in 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -23,6 +24,7 @@ from charms.vm_host.v0.vm_host import VmHostProvider
 from charms.vm_host.v0.vm_host_access import AccessInfo, VmHostAccessProvider
 from vmhost import (
     access,
+    addresses,
     compose,
     constraints,
     cos_agent,
@@ -40,6 +42,7 @@ from vmhost.backends.factory import make_trust
 from vmhost.config import (
     CharmConfig,
     ComposeParams,
+    ConsoleLogParams,
     KeyParams,
     NameParams,
     PowerParams,
@@ -133,6 +136,7 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(self.on.list_vms_action, self._on_list_vms)
         framework.observe(self.on.sync_images_action, self._on_sync_images)
         framework.observe(self.on.list_images_action, self._on_list_images)
+        framework.observe(self.on.console_log_action, self._on_console_log)
         framework.observe(self.on.show_resources_action, self._on_show_resources)
         framework.observe(self.on.authorize_ssh_key_action, self._on_authorize_ssh_key)
         framework.observe(self.on.revoke_ssh_key_action, self._on_revoke_ssh_key)
@@ -668,6 +672,9 @@ class VmHostCharm(ops.CharmBase):
         )
         if outcome.vm is not None or outcome.failed:
             self._snapshot(config, refresh=True)
+        if outcome.vm is not None:
+            (vm,) = addresses.refresh(self._backend(config), [outcome.vm])
+            outcome = dataclasses.replace(outcome, vm=vm)
         self._answer_compose(event, outcome, recovered)
 
     @staticmethod
@@ -836,13 +843,37 @@ class VmHostCharm(ops.CharmBase):
         inputs = self._action_inputs(event)
         if inputs is None:
             return
-        _, snapshot = inputs
+        config, snapshot = inputs
+        vms = addresses.refresh(self._backend(config), snapshot.vms)
         event.set_results(
             {
-                "table": report.vms_table(snapshot.vms),
-                "json": json.dumps([report.vm_json(vm) for vm in snapshot.vms], sort_keys=True),
+                "table": report.vms_table(vms),
+                "json": json.dumps([report.vm_json(vm) for vm in vms], sort_keys=True),
             }
         )
+
+    def _on_console_log(self, event: ops.ActionEvent) -> None:
+        """The tail of a VM's serial console log (kept by the host: 0600, rotated)."""
+        try:
+            params = event.load_params(ConsoleLogParams)
+            name = constraints.validate_name(params.name)
+        except (pydantic.ValidationError, InvalidRequestError) as exc:
+            message = (
+                pydantic_message(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
+            )
+            event.fail(f"bad parameters: {message}")
+            return
+        inputs = self._action_inputs(event)
+        if inputs is None:
+            return
+        config, _ = inputs
+        try:
+            text = self._backend(config).console_log(name, params.lines)
+        except VmHostError as exc:
+            event.fail(f"no console log: {exc}")
+            return
+        count = len(text.splitlines())
+        event.set_results({"name": name, "lines": count, "log": text or "(no output yet)"})
 
     def _on_show_resources(self, event: ops.ActionEvent) -> None:
         inputs = self._action_inputs(event)

@@ -30,6 +30,7 @@ __all__ = [
     "PER_HOST_OPTIONS",
     "CharmConfig",
     "ComposeParams",
+    "ConsoleLogParams",
     "KeyParams",
     "NameParams",
     "PowerParams",
@@ -311,6 +312,15 @@ class NameParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     name: str
+
+
+class ConsoleLogParams(pydantic.BaseModel):
+    """Parameters of console-log."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    lines: int = pydantic.Field(100, ge=1, le=100_000)
 
 
 class PowerParams(pydantic.BaseModel):

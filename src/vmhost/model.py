@@ -369,7 +369,11 @@ class VmRecord:
     volumes: tuple[str, ...] = ()
     """Volumes the charm created for it, as "pool/volume"."""
     interfaces: tuple[Mapping[str, str], ...] = ()
-    """Per NIC: label, mac, attached-to."""
+    """Per NIC: label, mac, attached-to, and ip (a static address with its prefix) if any."""
+    addresses: Mapping[str, tuple[str, ...]] = field(default_factory=dict[str, tuple[str, ...]])
+    """MAC -> the addresses the guest is known to have on that NIC, without prefix: static
+    ones from the request, then those libvirt or LXD learnt (DHCP lease, ARP, guest agent).
+    Filled by vmhost.addresses.refresh, empty in list_vms."""
     managed: bool = True
     autostart: bool = False
     """The VM should run: the hypervisor starts it at host boot, and update-status restarts it

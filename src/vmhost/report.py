@@ -72,7 +72,7 @@ def vm_json(vm: VmRecord) -> dict[str, Any]:
         "autostart": vm.autostart,
         "placement": placement_data(vm.placement),
         "volumes": list(vm.volumes),
-        "interfaces": [dict(i) for i in vm.interfaces],
+        "interfaces": _interfaces(vm),
         **({"state-reason": vm.state_reason} if vm.state_reason else {}),
         **({"problem": vm.problem} if vm.problem else {}),
     }
@@ -86,8 +86,18 @@ def vm_result(vm: VmRecord) -> dict[str, str]:
         "state": vm.state.value,
         "placement": placement_json(vm.placement),
         "volumes": ", ".join(vm.volumes),
-        "interfaces": json.dumps([dict(i) for i in vm.interfaces], sort_keys=True),
+        "interfaces": json.dumps(_interfaces(vm), sort_keys=True),
     }
+
+
+def _interfaces(vm: VmRecord) -> list[dict[str, Any]]:
+    """Each NIC as data, with the addresses known for it (static at once, DHCP once learnt)."""
+    out: list[dict[str, Any]] = []
+    for nic in vm.interfaces:
+        item: dict[str, Any] = dict(nic)
+        item["addresses"] = list(vm.addresses.get(nic.get("mac", "").lower(), ()))
+        out.append(item)
+    return out
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -125,10 +135,21 @@ def vms_table(vms: Sequence[VmRecord]) -> str:
                 if c.hugepage_size_kib and c.hugepages
             )
             or "-",
+            ",".join(a for addrs in vm.addresses.values() for a in addrs) or "-",
         )
         for vm in vms
     ]
-    headers = ("NAME", "STATE", "OWNER", "VCPUS", "MEM-MIB", "NODES", "CPUS", "HUGEPAGES")
+    headers = (
+        "NAME",
+        "STATE",
+        "OWNER",
+        "VCPUS",
+        "MEM-MIB",
+        "NODES",
+        "CPUS",
+        "HUGEPAGES",
+        "ADDRESSES",
+    )
     return _table(headers, rows) if rows else "no VMs"
 
 

@@ -3,7 +3,8 @@
     python3 tests/guest/report.py CONSOLE_LOG     # prints the report as JSON
 
 parse() returns {"cpus": int, "nodes": [{"id", "cpus", "memory_kib"}], "hugepages":
-[{"node", "size", "count"}], "nics": {name: mac}, "seed": {file name: text}}, from the last
+[{"node", "size", "count"}], "nics": {name: mac}, "addrs": {name: [CIDR]} (DHCP leases the
+guest got), "seed": {file name: text}}, from the last
 complete report in the text (a VM that rebooted prints one per boot).
 """
 
@@ -34,31 +35,44 @@ def parse(text: str) -> dict[str, Any]:
         begin -= 1
     if begin < 0:
         raise NoReportError("the report has an end but no beginning")
-    report: dict[str, Any] = {"cpus": 0, "nodes": [], "hugepages": [], "nics": {}, "seed": {}}
+    report: dict[str, Any] = {
+        "cpus": 0,
+        "nodes": [],
+        "hugepages": [],
+        "nics": {},
+        "addrs": {},
+        "seed": {},
+    }
     for line in lines[begin + 1 : end]:
         kind, _, rest = line.partition(" ")
-        fields = rest.split()
-        if kind == "cpus":
-            report["cpus"] = int(fields[0])
-        elif kind == "node":
-            values = dict(f.split("=", 1) for f in fields[1:])
-            report["nodes"].append(
-                {
-                    "id": int(fields[0]),
-                    "cpus": values["cpus"],
-                    "memory_kib": int(values["memory-kib"]),
-                }
-            )
-        elif kind == "hugepages":
-            report["hugepages"].append(
-                {"node": int(fields[0]), "size": fields[1], "count": int(fields[2])}
-            )
-        elif kind == "nic":
-            report["nics"][fields[0]] = fields[1]
-        elif kind == "seed":
-            data = fields[1] if len(fields) > 1 else ""
-            report["seed"][fields[0]] = base64.b64decode(data).decode()
+        _add(report, kind, rest.split())
     return report
+
+
+def _add(report: dict[str, Any], kind: str, fields: list[str]) -> None:
+    """Add one report line to the report."""
+    if kind == "cpus":
+        report["cpus"] = int(fields[0])
+    elif kind == "node":
+        values = dict(f.split("=", 1) for f in fields[1:])
+        report["nodes"].append(
+            {
+                "id": int(fields[0]),
+                "cpus": values["cpus"],
+                "memory_kib": int(values["memory-kib"]),
+            }
+        )
+    elif kind == "hugepages":
+        report["hugepages"].append(
+            {"node": int(fields[0]), "size": fields[1], "count": int(fields[2])}
+        )
+    elif kind == "nic":
+        report["nics"][fields[0]] = fields[1]
+    elif kind == "addr":
+        report["addrs"].setdefault(fields[0], []).append(fields[1])
+    elif kind == "seed":
+        data = fields[1] if len(fields) > 1 else ""
+        report["seed"][fields[0]] = base64.b64decode(data).decode()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ Every module here may use them:
 - `test_bridge` (function): a Linux bridge `vmhost-test-br0`, up, deleted afterwards.
 - the relation journal (autouse): the charm's record of relations it saw broken lives in a
   temporary directory, not /var/lib/vm-host.
+- `nat_network` (function): a transient libvirt NAT network `vmhost-test-nat` with DHCP on
+  10.231.77.0/24 (dnsmasq), bridge `vmhost-test-nat`; yields the bridge, destroyed afterwards.
 - `reserve_hugepages` (function): `reserve_hugepages(count, size_kib=2048)` adds `count` free
   huge pages on node 0 (or host-wide without NUMA) and returns how many are free now; the
   previous reservation is restored afterwards. The test is skipped, with the numbers, only
@@ -113,11 +115,25 @@ def remove_test_bridges() -> None:
             subprocess.run([IP, "link", "del", link.name], check=False, capture_output=True)
 
 
+def remove_test_networks(conn: libvirt.virConnect) -> None:
+    """Stop and undefine every libvirt network named vmhost-test-* (its bridge goes with it)."""
+    for net in conn.listAllNetworks(0):
+        if not net.name().startswith(PREFIX):
+            continue
+        with contextlib.suppress(libvirt.libvirtError):
+            if net.isActive():
+                net.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            if net.isPersistent():
+                net.undefine()
+
+
 def remove_leftovers(conn: libvirt.virConnect) -> None:
     """Remove everything a (possibly interrupted) test run left behind, in dependency order."""
     remove_test_domains(conn)
     remove_test_volumes(conn)
     remove_test_pools(conn)
+    remove_test_networks(conn)
     remove_test_bridges()
 
 
@@ -226,6 +242,35 @@ def test_bridge(backend: LibvirtBackend) -> Iterator[str]:
     yield TEST_BRIDGE
     remove_test_domains(backend.conn)  # a running guest's tap would keep the bridge busy
     subprocess.run([IP, "link", "del", TEST_BRIDGE], check=False, capture_output=True)
+
+
+NAT_NETWORK = "vmhost-test-nat"
+NAT_BRIDGE = "vmhost-test-nat"
+NAT_SUBNET = "10.231.77.0/24"
+NAT_XML = f"""<network>
+  <name>{NAT_NETWORK}</name>
+  <forward mode='nat'/>
+  <bridge name='{NAT_BRIDGE}' stp='off' delay='0'/>
+  <ip address='10.231.77.1' netmask='255.255.255.0'>
+    <dhcp><range start='10.231.77.100' end='10.231.77.199'/></dhcp>
+  </ip>
+</network>"""
+
+
+@pytest.fixture
+def nat_network(backend: LibvirtBackend) -> Iterator[str]:
+    """A transient libvirt NAT network with DHCP (dnsmasq) on bridge vmhost-test-nat.
+
+    Yields the bridge name; the network (and its bridge, leases, firewall rules) is gone
+    after the test.
+    """
+    remove_test_domains(backend.conn)
+    remove_test_networks(backend.conn)
+    net = backend.conn.networkCreateXML(NAT_XML)
+    yield NAT_BRIDGE
+    remove_test_domains(backend.conn)  # a running guest's tap would keep the bridge busy
+    with contextlib.suppress(libvirt.libvirtError):
+        net.destroy()
 
 
 def hugepage_dir(size_kib: int) -> Path:

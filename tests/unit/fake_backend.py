@@ -91,6 +91,10 @@ class FakeBackend:
 
     ignores_acpi: set[str] = field(default_factory=set)
     """VMs whose guest does not answer a shutdown request (stop needs the plug pulled)."""
+    consoles: dict[str, str] = field(default_factory=dict)
+    """What each VM printed on its serial console (set by the test)."""
+    learnt: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    """What guest_addresses returns: VM name -> MAC -> addresses (set by the test)."""
     composed: dict[str, tuple[VmSpec, tuple[NicAttachment, ...]]] = field(default_factory=dict)
     """Name -> the spec and NICs compose was called with."""
 
@@ -151,7 +155,12 @@ class FakeBackend:
             spec_hash=spec_hash(spec),
             volumes=tuple(f"{d.pool or default_pool}/{spec.name}-{d.label}" for d in spec.disks),
             interfaces=tuple(
-                {"label": n.label, "mac": f"52:54:00:00:00:{i:02x}", "attached-to": n.source}
+                {
+                    "label": n.label,
+                    "mac": f"52:54:00:00:00:{i:02x}",
+                    "attached-to": n.source,
+                    **({"ip": n.ip} if n.ip else {}),
+                }
                 for i, n in enumerate(nics)
             ),
             autostart=True,
@@ -188,6 +197,18 @@ class FakeBackend:
 
     def recent_recoveries(self) -> list[str]:
         return list(self.recovered)
+
+    def console_log(self, name: str, lines: int = 100) -> str:
+        self._check()
+        self.calls.append(f"console_log:{name}:{lines}")
+        if name not in self.vms:
+            raise VmHostError(f"VM {name!r} does not exist on this host")
+        return "\n".join(self.consoles.get(name, "").splitlines()[-lines:])
+
+    def guest_addresses(self, names: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+        self._check()
+        self.calls.append(f"guest_addresses:{','.join(names)}")
+        return {n: dict(self.learnt[n]) for n in names if n in self.learnt}
 
     def vm_stats(self) -> list[VmStats]:
         self._check()

@@ -26,6 +26,7 @@ from vmhost.backends.libvirt import (
     disk_sources,
     domain_context,
     generate_mac,
+    parse_proc_arp,
     placement_from_domain_xml,
     record_from_domain_xml,
     record_from_metadata,
@@ -623,3 +624,13 @@ def test_disk_sources_name_files_devices_and_pool_volumes() -> None:
         </devices></domain>"""
     )
     assert disk_sources(root) == {"/srv/a/vm1-root", "/dev/vg/vm1-data", "fast/vm1-x"}
+
+
+def test_proc_arp_gives_complete_entries_by_mac() -> None:
+    text = (
+        "IP address       HW type     Flags       HW address            Mask     Device\n"
+        "10.231.77.150    0x1         0x2         52:54:00:AB:CD:EF     *        vmhost-test-nat\n"
+        "10.231.77.151    0x1         0x0         00:00:00:00:00:00     *        vmhost-test-nat\n"
+        "garbage\n"
+    )
+    assert parse_proc_arp(text) == {"52:54:00:ab:cd:ef": ["10.231.77.150"]}

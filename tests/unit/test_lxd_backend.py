@@ -526,6 +526,12 @@ class FakeLxd:
     def projects(self) -> list[str]:
         return ["default", "vm-host"]
 
+    def request_text(self, path: str) -> str:
+        url = urlsplit(path)
+        self.calls.append(("GET", url.path))
+        name = url.path.strip("/").split("/")[2]
+        return self.instances[name].get("console", "")
+
     def request(self, method: str, path: str, body: Any = None) -> Any:  # noqa: C901 - a router
         url = urlsplit(path)
         query = parse_qs(url.query)
@@ -587,7 +593,7 @@ class FakeLxd:
         instance = self.instances[parts[0]]
         if parts[1:] == ["state"]:
             if method == "GET":
-                return {"status": instance["status"]}
+                return {"status": instance["status"], "network": instance.get("network")}
             if body["action"] == "start":
                 if self.fail_start:
                     raise LxdError(f"LXD operation failed: {self.fail_start}")
@@ -763,3 +769,24 @@ def test_set_owner_patches_only_the_owner_key_of_a_vm_host_instance() -> None:
     with pytest.raises(VmHostError, match="not created by vm-host"):
         backend.set_owner("other", "action")
     assert len(fake.patches) == 1
+
+
+def test_guest_addresses_and_console_log_come_from_the_instance() -> None:
+    fake = FakeLxd()
+    backend = fake_backend(fake)
+    fake.instances["web-1"] = {"name": "web-1", "status": "Running", "project": "vm-host"}
+    fake.instances["web-1"]["network"] = {
+        "eth0": {
+            "hwaddr": "00:16:3E:00:00:01",
+            "addresses": [
+                {"family": "inet", "address": "10.0.0.7", "scope": "global"},
+                {"family": "inet6", "address": "fe80::1", "scope": "link"},
+            ],
+        },
+        "lo": {"hwaddr": "", "addresses": [{"address": "127.0.0.1", "scope": "local"}]},
+    }
+    fake.instances["web-1"]["console"] = "a\r\nb\nc\n"
+    assert backend.guest_addresses(["web-1"]) == {"web-1": {"00:16:3e:00:00:01": ["10.0.0.7"]}}
+    assert backend.console_log("web-1", 2) == "b\nc"
+    with pytest.raises(InvalidRequestError, match="lines"):
+        backend.console_log("web-1", 0)

@@ -119,6 +119,23 @@ class Backend(Protocol):
         """Say whether the VM should run: started at host boot and after a crash."""
         ...
 
+    def console_log(self, name: str, lines: int = 100) -> str:
+        """Return the last `lines` lines of a VM's serial console ("" before any output).
+
+        Raises:
+            InvalidRequestError: a bad name or line count.
+            VmHostError: the VM does not exist.
+        """
+        ...
+
+    def guest_addresses(self, names: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+        """Return VM name -> NIC MAC -> the addresses the hypervisor knows the guest has.
+
+        For the running VMs among `names`; a VM or NIC the hypervisor knows nothing about is
+        left out. Never raises for one VM (BackendUnavailableError when unreachable).
+        """
+        ...
+
     def vm_stats(self) -> list[VmStats]:
         """Return usage counters of every running VM, in one call to the hypervisor."""
         ...

@@ -89,6 +89,8 @@ SEED_LABEL = "seed"
 """Volume `<vm>-seed` holds the cloud-init NoCloud seed."""
 GB = 10**9
 STOP_TIMEOUT_S = 30.0
+AGENT_TIMEOUT_S = 2
+"""Seconds a guest agent may take to list its addresses."""
 
 _NS = {"v": METADATA_NS}
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -302,6 +304,7 @@ def _interface_context(nic: NicAttachment, vfs: Mapping[str, VirtualFunction]) -
         "source": nic.source,
         "mac": nic.mac,
         "label": nic.label,
+        "ip": nic.ip or "",
     }
     if nic.kind == AttachmentKind.HOSTDEV:
         vf = vfs.get(nic.label)
@@ -667,6 +670,7 @@ def parse_metadata(vm: ET.Element) -> tuple[Placement, dict[str, Any]]:
                 "label": i.get("label", ""),
                 "mac": i.get("mac", ""),
                 "attached-to": i.get("attached-to", ""),
+                **({"ip": i.get("ip", "")} if i.get("ip") else {}),
             }
             for i in vm.findall("v:interface", _NS)
         ),
@@ -992,6 +996,43 @@ def _validate_request(
     return resolved
 
 
+def parse_proc_arp(text: str) -> dict[str, list[str]]:
+    """MAC -> IPv4 addresses of the complete entries of /proc/net/arp (flag 0x2 set)."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        ip, _, flags, mac = fields[:4]
+        try:
+            complete = int(flags, 16) & 0x2
+        except ValueError:
+            continue
+        if complete and _MAC_RE.match(mac.lower()) and mac != "00:00:00:00:00:00":
+            found.setdefault(mac.lower(), []).append(ip)
+    return found
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _address_sources(root: ET.Element) -> list[int]:
+    """Libvirt's address sources to ask after the leases: ARP, and the agent when connected.
+
+    The agent is asked only when libvirt says the guest has its channel open, so a guest
+    without one costs no timeout.
+    """
+    sources = [libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP]
+    for channel in root.findall("devices/channel/target"):
+        if channel.get("name") == "org.qemu.guest_agent.0" and channel.get("state") == "connected":
+            sources.append(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
+    return sources
+
+
 def _detail(error: BaseException) -> str:
     """Return the useful part of an error for a person."""
     if isinstance(error, libvirt.libvirtError):
@@ -1138,6 +1179,8 @@ class LibvirtBackend:
         self.console_log_dir = console_log_dir
         self.templates_dir = templates_dir or TEMPLATES_DIR
         self.sysfs_root = sysfs_root
+        self.proc_arp = "/proc/net/arp"
+        self._arp_cache: dict[str, list[str]] | None = None
         self._conn: libvirt.virConnect | None = None
 
     # -- connection
@@ -2030,6 +2073,94 @@ class LibvirtBackend:
             dom.setAutostart(1 if enabled else 0)
         except libvirt.libvirtError as e:
             raise VmHostError(f"autostart {name}: {e.get_error_message()}") from e
+
+    # -- guest addresses
+
+    def guest_addresses(self, names: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+        """Return VM name -> MAC -> addresses, from the DHCP lease, then ARP, then the agent.
+
+        Leases come from every active libvirt network at once (a bridge NIC on a libvirt
+        network's bridge is leased by that network's dnsmasq); a NIC no lease names is looked
+        up in the host's ARP table, and, when the guest agent is connected, asked of the guest.
+        """
+        wanted = set(names)
+        self._arp_cache = None
+        try:
+            domains = [
+                d
+                for d in self.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+                if d.name() in wanted
+            ]
+            leases = self._dhcp_leases()
+        except libvirt.libvirtError as e:
+            raise BackendUnavailableError(f"libvirt addresses: {e.get_error_message()}") from e
+        found: dict[str, dict[str, list[str]]] = {}
+        for dom in domains:
+            known = self._addresses_of(dom, leases)
+            if known:
+                found[dom.name()] = known
+        return found
+
+    def _addresses_of(
+        self, dom: libvirt.virDomain, leases: Mapping[str, list[str]]
+    ) -> dict[str, list[str]]:
+        """One domain's MAC -> addresses: its leases, then ARP, then its agent."""
+        try:
+            root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - libvirtd's own output
+        except libvirt.libvirtError:
+            return {}  # gone while we looked
+        macs = [(m.get("address") or "").lower() for m in root.findall("devices/interface/mac")]
+        known = {mac: list(leases[mac]) for mac in macs if mac in leases}
+        for source in _address_sources(root):
+            if all(mac in known for mac in macs):
+                break
+            for mac, addrs in self._domain_addresses(dom, source).items():
+                if mac in macs and mac not in known:
+                    known[mac] = addrs
+            if source == libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP:
+                # libvirt reads ARP over netlink, which some kernels refuse ("wrong nlmsg
+                # len"); the kernel's own table says the same.
+                arp = self._host_arp()
+                known |= {mac: arp[mac] for mac in macs if mac not in known and mac in arp}
+        return known
+
+    def _host_arp(self) -> dict[str, list[str]]:
+        """MAC -> IPv4 addresses in the host's ARP table (/proc/net/arp), read once per call."""
+        if self._arp_cache is None:
+            self._arp_cache = parse_proc_arp(_read_text(self.proc_arp))
+        return self._arp_cache
+
+    def _dhcp_leases(self) -> dict[str, list[str]]:
+        leases: dict[str, list[str]] = {}
+        for net in self.conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE):
+            try:
+                entries: list[dict[str, Any]] = net.DHCPLeases()  # pyright: ignore[reportAssignmentType]
+            except libvirt.libvirtError as e:
+                logger.info("DHCP leases of network %s not read: %s", net.name(), e)
+                continue
+            for lease in entries:
+                mac = str(lease.get("mac") or "").lower()
+                if mac and lease.get("ipaddr"):
+                    leases.setdefault(mac, []).append(str(lease["ipaddr"]))
+        return leases
+
+    def _domain_addresses(self, dom: libvirt.virDomain, source: int) -> dict[str, list[str]]:
+        """MAC -> addresses from one of libvirt's sources; {} when it cannot say."""
+        try:
+            if source == libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT:
+                # A connected agent that hangs must not hold the hook.
+                dom.agentSetResponseTimeout(AGENT_TIMEOUT_S, 0)
+            interfaces: dict[str, Any] = dom.interfaceAddresses(source, 0) or {}  # pyright: ignore[reportAssignmentType]
+        except libvirt.libvirtError as e:
+            logger.debug("addresses of %s from source %d: %s", dom.name(), source, e)
+            return {}
+        out: dict[str, list[str]] = {}
+        for info in interfaces.values():
+            mac = str(info.get("hwaddr") or "").lower()
+            addrs = [str(a.get("addr")) for a in info.get("addrs") or [] if a.get("addr")]
+            if mac and addrs:
+                out.setdefault(mac, []).extend(addrs)
+        return out
 
     # -- usage counters
 

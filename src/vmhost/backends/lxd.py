@@ -71,6 +71,8 @@ from vmhost.topology import (
 
 logger = logging.getLogger(__name__)
 
+MAX_CONSOLE_LINES = 100_000
+
 __all__ = [
     "KEY_INTERFACES",
     "KEY_OWNER",
@@ -198,7 +200,15 @@ def ledger_config(
         nics: the VM's NICs, each with its MAC.
         volumes: custom volumes created for the VM, as "pool/volume".
     """
-    interfaces = [{"label": n.label, "mac": n.mac or "", "attached-to": n.source} for n in nics]
+    interfaces = [
+        {
+            "label": n.label,
+            "mac": n.mac or "",
+            "attached-to": n.source,
+            **({"ip": n.ip} if n.ip else {}),
+        }
+        for n in nics
+    ]
     return {
         KEY_OWNER: spec.owner,
         KEY_REQUEST_ID: spec.request_id,
@@ -605,6 +615,7 @@ def record_from_instance(
                 "label": str(i.get("label", "")),
                 "mac": str(i.get("mac", "")),
                 "attached-to": str(i.get("attached-to", "")),
+                **({"ip": str(i["ip"])} if i.get("ip") else {}),
             }
             for i in _ledger_list(config, KEY_INTERFACES)
             if isinstance(i, dict)
@@ -885,6 +896,44 @@ class LxdBackend:
         except LxdError as e:
             raise BackendUnavailableError(f"LXD metrics: {e}") from e
         return stats_from_lxd_metrics(text)
+
+    def console_log(self, name: str, lines: int = 100) -> str:
+        """Return the tail of an instance's console log, as LXD keeps it."""
+        if isinstance(lines, bool) or not 1 <= lines <= MAX_CONSOLE_LINES:
+            raise InvalidRequestError("lines", f"{lines!r}: give 1 to {MAX_CONSOLE_LINES} lines")
+        self._get_instance(name)
+        try:
+            text = self.client.request_text(self._p(f"/1.0/instances/{name}/console"))
+        except LxdError as e:
+            raise VmHostError(f"console log of {name}: {e}") from e
+        return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+    def guest_addresses(self, names: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+        """Return VM name -> MAC -> addresses, from each running instance's state.
+
+        LXD reads them from its agent in the guest (or from the host side of the NIC).
+        """
+        found: dict[str, dict[str, list[str]]] = {}
+        for name in names:
+            validate_name(name, "name")
+            try:
+                state = self._call("GET", self._p(f"/1.0/instances/{name}/state")) or {}
+            except (LxdError, VmHostError) as e:
+                logger.debug("addresses of %s: %s", name, e)
+                continue
+            known: dict[str, list[str]] = {}
+            for info in (state.get("network") or {}).values():
+                mac = str(info.get("hwaddr") or "").lower()
+                addrs = [
+                    str(a["address"])
+                    for a in info.get("addresses") or []
+                    if a.get("address") and a.get("scope") == "global"
+                ]
+                if mac and addrs:
+                    known.setdefault(mac, []).extend(addrs)
+            if known:
+                found[name] = known
+        return found
 
     def list_vms(self) -> list[VmRecord]:
         """Return every instance on the host, vm-host's from their ledger keys."""

@@ -17,7 +17,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmhost import compose, constraints
+from vmhost import addresses, compose, constraints
 from vmhost.backends import Backend
 from vmhost.constraints import spec_hash
 from vmhost.model import InvalidRequestError, VmHostError, VmRecord, VmSpec, page_label
@@ -442,12 +442,16 @@ def _vm_details(
 ) -> dict[str, Any]:
     details: dict[str, Any] = {"uuid": vm.uuid} if vm.uuid else {}
     ips = {i.label: i.ip for i in spec.interfaces} if spec is not None else {}
-    interfaces: list[dict[str, str]] = []
+    interfaces: list[dict[str, Any]] = []
     for nic in vm.interfaces:
-        item = {k: nic[k] for k in ("label", "mac", "attached-to") if nic.get(k)}
-        ip = ips.get(nic.get("label", ""))
+        item: dict[str, Any] = {k: nic[k] for k in ("label", "mac", "attached-to") if nic.get(k)}
+        known = addresses.nic_addresses(vm, nic.get("mac", ""))
+        # `ip` (LIBPATCH 0) stays the static address, else the first one learnt.
+        ip = ips.get(nic.get("label", "")) or (known[0] if known else None)
         if ip:
             item["ip"] = ip
+        if known:
+            item["addresses"] = known
         if "label" in item:
             interfaces.append(item)
     details["interfaces"] = interfaces
@@ -587,6 +591,10 @@ def serve(
         now.append(outcome.vm)
         booked = compose.book_disks(booked, spec)  # its disks may grow: the next ones see it
         result.composed.append(outcome.vm.name)
+    wanted = set(desired)
+    answered = [vm for vm in now if request_key_of(vm, scope) in wanted]
+    learnt = {vm.name: vm for vm in addresses.refresh(backend, answered)}
+    now = [learnt.get(vm.name, vm) for vm in now]
     by_key = {k: vm for vm in now if (k := request_key_of(vm, scope)) is not None}
     errors = {**(answer_errors or {}), **result.failures}
     keys = set(desired) | set(answer_errors or {})

@@ -132,12 +132,17 @@ Each vm-host unit publishes, per VM it hosts:
 
     {"id": "db-0", "name": "vmhost-consumer-db-0", "state": "running", "uuid": "...",
      "interfaces": [{"label": "eth0", "mac": "52:54:00:12:34:56", "attached-to": "br-oam",
-                     "ip": null}],
+                     "ip": "10.0.0.17", "addresses": ["10.0.0.17"]}],
      "placement": {"numa-nodes": [0], "cpus": [2, 3, 14, 15], "hugepages": "1G"},
      "power": {"type": "virsh", "address": "qemu+ssh://virsh@10.0.0.5/system",
                "id": "vmhost-consumer-db-0"}}
 
 `state` is one of pending, running, stopped, failed; `error` says why when failed.
+Each NIC's `addresses` lists what the guest has on it: a static `ip` of the request at once, a
+DHCP address as soon as the hypervisor knows it (lease, ARP or guest agent; every provider hook
+refreshes it, update-status included, so a `vm_ready` may come before the address does: read
+`self.vm_host.vm(id)` again on later events). `ip` is the static address, else the first
+address learnt.
 
 ## Events (requirer)
 
@@ -622,6 +627,15 @@ class VmInterfaceInfo(_Model):
     )
     """The host bridge, parent NIC or VF the NIC sits on."""
     ip: StrictStr | None = None
+    """The static address the request gave, else the first address learnt (DHCP)."""
+    addresses: list[StrictStr] = Field(default_factory=list)
+    """Every address known on this NIC, static first, then learnt from the DHCP lease, ARP
+    or the guest agent once the guest has one (LIBPATCH 4; absent from older providers)."""
+
+    @pydantic.field_validator("addresses", mode="before")
+    @classmethod
+    def _null_addresses(cls, value: Any) -> Any:
+        return [] if value is None else value
 
 
 class VmPlacementInfo(_Model):
