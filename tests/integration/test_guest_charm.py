@@ -178,5 +178,5 @@ def test_relation_request_boots_a_guest_and_the_answer_gets_its_dhcp_address(
     assert eth0_answer.addresses == [leased.split("/")[0]]
     assert eth0_answer.ip == leased.split("/")[0]
 
-    ctx.run(ctx.on.relation_broken(relation), state)
+    ctx.run(ctx.on.relation_broken(state.get_relation(43)), state)
     assert answer.name not in {d.name() for d in backend.conn.listAllDomains(0)}
