@@ -78,8 +78,11 @@ def guest_report(ctx, state, name: str) -> tuple[dict, float]:
     pytest.fail(f"{name} printed no report in {BOOT_TIMEOUT_S} s:\n{log[-3000:]}")
 
 
-def check_guest(guest: dict, macs: dict[str, str], *, hostname: str, static_ip: str) -> None:
+def check_guest(
+    guest: dict, macs: dict[str, str], *, uuid: str, hostname: str, static_ip: str
+) -> None:
     """What the guest saw matches what the charm planned and answered."""
+    assert f"instance-id: {uuid}" in guest["seed"]["meta-data"]  # this VM's boot, no other
     assert guest["cpus"] == 2
     assert sorted(guest["nics"].values()) == sorted(macs.values())
     user_data = guest["seed"]["user-data"]
@@ -121,7 +124,7 @@ def test_compose_vm_action_boots_a_guest_that_reports_the_request(
 
     guest, boot_s = guest_report(ctx, state, name)
     print(f"action VM report after {boot_s:.1f} s: {json.dumps(guest, sort_keys=True)}")
-    check_guest(guest, macs, hostname="guest-0", static_ip="10.231.78.50/24")
+    check_guest(guest, macs, uuid=result["uuid"], hostname="guest-0", static_ip="10.231.78.50/24")
     assert "fqdn: guest-0.example.com" in guest["seed"]["user-data"]
     action(ctx, state, "delete-vm", name=name)
     assert name not in {d.name() for d in backend.conn.listAllDomains(0)}
@@ -156,7 +159,7 @@ def test_relation_request_boots_a_guest_and_the_answer_gets_its_dhcp_address(
 
     guest, boot_s = guest_report(ctx, state, answer.name)
     print(f"relation VM report after {boot_s:.1f} s: {json.dumps(guest, sort_keys=True)}")
-    check_guest(guest, macs, hostname="db-0", static_ip="10.231.78.51/24")
+    check_guest(guest, macs, uuid=answer.uuid or "", hostname="db-0", static_ip="10.231.78.51/24")
     assert "packages: [postgresql]" in guest["seed"]["user-data"]  # the requester's, kept
     eth0 = next(n for n, mac in guest["nics"].items() if mac == macs["eth0"])
     (leased,) = guest["addrs"][eth0]

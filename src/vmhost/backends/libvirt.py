@@ -1413,6 +1413,9 @@ class LibvirtBackend:
             step = "preparing the console log"
             console_log = self._console_log_path(spec.name)
             console_log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # A new VM never shows what an earlier VM of the same name printed.
+            for stale in (console_log, *console_log.parent.glob(f"{console_log.name}.[0-9]*")):
+                stale.unlink(missing_ok=True)
             step = "rendering the domain XML"
             arch = host_arch()
             context = domain_context(
