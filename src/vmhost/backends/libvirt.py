@@ -1411,11 +1411,7 @@ class LibvirtBackend:
                 step = f"building the cloud-init seed {pool_name}/{vol_name}"
                 seed = self._seed_volume(pools[pool_name], vol_name, seed_files, created)
             step = "preparing the console log"
-            console_log = self._console_log_path(spec.name)
-            console_log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # A new VM never shows what an earlier VM of the same name printed.
-            for stale in (console_log, *console_log.parent.glob(f"{console_log.name}.[0-9]*")):
-                stale.unlink(missing_ok=True)
+            console_log = self._fresh_console_log(spec.name)
             step = "rendering the domain XML"
             arch = host_arch()
             context = domain_context(
@@ -1475,6 +1471,14 @@ class LibvirtBackend:
             else "nothing was left behind"
         )
         return VmHostError(f"compose {name}: {step} failed: {_detail(error)}; {left}")
+
+    def _fresh_console_log(self, name: str) -> Path:
+        """The VM's console log path, its directory made, and no earlier VM's log left in it."""
+        path = self._console_log_path(name)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in (path, *path.parent.glob(f"{path.name}.[0-9]*")):
+            stale.unlink(missing_ok=True)
+        return path
 
     def _console_log_path(self, name: str) -> Path:
         validate_name(name, "name")
