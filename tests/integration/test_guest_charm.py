@@ -62,7 +62,7 @@ def config(test_pool: str, nat_network: str, static_bridge: str) -> dict[str, st
 
 def action(ctx, state, which, **params):
     ctx.run(ctx.on.action(which, params=params), state)
-    return ctx.action_results or {}
+    return dict(ctx.action_results or {})  # a copy: the next action run replaces it
 
 
 def guest_report(ctx, state, name: str) -> tuple[dict, float]:
