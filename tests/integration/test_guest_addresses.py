@@ -10,14 +10,16 @@ the lease.
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 from tests.integration.conftest import NAT_SUBNET
 from tests.integration.test_guest_boot import BOOT_TIMEOUT_S, report, tcg, tiny_image
 from tests.integration.test_libvirt_backend import placed, spec
 
-from vmhost import addresses
+from vmhost import addresses, imagecache
 from vmhost.backends.libvirt import LibvirtBackend
 from vmhost.model import AttachmentKind, NicAttachment, VmRecord, VmState
 
@@ -40,9 +42,16 @@ def wait_for_report(backend: LibvirtBackend, name: str) -> tuple[dict, float]:
 
 
 def test_static_address_at_once_and_the_dhcp_lease_once_known(
-    tcg: LibvirtBackend, test_pool: str, test_bridge: str, nat_network: str, tiny_image
+    tcg: LibvirtBackend,
+    test_pool: str,
+    test_bridge: str,
+    nat_network: str,
+    tiny_image: Path,
+    image_pool: imagecache.Settings,
 ) -> None:
-    vm = spec("vmhost-test-addr", test_pool, memory_mib=256, image=str(tiny_image))
+    shutil.copyfile(tiny_image, Path(image_pool.local_dir) / "tiny.qcow2")
+    imagecache.ensure(tcg, "local:tiny", image_pool)
+    vm = spec("vmhost-test-addr", test_pool, memory_mib=256, image="local:tiny")
     nics = (
         NicAttachment("eth0", AttachmentKind.BRIDGE, nat_network),
         NicAttachment("data", AttachmentKind.BRIDGE, test_bridge, ip="192.0.2.10/24"),

@@ -11,14 +11,17 @@ NAT network leased, which the relation answer must carry once known.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
 from ops import testing
 from tests.integration.conftest import IP, NAT_SUBNET
+from tests.integration.test_charm_images_libvirt import charm_pool
 from tests.integration.test_guest_boot import BOOT_TIMEOUT_S, report, tiny_image
 
 import charm
@@ -27,7 +30,7 @@ from vmhost.backends.libvirt import LibvirtBackend
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_host")]
 
-__all__ = ["tiny_image"]  # a fixture shared with test_guest_boot
+__all__ = ["charm_pool", "tiny_image"]  # fixtures shared with other test modules
 
 STATIC_BRIDGE = "vmhost-test-brs"
 STATIC_NET = "10.231.78.1/24"
@@ -55,9 +58,26 @@ def ctx() -> testing.Context[charm.VmHostCharm]:
 
 
 @pytest.fixture
-def config(test_pool: str, nat_network: str, static_bridge: str) -> dict[str, str]:
+def config(
+    test_pool: str,
+    nat_network: str,
+    static_bridge: str,
+    tiny_image: Path,
+    charm_pool: LibvirtBackend,
+    tmp_path: Path,
+) -> dict[str, str]:
+    """The charm's config: images named local:tiny come from local-image-dir (the test guest)."""
+    local = tmp_path / "local-images"
+    local.mkdir()
+    local.chmod(0o755)
+    shutil.copyfile(tiny_image, local / "tiny.qcow2")
     # The NIC of a request without interfaces would go on the NAT network.
-    return {"default-storage-pool": test_pool, "default-network": nat_network}
+    return {
+        "default-storage-pool": test_pool,
+        "default-network": nat_network,
+        "local-image-dir": str(local),
+        "default-image": "",
+    }
 
 
 def action(ctx, state, which, **params):
@@ -97,7 +117,7 @@ def check_guest(
 
 
 def test_compose_vm_action_boots_a_guest_that_reports_the_request(
-    ctx, config, tiny_image, nat_network, backend: LibvirtBackend
+    ctx, config, nat_network, backend: LibvirtBackend
 ):
     state = testing.State(config=config, leader=True)
     name = "vmhost-test-guest-0"
@@ -109,7 +129,7 @@ def test_compose_vm_action_boots_a_guest_that_reports_the_request(
         memory=256,
         cores=2,
         storage="root:1",
-        image=str(tiny_image),
+        image="local:tiny",
         interfaces="eth0:bridge=vmhost-test-nat;data:ip=10.231.78.50",
         hostname="guest-0.example.com",
         **{"ssh-public-keys": KEY},
@@ -131,14 +151,14 @@ def test_compose_vm_action_boots_a_guest_that_reports_the_request(
 
 
 def test_relation_request_boots_a_guest_and_the_answer_gets_its_dhcp_address(
-    ctx, config, tiny_image, nat_network, backend: LibvirtBackend
+    ctx, config, nat_network, backend: LibvirtBackend
 ):
     request = {
         "id": "db-0",
         "cores": 2,
         "memory": 256,
         "storage": "root:1",
-        "image": str(tiny_image),
+        "image": "local:tiny",
         "interfaces": "eth0:bridge=vmhost-test-nat;data:ip=10.231.78.51",
         "hostname": "db-0",
         "ssh-public-keys": [KEY],
@@ -146,6 +166,8 @@ def test_relation_request_boots_a_guest_and_the_answer_gets_its_dhcp_address(
     }
     relation = vm_lib.requirer_relation([request], remote_app_name=APP, relation_id=43)
     state = testing.State(config=config, leader=True, relations={relation})
+    # Cached first: an uncached image would be fetched in the background and answered pending.
+    action(ctx, state, "sync-images", names="local:tiny")
     started = time.monotonic()
     state = ctx.run(ctx.on.relation_changed(relation), state)
     compose_s = time.monotonic() - started

@@ -209,7 +209,7 @@ LIBAPI = 0
 
 # Increment this PATCH version before using `charmcraft publish-lib` or reset
 # to 0 if you are raising the major API version
-LIBPATCH = 4
+LIBPATCH = 5
 
 PYDEPS = ["pydantic>=2"]
 
@@ -630,7 +630,7 @@ class VmInterfaceInfo(_Model):
     """The static address the request gave, else the first address learnt (DHCP)."""
     addresses: list[StrictStr] = Field(default_factory=list)
     """Every address known on this NIC, static first, then learnt from the DHCP lease, ARP
-    or the guest agent once the guest has one (LIBPATCH 4; absent from older providers)."""
+    or the guest agent once the guest has one (LIBPATCH 5; absent from older providers)."""
 
     @pydantic.field_validator("addresses", mode="before")
     @classmethod
