@@ -287,30 +287,31 @@ class VmHostCharm(ops.CharmBase):
     # ----------------------------------------------------------------------------------------
     # Images
 
-    def _default_image(self, config: CharmConfig) -> str:
-        """default-image where this host caches images by name; LXD hosts name their own."""
-        return config.default_image if self._backend(config).image_store() is not None else ""
+    @staticmethod
+    def _default_image(config: CharmConfig) -> str:
+        return config.default_image
 
     def _image_in_background(self, config: CharmConfig):
         """prepare_image for hooks: never waits; a missing image is fetched apart."""
-        store = self._backend(config).image_store()
-        if store is None:
-            return None
+        backend = self._backend(config)
         image_settings = config.image_settings
 
         def prepare(name: str) -> str | None:
-            return imagecache.background(store, image_settings, name)
+            return backend.prepare_image(name, image_settings, wait=False)
 
         return prepare
 
     def _keep_images(self, config: CharmConfig) -> None:
         """Keep the images of option `images` fetched and current (in the background)."""
-        store = self._backend(config).image_store()
-        if store is None:
-            return
+        backend = self._backend(config)
+        store = backend.image_store()
         for name in config.kept_images:
             try:
-                how = imagecache.refresh_in_background(store, config.image_settings, name)
+                how = (
+                    imagecache.refresh_in_background(store, config.image_settings, name)
+                    if store is not None
+                    else backend.prepare_image(name, config.image_settings, wait=False)
+                )
             except VmHostError as exc:
                 logger.warning("images: %s: %s", name, exc)
                 continue
@@ -652,13 +653,12 @@ class VmHostCharm(ops.CharmBase):
         recovered: list[str] = []
         if not params.dry_run:
             recovered, snapshot = self._recover(event, config, snapshot)
-        store = self._backend(config).image_store()
+        backend = self._backend(config)
 
         def fetch(name: str) -> None:
             # The action may wait: it fetches in the foreground, its progress in the log.
-            assert store is not None
             try:
-                imagecache.ensure(store, name, config.image_settings, log=event.log)
+                backend.prepare_image(name, config.image_settings, wait=True, log=event.log)
             except ImageFetchError as exc:
                 raise VmHostError(imagecache.failure_text(name, exc)) from exc
 
@@ -668,7 +668,7 @@ class VmHostCharm(ops.CharmBase):
             self._host_state(config, snapshot),
             dry_run=params.dry_run,
             progress=event.log,
-            prepare_image=fetch if store is not None else None,
+            prepare_image=fetch,
         )
         if outcome.vm is not None or outcome.failed:
             self._snapshot(config, refresh=True)
@@ -806,13 +806,18 @@ class VmHostCharm(ops.CharmBase):
         if inputs is None:
             return
         config, _ = inputs
-        store = self._backend(config).image_store()
-        if store is None:
-            event.fail("this backend keeps images in its own store; nothing to sync")
-            return
+        backend = self._backend(config)
+        store = backend.image_store()
         wanted = split_names(params.names) or [
             n for n in (config.default_image, *config.kept_images) if n
         ]
+        if store is None:  # LXD: its own store, filled by LXD's pull
+            failed = imagecache.sync_elsewhere(backend, config.image_settings, wanted, event.log)
+            if failed:
+                event.fail("; ".join(failed))
+            else:
+                event.set_results({"synced": ", ".join(wanted) or "nothing"})
+            return
         synced, failed = imagecache.sync(store, config.image_settings, wanted, log=event.log)
         if failed:
             event.fail("; ".join(failed))

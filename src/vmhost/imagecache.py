@@ -425,6 +425,34 @@ def failure_text(name: str, exc: ImageFetchError) -> str:
     return f"{name}: fetch failed [{exc.reason}]: {exc}"
 
 
+class Preparer(Protocol):
+    """A backend that gets images ready itself (LXD pulls into its own store)."""
+
+    def prepare_image(
+        self, name: str, settings: Settings, *, wait: bool, log: Log | None = None
+    ) -> str | None:
+        """See vmhost.backends.Backend.prepare_image."""
+        ...
+
+
+def sync_elsewhere(
+    backend: Preparer, settings: Settings, names: Sequence[str], log: Log | None = None
+) -> list[str]:
+    """sync-images where the hypervisor keeps its own store: each image got and waited for.
+
+    Returns the failures, one line per image naming the check; one failing stops no other.
+    """
+    failed: list[str] = []
+    for name in names:
+        try:
+            backend.prepare_image(name, settings, wait=True, log=log)
+        except ImageFetchError as exc:
+            failed.append(failure_text(name, exc))
+        except VmHostError as exc:
+            failed.append(f"{name}: {exc}")
+    return failed
+
+
 def sync(
     store: ImageStore, settings: Settings, names: Sequence[str], *, log: Log | None = None
 ) -> tuple[list[CachedImage], list[str]]:

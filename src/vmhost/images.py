@@ -33,7 +33,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,8 +269,13 @@ def read_stream(source: Source, path: str) -> dict[str, Any]:
     return document  # pyright: ignore[reportUnknownVariableType]
 
 
-def resolve(source: Source, image: StreamImage, arch: str) -> StreamItem:
-    """Return the newest version's disk item of an image's product, from the verified index."""
+def _versions(
+    source: Source, image: StreamImage, arch: str
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """Yield (product, version, items) of an image's product, newest first.
+
+    From the verified index; ImageFetchError("not-found") when the source has no such product.
+    """
     product = image.product_id(arch)
     index = read_stream(source, INDEX_PATH).get("index") or {}
     for content in index.values():
@@ -282,23 +287,61 @@ def resolve(source: Source, image: StreamImage, arch: str) -> StreamItem:
         products = read_stream(source, path).get("products") or {}
         versions: dict[str, Any] = (products.get(product) or {}).get("versions") or {}
         for version in sorted(versions, key=version_key, reverse=True):
-            items: dict[str, Any] = versions[version].get("items") or {}
-            for ftype in DISK_ITEMS:
-                item = items.get(ftype)
-                if item and item.get("sha256") and item.get("path"):
-                    return StreamItem(
-                        product=product,
-                        version=version,
-                        ftype=ftype,
-                        url=_join(source.url, str(item["path"])),
-                        sha256=str(item["sha256"]).lower(),
-                        size=int(item["size"]),
-                    )
-        raise ImageFetchError(
-            "not-found", f"{product} in {source.url} has no version with a qcow2 disk item"
-        )
+            yield product, version, versions[version].get("items") or {}
+        return
     raise ImageFetchError(
         "not-found", f"{image.name}: {source.url} has no product {product} (image-downloads)"
+    )
+
+
+def resolve(source: Source, image: StreamImage, arch: str) -> StreamItem:
+    """Return the newest version's disk item of an image's product, from the verified index."""
+    product = image.product_id(arch)
+    for product, version, items in _versions(source, image, arch):
+        for ftype in DISK_ITEMS:
+            item = items.get(ftype)
+            if item and item.get("sha256") and item.get("path"):
+                return StreamItem(
+                    product=product,
+                    version=version,
+                    ftype=ftype,
+                    url=_join(source.url, str(item["path"])),
+                    sha256=str(item["sha256"]).lower(),
+                    size=int(item["size"]),
+                )
+    raise ImageFetchError(
+        "not-found", f"{product} in {source.url} has no version with a qcow2 disk item"
+    )
+
+
+LXD_VM_COMBINED = ("combined_disk-kvm-img_sha256", "combined_uefi1-img_sha256")
+"""The lxd.tar.xz item's keys naming an LXD VM image's fingerprint (metadata + disk)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LxdStreamImage:
+    """The LXD VM image of a product version, as the (verified) index names it."""
+
+    product: str
+    version: str
+    fingerprint: str
+
+
+def resolve_lxd(source: Source, image: StreamImage, arch: str) -> LxdStreamImage:
+    """Return the newest version's LXD VM image fingerprint, from the verified index.
+
+    LXD then pulls exactly that fingerprint and checks the download against it, so the
+    signature of the index vm-host verified covers what LXD boots.
+    """
+    product = image.product_id(arch)
+    for product, version, items in _versions(source, image, arch):
+        meta = items.get("lxd.tar.xz") or {}
+        for key in LXD_VM_COMBINED:
+            fingerprint = str(meta.get(key) or "").lower()
+            if re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+                return LxdStreamImage(product, version, fingerprint)
+    raise ImageFetchError(
+        "not-found", f"{product} in {source.url} has no version with an LXD VM image"
     )
 
 

@@ -217,10 +217,11 @@ class LxdTrust:
         finally:
             conn.close()
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None, *, wait: bool = True) -> Any:
         """Call LXD's API over the unix socket; return the response metadata (LxdError on failure).
 
-        Shared with the LXD backend, so there is one LXD client in vm-host.
+        Shared with the LXD backend, so there is one LXD client in vm-host. An asynchronous
+        call is waited for, unless `wait=False`: then its operation (id, status) is returned.
         """
         status, raw = self._call(method, path, json.dumps(body) if body is not None else None)
         try:
@@ -230,7 +231,7 @@ class LxdTrust:
         if data.get("type") == "error" or status >= 400:
             raise LxdError(f"LXD refused {method} {path}: {data.get('error') or status}")
         if data.get("type") == "async":
-            return self._wait(data["operation"])
+            return self._wait(data["operation"]) if wait else data.get("metadata")
         return data.get("metadata")
 
     def request_text(self, path: str) -> str:

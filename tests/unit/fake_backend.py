@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vmhost import images
+from vmhost import imagecache, images
 from vmhost.backends import BackendUnavailableError
 from vmhost.constraints import spec_hash
 from vmhost.model import (
@@ -88,6 +88,27 @@ class FakeBackend:
 
     def image_store(self) -> FakeImageStore | None:
         return self.images
+
+    image_waits: dict[str, str] = field(default_factory=dict)
+    """Without an image cache (like LXD): what prepare_image answers per name (set by the
+    test; absent means ready)."""
+
+    def prepare_image(
+        self,
+        name: str,
+        settings: imagecache.Settings,
+        *,
+        wait: bool,
+        log: Callable[[str], None] | None = None,
+    ) -> str | None:
+        self._check()
+        self.calls.append(f"prepare_image:{name}:{'wait' if wait else 'background'}")
+        if self.images is not None:  # the real cache code on the fake pool
+            if wait:
+                imagecache.ensure(self.images, name, settings, log=log)
+                return None
+            return imagecache.background(self.images, settings, name)
+        return None if wait else self.image_waits.get(name)
 
     ignores_acpi: set[str] = field(default_factory=set)
     """VMs whose guest does not answer a shutdown request (stop needs the plug pulled)."""

@@ -193,3 +193,46 @@ def test_bad_image_options_block_naming_the_option(ctx, backend, option, value, 
     out = ctx.run(ctx.on.config_changed(), testing.State(config={option: value}))
     assert isinstance(out.unit_status, testing.BlockedStatus)
     assert words in out.unit_status.message
+
+
+# -- a backend without vm-host's cache (LXD pulls into its own store)
+
+
+def test_on_lxd_the_default_image_is_pulled_apart_and_the_request_answered_pending(
+    ctx, backend: FakeBackend
+):
+    assert backend.images is None  # like LxdBackend: image_store() is None
+    backend.image_waits["ubuntu@24.04"] = "downloading ubuntu@24.04 20261201 into LXD"
+    relation = vm_lib.requirer_relation([WEB], remote_app_name="web")
+    state = testing.State(leader=True, relations={relation})
+    out = ctx.run(ctx.on.relation_changed(relation), state)
+    got = answer(out, relation, "web-0")
+    assert (got.state, got.error) == ("pending", "downloading ubuntu@24.04 20261201 into LXD")
+    assert "prepare_image:ubuntu@24.04:background" in backend.calls
+    assert backend.vms == {}
+
+    del backend.image_waits["ubuntu@24.04"]  # LXD's pull finished
+    out = ctx.run(ctx.on.update_status(), out)
+    got = answer(out, relation, "web-0")
+    assert got.state == "running"
+    assert backend.composed[got.name or ""][0].image == "ubuntu@24.04"
+
+
+def test_on_lxd_compose_vm_and_sync_images_wait_for_the_pull(ctx, backend: FakeBackend):
+    ctx.run(
+        ctx.on.action("compose-vm", params={"name": "web-0", "memory": 512}),
+        testing.State(leader=True),
+    )
+    assert "prepare_image:ubuntu@24.04:wait" in backend.calls
+    assert backend.composed["web-0"][0].image == "ubuntu@24.04"
+
+    backend.calls.clear()
+    ctx.run(
+        ctx.on.action("sync-images", params={"names": "ubuntu@22.04,local:web"}),
+        testing.State(leader=True),
+    )
+    assert ctx.action_results == {"synced": "ubuntu@22.04, local:web"}
+    assert [c for c in backend.calls if c.startswith("prepare_image")] == [
+        "prepare_image:ubuntu@22.04:wait",
+        "prepare_image:local:web:wait",
+    ]

@@ -6,6 +6,7 @@ All pure: the definitions are compared with the exact config and devices LXD get
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,6 +15,7 @@ import yaml
 from mime import mime_parts
 from tests.fixtures import LXD_RESOURCES
 
+from vmhost import imagecache, images
 from vmhost.backends import BackendUnavailableError
 from vmhost.backends.lxd import (
     KEY_INTERFACES,
@@ -522,6 +524,13 @@ class FakeLxd:
         self.calls: list[tuple[str, str]] = []
         self.patches: list[tuple[str, Any]] = []
         self.hugepages_size = 2 << 20
+        self.store: list[dict[str, Any]] = [
+            {"fingerprint": "ab" * 32, "aliases": [{"name": "jammy-vm"}]}
+        ]
+        """GET /1.0/images (set by the test)."""
+        self.image_posts: list[Any] = []
+        self.operations: dict[str, dict[str, Any]] = {}
+        """Operation id -> what GET /1.0/operations/<id>/wait answers (set by the test)."""
 
     def projects(self) -> list[str]:
         return ["default", "vm-host"]
@@ -532,7 +541,9 @@ class FakeLxd:
         name = url.path.strip("/").split("/")[2]
         return self.instances[name].get("console", "")
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:  # noqa: C901 - a router
+    def request(  # noqa: C901 - a router
+        self, method: str, path: str, body: Any = None, *, wait: bool = True
+    ) -> Any:
         url = urlsplit(path)
         query = parse_qs(url.query)
         parts = url.path.strip("/").split("/")[1:]
@@ -565,8 +576,16 @@ class FakeLxd:
                 raise LxdError("Storage volume not found")
             self.volumes[pool].remove(parts[-1])
             return None
+        if parts[0] == "images" and method == "POST":
+            self.image_posts.append((body, wait))
+            return {"id": f"op{len(self.image_posts)}", "status": "Running"}
         if parts[0] == "images":
-            return [{"fingerprint": "ab" * 32, "aliases": [{"name": "jammy-vm"}]}]
+            return self.store
+        if parts == ["operations"]:
+            ops = self.operations.items()
+            return {"running": [{"id": i, "metadata": op.get("metadata")} for i, op in ops]}
+        if parts[0] == "operations" and parts[-1] == "wait":
+            return self.operations[parts[1]]
         raise AssertionError(f"unexpected call {method} {path}")
 
     def _patch(self, name: str, body: Any) -> None:
@@ -790,3 +809,140 @@ def test_guest_addresses_and_console_log_come_from_the_instance() -> None:
     assert backend.console_log("web-1", 2) == "b\nc"
     with pytest.raises(InvalidRequestError, match="lines"):
         backend.console_log("web-1", 0)
+
+
+# -- images by name on LXD: LXD's own store, pulled from image-source
+
+
+def vm_image(fingerprint: str, version: str, serial: str, **kw: Any) -> dict[str, Any]:
+    props = {"os": "Ubuntu", "version": version, "architecture": "amd64", "serial": serial}
+    return {
+        "fingerprint": fingerprint,
+        "type": kw.pop("type", "virtual-machine"),
+        "properties": {**props, **kw},
+        "aliases": [],
+    }
+
+
+def test_a_stream_name_boots_the_newest_vm_image_of_that_release_in_lxds_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(images, "host_arch", lambda: "x86_64")
+    fake = FakeLxd()
+    fake.store = [
+        vm_image("11" * 32, "24.04", "20261101"),
+        vm_image("22" * 32, "24.04", "20261201"),
+        vm_image("33" * 32, "24.04", "20261215", type="container"),  # not a VM image
+        vm_image("44" * 32, "24.04", "20261220", architecture="arm64"),
+        vm_image("55" * 32, "22.04", "20261230"),
+    ]
+    backend = fake_backend(fake)
+    for name in ("ubuntu@24.04", "noble", "24.04"):
+        assert backend.image_source(name) == {"type": "image", "fingerprint": "22" * 32}
+    backend.compose(spec(image="ubuntu@24.04"), Placement(2, 2048), [], "default", start=False)
+    assert fake.instances["web-1"]["source"] == {"type": "image", "fingerprint": "22" * 32}
+
+
+def test_a_stream_name_lxd_does_not_have_is_refused_naming_sync_images(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(images, "host_arch", lambda: "x86_64")
+    fake = FakeLxd()
+    backend = fake_backend(fake)
+    with pytest.raises(
+        VmHostError, match=r"ubuntu@22\.04 is not in LXD's image store.*sync-images"
+    ):
+        backend.compose(spec(image="ubuntu@22.04"), Placement(2, 2048), [], "default")
+    assert "web-1" not in fake.instances
+    with pytest.raises(VmHostError, match=r"lxc image import FILE --alias web\`"):
+        backend.compose(spec(image="local:web"), Placement(2, 2048), [], "default")
+    assert "web-1" not in fake.instances
+
+
+def write_stream(root: Path, items: dict[str, Any]) -> images.Source:
+    """An unsigned simplestreams tree (index + one products file) under root."""
+    product = "com.ubuntu.cloud:server:24.04:amd64"
+    (root / "streams/v1").mkdir(parents=True)
+    (root / "streams/v1/index.json").write_text(
+        json.dumps(
+            {
+                "index": {
+                    "downloads": {
+                        "datatype": "image-downloads",
+                        "path": "streams/v1/products.json",
+                        "products": [product],
+                    }
+                }
+            }
+        )
+    )
+    (root / "streams/v1/products.json").write_text(
+        json.dumps({"products": {product: {"versions": items}}})
+    )
+    return images.Source(url=f"file://{root}/", allow_unsigned=True)
+
+
+def test_prepare_image_asks_lxd_to_pull_the_fingerprint_the_index_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "host_arch", lambda: "x86_64")
+    combined = "cd" * 32
+    source = write_stream(
+        tmp_path,
+        {
+            "20261101": {"items": {"lxd.tar.xz": {"combined_disk-kvm-img_sha256": "ef" * 32}}},
+            "20261201": {"items": {"lxd.tar.xz": {"combined_disk-kvm-img_sha256": combined}}},
+        },
+    )
+    settings = imagecache.Settings(source=source, state_dir=str(tmp_path / "state"))
+    fake = FakeLxd()
+    backend = fake_backend(fake)
+
+    # A hook: the pull starts as LXD's background operation and the answer says so.
+    waiting = backend.prepare_image("ubuntu@24.04", settings, wait=False)
+    assert waiting == "downloading ubuntu@24.04 20261201 into LXD's image store"
+    ((body, waited),) = fake.image_posts
+    assert waited is False
+    assert body["source"] == {
+        "type": "image",
+        "mode": "pull",
+        "server": source.url,
+        "protocol": "simplestreams",
+        "fingerprint": combined,
+        "image_type": "virtual-machine",
+    }
+    # The next hook finds that operation running and starts no second pull.
+    fake.operations["op1"] = {"metadata": {"fingerprint": combined}, "status": "Running"}
+    assert backend.prepare_image("ubuntu@24.04", settings, wait=False) == waiting
+    assert len(fake.image_posts) == 1
+
+    # compose-vm waits for it; then the store has the image and composes from it.
+    fake.operations["op1"] = {"metadata": {"fingerprint": combined}, "status": "Success"}
+    fake.store.append(vm_image(combined, "24.04", "20261201"))
+    assert backend.prepare_image("ubuntu@24.04", settings, wait=True) is None
+    assert len(fake.image_posts) == 1
+    assert backend.image_source("ubuntu@24.04") == {"type": "image", "fingerprint": combined}
+
+
+def test_a_failed_pull_or_an_index_without_an_lxd_image_names_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "host_arch", lambda: "x86_64")
+    combined = "cd" * 32
+    source = write_stream(
+        tmp_path / "ok",
+        {"20261201": {"items": {"lxd.tar.xz": {"combined_disk-kvm-img_sha256": combined}}}},
+    )
+    fake = FakeLxd()
+    backend = fake_backend(fake)
+    fake.operations["op1"] = {"status": "Failure", "err": "403 from the mirror"}
+    settings = imagecache.Settings(source=source, state_dir=str(tmp_path / "state"))
+    with pytest.raises(images.ImageFetchError, match="LXD's pull failed: 403 from the mirror"):
+        backend.prepare_image("ubuntu@24.04", settings, wait=True)
+
+    bare = write_stream(tmp_path / "bare", {"20261201": {"items": {"disk1.img": {}}}})
+    settings = imagecache.Settings(source=bare, state_dir=str(tmp_path / "state"))
+    with pytest.raises(images.ImageFetchError, match="no version with an LXD VM image") as exc:
+        backend.prepare_image("ubuntu@24.04", settings, wait=False)
+    assert exc.value.reason == "not-found"
+    assert len(fake.image_posts) == 1  # only the first, failed pull

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Protocol
 from vmhost.model import HostTopology, NicAttachment, Placement, VmRecord, VmSpec, VmStats
 
 if TYPE_CHECKING:
-    from vmhost.imagecache import ImageStore
+    from collections.abc import Callable
+
+    from vmhost.imagecache import ImageStore, Settings
 
 
 def stable_mac(prefix: str, vm: str, label: str) -> str:
@@ -99,6 +101,25 @@ class Backend(Protocol):
         """Return where images by name are cached (libvirt: the vm-host-images pool).
 
         None where the hypervisor resolves names itself (LXD's own image store).
+        """
+        ...
+
+    def prepare_image(
+        self,
+        name: str,
+        settings: Settings,
+        *,
+        wait: bool,
+        log: Callable[[str], None] | None = None,
+    ) -> str | None:
+        """Get an image by name ready to compose from: None when it is, else what to wait for.
+
+        `wait=True` (actions) fetches in the foreground with progress in `log`; `wait=False`
+        (hooks) never waits: a missing image is fetched apart and the answer says so.
+
+        Raises:
+            InvalidRequestError: not an image name.
+            VmHostError: the image cannot be had (an ImageFetchError names the check).
         """
         ...
 

@@ -34,7 +34,7 @@ import tempfile
 import time
 import uuid as uuid_module
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import jinja2
 import libvirt
 import yaml
 
-from vmhost import cloudinit, images, intents
+from vmhost import cloudinit, imagecache, images, intents
 from vmhost.backends import BackendUnavailableError, stable_mac
 from vmhost.constraints import (
     spec_hash,
@@ -1607,6 +1607,20 @@ class LibvirtBackend:
     def image_store(self) -> LibvirtBackend:
         """This backend keeps its own image cache (the `vm-host-images` pool)."""
         return self
+
+    def prepare_image(
+        self,
+        name: str,
+        settings: imagecache.Settings,
+        *,
+        wait: bool,
+        log: Callable[[str], None] | None = None,
+    ) -> str | None:
+        """Get an image into the cache pool (see Backend.prepare_image and vmhost.imagecache)."""
+        if wait:
+            imagecache.ensure(self, name, settings, log=log)
+            return None
+        return imagecache.background(self, settings, name)
 
     def _images_pool(self, *, create: bool) -> libvirt.virStoragePool | None:
         try:

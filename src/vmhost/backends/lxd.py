@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vmhost import cloudinit
+from vmhost import cloudinit, imagecache, images
 from vmhost.backends import BackendUnavailableError, stable_mac
 from vmhost.backends.lxd_resources import parse_resources
 from vmhost.codec import CodecError, placement_from_dict, placement_to_dict
@@ -241,6 +241,11 @@ def cloud_init_config(spec: VmSpec, nics: Sequence[NicAttachment]) -> dict[str, 
 def image_source(image: str | None) -> dict[str, str]:
     """Return the instance source: an empty VM, or an image of LXD's local image store.
 
+    `local:NAME` is the image LXD's store knows by the alias NAME (`lxc image import FILE
+    --alias NAME`); an LXD alias or fingerprint is passed on as it is. A stream name
+    (`ubuntu@24.04`) names no image here: the backend resolves it against LXD's store
+    (`LxdBackend.image_source`).
+
     Raises:
         InvalidRequestError: the image is a host path (LXD boots images from its own store) or
             not a valid alias/fingerprint.
@@ -251,17 +256,56 @@ def image_source(image: str | None) -> dict[str, str]:
         raise InvalidRequestError(
             "image",
             f"{image!r} is a host path; the LXD backend boots images from LXD's image store: "
-            "import the file with `lxc image import` and give its alias or fingerprint",
+            "import the file with `lxc image import FILE --alias NAME` and give local:NAME",
         )
+    if image.lower().startswith("local:"):
+        local = images.parse_name(image)
+        assert isinstance(local, images.LocalImage)
+        return {"type": "image", "alias": local.local_name}
     if _FINGERPRINT_RE.fullmatch(image):
         return {"type": "image", "fingerprint": image}
     if not _ALIAS_RE.fullmatch(image):
         raise InvalidRequestError(
             "image",
-            f"{image!r} is not an LXD image alias or fingerprint; use letters, digits, '.', "
-            "'_', '/', ':' and '-' (for example 'jammy-vm')",
+            f"{image!r} is not an image name or an LXD image alias or fingerprint; use "
+            "ubuntu@<release>, local:NAME, or letters, digits, '.', '_', '/', ':' and '-' "
+            "(for example 'jammy-vm')",
         )
     return {"type": "image", "alias": image}
+
+
+def stream_image(image: str | None) -> images.StreamImage | None:
+    """Return the stream image a name means (`ubuntu@24.04`, `24.04`, `noble`), else None."""
+    if not image or image.lower().startswith("local:"):
+        return None
+    try:
+        parsed = images.parse_name(image)
+    except InvalidRequestError:
+        return None  # an LXD alias or fingerprint
+    return parsed if isinstance(parsed, images.StreamImage) else None
+
+
+def newest_stream_image(
+    listed: Sequence[Mapping[str, Any]], image: images.StreamImage, arch: str
+) -> str | None:
+    """The fingerprint of the newest VM image of LXD's store that is `image` for `arch`.
+
+    LXD records a simplestreams image's product in its properties (os, version,
+    architecture, serial), so the store itself says what is cached: nothing else is kept.
+    """
+    arches = {arch, images.ARCHES.get(arch, arch)}
+    found: list[tuple[tuple[tuple[int, int | str], ...], str]] = []
+    for entry in listed:
+        props = entry.get("properties") or {}
+        if (
+            entry.get("type") == "virtual-machine"
+            and str(props.get("os", "")).lower() == image.os
+            and str(props.get("version", "")) == image.release
+            and str(props.get("architecture", "")) in arches
+        ):
+            serial = str(props.get("serial", ""))
+            found.append((images.version_key(serial), str(entry.get("fingerprint", ""))))
+    return max(found)[1] if found else None
 
 
 def _resolve_nics(spec: VmSpec, nics: Sequence[NicAttachment]) -> list[NicAttachment]:
@@ -319,7 +363,11 @@ def instance_definition(
     root = spec.disks[0]
     validate_name(root.pool or default_pool, f"storage[{root.label}].pool")
     resolved = _resolve_nics(spec, nics)
-    source = image_source(spec.image)
+    source = (
+        {"type": "image", "fingerprint": "0" * 64}  # resolved against the store by compose
+        if stream_image(spec.image)
+        else image_source(spec.image)
+    )
 
     devices: dict[str, dict[str, str]] = {
         ROOT_DEVICE: {
@@ -1008,7 +1056,7 @@ class LxdBackend:
         planned = extra_volumes(spec, default_pool)
         self._check_storage(definition, planned)
         if spec.image:
-            self._check_image(definition["source"])
+            definition["source"] = self.image_source(spec.image)
 
         created: list[tuple[str, str]] = []
         attempted_instance = False
@@ -1069,20 +1117,116 @@ class LxdBackend:
                     f"{self.project!r}); delete it or choose another VM name"
                 )
 
-    def _check_image(self, source: Mapping[str, str]) -> None:
-        images = self._call("GET", self._p("/1.0/images", recursion="1")) or []
+    def _store_images(self) -> list[dict[str, Any]]:
+        return self._call("GET", self._p("/1.0/images", recursion="1")) or []
+
+    def image_source(self, image: str) -> dict[str, str]:
+        """Return the instance source of an image in LXD's store (VmHostError when absent)."""
+        stream = stream_image(image)
+        listed = self._store_images()
+        if stream is not None:
+            fingerprint = newest_stream_image(listed, stream, images.host_arch())
+            if fingerprint is None:
+                raise VmHostError(
+                    f"image: {stream.name} is not in LXD's image store yet; fetch it first "
+                    "(the sync-images action, or compose-vm, fetches it from image-source)"
+                )
+            return {"type": "image", "fingerprint": fingerprint}
+        source = image_source(image)
         if "fingerprint" in source:
             wanted = source["fingerprint"]
-            if any(str(i.get("fingerprint", "")).startswith(wanted) for i in images):
-                return
+            if any(str(i.get("fingerprint", "")).startswith(wanted) for i in listed):
+                return source
         else:
             wanted = source["alias"]
-            if any(a.get("name") == wanted for i in images for a in i.get("aliases") or []):
-                return
+            if any(a.get("name") == wanted for i in listed for a in i.get("aliases") or []):
+                return source
         raise VmHostError(
-            f"image: {wanted!r} is not in LXD's image store (this host cannot download); "
-            "import it with `lxc image import` and give its alias or fingerprint"
+            f"image: {wanted!r} is not in LXD's image store; import it with `lxc image import "
+            f"FILE --alias {wanted}` (then name it local:{wanted})"
         )
+
+    def prepare_image(
+        self,
+        name: str,
+        settings: imagecache.Settings,
+        *,
+        wait: bool,
+        log: Callable[[str], None] | None = None,
+    ) -> str | None:
+        """Get a stream image into LXD's store; None when it is there, else what to wait for.
+
+        vm-host reads the source's index itself (signature checked with gpgv unless
+        image-source-unsigned) and asks LXD to pull exactly the fingerprint it names; LXD
+        checks the download against that fingerprint. `wait=False` (hooks) starts the pull as
+        an LXD background operation and returns at once: later calls see it in LXD's image
+        store or its operation list. Other names (local:NAME, LXD aliases) must be in the
+        store already (VmHostError naming the fix).
+
+        Raises:
+            ImageFetchError: the index could not be had or verified, or the pull failed.
+            VmHostError: a local image is not in LXD's store.
+        """
+        stream = stream_image(name)
+        if stream is None:
+            self.image_source(name)
+            return None
+        arch = images.host_arch()
+        if newest_stream_image(self._store_images(), stream, arch) is not None:
+            return None
+        source = settings.source
+        wanted = images.resolve_lxd(source, stream, arch)
+        running = self._image_pull(wanted.fingerprint)
+        if running is None:
+            body = {
+                "source": {
+                    "type": "image",
+                    "mode": "pull",
+                    "server": source.url,
+                    "protocol": "simplestreams",
+                    "fingerprint": wanted.fingerprint,
+                    "image_type": "virtual-machine",
+                },
+                "auto_update": False,
+            }
+            try:
+                running = self.client.request("POST", self._p("/1.0/images"), body, wait=False)[
+                    "id"
+                ]
+            except LxdError as e:
+                raise images.ImageFetchError(
+                    "unreachable", f"{stream.name}: LXD refused the pull: {e}"
+                ) from e
+            if log is not None:
+                log(f"LXD is pulling {stream.name} {wanted.version} ({wanted.fingerprint[:12]})")
+        if not wait:
+            return f"downloading {stream.name} {wanted.version} into LXD's image store"
+        try:
+            done = self._call("GET", f"/1.0/operations/{_q(running)}/wait?timeout=3600") or {}
+        except LxdError as e:
+            done = {"status": "Failure", "err": str(e)}
+        if done.get("status") != "Success":
+            raise images.ImageFetchError(
+                "unreachable",
+                f"{stream.name}: LXD's pull failed: {done.get('err') or done.get('status')}",
+            )
+        if newest_stream_image(self._store_images(), stream, arch) is None:
+            raise images.ImageFetchError(
+                "not-found",
+                f"{stream.name}: LXD pulled {wanted.fingerprint[:12]} but its store has no "
+                f"virtual-machine image of {stream.product_id(arch)}",
+            )
+        return None
+
+    def _image_pull(self, fingerprint: str) -> str | None:
+        """The id of LXD's running operation pulling that image, if any."""
+        ops = self._call("GET", self._p("/1.0/operations", recursion="1")) or {}
+        for op in ops.get("running") or []:
+            if fingerprint in json.dumps(op.get("metadata") or {}) + json.dumps(
+                op.get("resources") or {}
+            ):
+                return str(op["id"])
+        return None
 
     def _rollback(self, instance: str | None, volumes: Sequence[tuple[str, str]]) -> None:
         """Remove what a failed compose created; keep going past errors and log them."""
