@@ -114,8 +114,9 @@ def test_compose_vm_is_refused_with_the_daemons_reason_and_leaves_nothing(
 ):
     ctx.run(ctx.on.config_changed(), state())
     on_bridge = state()
+    # No image: this test is about LXD refusing VMs, not about fetching one (no network here).
     on_bridge = dataclasses.replace(
-        on_bridge, config={**on_bridge.config, "default-network": test_bridge}
+        on_bridge, config={**on_bridge.config, "default-network": test_bridge, "default-image": ""}
     )
     before = lxd_host.request("GET", f"/1.0/instances?project={PROJECT}")
     with pytest.raises(testing.ActionFailed) as failed:

@@ -20,6 +20,7 @@ before it looks at the config. So here:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -556,3 +557,142 @@ def test_autostart_is_lxd_boot_autostart_and_read_back(lxd: LxdBackend) -> None:
     assert lxd.stop(s.name, 1, then_destroy=False)  # already stopped: off, nothing to do
     with pytest.raises(VmHostError, match="does not exist"):
         lxd.set_autostart("vmhost-test-nothing", True)
+
+
+@pytest.mark.usefixtures("clean")
+def test_an_image_by_name_is_pulled_by_the_real_lxd_and_a_failed_pull_leaves_nothing(
+    lxd: LxdBackend, tmp_path: Path
+) -> None:
+    # The real daemon takes vm-host's pull request (fields it would refuse: 400) and reports
+    # the pull's failure: the local mirror's index names an LXD VM image it does not serve.
+    from tests.integration.test_guest_boot import mirror
+
+    from vmhost import imagecache, images
+
+    fingerprint = "cd" * 32
+    product = images.StreamImage("24.04").product_id(images.host_arch())
+    streams = tmp_path / "streams/v1"
+    streams.mkdir(parents=True)
+    index = {
+        "format": "index:1.0",
+        "index": {
+            "images": {
+                "datatype": "image-downloads",
+                "format": "products:1.0",
+                "path": "streams/v1/images.json",
+                "products": [product],
+            }
+        },
+    }
+    item = {
+        "ftype": "lxd.tar.xz",
+        "path": "none/lxd.tar.xz",
+        "size": 10,
+        "sha256": "ab" * 32,
+        "combined_disk-kvm-img_sha256": fingerprint,
+    }
+    products = {
+        "format": "products:1.0",
+        "datatype": "image-downloads",
+        "content_id": "images",
+        "products": {
+            product: {
+                "arch": "amd64",
+                "os": "ubuntu",
+                "release": "noble",
+                "version": "24.04",
+                "versions": {"20261201": {"items": {"lxd.tar.xz": item}}},
+            }
+        },
+    }
+    (streams / "index.json").write_text(json.dumps(index))
+    (streams / "images.json").write_text(json.dumps(products))
+    before = {i["fingerprint"] for i in lxd._store_images()}
+    with pytest.raises(VmHostError, match=r"ubuntu@24\.04 is not in LXD's image store"):
+        lxd.image_source("ubuntu@24.04")
+    with mirror.serve(tmp_path) as url:
+        settings = imagecache.Settings(
+            source=images.Source(url=url, allow_unsigned=True), state_dir=str(tmp_path / "st")
+        )
+        with pytest.raises(images.ImageFetchError, match="LXD's pull failed") as failed:
+            lxd.prepare_image("ubuntu@24.04", settings, wait=True)
+    print(f"LXD's answer: {failed.value}")
+    assert failed.value.reason == "unreachable"
+    assert {i["fingerprint"] for i in lxd._store_images()} == before
+    assert lxd._image_pull(fingerprint) is None  # no pull left running
+
+
+@pytest.mark.usefixtures("clean")
+def test_an_image_by_name_lands_in_lxds_store_and_is_what_the_vm_would_boot(
+    lxd: LxdBackend, tmp_path: Path
+) -> None:
+    # A real LXD VM image (metadata tarball + qcow2 disk, fingerprint the sha256 of both)
+    # served by the local mirror: LXD pulls it, and the name resolves to its fingerprint.
+    import hashlib
+    import io
+    import tarfile
+
+    from tests.integration.test_guest_boot import mirror
+
+    from vmhost import imagecache, images
+
+    arch = images.host_arch()
+    meta = io.BytesIO()
+    with tarfile.open(fileobj=meta, mode="w:xz") as tar:
+        doc = f"architecture: {arch}\ncreation_date: 1764547200\n".encode()
+        info = tarfile.TarInfo("metadata.yaml")
+        info.size = len(doc)
+        tar.addfile(info, io.BytesIO(doc))
+    serve_dir = tmp_path / "mirror"
+    (serve_dir / "img").mkdir(parents=True)
+    (serve_dir / "img/lxd.tar.xz").write_bytes(meta.getvalue())
+    disk = serve_dir / "img/disk-kvm.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    fingerprint = hashlib.sha256(meta.getvalue() + disk.read_bytes()).hexdigest()
+    product = images.StreamImage("24.04").product_id(arch)
+    items = {
+        "lxd.tar.xz": {
+            "ftype": "lxd.tar.xz",
+            "path": "img/lxd.tar.xz",
+            "size": len(meta.getvalue()),
+            "sha256": hashlib.sha256(meta.getvalue()).hexdigest(),
+            "combined_disk-kvm-img_sha256": fingerprint,
+        },
+        "disk-kvm.img": {
+            "ftype": "disk-kvm.img",
+            "path": "img/disk-kvm.img",
+            "size": disk.stat().st_size,
+            "sha256": hashlib.sha256(disk.read_bytes()).hexdigest(),
+        },
+    }
+    streams = serve_dir / "streams/v1"
+    streams.mkdir(parents=True)
+    (streams / "index.json").write_text(json.dumps({
+        "format": "index:1.0",
+        "index": {"images": {"datatype": "image-downloads", "format": "products:1.0",
+                             "path": "streams/v1/images.json", "products": [product]}},
+    }))  # fmt: skip
+    (streams / "images.json").write_text(json.dumps({
+        "format": "products:1.0", "datatype": "image-downloads", "content_id": "images",
+        "products": {product: {
+            "arch": images.ARCHES.get(arch, arch), "os": "ubuntu", "release": "noble",
+            "version": "24.04", "release_title": "24.04 LTS",
+            "versions": {"20261201": {"items": items}},
+        }},
+    }))  # fmt: skip
+    try:
+        with mirror.serve(serve_dir) as url:
+            settings = imagecache.Settings(
+                source=images.Source(url=url, allow_unsigned=True),
+                state_dir=str(tmp_path / "st"),
+            )
+            logged: list[str] = []
+            assert (
+                lxd.prepare_image("ubuntu@24.04", settings, wait=True, log=logged.append) is None
+            )
+        print(f"pulled: {logged}; store: {lxd._store_images()}")
+        assert lxd.image_source("ubuntu@24.04") == {"type": "image", "fingerprint": fingerprint}
+        assert lxd.prepare_image("ubuntu@24.04", settings, wait=False) is None  # cached
+    finally:
+        with contextlib.suppress(LxdError):
+            lxd._call("DELETE", lxd._p(f"/1.0/images/{fingerprint}"))
