@@ -230,7 +230,7 @@ class VmHostCharm(ops.CharmBase):
             return
         first_time = isinstance(event, (ops.InstallEvent, ops.UpgradeCharmEvent))
         if config.backend == "libvirt":
-            self._setup_libvirt(install=first_time)
+            self._setup_libvirt(config, install=first_time)
             self._reconcile_access(config)
         else:
             self._setup_lxd(config, install=first_time)
@@ -486,15 +486,27 @@ class VmHostCharm(ops.CharmBase):
                 peer.data[self.app]["composed"] = decision.composed_text
         return decision
 
-    def _setup_libvirt(self, *, install: bool) -> None:
-        """Install and configure libvirt; restart it only when its config really changed."""
+    def _setup_libvirt(self, config: CharmConfig, *, install: bool) -> None:
+        """Install and configure libvirt; restart it only when its config really changed.
+
+        The hugetlbfs mounts libvirt backs huge-page guests from (one per page size) count as
+        its configuration: libvirtd finds them only when it starts.
+        """
         if install:
             self.unit.status = ops.MaintenanceStatus("installing libvirt and QEMU")
             host.install_packages()
         changed = host.write_if_changed(
             host.LIBVIRTD_CONF_PATH, host.render_libvirtd_conf(TEMPLATES_DIR), 0o644
         )
-        daemon = host.ensure_libvirtd(changed)
+        sizes = [s.size_kib for s in settings.parse_hugepages_setting(config.hugepages)]
+        try:
+            mounted = host.ensure_hugetlbfs_mounts(sizes)
+        except VmHostError as exc:
+            logger.warning("%s", exc)
+            mounted = []
+        if mounted:
+            logger.info("hugetlbfs mounted for libvirt: %s", ", ".join(mounted))
+        daemon = host.ensure_libvirtd(changed or bool(mounted))
         if not daemon.running:
             logger.warning("%s", daemon.message)
 

@@ -11,6 +11,7 @@ import enum
 import logging
 import os
 import platform
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -288,6 +289,160 @@ def hugepage_problems(settings: Iterable[HugepageSetting], sysfs_root: str = "/s
                 f"{setting.size_kib // 1024} MiB {where}"
             )
     return problems
+
+
+PROC_MOUNTS = Path("/proc/mounts")
+SYSTEMD_UNIT_DIR = Path("/etc/systemd/system")
+HUGETLBFS_ROOT = Path("/dev")
+"""Where missing hugetlbfs mounts go: /dev/hugepages (2M, systemd's own) and /dev/hugepages1G."""
+
+
+def _pagesize_kib(value: str) -> int | None:
+    """A hugetlbfs `pagesize=` value as the kernel prints it ("2M", "1024M", "1G") in KiB."""
+    units = {"K": 1, "M": 1024, "G": 1024 * 1024}
+    value = value.strip().upper()
+    if value[-1:] in units and value[:-1].isdigit():
+        return int(value[:-1]) * units[value[-1]]
+    return int(value) // 1024 if value.isdigit() else None
+
+
+def hugetlbfs_mounts(mounts_text: str, default_kib: int = 2048) -> dict[int, str]:
+    """Page size (KiB) to mount point of every hugetlbfs mount in a /proc/mounts text.
+
+    A mount without `pagesize=` holds the default huge page size (`default_kib`).
+    """
+    found: dict[int, str] = {}
+    for line in mounts_text.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[2] != "hugetlbfs":
+            continue
+        size: int | None = default_kib
+        for option in fields[3].split(","):
+            if option.startswith("pagesize="):
+                size = _pagesize_kib(option.removeprefix("pagesize="))
+        if size is not None:
+            found.setdefault(size, fields[1])
+    return found
+
+
+def held_hugepage_sizes(sysfs_root: str = "/sys") -> set[int]:
+    """Page sizes (KiB) of which the kernel holds pages now, host-wide (any node)."""
+    sizes = set()
+    for entry in (Path(sysfs_root) / "kernel/mm/hugepages").glob("hugepages-*kB"):
+        try:
+            count = int((entry / "nr_hugepages").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if count > 0:
+            sizes.add(int(entry.name.removeprefix("hugepages-").removesuffix("kB")))
+    return sizes
+
+
+def _size_label(size_kib: int) -> str:
+    return f"{size_kib // 1048576}G" if size_kib % 1048576 == 0 else f"{size_kib // 1024}M"
+
+
+def hugetlbfs_mount_point(size_kib: int, root: Path = HUGETLBFS_ROOT) -> Path:
+    """Where vm-host mounts hugetlbfs for one page size (2M: systemd's /dev/hugepages)."""
+    return root / ("hugepages" if size_kib == 2048 else f"hugepages{_size_label(size_kib)}")
+
+
+def mount_unit_name(where: Path) -> str:
+    """The systemd mount unit for a mount point ("/dev/hugepages1G": "dev-hugepages1G.mount")."""
+    return "-".join(part for part in where.parts if part != "/") + ".mount"
+
+
+def render_hugetlbfs_mount_unit(size_kib: int, where: Path) -> str:
+    """A systemd mount unit that mounts hugetlbfs of one page size, before libvirtd starts."""
+    label = _size_label(size_kib)
+    return (
+        f"# {MANAGED_BY}\n"
+        "[Unit]\n"
+        f"Description=Huge pages of {label} for libvirt guests (vm-host)\n"
+        "DefaultDependencies=no\n"
+        "Before=sysinit.target libvirtd.service\n"
+        f"ConditionPathExists=/sys/kernel/mm/hugepages/hugepages-{size_kib}kB\n"
+        "\n"
+        "[Mount]\n"
+        "What=hugetlbfs\n"
+        f"Where={where}\n"
+        "Type=hugetlbfs\n"
+        f"Options=pagesize={label}\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=sysinit.target\n"
+    )
+
+
+def ensure_hugetlbfs_mounts(
+    sizes: Iterable[int],
+    *,
+    sysfs_root: str = "/sys",
+    mounts_path: Path = PROC_MOUNTS,
+    mount_root: Path = HUGETLBFS_ROOT,
+    systemd_run_dir: Path = SYSTEMD_RUN_DIR,
+    unit_dir: Path = SYSTEMD_UNIT_DIR,
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+) -> list[str]:
+    """Mount hugetlbfs for each page size libvirt may back guests with and has no mount for.
+
+    libvirt backs a guest's memory with huge pages of one size only from a hugetlbfs mount of
+    that size, found when libvirtd starts ("Unable to find any usable hugetlbfs mount"), and
+    systemd mounts only the default size (/dev/hugepages). The sizes looked at are `sizes`
+    (the `hugepages` option's) and every size the kernel holds pages of (a kernel command line
+    `hugepagesz=1G hugepages=...`). Under systemd each missing mount becomes a mount unit,
+    enabled so it is back before libvirtd after a reboot; without systemd it is mounted
+    directly. Returns the mounts made ("/dev/hugepages1G (1G)"): libvirtd must restart to
+    see them. Mounts that exist, of any path, are left alone.
+
+    Raises:
+        VmHostError: a mount failed; the message names it and the reason.
+    """
+    try:
+        mounts = hugetlbfs_mounts(mounts_path.read_text())
+    except OSError as exc:
+        raise VmHostError(f"hugepages: cannot read {mounts_path}: {exc}") from exc
+    wanted = set(sizes) | held_hugepage_sizes(sysfs_root)
+    made = []
+    for size_kib in sorted(wanted - set(mounts)):
+        label = _size_label(size_kib)
+        where = hugetlbfs_mount_point(size_kib, mount_root)
+        try:
+            if systemd_run_dir.is_dir():
+                unit = mount_unit_name(where)
+                write_if_changed(unit_dir / unit, render_hugetlbfs_mount_unit(size_kib, where))
+                systemd.daemon_reload()
+                systemd.service_enable("--now", unit)
+            else:
+                where.mkdir(parents=True, exist_ok=True)
+                run(
+                    [
+                        "mount",
+                        "-t",
+                        "hugetlbfs",
+                        "-o",
+                        f"pagesize={label}",
+                        "hugetlbfs",
+                        str(where),
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+        except subprocess.CalledProcessError as exc:
+            reason = (exc.stderr or "").strip() or f"exit {exc.returncode}"
+            raise VmHostError(
+                f"hugepages: mounting hugetlbfs (pagesize={label}) on {where} failed: {reason}; "
+                f"libvirt cannot back guests with {label} pages until it is mounted"
+            ) from exc
+        except (systemd.SystemdError, OSError) as exc:
+            raise VmHostError(
+                f"hugepages: mounting hugetlbfs (pagesize={label}) on {where} failed: {exc}; "
+                f"libvirt cannot back guests with {label} pages until it is mounted"
+            ) from exc
+        logger.info("mounted hugetlbfs (pagesize=%s) on %s for libvirt", label, where)
+        made.append(f"{where} ({label})")
+    return made
 
 
 def reload_sshd(systemd_run_dir: Path = SYSTEMD_RUN_DIR) -> bool:

@@ -139,6 +139,13 @@ class FakeHost:
         self.recorded_backend: str | None = None
         self.pages: dict[tuple[int, int | None], int] = {}
         """What the kernel holds, per (size, node): what set_hugepages was granted."""
+        self.mounted: list[str] = []
+        """What ensure_hugetlbfs_mounts reports it mounted (nothing: every mount exists)."""
+        self.mount_error: str | None = None
+        self.mount_sizes: list[list[int]] = []
+        """The configured page sizes ensure_hugetlbfs_mounts was asked about, per call."""
+        self.restart_asked: list[bool] = []
+        """ensure_libvirtd's config_changed argument, per call."""
 
     def backend_choice(self, backend):
         if self.recorded_backend is None:
@@ -161,6 +168,7 @@ class FakeHost:
 
     def ensure(self, changed):
         self.calls.append("ensure_libvirtd")
+        self.restart_asked.append(changed)
         if self.running:
             return host.DaemonState(True, host.DaemonManager.EXTERNAL)
         return host.DaemonState(False, host.DaemonManager.NONE, message="libvirtd is not running")
@@ -180,6 +188,12 @@ class FakeHost:
 
     def recorded(self):
         return self.recorded_backend
+
+    def mounts(self, sizes):
+        self.mount_sizes.append(sorted(set(sizes)))
+        if self.mount_error:
+            raise VmHostError(self.mount_error)
+        return list(self.mounted)
 
 
 OPERATOR_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorOwnLineOutsideBlock op\n"
@@ -249,6 +263,7 @@ def install_fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
     monkeypatch.setattr(host, "recorded_backend", fake.recorded)
     monkeypatch.setattr(host, "hugepages_now", fake.hugepages_now)
     monkeypatch.setattr(host, "ensure_lxd", fake.lxd)
+    monkeypatch.setattr(host, "ensure_hugetlbfs_mounts", fake.mounts)
     return fake
 
 

@@ -125,6 +125,30 @@ def test_a_bad_key_option_stays_blocked_through_actions(ctx, backend, fake_host,
     assert out.unit_status == blocked.unit_status
 
 
+def test_configured_1g_pages_get_a_hugetlbfs_mount_and_libvirtd_restarts_for_it(
+    ctx, backend, fake_host
+):
+    fake_host.mounted = ["/dev/hugepages1G (1G)"]
+    config = {"hugepages": "2M:64@0,1G:2@0,1G:2@1"}
+    out = ctx.run(ctx.on.config_changed(), testing.State(config=config))
+    assert fake_host.mount_sizes == [[2048, 1048576]]
+    # libvirtd.conf did not change (the fake write says so), the new mount did: restart.
+    assert fake_host.restart_asked == [True]
+    assert isinstance(out.unit_status, testing.ActiveStatus)
+    # Mounts in place: the next hook asks again and restarts nothing.
+    fake_host.mounted = []
+    ctx.run(ctx.on.config_changed(), out)
+    assert fake_host.restart_asked == [True, False]
+
+
+def test_a_failed_hugetlbfs_mount_is_logged_and_the_hook_goes_on(ctx, backend, fake_host):
+    fake_host.mount_error = "hugepages: mounting hugetlbfs (pagesize=1G) on /dev/x failed: no"
+    ctx.run(ctx.on.config_changed(), testing.State(config={"hugepages": "1G:1"}))
+    assert fake_host.restart_asked == [False]
+    assert "ensure_libvirtd" in fake_host.calls
+    assert any("pagesize=1G" in log.message for log in ctx.juju_log)
+
+
 def test_hugepages_on_missing_node_blocks(ctx, backend, fake_host):
     out = ctx.run(ctx.on.config_changed(), testing.State(config={"hugepages": "2M:8@7"}))
     assert isinstance(out.unit_status, testing.BlockedStatus)

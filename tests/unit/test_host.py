@@ -241,3 +241,146 @@ def test_image_keyring_falls_back_past_a_package_apt_knows_without_a_version(
     monkeypatch.setattr(apt, "add_package", tried.append)
     assert host.install_image_keyring() == "ubuntu-cloudimage-keyring"
     assert tried == ["ubuntu-cloudimage-keyring"]
+
+
+# ---- hugetlbfs mounts for libvirt's huge-page guests
+
+MOUNTS_2M_ONLY = (
+    "sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0\n"
+    "hugetlbfs /dev/hugepages hugetlbfs rw,relatime,pagesize=2M 0 0\n"
+)
+
+
+def test_hugetlbfs_mounts_reads_page_sizes_as_the_kernel_prints_them() -> None:
+    text = (
+        MOUNTS_2M_ONLY
+        + "hugetlbfs /dev/hugepages1G hugetlbfs rw,relatime,pagesize=1024M 0 0\n"
+        + "none /mnt/huge hugetlbfs rw,relatime 0 0\n"
+        + "tmpfs /run tmpfs rw,pagesize=1G 0 0\n"
+    )
+    assert host.hugetlbfs_mounts(text) == {2048: "/dev/hugepages", 1048576: "/dev/hugepages1G"}
+    assert host.hugetlbfs_mounts("h /huge hugetlbfs rw,pagesize=1G 0 0\n") == {1048576: "/huge"}
+    # No pagesize= option: the default huge page size.
+    assert host.hugetlbfs_mounts("none /mnt/huge hugetlbfs rw 0 0\n", 1048576) == {
+        1048576: "/mnt/huge"
+    }
+
+
+def test_mount_unit_for_1g_pages() -> None:
+    where = host.hugetlbfs_mount_point(1048576)
+    assert where == Path("/dev/hugepages1G")
+    assert host.hugetlbfs_mount_point(2048) == Path("/dev/hugepages")
+    assert host.mount_unit_name(where) == "dev-hugepages1G.mount"
+    unit = host.render_hugetlbfs_mount_unit(1048576, where)
+    for line in (
+        "What=hugetlbfs",
+        "Where=/dev/hugepages1G",
+        "Type=hugetlbfs",
+        "Options=pagesize=1G",
+        "Before=sysinit.target libvirtd.service",
+        "ConditionPathExists=/sys/kernel/mm/hugepages/hugepages-1048576kB",
+        "WantedBy=sysinit.target",
+    ):
+        assert line in unit.splitlines(), line
+
+
+class RecordedRun:
+    """Records the commands ensure_hugetlbfs_mounts runs; fails with `stderr` when set."""
+
+    def __init__(self, stderr: str = ""):
+        self.commands: list[list[str]] = []
+        self.stderr = stderr
+
+    def __call__(self, cmd: list[str], **_kw: object):
+        import subprocess
+
+        self.commands.append(cmd)
+        if self.stderr:
+            raise subprocess.CalledProcessError(32, cmd, "", self.stderr)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def test_missing_1g_mount_is_mounted_without_systemd(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(MOUNTS_2M_ONLY)
+    make_sysfs(tmp_path / "sys", {2048: 0, 1048576: 0})
+    run = RecordedRun()
+    kwargs = {
+        "sysfs_root": str(tmp_path / "sys"),
+        "mounts_path": mounts,
+        "mount_root": tmp_path / "dev",
+        "systemd_run_dir": tmp_path / "no-systemd",
+        "run": run,
+    }
+    made = host.ensure_hugetlbfs_mounts([2048, 1048576], **kwargs)  # type: ignore[arg-type]
+    where = tmp_path / "dev" / "hugepages1G"
+    assert made == [f"{where} (1G)"]
+    assert run.commands == [
+        ["mount", "-t", "hugetlbfs", "-o", "pagesize=1G", "hugetlbfs", str(where)]
+    ]
+    assert where.is_dir()
+    # Once the kernel lists the mount, nothing more is done (no libvirtd restart either).
+    mounts.write_text(MOUNTS_2M_ONLY + f"hugetlbfs {where} hugetlbfs rw,pagesize=1024M 0 0\n")
+    assert host.ensure_hugetlbfs_mounts([2048, 1048576], **kwargs) == []  # type: ignore[arg-type]
+    assert len(run.commands) == 1
+
+
+def test_sizes_the_kernel_holds_get_a_mount_even_when_not_configured(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(MOUNTS_2M_ONLY)
+    make_sysfs(tmp_path / "sys", {2048: 0, 1048576: 4})  # hugepagesz=1G hugepages=4 at boot
+    run = RecordedRun()
+    made = host.ensure_hugetlbfs_mounts(
+        [],
+        sysfs_root=str(tmp_path / "sys"),
+        mounts_path=mounts,
+        mount_root=tmp_path / "dev",
+        systemd_run_dir=tmp_path / "no-systemd",
+        run=run,  # type: ignore[arg-type]
+    )
+    assert made == [f"{tmp_path / 'dev' / 'hugepages1G'} (1G)"]
+    assert host.held_hugepage_sizes(str(tmp_path / "sys")) == {1048576}
+
+
+def test_missing_mount_becomes_an_enabled_unit_under_systemd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(systemd, "daemon_reload", lambda: calls.append(("daemon-reload",)))
+    monkeypatch.setattr(systemd, "service_enable", lambda *a: calls.append(("enable", *a)))
+    mounts = tmp_path / "mounts"
+    mounts.write_text(MOUNTS_2M_ONLY)
+    make_sysfs(tmp_path / "sys", {2048: 0, 1048576: 0})
+    run = RecordedRun()
+    made = host.ensure_hugetlbfs_mounts(
+        [1048576],
+        sysfs_root=str(tmp_path / "sys"),
+        mounts_path=mounts,
+        systemd_run_dir=tmp_path,
+        unit_dir=tmp_path / "units",
+        run=run,  # type: ignore[arg-type]
+    )
+    assert made == ["/dev/hugepages1G (1G)"]
+    unit = tmp_path / "units" / "dev-hugepages1G.mount"
+    assert unit.read_text() == host.render_hugetlbfs_mount_unit(1048576, Path("/dev/hugepages1G"))
+    assert mode(unit) == 0o644
+    assert calls == [("daemon-reload",), ("enable", "--now", "dev-hugepages1G.mount")]
+    assert run.commands == []  # systemd mounts it, not a direct mount
+
+
+def test_failed_mount_names_the_mount_point_and_the_consequence(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(MOUNTS_2M_ONLY)
+    make_sysfs(tmp_path / "sys", {2048: 0, 1048576: 0})
+    with pytest.raises(VmHostError) as failed:
+        host.ensure_hugetlbfs_mounts(
+            [1048576],
+            sysfs_root=str(tmp_path / "sys"),
+            mounts_path=mounts,
+            mount_root=tmp_path / "dev",
+            systemd_run_dir=tmp_path / "no-systemd",
+            run=RecordedRun("mount: permission denied"),  # type: ignore[arg-type]
+        )
+    message = str(failed.value)
+    assert f"on {tmp_path / 'dev' / 'hugepages1G'} failed: mount: permission denied" in message
+    assert "cannot back guests with 1G pages" in message
