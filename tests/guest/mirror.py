@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 GPG = "/usr/bin/gpg"
+GPGCONF = "/usr/bin/gpgconf"
 CONTENT_ID = "com.ubuntu.cloud:released:download"
 DEFAULT_PRODUCT = "com.ubuntu.cloud:server:24.04:amd64"
 UPDATED = "Mon, 01 Dec 2026 00:00:00 +0000"
@@ -36,12 +37,21 @@ RELEASES = {"20.04": "focal", "22.04": "jammy", "24.04": "noble"}
 
 
 def _gpg(home: Path, *args: str, stdin: bytes | None = None) -> bytes:
-    return subprocess.run(
-        [GPG, "--homedir", str(home), "--batch", "--quiet", "--pinentry-mode", "loopback", *args],
-        input=stdin,
-        check=True,
-        capture_output=True,
-    ).stdout
+    try:
+        options = ("--homedir", str(home), "--batch", "--quiet", "--pinentry-mode", "loopback")
+        return subprocess.run(
+            [GPG, *options, *args],
+            input=stdin,
+            check=True,
+            capture_output=True,
+        ).stdout
+    finally:
+        # gpg starts an agent per home that outlives the test run: stop it again.
+        subprocess.run(
+            [GPGCONF, "--homedir", str(home), "--kill", "gpg-agent"],
+            check=False,
+            capture_output=True,
+        )
 
 
 def signing_home(directory: Path) -> Path:
