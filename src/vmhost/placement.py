@@ -166,9 +166,11 @@ class NodeUsage:
     """Idle siblings of pinned threads under smt-policy isolate (count as used)."""
     cpus_shared_pool: int
     cpus_free_for_pinning: int
-    """Shared-pool CPUs a pinned VM could take here: the whole pool, or under smt-policy
-    require on an SMT host only the threads that still form sibling pairs. Host-wide,
-    `HostUsage.pinnable_cpus` also keeps what shared VMs need."""
+    """The most pinned vCPUs one request could take on this node now, by the allocator's own
+    rules: shared-pool CPUs of the node (under smt-policy require on an SMT host only the
+    threads that still form sibling pairs), no more than may leave the shared pool without
+    overbooking the shared VMs (`HostUsage.pinnable_cpus`), counting under isolate the
+    sibling a pick leaves idle."""
     memory_total_mib: int
     """General memory (node memory minus huge pages)."""
     memory_reserved_mib: int
@@ -204,6 +206,10 @@ class HostUsage:
     shared_pool_cpus: int
     pinnable_cpus: int
     """CPUs that may still leave the shared pool for pinning without overbooking shared VMs."""
+    cpus_pinnable: int
+    """Pinned vCPUs the host can still give out in all (a request spanning every node), by
+    the allocator's rules: the per-node pinnable CPUs before the shared-VM budget, no more
+    than `pinnable_cpus`. What the status line calls free."""
     shared_vcpus_allocated: int
     shared_vcpus_capacity: int
     """floor(shared pool x cpu ratio)."""
@@ -234,6 +240,16 @@ class HostUsage:
         """One line for the status: "2 NUMA nodes, 40/48 CPUs free"."""
         plural = "node" if self.numa_nodes == 1 else "nodes"
         return f"{self.numa_nodes} NUMA {plural}, {self.cpus_free}/{self.cpus_total} CPUs free"
+
+    def status_summary(self) -> str:
+        """One line for the status, counting the CPUs pinned VMs can really still take.
+
+        `summary` counts the shared pool, which shared VMs may already fill; this one counts
+        `cpus_pinnable`, so "2/32 CPUs free" is never followed by a refused 1-CPU pinned VM.
+        """
+        plural = "node" if self.numa_nodes == 1 else "nodes"
+        free = self.cpus_pinnable
+        return f"{self.numa_nodes} NUMA {plural}, {free}/{self.cpus_total} CPUs free"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +499,7 @@ def usage(topology: HostTopology, allocations: Sequence[Placement], policy: Poli
         Per-node and host-wide usage.
     """
     host = _Host(topology, allocations, policy)
+    budget = host.pool_budget()
     nodes: list[NodeUsage] = []
     for node in host.nodes:
         cpus = host.node_cpus[node.id]
@@ -511,7 +528,7 @@ def usage(topology: HostTopology, allocations: Sequence[Placement], policy: Poli
                 cpus_pinned=sum(1 for c in cpus if c in host.pinned),
                 cpus_held=sum(1 for c in cpus if c in host.held),
                 cpus_shared_pool=pool,
-                cpus_free_for_pinning=_pairable(host, node.id) if host.require else pool,
+                cpus_free_for_pinning=_pinnable_on(host, node.id, budget),
                 memory_total_mib=host.general_mib[node.id],
                 memory_reserved_mib=host.reserved_mib[node.id],
                 memory_bound_mib=host.bound_mib[node.id],
@@ -541,7 +558,10 @@ def usage(topology: HostTopology, allocations: Sequence[Placement], policy: Poli
         cpu_overcommit_ratio=policy.cpu_overcommit_ratio,
         memory_overcommit_ratio=policy.memory_overcommit_ratio,
         shared_pool_cpus=len(host.pool),
-        pinnable_cpus=host.pool_budget(),
+        pinnable_cpus=budget,
+        cpus_pinnable=min(budget, sum(_node_cap(host, n.id) for n in host.nodes))
+        // (2 if host.require else 1)
+        * (2 if host.require else 1),
         shared_vcpus_allocated=host.shared_vcpus,
         shared_vcpus_capacity=host.shared_capacity(len(host.pool)),
         memory_general_mib=host.general_total,
@@ -680,20 +700,13 @@ class _Planner:
     def avail(self, node: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """(core, its free threads) for the node's cores with any free thread."""
         if node not in self._avail:
-            pool = self.host.pool
-            pairs = [
-                (core, tuple(t for t in core if t in pool)) for core in self.host.node_cores[node]
-            ]
-            self._avail[node] = [(core, free) for core, free in pairs if free]
+            self._avail[node] = _free_threads(self.host, node)
         return self._avail[node]
 
     def cpu_cap(self, node: int) -> int:
         """Pinned vCPUs the node can take under the SMT policy."""
         if node not in self._caps:
-            if self.host.require:
-                self._caps[node] = _pairable(self.host, node)
-            else:
-                self._caps[node] = len(self.host.pool_on(node))
+            self._caps[node] = _node_cap(self.host, node)
         return self._caps[node]
 
     def pick(self, node: int, count: int) -> tuple[tuple[int, ...], int]:
@@ -701,7 +714,7 @@ class _Planner:
         key = (node, count)
         if key not in self._picks:
             avail = self.avail(node)
-            chosen = _pick_pairs(avail, count) if self.host.require else _pick_fill(avail, count)
+            chosen = _choose(self.host, avail, count)
             taken = set(chosen)
             broken = sum(
                 1
@@ -714,11 +727,51 @@ class _Planner:
 
     def held_after(self, cpus: Iterable[int]) -> int:
         """CPUs an isolate placement leaves idle on its cores (they count as used)."""
-        if not self.host.isolate:
-            return 0
-        taken = set(cpus)
-        held = {t for c in taken for t in self.host.core_of[c] if t in self.host.pool}
-        return len(held - taken)
+        return _held_after(self.host, cpus)
+
+
+def _free_threads(host: _Host, node: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(core, its free threads) for the node's cores with any free thread."""
+    pairs = [(core, tuple(t for t in core if t in host.pool)) for core in host.node_cores[node]]
+    return [(core, free) for core, free in pairs if free]
+
+
+def _choose(
+    host: _Host, avail: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], count: int
+) -> list[int]:
+    """The CPUs a pinned cell of `count` vCPUs takes from these free threads."""
+    return _pick_pairs(avail, count) if host.require else _pick_fill(avail, count)
+
+
+def _held_after(host: _Host, cpus: Iterable[int]) -> int:
+    """CPUs an isolate placement leaves idle on its cores (they count as used)."""
+    if not host.isolate:
+        return 0
+    taken = set(cpus)
+    held = {t for c in taken for t in host.core_of[c] if t in host.pool}
+    return len(held - taken)
+
+
+def _node_cap(host: _Host, node: int) -> int:
+    """Pinned vCPUs the node's free threads can carry under the SMT policy."""
+    return _pairable(host, node) if host.require else len(host.pool_on(node))
+
+
+def _pinnable_on(host: _Host, node: int, budget: int) -> int:
+    """The most pinned vCPUs one request can take on a node.
+
+    The planner's own pick and budget check (`_Search._best_of`), for each count from the
+    node's cap down.
+    """
+    step = 2 if host.require else 1
+    avail = _free_threads(host, node)
+    count = min(_node_cap(host, node), budget) // step * step
+    while count > 0:
+        chosen = _choose(host, avail, count)
+        if len(chosen) == count and count + _held_after(host, chosen) <= budget:
+            return count
+        count -= step
+    return 0
 
 
 def _pick_pairs(avail: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], count: int) -> list[int]:

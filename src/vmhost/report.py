@@ -26,7 +26,7 @@ def status_line(
 ) -> str:
     """Return "libvirt 9.0.0: 2 NUMA nodes, 40/48 CPUs free, 3 VMs"."""
     vms = "1 VM" if vm_count == 1 else f"{vm_count} VMs"
-    return f"{backend} {version}: {usage(topology, allocations, policy).summary()}, {vms}"
+    return f"{backend} {version}: {usage(topology, allocations, policy).status_summary()}, {vms}"
 
 
 def placement_json(placement: Placement) -> str:
@@ -153,10 +153,42 @@ def vms_table(vms: Sequence[VmRecord]) -> str:
     return _table(headers, rows) if rows else "no VMs"
 
 
+def _node_vms(vms: Sequence[VmRecord], node: int) -> list[dict[str, Any]]:
+    """What each VM with a cell on `node` takes there."""
+    rows = []
+    for vm in sorted(vms, key=lambda v: v.name):
+        cells = [c for c in vm.placement.cells if c.host_node == node]
+        if not cells:
+            continue
+        pages = [
+            {"size": page_label(c.hugepage_size_kib), "pages": c.hugepages}
+            for c in cells
+            if c.hugepage_size_kib and c.hugepages
+        ]
+        nodes = sorted(set(vm.placement.host_nodes))
+        rows.append(
+            {
+                "name": vm.name,
+                "state": vm.state.value,
+                "vcpus": sum(c.vcpus for c in cells),
+                "pinned-cpus": sorted(cpu for c in cells for cpu in c.cpus),
+                "memory-mib": sum(c.memory_mib for c in cells),
+                "hugepages": pages,
+                "nodes": nodes,
+                "spans": len(nodes) > 1,
+            }
+        )
+    return rows
+
+
 def resources_json(
     topology: HostTopology, vms: Sequence[VmRecord], policy: Policy
 ) -> dict[str, Any]:
-    """show-resources as plain data: per node CPUs, memory, huge pages, VMs; NICs; pools."""
+    """show-resources as plain data: per node CPUs, memory, huge pages, VMs; NICs; pools.
+
+    Every CPU count is placement.usage's, so "free" is what a pinned request can take on the
+    node now (policy and shared VMs' needs included), not the shared pool's size.
+    """
     host_usage = usage(topology, [vm.placement for vm in vms], policy)
     nodes = []
     for node_usage in host_usage.nodes:
@@ -170,6 +202,7 @@ def resources_json(
             for cpu in cell.cpus
         )
         reserved = sorted(cpu_ids & policy.reserved_cpus)
+        node_vms = _node_vms(vms, node.id)
         nodes.append(
             {
                 "id": node.id,
@@ -179,6 +212,9 @@ def resources_json(
                     "pinned": pinned,
                     "reserved": reserved,
                     "shared-pool": node_usage.cpus_shared_pool,
+                    "shared-vcpus-bound": sum(
+                        v["vcpus"] for v in node_vms if not v["pinned-cpus"]
+                    ),
                     "held-idle": node_usage.cpus_held,
                     "pinned-count": node_usage.cpus_pinned,
                     "reserved-count": node_usage.cpus_reserved,
@@ -199,9 +235,8 @@ def resources_json(
                     }
                     for h in node_usage.hugepages
                 ],
-                "vms": sorted(
-                    {vm.name for vm in vms for c in vm.placement.cells if c.host_node == node.id}
-                ),
+                "vms": [v["name"] for v in node_vms],
+                "vm-usage": node_vms,
             }
         )
     return {
@@ -212,6 +247,8 @@ def resources_json(
             "cpu-overcommit-ratio": host_usage.cpu_overcommit_ratio,
             "vcpus-allocated": host_usage.shared_vcpus_allocated,
             "vcpus-capacity": host_usage.shared_vcpus_capacity,
+            "pool-cpus": host_usage.shared_pool_cpus,
+            "pinnable-cpus": host_usage.cpus_pinnable,
             "memory-overcommit-ratio": host_usage.memory_overcommit_ratio,
             "memory-allocated-mib": host_usage.memory_allocated_mib,
             "memory-capacity-mib": host_usage.memory_capacity_mib,
@@ -270,6 +307,26 @@ def hugepage_grants(
     return grants
 
 
+def _vm_rows(data: dict[str, Any]) -> list[tuple[object, ...]]:
+    rows: list[tuple[object, ...]] = []
+    for node in data["nodes"]:
+        for vm in node.get("vm-usage", []):
+            pages = "/".join(f"{p['pages']}x{p['size']}" for p in vm["hugepages"]) or "-"
+            rows.append(
+                (
+                    f"node {node['id']}",
+                    vm["name"],
+                    vm["state"],
+                    vm["vcpus"],
+                    format_cpu_list(vm["pinned-cpus"]) or "shared",
+                    vm["memory-mib"],
+                    pages,
+                    "spans " + ",".join(str(n) for n in vm["nodes"]) if vm["spans"] else "-",
+                )
+            )
+    return rows
+
+
 def resources_table(data: dict[str, Any]) -> str:
     """show-resources as text an operator can read in a terminal."""
     node_rows = []
@@ -283,6 +340,7 @@ def resources_table(data: dict[str, Any]) -> str:
                 f"{cpus['free']}/{cpus['total']}",
                 format_cpu_list(cpus["pinned"]) or "-",
                 format_cpu_list(cpus["reserved"]) or "-",
+                cpus["shared-pool"],
                 f"{memory['free']}/{memory['general']}",
                 pages,
                 ",".join(node["vms"]) or "-",
@@ -292,15 +350,36 @@ def resources_table(data: dict[str, Any]) -> str:
     parts = [
         f"{data['backend']} {data['version']}".strip(),
         _table(
-            ("NUMA", "CPUS-FREE", "PINNED", "RESERVED", "MEM-FREE-MIB", "HUGEPAGES-FREE", "VMS"),
+            (
+                "NUMA",
+                "CPUS-FREE",
+                "PINNED",
+                "RESERVED",
+                "SHARED-POOL",
+                "MEM-FREE-MIB",
+                "HUGEPAGES-FREE",
+                "VMS",
+            ),
             node_rows,
         ),
         "",
+        f"pinnable CPUs {shared['pinnable-cpus']} (shared pool {shared['pool-cpus']}), "
         f"shared vCPUs {shared['vcpus-allocated']}/{shared['vcpus-capacity']} "
         f"(ratio {shared['cpu-overcommit-ratio']}), general memory "
         f"{shared['memory-allocated-mib']}/{shared['memory-capacity-mib']} MiB "
         f"(ratio {shared['memory-overcommit-ratio']})",
     ]
+    if shared["floating-vms"]:
+        parts.append(f"floating (shared, no NUMA binding): {', '.join(shared['floating-vms'])}")
+    vm_rows = _vm_rows(data)
+    if vm_rows:
+        parts += [
+            "",
+            _table(
+                ("NUMA", "VM", "STATE", "VCPUS", "CPUS", "MEM-MIB", "HUGEPAGES", "SPANS"),
+                vm_rows,
+            ),
+        ]
     if data["nics"]:
         parts += [
             "",

@@ -1,0 +1,200 @@
+"""show-resources' NUMA view and the status line.
+
+The CPUs they call free are the ones a pinned request can take, checked against the allocator
+itself on the repository's 1-, 2- and 4-node fixtures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from tests.fixtures import LIBVIRT_CAPS
+
+from vmhost import report
+from vmhost.model import (
+    CellPlacement,
+    HostTopology,
+    HugepageRequest,
+    Placement,
+    Policy,
+    Rejection,
+    VmRecord,
+    VmSpec,
+    VmState,
+)
+from vmhost.placement import plan, usage
+from vmhost.topology import parse_capabilities
+
+FIXTURES = {
+    "1node": "x86-1node-4core-nosmt.xml",
+    "2node": "x86-2node-smt-24cpu.xml",
+    "4node": "x86-4node-nosmt-hugepages.xml",
+}
+
+
+def fixture(name: str) -> HostTopology:
+    return parse_capabilities((LIBVIRT_CAPS / FIXTURES[name]).read_text())
+
+
+def pinned(
+    n: int, nodes: int = 1, mem: int = 64, hugepages: HugepageRequest | None = None
+) -> VmSpec:
+    return VmSpec(
+        name="vm", vcpus=n, memory_mib=mem, pinned_count=n, numa_nodes=nodes, hugepages=hugepages
+    )
+
+
+def shared(n: int, mem: int = 64, hugepages: HugepageRequest | None = None) -> VmSpec:
+    return VmSpec(name="vm", vcpus=n, memory_mib=mem, hugepages=hugepages)
+
+
+def place_all(topo: HostTopology, specs: Sequence[VmSpec], policy: Policy) -> list[Placement]:
+    allocs: list[Placement] = []
+    for spec in specs:
+        result = plan(topo, allocs, spec, policy)
+        assert isinstance(result, Placement), result
+        allocs.append(result)
+    return allocs
+
+
+def records(allocs: Sequence[Placement], state: VmState = VmState.RUNNING) -> list[VmRecord]:
+    return [
+        VmRecord(name=f"vm-{i}", uuid=f"u{i}", state=state, placement=p)
+        for i, p in enumerate(allocs)
+    ]
+
+
+def largest(
+    topo: HostTopology,
+    allocs: Sequence[Placement],
+    policy: Policy,
+    nodes: int,
+    hugepages: HugepageRequest | None,
+) -> int:
+    """The largest pinned request the allocator itself places (found by asking it)."""
+    best = 0
+    for n in range(1, len(topo.cpus) + 1):
+        if isinstance(
+            plan(topo, allocs, pinned(n, nodes, hugepages=hugepages), policy), Placement
+        ):
+            best = n
+    return best
+
+
+def test_full_shared_pool_is_not_free_for_pinning() -> None:
+    # The issue's host: 32 CPUs, 30 pinned, shared VMs filling the 2 left at ratio 1. The
+    # status used to say "2/32 CPUs free", and then a 1-CPU pinned VM was refused.
+    topo = parse_capabilities((LIBVIRT_CAPS / "x86-2node-smt-96cpu-sparse-cores.xml").read_text())
+    policy = Policy()
+    total = len(topo.cpus)
+    allocs = place_all(topo, [pinned(total // 2 - 1), pinned(total // 2 - 1)], policy)
+    allocs = [*allocs, Placement(vcpus=2, memory_mib=64)]
+    assert usage(topo, allocs, policy).shared_pool_cpus == 2
+    line = report.status_line("libvirt", "9.0.0", topo, allocs, policy, len(allocs))
+    assert line == f"libvirt 9.0.0: 2 NUMA nodes, 0/{total} CPUs free, 3 VMs"
+    assert isinstance(plan(topo, allocs, pinned(1), policy), Rejection)
+    data = report.resources_json(topo, records(allocs), policy)
+    assert [n["cpus"]["free"] for n in data["nodes"]] == [0, 0]
+    assert [n["cpus"]["shared-pool"] for n in data["nodes"]] == [1, 1]
+    assert data["shared"]["pinnable-cpus"] == 0
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize(
+    "policy",
+    [
+        Policy(),
+        Policy(cpu_overcommit_ratio=2.0, reserved_cpus=frozenset({0, 1})),
+        Policy(smt_policy="isolate"),
+        Policy(smt_policy="require", cpu_overcommit_ratio=1.5),
+    ],
+    ids=["prefer", "ratio2-reserved", "isolate", "require"],
+)
+def test_free_for_pinning_is_what_the_allocator_places(name: str, policy: Policy) -> None:
+    topo = fixture(name)
+    cpus = len(topo.cpus)
+    even = 2 if policy.smt_policy == "require" else 1
+    # The 4-node fixture's memory is all huge pages: its VMs take 2M pages.
+    pages = HugepageRequest.P2M if name == "4node" else None
+    # Some pinned VMs, and shared VMs that need part of the shared pool.
+    allocs = place_all(
+        topo, [pinned(even, hugepages=pages), pinned(even, hugepages=pages)], policy
+    )
+    allocs += place_all(topo, [shared(max(1, cpus // 4), hugepages=pages)], policy)
+    data = report.resources_json(topo, records(allocs), policy)
+    free = [n["cpus"]["free"] for n in data["nodes"]]
+    # No node promises more than the allocator gives one node, and the roomiest node's
+    # number is exactly the largest single-node pinned VM it places.
+    assert max(free) == largest(topo, allocs, policy, 1, pages)
+    # The host-wide number (the status line's) is what a VM spanning every node can take.
+    spanning = largest(topo, allocs, policy, len(topo.nodes), pages)
+    assert data["shared"]["pinnable-cpus"] >= spanning
+    if policy.smt_policy != "isolate":
+        assert data["shared"]["pinnable-cpus"] == spanning
+    line = report.status_line("libvirt", "9.0.0", topo, allocs, policy, len(allocs))
+    assert f", {data['shared']['pinnable-cpus']}/{cpus} CPUs free," in line
+
+
+def test_per_vm_view_on_a_two_node_host() -> None:
+    topo = fixture("2node")
+    policy = Policy()
+    span = Placement(
+        vcpus=4,
+        memory_mib=2048,
+        cells=(
+            CellPlacement(host_node=0, vcpus=2, memory_mib=1024, cpus=(2, 14)),
+            CellPlacement(host_node=1, vcpus=2, memory_mib=1024, cpus=(8, 20)),
+        ),
+    )
+    local = place_all(topo, [pinned(2, 1, 512)], policy)[0]
+    floating = Placement(vcpus=2, memory_mib=256)
+    vms = [
+        VmRecord(name="db-span", uuid="a", state=VmState.RUNNING, placement=span),
+        VmRecord(name="db-one", uuid="b", state=VmState.STOPPED, placement=local),
+        VmRecord(name="web", uuid="c", state=VmState.RUNNING, placement=floating),
+    ]
+    data = report.resources_json(topo, vms, policy)
+    node0, node1 = data["nodes"]
+    by_name = {v["name"]: v for v in node0["vm-usage"]}
+    assert by_name["db-span"] == {
+        "name": "db-span",
+        "state": "running",
+        "vcpus": 2,
+        "pinned-cpus": [2, 14],
+        "memory-mib": 1024,
+        "hugepages": [],
+        "nodes": [0, 1],
+        "spans": True,
+    }
+    assert [v["name"] for v in node1["vm-usage"]] == ["db-span"] + (
+        ["db-one"] if local.host_nodes == (1,) else []
+    )
+    one = next(v for n in data["nodes"] for v in n["vm-usage"] if v["name"] == "db-one")
+    assert (one["state"], one["spans"], one["vcpus"], one["memory-mib"]) == (
+        "stopped",
+        False,
+        2,
+        512,
+    )
+    assert data["shared"]["floating-vms"] == ["web"]
+    table = report.resources_table(data)
+    assert "SHARED-POOL" in table
+    span_rows = [
+        line for line in table.splitlines() if line.startswith("node") and "db-span" in line
+    ]
+    assert any("spans 0,1" in line and "2,14" in line for line in span_rows)
+    assert any("stopped" in line and "db-one" in line for line in table.splitlines())
+    assert "floating (shared, no NUMA binding): web" in table
+
+
+def test_hugepages_per_vm_on_a_four_node_host() -> None:
+    topo = fixture("4node")
+    policy = Policy()
+    allocs = place_all(topo, [pinned(2, 1, 2048, hugepages=HugepageRequest.P2M)], policy)
+    data = report.resources_json(topo, records(allocs), policy)
+    rows = [v for n in data["nodes"] for v in n["vm-usage"]]
+    assert len(rows) == 1
+    assert rows[0]["hugepages"] == [{"size": "2M", "pages": 1024}]
+    node = next(n for n in data["nodes"] if n["vm-usage"])
+    assert next(h for h in node["hugepages"] if h["size"] == "2M")["allocated"] == 1024
