@@ -604,6 +604,7 @@ class VmHostCharm(ops.CharmBase):
             snapshot.allocations,
             config.policy,
             len(snapshot.vms),
+            self._backend(config).virt_type,
         )
         crashed = lifecycle.crash_note(snapshot.vms)
         if crashed:

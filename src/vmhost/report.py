@@ -23,10 +23,21 @@ def status_line(
     allocations: Sequence[Placement],
     policy: Policy,
     vm_count: int,
+    virt_type: str | None = None,
 ) -> str:
-    """Return "libvirt 9.0.0: 2 NUMA nodes, 40/48 CPUs free, 3 VMs"."""
+    """Return "libvirt 9.0.0 (kvm): 2 NUMA nodes, 40/48 CPUs free, 3 VMs".
+
+    The virt type is named where the backend chose one; `qemu` (TCG, no hardware
+    virtualisation) says so, since its guests run many times slower.
+    """
     vms = "1 VM" if vm_count == 1 else f"{vm_count} VMs"
-    return f"{backend} {version}: {usage(topology, allocations, policy).status_summary()}, {vms}"
+    virt = ""
+    if virt_type == "qemu":
+        virt = " (qemu: TCG emulation, no hardware virtualisation; guests run slowly)"
+    elif virt_type:
+        virt = f" ({virt_type})"
+    summary = usage(topology, allocations, policy).status_summary()
+    return f"{backend} {version}{virt}: {summary}, {vms}"
 
 
 def placement_json(placement: Placement) -> str:

@@ -14,7 +14,7 @@ import pytest
 from ops import testing
 
 import charm
-from vmhost.backends.libvirt import LibvirtBackend
+from vmhost.backends.libvirt import LibvirtBackend, resolve_virt_type
 from vmhost.topology import parse_cpu_list
 
 VM = "vmhost-test-charm-0"
@@ -54,7 +54,8 @@ def test_reconcile_reports_the_live_host(ctx, state, backend):
     out = ctx.run(ctx.on.config_changed(), state)
     assert isinstance(out.unit_status, testing.ActiveStatus)
     version = backend.version()
-    assert out.unit_status.message.startswith(f"libvirt {version}: ")
+    virt = resolve_virt_type(state.config.get("virt-type", "auto"))
+    assert out.unit_status.message.startswith(f"libvirt {version} ({virt}")
     nodes = len(backend.topology().nodes)
     assert f"{nodes} NUMA node" in out.unit_status.message
 

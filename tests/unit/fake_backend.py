@@ -72,6 +72,7 @@ class FakeBackend:
 
     host: HostTopology
     reachable: bool = True
+    virt_type: str | None = None
     fail_compose: str = ""
     """When set, compose raises VmHostError with this text (after validating nothing)."""
     vms: dict[str, VmRecord] = field(default_factory=dict)

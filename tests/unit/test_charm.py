@@ -449,3 +449,10 @@ def test_config_the_host_contradicts_blocks_before_anything_is_written(
     ctx.run(ctx.on.action("list-vms"), testing.State(config=config))
     again = ctx.run(ctx.on.update_status(), testing.State(config=config))
     assert phrase in again.unit_status.message
+
+
+def test_the_status_line_warns_when_guests_run_under_tcg(ctx, backend, fake_host) -> None:
+    backend.virt_type = "qemu"
+    out = ctx.run(ctx.on.update_status(), testing.State(leader=True))
+    assert out.unit_status.name == "active"
+    assert "(qemu: TCG emulation, no hardware virtualisation" in out.unit_status.message

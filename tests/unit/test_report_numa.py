@@ -198,3 +198,14 @@ def test_hugepages_per_vm_on_a_four_node_host() -> None:
     assert rows[0]["hugepages"] == [{"size": "2M", "pages": 1024}]
     node = next(n for n in data["nodes"] if n["vm-usage"])
     assert next(h for h in node["hugepages"] if h["size"] == "2M")["allocated"] == 1024
+
+
+def test_the_status_line_names_the_virt_type_and_warns_about_tcg() -> None:
+    topo = parse_capabilities((LIBVIRT_CAPS / "x86-2node-smt-96cpu-sparse-cores.xml").read_text())
+    plain = report.status_line("libvirt", "9.0.0", topo, [], Policy(), 0)
+    kvm = report.status_line("libvirt", "9.0.0", topo, [], Policy(), 0, "kvm")
+    tcg = report.status_line("libvirt", "9.0.0", topo, [], Policy(), 0, "qemu")
+    assert plain.startswith("libvirt 9.0.0: 2 NUMA nodes")
+    assert kvm.startswith("libvirt 9.0.0 (kvm): 2 NUMA nodes")
+    assert tcg.startswith("libvirt 9.0.0 (qemu: TCG emulation, no hardware virtualisation")
+    assert tcg.endswith(", 0 VMs")

@@ -39,6 +39,11 @@ class Backend(Protocol):
     name: str
     """"libvirt" or "lxd"."""
 
+    @property
+    def virt_type(self) -> str | None:
+        """libvirt: "kvm" or "qemu" (TCG), config virt-type resolved; None where not chosen."""
+        ...
+
     def version(self) -> str:
         """Return the hypervisor version ("9.0.0"); BackendUnavailableError when unreachable."""
         ...

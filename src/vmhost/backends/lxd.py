@@ -759,6 +759,7 @@ class LxdBackend:
     """The Backend protocol on LXD virtual machines in one project, over the local socket."""
 
     name = "lxd"
+    virt_type: str | None = None
 
     def __init__(
         self,
