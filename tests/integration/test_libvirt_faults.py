@@ -21,11 +21,12 @@ from pathlib import Path
 import libvirt
 import pytest
 from tests.integration.conftest import remove_test_domains
+from tests.integration.test_libvirt_backend import domains, placed, volumes
 
 from vmhost.backends import libvirt as libvirt_backend
 from vmhost.backends.libvirt import METADATA_NS, LibvirtBackend
 from vmhost.compose import HostState, compose
-from vmhost.model import DiskSpec, Placement, Policy, Rejection, VmHostError, VmSpec
+from vmhost.model import DiskSpec, Policy, VmHostError, VmSpec
 
 GB = 10**9
 
@@ -42,25 +43,6 @@ def spec(name: str, pool: str, **kw: object) -> VmSpec:
     }
     base.update(kw)
     return VmSpec(**base)  # type: ignore[arg-type]
-
-
-def placed(backend: LibvirtBackend, vm: VmSpec) -> Placement:
-    from vmhost.placement import plan
-
-    result = plan(backend.topology(), [r.placement for r in backend.list_vms()], vm, Policy())
-    if isinstance(result, Rejection):
-        pytest.fail(f"the allocator refused {vm.name} on this host: {result}")
-    return result
-
-
-def volumes(backend: LibvirtBackend, pool: str) -> set[str]:
-    p = backend.conn.storagePoolLookupByName(pool)
-    p.refresh(0)
-    return set(p.listVolumes())
-
-
-def domains(backend: LibvirtBackend) -> set[str]:
-    return {d.name() for d in backend.conn.listAllDomains(0)}
 
 
 def create_volume(backend: LibvirtBackend, pool: str, name: str) -> str:
