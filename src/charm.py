@@ -44,6 +44,7 @@ from vmhost.config import (
     ComposeParams,
     ConsoleLogParams,
     KeyParams,
+    ListVmsParams,
     NameParams,
     PowerParams,
     ReassignParams,
@@ -656,6 +657,7 @@ class VmHostCharm(ops.CharmBase):
                 user_data=params.user_data,
                 ssh_public_keys=params.ssh_public_keys,
                 hostname=params.hostname,
+                tags=params.tags,
                 owner=keys.ACTION_OWNER,
                 default_root_gb=config.default_root_disk_size,
                 default_image=self._default_image(config),
@@ -858,11 +860,19 @@ class VmHostCharm(ops.CharmBase):
         )
 
     def _on_list_vms(self, event: ops.ActionEvent) -> None:
+        try:
+            params = event.load_params(ListVmsParams)
+        except pydantic.ValidationError as exc:
+            event.fail(f"bad parameters: {pydantic_message(exc)}")
+            return
         inputs = self._action_inputs(event)
         if inputs is None:
             return
         config, snapshot = inputs
-        vms = addresses.refresh(self._backend(config), snapshot.vms)
+        chosen = report.select_vms(
+            snapshot.vms, owner=params.owner, tag=params.tag, state=params.state
+        )
+        vms = addresses.refresh(self._backend(config), chosen)
         event.set_results(
             {
                 "table": report.vms_table(vms),

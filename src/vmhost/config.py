@@ -293,7 +293,18 @@ class ComposeParams(pydantic.BaseModel):
     user_data: str | None = None
     ssh_public_keys: str | None = None
     hostname: str | None = None
+    tags: str | None = None
     dry_run: bool = False
+
+
+class ListVmsParams(pydantic.BaseModel):
+    """Parameters of list-vms: filters, each optional."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    owner: str | None = None
+    tag: str | None = None
+    state: Literal["pending", "running", "stopped", "failed"] | None = None
 
 
 class ReassignParams(pydantic.BaseModel):

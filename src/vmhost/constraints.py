@@ -65,6 +65,7 @@ __all__ = [
     "validate_name",
     "validate_request_id",
     "validate_ssh_public_key",
+    "validate_tags",
     "volume_name",
 ]
 
@@ -74,6 +75,8 @@ LABEL_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
 HOST_DEVICE_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,14}$")
 """A conservative subset of what the kernel accepts (it refuses ':', '/' and whitespace)."""
 PROJECT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+TAG_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
+"""A VM tag: what the vm_host library accepts (MAAS tag names)."""
 SPACE_PATTERN = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 """Juju space names: lower-case words joined by single hyphens (as the networks option)."""
 
@@ -86,6 +89,7 @@ MAX_DISKS = 64
 MAX_INTERFACES = 32
 MAX_USER_DATA_BYTES = 64 * 1024
 MAX_SSH_KEYS = 100
+MAX_TAGS = 64
 MAX_VLAN = 4094
 IFNAMSIZ_CHARS = 15
 
@@ -774,6 +778,36 @@ HOSTNAME_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 MAX_HOSTNAME_CHARS = 253
 
 
+def validate_tags(value: object, field: str = "tags") -> tuple[str, ...]:
+    """Check VM tags: a list, or one comma-separated string; each a MAAS-style tag name.
+
+    Tags label a VM for its requester and operator (list-vms filters on them); they do not
+    change the VM, so repeats are dropped and the order is kept.
+    """
+    if value is None or value == "":
+        return ()
+    items: list[object]
+    if isinstance(value, str):
+        items = [t.strip() for t in value.split(",") if t.strip()]
+    elif isinstance(value, list | tuple):
+        items = list(value)  # pyright: ignore[reportUnknownArgumentType]
+    else:
+        raise InvalidRequestError(field, f"{_describe(value)} is not a list of tags")
+    if len(items) > MAX_TAGS:
+        raise InvalidRequestError(field, f"{len(items)} tags; give at most {MAX_TAGS}")
+    tags: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not TAG_PATTERN.fullmatch(item):
+            raise InvalidRequestError(
+                field,
+                f"{_describe(item)} is not a tag; use 1-64 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit",
+            )
+        if item not in tags:
+            tags.append(item)
+    return tuple(tags)
+
+
 def validate_hostname(value: object, field: str = "hostname") -> str:
     """Check a guest hostname: RFC 1123 labels of lower-case letters, digits and hyphens.
 
@@ -904,6 +938,7 @@ def build_spec(
     user_data: object = None,
     ssh_public_keys: object = (),
     hostname: object = None,
+    tags: object = None,
     owner: str = "action",
     request_id: object = "",
     default_root_gb: int = 20,
@@ -915,7 +950,7 @@ def build_spec(
     The single entry point for actions and relation requests. Values may be of any type (they
     may come from remote JSON); the only exception raised is InvalidRequestError, naming the
     request field ("name", "cores", "memory", "pinned-cores", "numa-nodes", "hugepages",
-    "storage", "interfaces", "image", "user-data", "ssh-public-keys", "hostname", "id").
+    "storage", "interfaces", "image", "user-data", "ssh-public-keys", "hostname", "tags", "id").
 
     Args:
         name: VM name, see validate_name.
@@ -934,6 +969,7 @@ def build_spec(
         ssh_public_keys: OpenSSH public key lines (a list, or one string with the keys one per
             line or comma-separated).
         hostname: the guest's hostname (see validate_hostname); None means the VM's name.
+        tags: labels for the VM (see validate_tags); recorded with it, not part of its hash.
         owner: "action" or "relation:<id>:<app>"; set by the charm, not the requester.
         request_id: the relation request id ("" for actions).
         default_root_gb: root disk size when no storage is requested (charm config).
@@ -1007,6 +1043,7 @@ def build_spec(
         user_data=checked_user_data,
         ssh_public_keys=_validate_ssh_keys(ssh_public_keys),
         hostname=checked_hostname,
+        tags=validate_tags(tags),
         owner=owner,
         request_id=checked_id,
     )
@@ -1040,11 +1077,11 @@ def _canonical(value: object) -> object:
 def spec_hash(spec: VmSpec) -> str:
     """Return a stable 16-hex-digit digest of what defines the VM.
 
-    The owner and request id are left out: they say who asked, not what the VM is, so a
-    request is "changed" only when the VM it describes changes.
+    The owner, request id and tags are left out: they say who asked and how they label it,
+    not what the VM is, so a request is "changed" only when the VM it describes changes.
     """
     if spec.image_from_default:
         spec = dataclasses.replace(spec, image=None, image_from_default=False)
-    data = _canonical(dataclasses.replace(spec, owner="action", request_id=""))
+    data = _canonical(dataclasses.replace(spec, owner="action", request_id="", tags=()))
     encoded = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(encoded.encode()).hexdigest()[:16]

@@ -241,6 +241,8 @@ class VmSpec:
     ssh_public_keys: tuple[str, ...] = ()
     hostname: str | None = None
     """The guest's hostname (a name or an FQDN); None means the VM's name."""
+    tags: tuple[str, ...] = ()
+    """The requester's labels for the VM (list-vms filters on them)."""
     owner: str = "action"
     """Who asked: "action", or "relation:<id>:<app>"."""
     request_id: str = ""
@@ -368,6 +370,8 @@ class VmRecord:
     spec_hash: str = ""
     volumes: tuple[str, ...] = ()
     """Volumes the charm created for it, as "pool/volume"."""
+    tags: tuple[str, ...] = ()
+    """The requester's labels, as recorded when the VM was composed."""
     interfaces: tuple[Mapping[str, str], ...] = ()
     """Per NIC: label, mac, attached-to, and ip (a static address with its prefix) if any."""
     addresses: Mapping[str, tuple[str, ...]] = field(default_factory=dict[str, tuple[str, ...]])
@@ -375,10 +379,10 @@ class VmRecord:
     ones from the request, then those libvirt or LXD learnt (DHCP lease, ARP, guest agent).
     Filled by vmhost.addresses.refresh, empty in list_vms."""
     managed: bool = True
+    """False for domains vm-host did not create (they still use host resources)."""
     autostart: bool = False
     """The VM should run: the hypervisor starts it at host boot, and update-status restarts it
     after a crash. stop-vm clears it, start-vm sets it, so an operator's stop is kept."""
-    """False for domains vm-host did not create (they still use host resources)."""
     state_reason: str = ""
     """Why a failed VM is failed (paused on an I/O error, crashed), as the hypervisor says."""
     problem: str = ""

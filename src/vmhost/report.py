@@ -79,6 +79,7 @@ def vm_json(vm: VmRecord) -> dict[str, Any]:
         "state": vm.state.value,
         "owner": vm.owner,
         "request-id": vm.request_id,
+        "tags": list(vm.tags),
         "managed": vm.managed,
         "autostart": vm.autostart,
         "placement": placement_data(vm.placement),
@@ -146,6 +147,7 @@ def vms_table(vms: Sequence[VmRecord]) -> str:
                 if c.hugepage_size_kib and c.hugepages
             )
             or "-",
+            ",".join(vm.tags) or "-",
             ",".join(a for addrs in vm.addresses.values() for a in addrs) or "-",
         )
         for vm in vms
@@ -159,9 +161,31 @@ def vms_table(vms: Sequence[VmRecord]) -> str:
         "NODES",
         "CPUS",
         "HUGEPAGES",
+        "TAGS",
         "ADDRESSES",
     )
     return _table(headers, rows) if rows else "no VMs"
+
+
+def select_vms(
+    vms: Sequence[VmRecord],
+    *,
+    owner: str | None = None,
+    tag: str | None = None,
+    state: str | None = None,
+) -> list[VmRecord]:
+    """The VMs list-vms shows: those matching every filter given (None matches all).
+
+    `owner` matches exactly or as a prefix ending at a ':' ("relation" matches every
+    relation-owned VM, "relation:7" those of relation 7); `state` is a VmState value.
+    """
+    return [
+        vm
+        for vm in vms
+        if (owner is None or vm.owner == owner or vm.owner.startswith(owner + ":"))
+        and (tag is None or tag in vm.tags)
+        and (state is None or vm.state.value == state)
+    ]
 
 
 def _node_vms(vms: Sequence[VmRecord], node: int) -> list[dict[str, Any]]:

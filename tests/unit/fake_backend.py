@@ -176,6 +176,7 @@ class FakeBackend:
             request_id=spec.request_id,
             spec_hash=spec_hash(spec),
             volumes=tuple(f"{d.pool or default_pool}/{spec.name}-{d.label}" for d in spec.disks),
+            tags=spec.tags,
             interfaces=tuple(
                 {
                     "label": n.label,

@@ -96,6 +96,7 @@ __all__ = [
 KEY_PREFIX = "user.vm-host."
 KEY_OWNER = KEY_PREFIX + "owner"
 KEY_REQUEST_ID = KEY_PREFIX + "request-id"
+KEY_TAGS = KEY_PREFIX + "tags"
 KEY_SPEC_HASH = KEY_PREFIX + "spec-hash"
 KEY_PLACEMENT = KEY_PREFIX + "placement"
 KEY_VOLUMES = KEY_PREFIX + "volumes"
@@ -213,6 +214,7 @@ def ledger_config(
         KEY_OWNER: spec.owner,
         KEY_REQUEST_ID: spec.request_id,
         KEY_SPEC_HASH: spec_hash(spec),
+        **({KEY_TAGS: _json(list(spec.tags))} if spec.tags else {}),
         KEY_PLACEMENT: _json(placement_to_dict(placement)),
         KEY_VOLUMES: _json(list(volumes)),
         KEY_INTERFACES: _json(interfaces),
@@ -677,6 +679,7 @@ def record_from_instance(
             request_id=config.get(KEY_REQUEST_ID, ""),
             spec_hash=config.get(KEY_SPEC_HASH, ""),
             volumes=tuple(str(v) for v in _ledger_list(config, KEY_VOLUMES)),
+            tags=tuple(str(t) for t in _ledger_list(config, KEY_TAGS) if isinstance(t, str)),
             interfaces=interfaces,
             managed=True,
             autostart=_autostart(expanded),

@@ -68,6 +68,7 @@ _WIRE_TO_SPEC = {
     "user-data": "user_data",
     "ssh-public-keys": "ssh_public_keys",
     "hostname": "hostname",
+    "tags": "tags",
 }
 
 
@@ -465,6 +466,8 @@ def _vm_details(
     if sizes:
         placement["hugepages"] = page_label(sizes[0])
     details["placement"] = placement
+    if vm.tags:
+        details["tags"] = list(vm.tags)
     power = {"type": power_type, "id": vm.name}
     if power_address:
         power["address"] = power_address

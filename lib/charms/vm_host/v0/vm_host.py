@@ -108,8 +108,10 @@ The same request with MAAS compose strings:
   is answered failed with the reason.
 - `image`: an image name, never a path: `ubuntu@24.04` (the Juju base syntax; `24.04` and
   `noble` too) or `local:NAME` (a file the vm-host operator put in its local-image-dir); none:
-  network boot. `tags`, `host` (pin the VM to a vm-host unit such as "vm-host/1" or a
-  hostname).
+  network boot. `host`: pin the VM to a vm-host unit such as "vm-host/1" or a hostname.
+- `tags`: labels for the VM (at most 64, each `[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}`): recorded
+  with it, echoed in its answer (LIBPATCH 6) and filtered on by the operator's list-vms.
+  They do not change the VM: a changed set applies to VMs composed later.
 - `hostname`: the guest's hostname or FQDN (default: the VM's name); `ssh-public-keys`:
   OpenSSH public key lines authorized for the image's default user (ubuntu on Ubuntu).
   vm-host writes both into its own #cloud-config.
@@ -134,6 +136,7 @@ Each vm-host unit publishes, per VM it hosts:
      "interfaces": [{"label": "eth0", "mac": "52:54:00:12:34:56", "attached-to": "br-oam",
                      "ip": "10.0.0.17", "addresses": ["10.0.0.17"]}],
      "placement": {"numa-nodes": [0], "cpus": [2, 3, 14, 15], "hugepages": "1G"},
+     "tags": ["db"],
      "power": {"type": "virsh", "address": "qemu+ssh://virsh@10.0.0.5/system",
                "id": "vmhost-consumer-db-0"}}
 
@@ -209,7 +212,7 @@ LIBAPI = 0
 
 # Increment this PATCH version before using `charmcraft publish-lib` or reset
 # to 0 if you are raising the major API version
-LIBPATCH = 5
+LIBPATCH = 6
 
 PYDEPS = ["pydantic>=2"]
 
@@ -667,9 +670,11 @@ class VmAnswer(_Model):
     uuid: StrictStr | None = None
     interfaces: list[VmInterfaceInfo] = Field(default_factory=list)
     placement: VmPlacementInfo | None = None
+    tags: list[StrictStr] = Field(default_factory=list)
+    """The tags recorded with the VM (LIBPATCH 6; absent from older providers)."""
     power: VmPowerInfo | None = None
 
-    @pydantic.field_validator("interfaces", mode="before")
+    @pydantic.field_validator("interfaces", "tags", mode="before")
     @classmethod
     def _null_list(cls, value: Any) -> Any:
         return [] if value is None else value
