@@ -202,6 +202,7 @@ class VmHostCharm(ops.CharmBase):
             default_pool=config.storage_pool,
             default_network=config.default_network,
             disk_overcommit_ratio=config.disk_overcommit_ratio,
+            allowed_interfaces=config.allowed_interfaces,
         )
 
     def _access_address(self) -> str | None:

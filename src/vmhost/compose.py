@@ -26,6 +26,7 @@ from vmhost.model import (
     VmRecord,
     VmSpec,
 )
+from vmhost.relation.keys import ACTION_OWNER
 
 __all__ = [
     "DEFAULT_NIC_LABEL",
@@ -35,7 +36,9 @@ __all__ = [
     "compose",
     "default_interfaces",
     "deletable",
+    "ip_in_use",
     "name_taken",
+    "reach_problem",
     "storage_problem",
 ]
 
@@ -57,6 +60,16 @@ class HostState:
     """Config `default-network`: a space in `networks` or a host bridge ("" when unset)."""
     disk_overcommit_ratio: float = 1.0
     """Requested disk bytes a pool may promise per free byte (config disk-overcommit-ratio)."""
+    allowed_interfaces: frozenset[str] = frozenset()
+    """Host interfaces a relation request may name or reach besides the mapped spaces
+    (config allowed-host-interfaces)."""
+
+    def mapped_devices(self) -> frozenset[str]:
+        """Where relation VMs may attach: mapped spaces, default network, allowed list."""
+        devices = {m.device for m in self.networks.values()} | set(self.allowed_interfaces)
+        if self.default_network and self.default_network not in self.networks:
+            devices.add(self.default_network)
+        return frozenset(devices)
 
     @property
     def allocations(self) -> list[Placement]:
@@ -153,6 +166,63 @@ def _resolve_nics(spec: VmSpec, host: HostState) -> tuple[NicAttachment, ...]:
         ) from exc
 
 
+def reach_problem(
+    spec: VmSpec, nics: Sequence[NicAttachment], host: HostState
+) -> InvalidRequestError | None:
+    """Why a related application's request reaches further than the operator mapped, or None.
+
+    The compose-vm action may attach anywhere: the operator asks. A relation request may name
+    a host interface (bridge=, parent=) only when allowed-host-interfaces lists it, and each
+    of its NICs must land on a device of a mapped space, the default network or that list:
+    a subnet, VLAN or address that resolves to another host interface is refused too.
+    """
+    if spec.owner == ACTION_OWNER:
+        return None
+    allowed = host.allowed_interfaces
+    fix = (
+        "vm-host attaches a related application's VMs only to the spaces of its networks "
+        "option; ask for a space, or have the operator list the interface with juju config "
+        "vm-host allowed-host-interfaces="
+    )
+    for wanted in spec.interfaces:
+        for key, name in (("bridge", wanted.bridge), ("parent", wanted.parent)):
+            if name and name not in allowed:
+                return InvalidRequestError(
+                    f"interfaces.{wanted.label}",
+                    f"{key}={name} names a host interface; {fix}{name}",
+                )
+    mapped = host.mapped_devices()
+    for nic in nics:
+        if nic.source not in mapped:
+            return InvalidRequestError(
+                f"interfaces.{nic.label}",
+                f"resolves to host interface {nic.source}, which no space of networks maps; "
+                f"{fix}{nic.source}",
+            )
+    return None
+
+
+def ip_in_use(
+    nics: Sequence[NicAttachment], vms: Sequence[VmRecord]
+) -> InvalidRequestError | None:
+    """A static address another VM on this host already has (recorded in its metadata)."""
+    owners = {
+        str(nic.get("ip", "")).split("/", 1)[0]: vm.name
+        for vm in vms
+        for nic in vm.interfaces
+        if nic.get("ip")
+    }
+    for nic in nics:
+        address = (nic.ip or "").split("/", 1)[0]
+        if address and address in owners:
+            return InvalidRequestError(
+                f"interfaces.{nic.label}",
+                f"ip {address} is already the address of VM {owners[address]}; choose another "
+                "address or leave ip out for DHCP",
+            )
+    return None
+
+
 def _checked_nics(spec: VmSpec, host: HostState) -> tuple[NicAttachment, ...] | Outcome:
     """The spec's NICs when its name, NICs and disks may go on this host, else the refusal."""
     taken = name_taken(spec, host.vms)
@@ -162,6 +232,9 @@ def _checked_nics(spec: VmSpec, host: HostState) -> tuple[NicAttachment, ...] | 
         nics = _resolve_nics(spec, host)
     except InvalidRequestError as exc:
         return Outcome(spec, refused=str(exc))
+    problem = reach_problem(spec, nics, host) or ip_in_use(nics, host.vms)
+    if problem is not None:
+        return Outcome(spec, refused=str(problem))
     missing, full = storage_problem(spec, host)
     if missing:
         return Outcome(spec, refused=missing)

@@ -80,7 +80,7 @@ def parse_networks(text: str) -> Mapping[str, networks.NetworkMapping]:
     return types.MappingProxyType(networks.parse_networks_config(text))
 
 
-PER_HOST_OPTIONS = ("reserved_cpus", "hugepages", "networks")
+PER_HOST_OPTIONS = ("reserved_cpus", "hugepages", "networks", "allowed_host_interfaces")
 """Options that may hold a per-host map ({unit or hostname: value, "*": default})."""
 
 
@@ -101,6 +101,7 @@ class CharmConfig(pydantic.BaseModel):
     default_root_disk_size: int = pydantic.Field(20, ge=1, le=65536)
     networks: str = ""
     default_network: str = ""
+    allowed_host_interfaces: str = ""
     release_policy: Literal["delete", "keep"] = "delete"
     libvirt_user: str = "virsh"
     libvirt_user_adopt: bool = False
@@ -151,6 +152,19 @@ class CharmConfig(pydantic.BaseModel):
     def _networks(cls, value: str) -> str:
         settings.check_per_host("networks", value, parse_networks)
         return value
+
+    @pydantic.field_validator("allowed_host_interfaces")
+    @classmethod
+    def _allowed_host_interfaces(cls, value: str) -> str:
+        settings.check_per_host(
+            "allowed-host-interfaces", value, networks.parse_allowed_interfaces
+        )
+        return value
+
+    @property
+    def allowed_interfaces(self) -> frozenset[str]:
+        """Host interfaces relation requests may name (after for_host: this host's)."""
+        return networks.parse_allowed_interfaces(self.allowed_host_interfaces)
 
     def for_host(self, unit: str, hostname: str) -> CharmConfig:
         """These options with this machine's entry of each per-host map (see settings)."""

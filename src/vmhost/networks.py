@@ -387,6 +387,20 @@ _ALLOWED_KEYS = {
 }
 
 
+def parse_allowed_interfaces(text: str) -> frozenset[str]:
+    """The `allowed-host-interfaces` option: host interfaces relation requests may name.
+
+    Comma- or space-separated interface names ("br-data, eno2"); empty allows none.
+
+    Raises:
+        InvalidRequestError: field "allowed-host-interfaces", a name the kernel would refuse.
+    """
+    names = [n for n in text.replace(",", " ").split() if n]
+    for name in names:
+        validate_ifname(name, "allowed-host-interfaces")
+    return frozenset(names)
+
+
 @dataclass(frozen=True)
 class NetworkMapping:
     """Where guests asking for one Juju space attach on this host (one `networks` entry)."""

@@ -159,12 +159,15 @@ def test_relation_request_boots_a_guest_and_the_answer_gets_its_dhcp_address(
         "memory": 256,
         "storage": "root:1",
         "image": "local:tiny",
-        "interfaces": "eth0:bridge=vmhost-test-nat;data:ip=10.231.78.51",
+        # Through the spaces the operator mapped: a relation may not name host bridges.
+        "interfaces": "eth0:space=nat;data:space=static,ip=10.231.78.51",
         "hostname": "db-0",
         "ssh-public-keys": [KEY],
         "user-data": "#cloud-config\npackages: [postgresql]\n",
     }
     relation = vm_lib.requirer_relation([request], remote_app_name=APP, relation_id=43)
+    spaces = {"nat": {"bridge": nat_network}, "static": {"bridge": STATIC_BRIDGE}}
+    config = {**config, "networks": yaml.safe_dump(spaces)}
     state = testing.State(config=config, leader=True, relations={relation})
     # Cached first: an uncached image would be fetched in the background and answered pending.
     action(ctx, state, "sync-images", names="local:tiny")

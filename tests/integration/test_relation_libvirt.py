@@ -65,7 +65,12 @@ def test_relation_request_gets_nics_on_the_right_bridges_and_a_static_address(
         "interfaces": "eth0:subnet_cidr=10.231.1.0/24;data:ip=10.231.2.50",
     }
     relation = vm_lib.requirer_relation([request], remote_app_name=APP, relation_id=41)
-    config = {"default-storage-pool": test_pool, "default-image": ""}  # network boot
+    config = {
+        "default-storage-pool": test_pool,
+        "default-image": "",  # network boot
+        # The subnet and the address resolve to these bridges: mapped, so relation VMs may go.
+        "networks": yaml.safe_dump({s: {"bridge": b} for s, b in zip("ab", BRIDGES, strict=True)}),
+    }
     state = testing.State(config=config, leader=True, relations={relation})
     out = ctx.run(ctx.on.relation_changed(relation), state)
 
@@ -100,6 +105,53 @@ def test_relation_request_gets_nics_on_the_right_bridges_and_a_static_address(
     ctx.run(ctx.on.relation_broken(relation), state)
     assert name not in {d.name() for d in backend.conn.listAllDomains(0)}
     assert not [v.name() for v in pool.listAllVolumes(0) if v.name().startswith(name)]
+
+
+@pytest.mark.usefixtures("clean_host")
+def test_relation_requests_reach_only_what_the_operator_mapped(ctx, backend, test_pool, bridges):
+    """Named host interfaces and unmapped networks are refused; a static address is one VM's."""
+    bra, brb = BRIDGES
+    config = {
+        "default-storage-pool": test_pool,
+        "default-image": "",
+        "networks": yaml.safe_dump({"a": {"bridge": bra}}),
+    }
+    reaching = [
+        {"id": "named", "memory": 128, "storage": "root:1", "interfaces": f"eth0:bridge={brb}"},
+        {"id": "subnet", "memory": 128, "storage": "root:1", "interfaces": "eth0:ip=10.231.2.60"},
+        {"id": "mapped", "memory": 128, "storage": "root:1", "interfaces": "eth0:ip=10.231.1.60"},
+    ]
+    relation = vm_lib.requirer_relation(reaching, remote_app_name=APP, relation_id=45)
+    state = testing.State(config=config, leader=True, relations={relation})
+    out = ctx.run(ctx.on.relation_changed(relation), state)
+    answers = {a.id: a for a in vm_lib.answers_from(out.get_relation(45))}
+    assert answers["mapped"].state == "running", answers["mapped"].error
+    for refused in ("named", "subnet"):
+        assert answers[refused].state == "failed"
+        assert f"allowed-host-interfaces={brb}" in (answers[refused].error or "")
+        assert f"{APP}-45-{refused}" not in _names(backend)
+        assert not _volumes(backend, test_pool, f"{APP}-45-{refused}")
+
+    # The same address for another app: refused while the first VM has it.
+    other = vm_lib.requirer_relation(
+        [{"id": "dup", "memory": 128, "storage": "root:1", "interfaces": "eth0:ip=10.231.1.60"}],
+        remote_app_name=APP + "-b",
+        relation_id=46,
+    )
+    state = testing.State(config=config, leader=True, relations={relation, other})
+    out = ctx.run(ctx.on.relation_changed(other), state)
+    (dup,) = vm_lib.answers_from(out.get_relation(46))
+    assert dup.state == "failed"
+    assert f"ip 10.231.1.60 is already the address of VM {APP}-45-mapped" in (dup.error or "")
+
+    # Listed by the operator: the named bridge and the unmapped subnet are served.
+    allowed = {**config, "allowed-host-interfaces": brb}
+    state = testing.State(config=allowed, leader=True, relations={relation})
+    out = ctx.run(ctx.on.relation_changed(relation), state)
+    answers = {a.id: a for a in vm_lib.answers_from(out.get_relation(45))}
+    assert {i: a.state for i, a in answers.items()} == dict.fromkeys(answers, "running")
+    ctx.run(ctx.on.relation_broken(relation), state)
+    assert not {n for n in _names(backend) if n.startswith(f"{APP}-45-")}
 
 
 def _names(backend) -> set[str]:

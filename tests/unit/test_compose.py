@@ -338,3 +338,82 @@ def test_sriov_mapped_through_networks_gets_numa_alignment_and_vf_counts():
     refused = compose(backend, wired, none, dry_run=True)
     assert "0 of its 0 enabled VFs" in refused.rejected
     assert "sriov_numvfs 0 of sriov_totalvfs 8" in refused.rejected
+
+
+# --- reach: relation requests go only where the operator mapped ------------------------------
+
+
+def reach_host() -> HostTopology:
+    return replace(
+        host(),
+        nics=(
+            HostNic("br-oam", kind=NicKind.BRIDGE, addresses=("10.0.0.1/24",)),
+            HostNic("br-mgmt", kind=NicKind.BRIDGE, addresses=("10.9.0.1/24",)),
+            HostNic("eno2", addresses=("10.8.0.1/24",)),
+        ),
+    )
+
+
+def reach_state(backend: FakeBackend, allowed: frozenset[str] = frozenset()) -> HostState:
+    backend.ensure_pool("vm-host", "/var/lib/vm-host/images")
+    return HostState(
+        backend.topology(),
+        backend.list_vms(),
+        Policy(),
+        parse_networks_config("oam: {bridge: br-oam}"),
+        "vm-host",
+        allowed_interfaces=allowed,
+    )
+
+
+RELATION = {"owner": "relation:7:pg:vm-host:m", "request_id": "db-0"}
+
+
+@pytest.mark.parametrize(
+    ("interfaces", "device"),
+    [
+        ("eth0:bridge=br-mgmt", "br-mgmt"),
+        ("eth0:parent=eno2", "eno2"),
+        ("eth0:subnet_cidr=10.9.0.0/24", "br-mgmt"),
+        ("eth0:ip=10.8.0.9", "eno2"),
+        ("eth0:space=oam;eth1:bridge=br-mgmt", "br-mgmt"),
+    ],
+)
+def test_a_relation_request_cannot_reach_an_unmapped_host_interface(interfaces, device):
+    backend = FakeBackend(host=reach_host())
+    got = compose(backend, spec(interfaces=interfaces, **RELATION), reach_state(backend))
+    assert got.vm is None
+    assert f"allowed-host-interfaces={device}" in got.refused
+    assert not composes(backend)
+    # Listed by the operator, the same request is served; an action may always name it.
+    allowed = compose(
+        backend, spec(interfaces=interfaces, **RELATION), reach_state(backend, frozenset({device}))
+    )
+    assert allowed.vm is not None, allowed.error
+    fresh = FakeBackend(host=reach_host())
+    action = compose(fresh, spec("act", interfaces=interfaces), reach_state(fresh))
+    assert action.vm is not None, action.error
+
+
+@pytest.mark.parametrize("interfaces", ["eth0:space=oam", "eth0:subnet_cidr=10.0.0.0/24", None])
+def test_a_relation_request_may_use_mapped_spaces_and_the_default_network(interfaces):
+    backend = FakeBackend(host=reach_host())
+    host_state = replace(reach_state(backend), default_network="br-mgmt")
+    got = compose(backend, spec(interfaces=interfaces, **RELATION), host_state)
+    assert got.vm is not None, got.error
+
+
+def test_a_static_address_another_vm_has_is_refused_for_every_requester():
+    backend = FakeBackend(host=reach_host())
+    first = compose(backend, spec("a", interfaces="eth0:ip=10.0.0.9"), reach_state(backend))
+    assert first.vm is not None
+    for requester in ({}, RELATION):
+        got = compose(
+            backend, spec("b", interfaces="eth0:ip=10.0.0.9", **requester), reach_state(backend)
+        )
+        assert got.refused == (
+            "interfaces.eth0: ip 10.0.0.9 is already the address of VM a; choose another "
+            "address or leave ip out for DHCP"
+        )
+    other = compose(backend, spec("c", interfaces="eth0:ip=10.0.0.10"), reach_state(backend))
+    assert other.vm is not None

@@ -88,3 +88,23 @@ def test_the_charm_blocks_on_a_bad_entry_naming_it(ctx, backend, fake_host):
     assert isinstance(out.unit_status, testing.BlockedStatus)
     assert "hugepages[vm-host/3]" in out.unit_status.message
     assert fake_host.calls == []
+
+
+def test_allowed_host_interfaces_plain_and_per_host():
+    from vmhost.config import CharmConfig
+
+    assert CharmConfig(allowed_host_interfaces="br-data, eno2").allowed_interfaces == {
+        "br-data",
+        "eno2",
+    }
+    per_host = CharmConfig(allowed_host_interfaces='{vm-host/1: "br1", "*": ""}')
+    assert per_host.for_host("vm-host/1", "h").allowed_interfaces == {"br1"}
+    assert per_host.for_host("vm-host/0", "h").allowed_interfaces == frozenset()
+
+
+def test_the_charm_blocks_on_a_bad_allowed_host_interface(ctx, backend, fake_host):
+    config = {"allowed-host-interfaces": "br0 ../etc"}
+    out = ctx.run(ctx.on.config_changed(), testing.State(config=config))
+    assert isinstance(out.unit_status, testing.BlockedStatus)
+    assert "allowed-host-interfaces" in out.unit_status.message
+    assert fake_host.calls == []

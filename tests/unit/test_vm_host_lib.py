@@ -878,7 +878,7 @@ def test_testing_helpers_build_the_wire_format():
     host = provider_relation({3: [VmAnswer(id="a", state="pending")]})
     assert host.endpoint == "vm-host"
     assert json.loads(host.remote_units_data[3]["vms"]) == [
-        {"id": "a", "interfaces": [], "state": "pending"}
+        {"id": "a", "interfaces": [], "state": "pending", "tags": []}
     ]
     with pytest.raises(ValueError, match="id"):
         requests_from(testing.Relation("vm-host", local_app_data=bag([{"id": "BAD"}])))

@@ -100,9 +100,12 @@ The same request with MAAS compose strings:
   host storage pool. MAAS string: `label:size(pool),...` with whole GB; a missing label
   becomes `root` for the first disk, `diskN` after (in both forms).
 - `interfaces`: NICs; each may name a Juju `space`, a `subnet` (CIDR), a `vlan` (0-4094), an
-  `ip` (a static address the VM gets) and a `mode` (bridge, macvtap or sriov); vm-host also
-  takes a host `bridge` or `parent` interface by name and `numa-strict` (SR-IOV: only on the
-  NIC's NUMA node). MAAS string: `label:key=value[,key=value];label:...` with the keys space,
+  `ip` (a static address the VM gets; one VM's per host) and a `mode` (bridge, macvtap or
+  sriov), and `numa-strict` (SR-IOV: only on the NIC's NUMA node). A NIC attaches only where
+  the vm-host operator lets related applications go: a space of its `networks` option (or
+  its default network); a host `bridge` or `parent` named by the request, or a subnet or
+  address found on another host interface, is answered failed unless the operator listed
+  that interface in `allowed-host-interfaces`. MAAS string: `label:key=value[,key=value];label:...` with the keys space,
   subnet, subnet_cidr, vlan (`N` or `vid:N`), vid, ip, mode, bridge, parent and numa_strict.
   Other MAAS keys (fabric, fabric_class, type, tag, not_*) are not supported: such a request
   is answered failed with the reason.
