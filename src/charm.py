@@ -193,7 +193,23 @@ class VmHostCharm(ops.CharmBase):
                 self._backend_error = str(exc)
         return self._snapshot_cache
 
-    def _host_state(self, config: CharmConfig, snapshot: _Snapshot) -> compose.HostState:
+    def _peer_macs(self) -> frozenset[str]:
+        """The MACs the other units' readable host reports list."""
+        peer = self.model.get_relation("hosts")
+        if peer is None:
+            return frozenset()
+        reports, _ = fleet.collect_reports(
+            {u.name: peer.data[u].get("report") for u in peer.units}
+        )
+        return frozenset(m for r in reports.values() for m in r.macs)
+
+    def _host_state(
+        self,
+        config: CharmConfig,
+        snapshot: _Snapshot,
+        peer_macs: frozenset[str] | None = None,
+    ) -> compose.HostState:
+        """What composing needs: the host as read now, the config, the fleet's MACs."""
         return compose.HostState(
             topology=snapshot.topology,
             vms=snapshot.vms,
@@ -203,6 +219,8 @@ class VmHostCharm(ops.CharmBase):
             default_network=config.default_network,
             disk_overcommit_ratio=config.disk_overcommit_ratio,
             allowed_interfaces=config.allowed_interfaces,
+            mac_salt=f"{self.model.uuid}/{self.unit.name}",
+            peer_macs=self._peer_macs() if peer_macs is None else peer_macs,
         )
 
     def _access_address(self) -> str | None:
@@ -399,7 +417,7 @@ class VmHostCharm(ops.CharmBase):
         seen = journal.read(scope)
         result = serve.serve(
             self._backend(config),
-            self._host_state(config, snapshot),
+            self._host_state(config, snapshot, decision.peer_macs),
             requests,
             decision.mine,
             release_policy=config.release_policy,
@@ -446,6 +464,7 @@ class VmHostCharm(ops.CharmBase):
                     fresh.allocations,
                     hostname=socket.gethostname(),
                     composed=keys.composed_keys(fresh.vms, scope),
+                    macs=compose.macs_in_use(fresh.vms),
                 )
         return decision
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from vmhost import networks, placement, refusals
-from vmhost.backends import Backend
+from vmhost.backends import MAC_PREFIXES, Backend, stable_mac
 from vmhost.model import (
     HostTopology,
     InterfaceMode,
@@ -32,11 +32,13 @@ __all__ = [
     "DEFAULT_NIC_LABEL",
     "HostState",
     "Outcome",
+    "assign_macs",
     "book_disks",
     "compose",
     "default_interfaces",
     "deletable",
     "ip_in_use",
+    "macs_in_use",
     "name_taken",
     "reach_problem",
     "storage_problem",
@@ -60,6 +62,10 @@ class HostState:
     """Config `default-network`: a space in `networks` or a host bridge ("" when unset)."""
     disk_overcommit_ratio: float = 1.0
     """Requested disk bytes a pool may promise per free byte (config disk-overcommit-ratio)."""
+    mac_salt: str = ""
+    """What new MACs derive from besides the VM and NIC names (the model UUID and unit)."""
+    peer_macs: frozenset[str] = frozenset()
+    """MACs the VMs of the other vm-host units have (their peer reports), lower case."""
     allowed_interfaces: frozenset[str] = frozenset()
     """Host interfaces a relation request may name or reach besides the mapped spaces
     (config allowed-host-interfaces)."""
@@ -223,6 +229,28 @@ def ip_in_use(
     return None
 
 
+def macs_in_use(vms: Sequence[VmRecord]) -> frozenset[str]:
+    """The MACs of these VMs' NICs, lower case (as their metadata records them)."""
+    return frozenset(str(n.get("mac", "")).lower() for vm in vms for n in vm.interfaces) - {""}
+
+
+def assign_macs(
+    spec: VmSpec, nics: Sequence[NicAttachment], host: HostState, prefix: str
+) -> tuple[NicAttachment, ...]:
+    """Give each NIC its MAC: derived from the salt, VM and label, never one already in use.
+
+    Stable for the VM's life: it is written into the VM's definition once, and a compose
+    re-run for the same request on the same host derives the same MAC again.
+    """
+    taken = set(macs_in_use(host.vms) | host.peer_macs)
+    out: list[NicAttachment] = []
+    for nic in nics:
+        mac = (nic.mac or stable_mac(prefix, spec.name, nic.label, host.mac_salt, taken)).lower()
+        taken.add(mac)
+        out.append(dataclasses.replace(nic, mac=mac))
+    return tuple(out)
+
+
 def _checked_nics(spec: VmSpec, host: HostState) -> tuple[NicAttachment, ...] | Outcome:
     """The spec's NICs when its name, NICs and disks may go on this host, else the refusal."""
     taken = name_taken(spec, host.vms)
@@ -279,6 +307,7 @@ def compose(
             return blocked
     if progress is not None:
         progress(f"composing {spec.name} on host nodes {list(result.host_nodes) or 'any'}")
+    nics = assign_macs(spec, nics, host, MAC_PREFIXES.get(backend.name, MAC_PREFIXES["libvirt"]))
     try:
         vm = backend.compose(spec, result, nics, host.default_pool)
     except VmHostError as exc:

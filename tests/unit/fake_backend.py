@@ -180,7 +180,7 @@ class FakeBackend:
             interfaces=tuple(
                 {
                     "label": n.label,
-                    "mac": f"52:54:00:00:00:{i:02x}",
+                    "mac": n.mac or f"52:54:00:00:00:{i:02x}",
                     "attached-to": n.source,
                     **({"ip": n.ip} if n.ip else {}),
                 }

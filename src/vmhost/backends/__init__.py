@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Protocol
 
 from vmhost.model import HostTopology, NicAttachment, Placement, VmRecord, VmSpec, VmStats
@@ -14,15 +15,34 @@ if TYPE_CHECKING:
     from vmhost.imagecache import ImageStore, Settings
 
 
-def stable_mac(prefix: str, vm: str, label: str) -> str:
+MAC_PREFIXES = {"libvirt": "52:54:00", "lxd": "00:16:3e"}
+"""The locally administered OUI each hypervisor uses for its guests' NICs."""
+
+
+def stable_mac(
+    prefix: str,
+    vm: str,
+    label: str,
+    salt: str = "",
+    taken: AbstractSet[str] = frozenset(),
+) -> str:
     """Return a MAC under `prefix` (three octets) derived from the VM and NIC names.
 
     A re-run compose of the same request gets the same MAC (the guest keeps its DHCP lease),
     and the MAC is known before the hypervisor creates anything, so cloud-init's network config
-    can match it.
+    can match it. `salt` (the model UUID and the unit) keeps the same VM name on another host
+    or model off this MAC on a shared L2; a MAC in `taken` (lower case: every VM's here and in
+    the peer reports) is skipped for the next derivation.
     """
-    digest = hashlib.sha256(f"{vm}\0{label}".encode()).digest()
-    return prefix + "".join(f":{b:02x}" for b in digest[:3])
+    for attempt in range(1 << 16):
+        seed = f"{salt}\0{vm}\0{label}" + (f"\0{attempt}" if attempt else "")
+        if not salt and not attempt:
+            seed = f"{vm}\0{label}"  # the unsalted form of earlier revisions
+        digest = hashlib.sha256(seed.encode()).digest()
+        mac = prefix + "".join(f":{b:02x}" for b in digest[:3])
+        if mac not in taken:
+            return mac
+    raise ValueError(f"no free MAC under {prefix} for {vm}/{label}")
 
 
 class BackendUnavailableError(Exception):

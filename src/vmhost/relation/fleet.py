@@ -27,6 +27,7 @@ from vmhost.codec import (
     topology_from_dict,
     topology_to_dict,
 )
+from vmhost.compose import macs_in_use
 from vmhost.model import (
     HostTopology,
     InvalidRequestError,
@@ -83,6 +84,8 @@ class HostReport:
     """The machine's hostname, so a request's `host` may name it instead of the unit."""
     composed: frozenset[RequestKey] = frozenset()
     """Relation requests whose VM exists on this host."""
+    macs: frozenset[str] = frozenset()
+    """The MACs of every VM's NICs on the unit's host, so no other unit composes one again."""
 
 
 def _checked_key(row: tuple[int, str, str]) -> tuple[int, str, str]:
@@ -128,6 +131,7 @@ class ReportData(_PeerData):
     allocations: tuple[_Placement, ...] = ()
     hostname: StrictStr | None = None
     composed: tuple[_Key, ...] = ()
+    macs: tuple[StrictStr, ...] = ()
 
 
 def _checked_left(row: tuple[int, str, str, str, str]) -> tuple[int, str, str, str, str]:
@@ -198,6 +202,7 @@ def host_report(
     *,
     hostname: str | None = None,
     composed: AbstractSet[RequestKey] = frozenset(),
+    macs: AbstractSet[str] = frozenset(),
 ) -> str:
     """Return a unit's host report as the JSON text for its peer unit databag.
 
@@ -211,6 +216,7 @@ def host_report(
             allocations=tuple(ordered),
             hostname=hostname,
             composed=tuple(_key_row(k) for k in sorted(composed)),
+            macs=tuple(sorted(macs)),
         )
     )
 
@@ -234,7 +240,8 @@ def parse_host_report(text: str | None) -> tuple[HostReport | None, str | None]:
     except pydantic.ValidationError as exc:
         return None, f"host report: {_why(exc)}"
     composed = frozenset(RequestKey(*k) for k in got.composed)
-    return HostReport(got.topology, got.allocations, got.hostname or None, composed), None
+    macs = frozenset(m.lower() for m in got.macs)
+    return HostReport(got.topology, got.allocations, got.hostname or None, composed, macs), None
 
 
 def collect_reports(
@@ -672,6 +679,8 @@ class Decision:
     """The new assignment for the peer application databag (leader only)."""
     composed_text: str | None = None
     """Which assigned requests are composed, for the peer application databag (leader)."""
+    peer_macs: frozenset[str] = frozenset()
+    """MACs the other units' readable reports list: never given to a new NIC here."""
     problems: tuple[str, ...] = ()
     """Unreadable peer data, for the log."""
 
@@ -699,7 +708,13 @@ def lead(
     `reassign` (leader) the requests an operator asked to place anew after their unit left.
     """
     here = composed_keys(vms, scope)
-    report = host_report(topology, [vm.placement for vm in vms], hostname=hostname, composed=here)
+    report = host_report(
+        topology,
+        [vm.placement for vm in vms],
+        hostname=hostname,
+        composed=here,
+        macs=macs_in_use(vms),
+    )
     invalid = {r.key: r.error for r in requests if r.error is not None} if leader else {}
     valid = [(r.key, r.spec, r.host) for r in requests if r.spec is not None]
     if peers is None:
@@ -717,11 +732,12 @@ def lead(
         )
     # A unit never composes a request another unit's readable report lists as composed
     # (an assignment that was lost or rewritten cannot make a second VM).
-    others, _ = collect_reports(peers.reports)
+    others, _ = collect_reports({u: t for u, t in peers.reports.items() if u != unit})
     elsewhere = {k for r in others.values() for k in r.composed} - here
+    peer_macs = frozenset(m for r in others.values() for m in r.macs)
     if not leader:
         mine = current.for_unit(unit) - elsewhere
-        return Decision(current, mine, {}, report, problems=tuple(problems))
+        return Decision(current, mine, {}, report, problems=tuple(problems), peer_macs=peer_macs)
     reports, bad = collect_reports({**peers.reports, unit: report})
     problems += [f"host report of {u} ignored: {reason}" for u, reason in bad.items()]
 
@@ -757,5 +773,6 @@ def lead(
         report,
         assignment_to_json(assignment),
         composed_to_json(assignment),
-        tuple(problems),
+        problems=tuple(problems),
+        peer_macs=peer_macs,
     )
