@@ -105,8 +105,8 @@ The same request with MAAS compose strings:
   the vm-host operator lets related applications go: a space of its `networks` option (or
   its default network); a host `bridge` or `parent` named by the request, or a subnet or
   address found on another host interface, is answered failed unless the operator listed
-  that interface in `allowed-host-interfaces`. MAAS string: `label:key=value[,key=value];label:...` with the keys space,
-  subnet, subnet_cidr, vlan (`N` or `vid:N`), vid, ip, mode, bridge, parent and numa_strict.
+  that interface in `allowed-host-interfaces`. MAAS string: `label:key=value[,key=value];...`
+  with the keys space, subnet, subnet_cidr, vlan (`N` or `vid:N`), vid, ip, mode, bridge, parent and numa_strict.
   Other MAAS keys (fabric, fabric_class, type, tag, not_*) are not supported: such a request
   is answered failed with the reason.
 - `image`: an image name, never a path: `ubuntu@24.04` (the Juju base syntax; `24.04` and
