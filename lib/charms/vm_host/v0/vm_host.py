@@ -106,9 +106,9 @@ The same request with MAAS compose strings:
   its default network); a host `bridge` or `parent` named by the request, or a subnet or
   address found on another host interface, is answered failed unless the operator listed
   that interface in `allowed-host-interfaces`. MAAS string: `label:key=value[,key=value];...`
-  with the keys space, subnet, subnet_cidr, vlan (`N` or `vid:N`), vid, ip, mode, bridge, parent and numa_strict.
-  Other MAAS keys (fabric, fabric_class, type, tag, not_*) are not supported: such a request
-  is answered failed with the reason.
+  with the keys space, subnet, subnet_cidr, vlan (`N` or `vid:N`), vid, ip, mode, bridge,
+  parent and numa_strict. Other MAAS keys (fabric, fabric_class, type, tag, not_*) are not
+  supported: such a request is answered failed with the reason.
 - `image`: an image name, never a path: `ubuntu@24.04` (the Juju base syntax; `24.04` and
   `noble` too) or `local:NAME` (a file the vm-host operator put in its local-image-dir); none:
   network boot. `host`: pin the VM to a vm-host unit such as "vm-host/1" or a hostname.
