@@ -177,6 +177,7 @@ def test_remove_unit_leaves_the_vm_and_its_disks_on_the_real_host(
     config = {
         "default-storage-pool": test_pool,
         "default-network": test_bridge,
+        "default-image": "",  # network boot: no image to wait for
         "release-policy": policy,
     }
     unit = testing.Context(charm.VmHostCharm, unit_id=1)
@@ -211,6 +212,7 @@ def test_keep_re_owns_the_domain_in_libvirt_and_delete_vm_then_deletes_it(
     config = {
         "default-storage-pool": test_pool,
         "default-network": test_bridge,
+        "default-image": "",  # network boot: no image to wait for
         "release-policy": "keep",
     }
     state = testing.State(config=config, leader=True, relations={relation}, model=MODEL)

@@ -93,11 +93,15 @@ def test_the_charm_blocks_on_a_bad_entry_naming_it(ctx, backend, fake_host):
 def test_allowed_host_interfaces_plain_and_per_host():
     from vmhost.config import CharmConfig
 
-    assert CharmConfig(allowed_host_interfaces="br-data, eno2").allowed_interfaces == {
+    assert CharmConfig.model_validate(
+        {"allowed_host_interfaces": "br-data, eno2"}
+    ).allowed_interfaces == {
         "br-data",
         "eno2",
     }
-    per_host = CharmConfig(allowed_host_interfaces='{vm-host/1: "br1", "*": ""}')
+    per_host = CharmConfig.model_validate(
+        {"allowed_host_interfaces": '{vm-host/1: "br1", "*": ""}'}
+    )
     assert per_host.for_host("vm-host/1", "h").allowed_interfaces == {"br1"}
     assert per_host.for_host("vm-host/0", "h").allowed_interfaces == frozenset()
 
