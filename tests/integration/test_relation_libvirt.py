@@ -115,6 +115,7 @@ def test_relation_requests_reach_only_what_the_operator_mapped(ctx, backend, tes
         "default-storage-pool": test_pool,
         "default-image": "",
         "networks": yaml.safe_dump({"a": {"bridge": bra}}),
+        "cpu-overcommit-ratio": 4.0,  # three 1-vCPU VMs on a 2-CPU test machine
     }
     reaching = [
         {"id": "named", "memory": 128, "storage": "root:1", "interfaces": f"eth0:bridge={brb}"},
@@ -122,7 +123,7 @@ def test_relation_requests_reach_only_what_the_operator_mapped(ctx, backend, tes
         {"id": "mapped", "memory": 128, "storage": "root:1", "interfaces": "eth0:ip=10.231.1.60"},
     ]
     relation = vm_lib.requirer_relation(reaching, remote_app_name=APP, relation_id=45)
-    state = testing.State(config=config, leader=True, relations={relation})
+    state = testing.State(config=config, leader=True, relations={relation}, model=MODEL)
     out = ctx.run(ctx.on.relation_changed(relation), state)
     answers = {a.id: a for a in vm_lib.answers_from(out.get_relation(45))}
     assert answers["mapped"].state == "running", answers["mapped"].error
@@ -138,7 +139,7 @@ def test_relation_requests_reach_only_what_the_operator_mapped(ctx, backend, tes
         remote_app_name=APP + "-b",
         relation_id=46,
     )
-    state = testing.State(config=config, leader=True, relations={relation, other})
+    state = testing.State(config=config, leader=True, relations={relation, other}, model=MODEL)
     out = ctx.run(ctx.on.relation_changed(other), state)
     (dup,) = vm_lib.answers_from(out.get_relation(46))
     assert dup.state == "failed"
@@ -146,10 +147,12 @@ def test_relation_requests_reach_only_what_the_operator_mapped(ctx, backend, tes
 
     # Listed by the operator: the named bridge and the unmapped subnet are served.
     allowed = {**config, "allowed-host-interfaces": brb}
-    state = testing.State(config=allowed, leader=True, relations={relation})
+    state = testing.State(config=allowed, leader=True, relations={relation}, model=MODEL)
     out = ctx.run(ctx.on.relation_changed(relation), state)
     answers = {a.id: a for a in vm_lib.answers_from(out.get_relation(45))}
-    assert {i: a.state for i, a in answers.items()} == dict.fromkeys(answers, "running")
+    assert {i: (a.state, a.error) for i, a in answers.items()} == dict.fromkeys(
+        answers, ("running", None)
+    )
     ctx.run(ctx.on.relation_broken(relation), state)
     assert not {n for n in _names(backend) if n.startswith(f"{APP}-45-")}
 
