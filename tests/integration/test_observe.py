@@ -103,6 +103,19 @@ def _wait_vms(prometheus: Prometheus, backend: LibvirtBackend) -> None:
     time.sleep(2.5)  # a full interval more, so every series is from the new reading
 
 
+def _matches_show_resources(prometheus: Prometheus, data: dict, timeout: float = 30) -> None:
+    """Check Prometheus against show-resources until it holds (scrapes lag behind a change)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _check_against_show_resources(prometheus, data)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _check_against_show_resources(prometheus: Prometheus, data: dict) -> None:
     for node in data["nodes"]:
         n = node["id"]
@@ -141,13 +154,13 @@ def test_prometheus_values_follow_compose_and_delete(
     running, prometheus = observed
     _wait_vms(prometheus, backend)
     before = _show_resources(backend)
-    _check_against_show_resources(prometheus, before)
+    _matches_show_resources(prometheus, before)
 
     _compose(backend, test_pool, "vmhost-test-obs-pinned", pinned_count=1)
     _compose(backend, test_pool, "vmhost-test-obs-shared")
     _wait_vms(prometheus, backend)
     during = _show_resources(backend)
-    _check_against_show_resources(prometheus, during)
+    _matches_show_resources(prometheus, during)
     assert sum(len(n["cpus"]["pinned"]) for n in during["nodes"]) == (
         sum(len(n["cpus"]["pinned"]) for n in before["nodes"]) + 1
     )
@@ -170,7 +183,7 @@ def test_prometheus_values_follow_compose_and_delete(
     backend.delete("vmhost-test-obs-pinned")
     _wait_vms(prometheus, backend)
     after = _show_resources(backend)
-    _check_against_show_resources(prometheus, after)
+    _matches_show_resources(prometheus, after)
     assert not prometheus.query('vmhost_vm_vcpus{vm="vmhost-test-obs-pinned"}')
     assert "VmHostStoragePoolFull" in prometheus.rules_loaded()
     assert "Traceback" not in running.log()
