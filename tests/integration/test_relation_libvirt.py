@@ -186,7 +186,8 @@ def test_remove_unit_leaves_the_vm_and_its_disks_on_the_real_host(
     unit = testing.Context(charm.VmHostCharm, unit_id=1)
     state = testing.State(config=config, leader=True, relations={relation}, model=MODEL)
     out = unit.run(unit.on.relation_changed(relation), state)
-    print("ANSWER", vm_lib.answers_from(out.get_relation(43)))
+    (answer,) = vm_lib.answers_from(out.get_relation(43))
+    assert answer.state == "running", answer.error
     name = f"{APP}-43-db-0"
     assert name in _names(backend)
     volumes = _volumes(backend, test_pool, name)

@@ -11,6 +11,7 @@ from ops import testing
 import charms.vm_host.v0.vm_host_access as access_lib
 from credentials import ed25519_public_key
 from vmhost import access, host
+from vmhost.model import Placement, VmRecord, VmState
 
 pytestmark = pytest.mark.usefixtures("fake_access")
 
@@ -446,7 +447,11 @@ def test_config_the_host_contradicts_blocks_before_anything_is_written(
     assert not [c for c in fake_host.calls if c.startswith("hugepages:")]
     assert not [c for c in backend.calls if c.startswith(("compose", "delete", "recover"))]
     # An action does not unblock it: status is computed from config and host each time.
-    ctx.run(ctx.on.action("list-vms"), testing.State(config=config))
+    after = ctx.run(
+        ctx.on.action("list-vms"), testing.State(config=config, unit_status=out.unit_status)
+    )
+    assert isinstance(after.unit_status, testing.BlockedStatus)
+    assert phrase in after.unit_status.message
     again = ctx.run(ctx.on.update_status(), testing.State(config=config))
     assert phrase in again.unit_status.message
 
@@ -456,3 +461,20 @@ def test_the_status_line_warns_when_guests_run_under_tcg(ctx, backend, fake_host
     out = ctx.run(ctx.on.update_status(), testing.State(leader=True))
     assert out.unit_status.name == "active"
     assert "(qemu: TCG emulation, no hardware virtualisation" in out.unit_status.message
+
+
+def test_list_vms_lists_an_unreadable_domain_by_name_with_the_reason(ctx, backend) -> None:
+    backend.vms["forged"] = VmRecord(
+        "forged",
+        "u-1",
+        VmState.RUNNING,
+        Placement(vcpus=1, memory_mib=64),
+        managed=False,
+        problem="its vm-host metadata is unreadable (vcpus='two')",
+    )
+    ctx.run(ctx.on.action("list-vms"), testing.State(leader=True))
+    (listed,) = json.loads(ctx.action_results["json"])  # type: ignore[index]
+    assert listed["name"] == "forged"
+    assert listed["managed"] is False
+    assert "vcpus='two'" in listed["problem"]
+    assert "(not vm-host)" in ctx.action_results["table"]  # type: ignore[index]

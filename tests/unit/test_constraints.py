@@ -781,7 +781,7 @@ REQUEST_FIELDS = {
 }
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(
     st.fixed_dictionaries(
         {},

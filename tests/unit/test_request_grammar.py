@@ -38,6 +38,9 @@ def test_the_library_and_the_workload_share_one_set_of_limits():
     assert lib.MAX_MEMORY_MIB == constraints.MAX_MEMORY_MIB
     assert lib.MAX_NUMA_NODES == constraints.MAX_NUMA_NODES
     assert lib.MAX_SSH_KEYS == constraints.MAX_SSH_KEYS
+    assert lib.MAX_DISKS == constraints.MAX_DISKS
+    assert lib.MAX_INTERFACES == constraints.MAX_INTERFACES
+    assert lib.MAX_TAGS == constraints.MAX_TAGS
     assert lib._MAX_DISK_GB == constraints.MAX_DISK_GB  # pyright: ignore[reportPrivateUsage]
 
 
@@ -93,7 +96,7 @@ requests = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
 @given(requests)
 def test_every_accepted_request_builds_a_spec_or_fails_naming_a_field(request: dict[str, Any]):
     valid, invalid = lib.parse_requests({"version": '"0"', "requests": json.dumps([request])})

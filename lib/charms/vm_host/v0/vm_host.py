@@ -249,6 +249,9 @@ MAX_MEMORY_MIB = 1 << 24
 """Memory bounds of one VM in MiB (16 TiB at most)."""
 MAX_NUMA_NODES = 64
 MAX_SSH_KEYS = 100
+MAX_DISKS = 64
+MAX_INTERFACES = 32
+MAX_TAGS = 64
 _HOST_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_./-]{0,252}$"
 _SSH_KEY_RE = r"^[a-z0-9@.-]+ [A-Za-z0-9+/]+={0,3}( [^\r\n]*)?$"
 _HOSTNAME_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
@@ -521,8 +524,8 @@ class VmRequest(_Model):
         default=None, validation_alias="numa-nodes", serialization_alias="numa-nodes"
     )
     hugepages: Literal["2M", "1G", "any"] | None = None
-    storage: list[StorageRequest] | None = None
-    interfaces: list[InterfaceRequest] | None = None
+    storage: Annotated[list[StorageRequest], Field(max_length=MAX_DISKS)] | None = None
+    interfaces: Annotated[list[InterfaceRequest], Field(max_length=MAX_INTERFACES)] | None = None
     image: Annotated[StrictStr, Field(pattern=r"^\S{1,1024}$")] | None = None
     user_data: StrictStr | None = Field(
         default=None, validation_alias="user-data", serialization_alias="user-data"
@@ -536,9 +539,9 @@ class VmRequest(_Model):
         validation_alias="ssh-public-keys",
         serialization_alias="ssh-public-keys",
     )
-    tags: Annotated[list[Annotated[StrictStr, Field(pattern=_NAME_RE)]], Field(max_length=64)] = (
-        Field(default_factory=list)
-    )
+    tags: Annotated[
+        list[Annotated[StrictStr, Field(pattern=_NAME_RE)]], Field(max_length=MAX_TAGS)
+    ] = Field(default_factory=list)
     host: Annotated[StrictStr, Field(pattern=_HOST_RE)] | None = None
     hostname: Annotated[StrictStr, Field(pattern=_HOSTNAME_RE, max_length=253)] | None = None
     """The guest's hostname or FQDN (LIBPATCH 3); without it, the VM's name."""
