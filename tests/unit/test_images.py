@@ -268,6 +268,7 @@ def test_local_qcow2_with_data_file_or_encryption_is_refused(tmp_path: Path) -> 
         images.flatten_local(data, "qcow2", tmp_path / "out", "local:d")
     enc = tmp_path / "e.qcow2"
     luks = ["--object", "secret,id=s0,data=x", "-o", "encrypt.format=luks,encrypt.key-secret=s0"]
+    made = None
     for _ in range(5):  # qemu-img's PBKDF benchmark fails now and then on a busy machine
         made = subprocess.run(
             [images.QEMU_IMG, "create", "-q", "-f", "qcow2", *luks, str(enc), "16M"],
@@ -277,6 +278,7 @@ def test_local_qcow2_with_data_file_or_encryption_is_refused(tmp_path: Path) -> 
         )
         if made.returncode == 0 or "accurate CPU usage" not in made.stderr:
             break
+    assert made is not None
     assert made.returncode == 0, made.stderr
     with pytest.raises(ImageFetchError, match="encrypted"):
         images.flatten_local(enc, "qcow2", tmp_path / "out", "local:e")
