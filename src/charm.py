@@ -8,14 +8,12 @@ the ledger: allocations are read back from it on every hook, nothing is kept in 
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import json
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TypeVar
 
 import ops
 import pydantic
@@ -24,9 +22,8 @@ from charms.vm_host.v0.vm_host import VmHostProvider
 from charms.vm_host.v0.vm_host_access import AccessInfo, VmHostAccessProvider
 from vmhost import (
     access,
-    addresses,
+    actions,
     compose,
-    constraints,
     cos_agent,
     exporter,
     health,
@@ -37,55 +34,36 @@ from vmhost import (
     report,
     settings,
 )
+from vmhost.actions import Snapshot
 from vmhost.backends import Backend, BackendUnavailableError, factory
 from vmhost.backends.factory import make_trust
 from vmhost.config import (
     CharmConfig,
-    ComposeParams,
-    ConsoleLogParams,
     KeyParams,
-    ListVmsParams,
     NameParams,
-    PowerParams,
     ReassignParams,
     RevokeParams,
-    StopParams,
-    SyncImagesParams,
     TrustParams,
     parse_networks,
     pydantic_message,
-    split_names,
 )
-from vmhost.images import ImageFetchError
-from vmhost.model import (
-    HostTopology,
-    InvalidRequestError,
-    Placement,
-    VmHostError,
-    VmRecord,
-)
+from vmhost.model import InvalidRequestError, VmHostError
 from vmhost.relation import fleet, journal, keys, serve
-
-if TYPE_CHECKING:
-    from vmhost.lxd_trust import LxdTrust
 
 logger = logging.getLogger(__name__)
 
+_P = TypeVar("_P", bound=pydantic.BaseModel)
+ACCESS_ACTIONS = (
+    "list-access",
+    "authorize-ssh-key",
+    "revoke-ssh-key",
+    "add-trusted-client",
+    "remove-trusted-client",
+    "get-trust-token",
+)
+
 CHARM_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = CHARM_DIR / "templates"
-
-
-class _Snapshot:
-    """What the hypervisor says right now; read once per hook, refreshed after changes."""
-
-    def __init__(self, backend: Backend):
-        self.version = backend.version()
-        self.topology: HostTopology = backend.topology()
-        self.vms: list[VmRecord] = backend.list_vms()
-
-    @property
-    def allocations(self) -> list[Placement]:
-        return [vm.placement for vm in self.vms]
 
 
 def make_backend(config: CharmConfig) -> Backend:
@@ -106,7 +84,7 @@ class VmHostCharm(ops.CharmBase):
         self._config: CharmConfig | None = None
         self._config_error = ""
         self._backend_error = ""
-        self._snapshot_cache: _Snapshot | None = None
+        self._snapshot_cache: Snapshot | None = None
         self._backend_cache: Backend | None = None
         self.access = VmHostAccessProvider(self, relation_name="access")
         self.vms = VmHostProvider(self, relation_name="vms")
@@ -132,22 +110,10 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(self.on.hosts_relation_departed, self._on_departed)
         framework.observe(self.on.collect_unit_status, self._on_collect_status)
         framework.observe(self.on.remove, self._on_remove)
-        framework.observe(self.on.compose_vm_action, self._on_compose_vm)
-        framework.observe(self.on.delete_vm_action, self._on_delete_vm)
-        framework.observe(self.on.list_vms_action, self._on_list_vms)
-        framework.observe(self.on.sync_images_action, self._on_sync_images)
-        framework.observe(self.on.list_images_action, self._on_list_images)
-        framework.observe(self.on.console_log_action, self._on_console_log)
-        framework.observe(self.on.show_resources_action, self._on_show_resources)
-        framework.observe(self.on.authorize_ssh_key_action, self._on_authorize_ssh_key)
-        framework.observe(self.on.revoke_ssh_key_action, self._on_revoke_ssh_key)
-        framework.observe(self.on.add_trusted_client_action, self._on_add_trusted_client)
-        framework.observe(self.on.remove_trusted_client_action, self._on_remove_trusted_client)
-        framework.observe(self.on.get_trust_token_action, self._on_get_trust_token)
-        framework.observe(self.on.start_vm_action, self._on_start_vm)
-        framework.observe(self.on.stop_vm_action, self._on_stop_vm)
-        framework.observe(self.on.restart_vm_action, self._on_restart_vm)
-        framework.observe(self.on.list_access_action, self._on_list_access)
+        for name in actions.HOST_ACTIONS:
+            framework.observe(self.on[name].action, self._on_host_action)
+        for name in ACCESS_ACTIONS:
+            framework.observe(self.on[name].action, self._on_access_action)
         framework.observe(self.on.reassign_vm_action, self._on_reassign_vm)
 
     # ----------------------------------------------------------------------------------------
@@ -182,11 +148,11 @@ class VmHostCharm(ops.CharmBase):
             self._backend_cache = make_backend(config)
         return self._backend_cache
 
-    def _snapshot(self, config: CharmConfig, *, refresh: bool = False) -> _Snapshot | None:
+    def _snapshot(self, config: CharmConfig, *, refresh: bool = False) -> Snapshot | None:
         """Read the hypervisor, once per hook unless something changed it."""
         if self._snapshot_cache is None or refresh:
             try:
-                self._snapshot_cache = _Snapshot(self._backend(config))
+                self._snapshot_cache = Snapshot(self._backend(config))
                 self._backend_error = ""
             except BackendUnavailableError as exc:
                 self._snapshot_cache = None
@@ -206,7 +172,7 @@ class VmHostCharm(ops.CharmBase):
     def _host_state(
         self,
         config: CharmConfig,
-        snapshot: _Snapshot,
+        snapshot: Snapshot,
         peer_macs: frozenset[str] | None = None,
     ) -> compose.HostState:
         """What composing needs: the host as read now, the config, the fleet's MACs."""
@@ -273,7 +239,7 @@ class VmHostCharm(ops.CharmBase):
         )
 
     @staticmethod
-    def _contradictions(config: CharmConfig, snapshot: _Snapshot) -> list[str]:
+    def _contradictions(config: CharmConfig, snapshot: Snapshot) -> list[str]:
         """Options this host contradicts (nothing they drive is written while one stands)."""
         return health.config_host_problems(
             policy=config.policy,
@@ -283,7 +249,7 @@ class VmHostCharm(ops.CharmBase):
         )
 
     def _reconcile_hypervisor(
-        self, config: CharmConfig, snapshot: _Snapshot, *, update_status: bool
+        self, config: CharmConfig, snapshot: Snapshot, *, update_status: bool
     ) -> None:
         """Pools, project, what killed composes left, the relation's VMs, crashed VMs."""
         backend = self._backend(config)
@@ -399,7 +365,7 @@ class VmHostCharm(ops.CharmBase):
     def _reconcile_vms(
         self,
         config: CharmConfig,
-        snapshot: _Snapshot,
+        snapshot: Snapshot,
         reassign: frozenset[keys.RequestKey] = frozenset(),
     ) -> fleet.Decision | None:
         """Compose what related apps request here, delete what they withdrew, answer all.
@@ -471,7 +437,7 @@ class VmHostCharm(ops.CharmBase):
     def _lead(
         self,
         config: CharmConfig,
-        snapshot: _Snapshot,
+        snapshot: Snapshot,
         requests: list[serve.RelationRequest],
         reassign: frozenset[keys.RequestKey] = frozenset(),
     ) -> fleet.Decision:
@@ -636,9 +602,9 @@ class VmHostCharm(ops.CharmBase):
         event.add_status(ops.ActiveStatus(line))
 
     # ----------------------------------------------------------------------------------------
-    # Actions
+    # Actions: parameters and inputs in, vmhost.actions decides, results or a failure out
 
-    def _action_inputs(self, event: ops.ActionEvent) -> tuple[CharmConfig, _Snapshot] | None:
+    def _action_inputs(self, event: ops.ActionEvent) -> tuple[CharmConfig, Snapshot] | None:
         config = self._load_config()
         if config is None:
             event.fail(f"invalid config, nothing done: {self._config_error}")
@@ -653,144 +619,50 @@ class VmHostCharm(ops.CharmBase):
             return None
         return config, snapshot
 
-    def _on_compose_vm(self, event: ops.ActionEvent) -> None:
+    def _params(self, event: ops.ActionEvent, model: type[_P]) -> _P | None:
         try:
-            params = event.load_params(ComposeParams)
+            return event.load_params(model)
         except pydantic.ValidationError as exc:
             event.fail(f"bad parameters, nothing done: {pydantic_message(exc)}")
+            return None
+
+    def _context(
+        self, event: ops.ActionEvent, config: CharmConfig, snapshot: Snapshot
+    ) -> actions.Context:
+        return actions.Context(
+            config=config,
+            backend=self._backend(config),
+            snapshot=snapshot,
+            refresh=lambda: self._snapshot(config, refresh=True),
+            host_state=lambda now: self._host_state(config, now),
+            scope=self._scope,
+            log=event.log,
+        )
+
+    def _on_host_action(self, event: ops.ActionEvent) -> None:
+        """An action on the hypervisor (vmhost.actions.HOST_ACTIONS)."""
+        model, run = actions.HOST_ACTIONS[
+            event.handle.kind.removesuffix("_action").replace("_", "-")
+        ]
+        params = None if model is None else self._params(event, model)
+        if model is not None and params is None:
             return
         inputs = self._action_inputs(event)
         if inputs is None:
             return
-        config, snapshot = inputs
-        try:
-            spec = constraints.build_spec(
-                name=params.name,
-                cores=params.cores,
-                memory_mib=params.memory,
-                pinned_cores=params.pinned_cores,
-                numa_nodes=params.numa_nodes,
-                hugepages=params.hugepages,
-                storage=params.storage,
-                interfaces=params.interfaces,
-                image=params.image,
-                user_data=params.user_data,
-                ssh_public_keys=params.ssh_public_keys,
-                hostname=params.hostname,
-                tags=params.tags,
-                owner=keys.ACTION_OWNER,
-                default_root_gb=config.default_root_disk_size,
-                default_image=self._default_image(config),
-            )
-        except InvalidRequestError as exc:
-            event.fail(f"bad request, nothing done: {exc}")
-            return
-        recovered: list[str] = []
-        if not params.dry_run:
-            recovered, snapshot = self._recover(event, config, snapshot)
-        backend = self._backend(config)
-
-        def fetch(name: str) -> None:
-            # The action may wait: it fetches in the foreground, its progress in the log.
-            try:
-                backend.prepare_image(name, config.image_settings, wait=True, log=event.log)
-            except ImageFetchError as exc:
-                raise VmHostError(imagecache.failure_text(name, exc)) from exc
-
-        outcome = compose.compose(
-            self._backend(config),
-            spec,
-            self._host_state(config, snapshot),
-            dry_run=params.dry_run,
-            progress=event.log,
-            prepare_image=fetch,
-        )
-        if outcome.vm is not None or outcome.failed:
-            self._snapshot(config, refresh=True)
-        if outcome.vm is not None:
-            (vm,) = addresses.refresh(self._backend(config), [outcome.vm])
-            outcome = dataclasses.replace(outcome, vm=vm)
-        self._answer_compose(event, outcome, recovered)
+        self._finish(event, lambda: run(self._context(event, *inputs), params))
 
     @staticmethod
-    def _answer_compose(
-        event: ops.ActionEvent, outcome: compose.Outcome, recovered: list[str]
-    ) -> None:
-        spec = outcome.spec
-        if outcome.refused:
-            event.fail(f"bad request, nothing done: {outcome.refused}")
-        elif outcome.rejected:
-            event.fail(f"cannot place {spec.name}, nothing done: {outcome.rejected}")
-        elif outcome.failed:
-            event.fail(outcome.error or "compose failed")
-        elif outcome.unavailable:
-            event.fail(f"image not available, nothing done: {outcome.unavailable}")
-        elif outcome.vm is not None:
-            logger.info("composed %s (%s)", outcome.vm.name, outcome.vm.uuid)
-            results = report.vm_result(outcome.vm)
-            if recovered:
-                results["recovered"] = "; ".join(recovered)
-            event.set_results(results)
-        elif outcome.placement is not None:
-            event.set_results(
-                {"dry-run": True, "placement": report.placement_json(outcome.placement)}
-            )
-
-    def _recover(
-        self, event: ops.ActionEvent, config: CharmConfig, snapshot: _Snapshot
-    ) -> tuple[list[str], _Snapshot]:
-        """Remove what killed composes left before composing, telling the operator."""
-        recovered = self._backend(config).recover()
-        for message in recovered:
-            event.log(message)
-        if recovered:
-            snapshot = self._snapshot(config, refresh=True) or snapshot
-        return recovered, snapshot
-
-    def _on_delete_vm(self, event: ops.ActionEvent) -> None:
+    def _finish(event: ops.ActionEvent, run: Callable[[], actions.Results]) -> None:
         try:
-            params = event.load_params(NameParams)
-            name = constraints.validate_name(params.name)
-        except (pydantic.ValidationError, InvalidRequestError) as exc:
-            message = (
-                pydantic_message(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
-            )
-            event.fail(f"bad parameters, nothing done: {message}")
-            return
-        inputs = self._action_inputs(event)
-        if inputs is None:
-            return
-        config, snapshot = inputs
-        scope = self._scope
-
-        def released_here(owner: str) -> bool:
-            parsed = keys.read_owner(owner)
-            return parsed is not None and parsed.released and parsed.scope == scope
-
-        vm = compose.deletable(snapshot.vms, name, owner=keys.ACTION_OWNER, released=released_here)
-        if isinstance(vm, str):
-            event.fail(vm)
-            return
-        try:
-            deleted = self._backend(config).delete(name)
-        except VmHostError as exc:
-            event.fail(f"delete failed: {exc}")
-            return
-        finally:
-            self._snapshot(config, refresh=True)
-        logger.info("deleted %s", name)
-        results = {"deleted": name, "volumes": ", ".join(deleted)}
-        kept = [ref for ref in vm.volumes if ref not in deleted]
-        if kept:
-            results["kept-volumes"] = ", ".join(kept)
-        event.set_results(results)
+            event.set_results(run())
+        except actions.ActionError as exc:
+            event.fail(str(exc))
 
     def _on_reassign_vm(self, event: ops.ActionEvent) -> None:
         """Place anew a request whose VM went with a unit that left (leader only)."""
-        try:
-            params = event.load_params(ReassignParams)
-        except pydantic.ValidationError as exc:
-            event.fail(f"bad parameters, nothing done: {pydantic_message(exc)}")
+        params = self._params(event, ReassignParams)
+        if params is None:
             return
         if not self.unit.is_leader():
             event.fail("run reassign-vm on the vm-host leader unit (juju run vm-host/leader ...)")
@@ -798,31 +670,14 @@ class VmHostCharm(ops.CharmBase):
         inputs = self._action_inputs(event)
         if inputs is None:
             return
-        config, snapshot = inputs
         peer = self.model.get_relation("hosts")
-        current, _ = fleet.assignment_from_json(
-            peer.data[self.app].get("assignment") if peer is not None else None
-        )
-        matches = sorted(
-            k
-            for k in current.left
-            if k.app == params.app
-            and k.request_id == params.id
-            and params.relation_id in (None, k.relation_id)
-        )
-        if not matches:
-            lost = ", ".join(f"app={k.app} id={k.request_id}" for k in sorted(current.left))
-            event.fail(
-                f"no request of {params.app} with id {params.id!r} lost its host; requests "
-                f"whose host left: {lost or 'none'}"
-            )
+        text = peer.data[self.app].get("assignment") if peer is not None else None
+        try:
+            key = actions.left_request(text, params)
+        except actions.ActionError as exc:
+            event.fail(str(exc))
             return
-        if len(matches) > 1:
-            ids = ", ".join(str(k.relation_id) for k in matches)
-            event.fail(f"{params.app} has {params.id!r} on relations {ids}; give relation-id")
-            return
-        key = matches[0]
-        decision = self._reconcile_vms(config, snapshot, reassign=frozenset({key}))
+        decision = self._reconcile_vms(*inputs, reassign=frozenset({key}))
         if decision is None:
             event.fail("this unit is leaving; run reassign-vm on the new leader")
             return
@@ -834,277 +689,38 @@ class VmHostCharm(ops.CharmBase):
         logger.info("reassigned %s to %s after its host left", key, unit)
         event.set_results({"app": key.app, "id": key.request_id, "unit": unit})
 
-    def _on_sync_images(self, event: ops.ActionEvent) -> None:
-        """Fetch or refresh images now (the named ones, else default-image and images)."""
-        params = event.load_params(SyncImagesParams, errors="fail")
-        inputs = self._action_inputs(event)
-        if inputs is None:
-            return
-        config, _ = inputs
-        backend = self._backend(config)
-        store = backend.image_store()
-        wanted = split_names(params.names) or [
-            n for n in (config.default_image, *config.kept_images) if n
-        ]
-        if store is None:  # LXD: its own store, filled by LXD's pull
-            failed = imagecache.sync_elsewhere(backend, config.image_settings, wanted, event.log)
-            if failed:
-                event.fail("; ".join(failed))
-            else:
-                event.set_results({"synced": ", ".join(wanted) or "nothing"})
-            return
-        synced, failed = imagecache.sync(store, config.image_settings, wanted, log=event.log)
-        if failed:
-            event.fail("; ".join(failed))
-            return
-        listed = imagecache.listing(store)
-        event.set_results(
-            {
-                "synced": ", ".join(f"{b.name} {b.version}" for b in synced) or "nothing",
-                "table": imagecache.listing_table(listed),
-            }
-        )
-
-    def _on_list_images(self, event: ops.ActionEvent) -> None:
-        inputs = self._action_inputs(event)
-        if inputs is None:
-            return
-        config, _ = inputs
-        store = self._backend(config).image_store()
-        listed = imagecache.listing(store) if store is not None else []
-        event.set_results(
-            {
-                "table": imagecache.listing_table(listed),
-                "json": json.dumps(listed, sort_keys=True),
-            }
-        )
-
-    def _on_list_vms(self, event: ops.ActionEvent) -> None:
-        try:
-            params = event.load_params(ListVmsParams)
-        except pydantic.ValidationError as exc:
-            event.fail(f"bad parameters: {pydantic_message(exc)}")
-            return
-        inputs = self._action_inputs(event)
-        if inputs is None:
-            return
-        config, snapshot = inputs
-        chosen = report.select_vms(
-            snapshot.vms, owner=params.owner, tag=params.tag, state=params.state
-        )
-        vms = addresses.refresh(self._backend(config), chosen)
-        event.set_results(
-            {
-                "table": report.vms_table(vms),
-                "json": json.dumps([report.vm_json(vm) for vm in vms], sort_keys=True),
-            }
-        )
-
-    def _on_console_log(self, event: ops.ActionEvent) -> None:
-        """The tail of a VM's serial console log (kept by the host: 0600, rotated)."""
-        try:
-            params = event.load_params(ConsoleLogParams)
-            name = constraints.validate_name(params.name)
-        except (pydantic.ValidationError, InvalidRequestError) as exc:
-            message = (
-                pydantic_message(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
-            )
-            event.fail(f"bad parameters: {message}")
-            return
-        inputs = self._action_inputs(event)
-        if inputs is None:
-            return
-        config, _ = inputs
-        try:
-            text = self._backend(config).console_log(name, params.lines)
-        except VmHostError as exc:
-            event.fail(f"no console log: {exc}")
-            return
-        count = len(text.splitlines())
-        event.set_results({"name": name, "lines": count, "log": text or "(no output yet)"})
-
-    def _on_show_resources(self, event: ops.ActionEvent) -> None:
-        inputs = self._action_inputs(event)
-        if inputs is None:
-            return
-        config, snapshot = inputs
-        data = report.resources_json(snapshot.topology, snapshot.vms, config.policy)
-        event.set_results(
-            {
-                "table": report.resources_table(data),
-                "json": json.dumps(data, sort_keys=True),
-            }
-        )
-
-    def _power_inputs(
-        self, event: ops.ActionEvent, params: PowerParams
-    ) -> tuple[CharmConfig, VmRecord] | None:
-        inputs = self._action_inputs(event)
-        if inputs is None:
-            return None
-        config, snapshot = inputs
-        try:
-            vm = lifecycle.find_vm(snapshot.vms, params.name, params.owner)
-        except InvalidRequestError as exc:
-            event.fail(f"nothing done: {exc}")
-            return None
-        return config, vm
-
-    def _power(self, event: ops.ActionEvent, verb: Literal["start", "stop", "restart"]) -> None:
-        try:
-            params = event.load_params(PowerParams if verb == "start" else StopParams)
-        except pydantic.ValidationError as exc:
-            event.fail(f"bad parameters, nothing done: {pydantic_message(exc)}")
-            return
-        inputs = self._power_inputs(event, params)
-        if inputs is None:
-            return
-        config, vm = inputs
-        backend = self._backend(config)
-        done = True
-        try:
-            if not isinstance(params, StopParams):
-                lifecycle.start(backend, vm, progress=event.log)
-            else:
-                act = lifecycle.stop if verb == "stop" else lifecycle.restart
-                done = act(
-                    backend, vm, timeout_s=params.timeout, force=params.force, progress=event.log
-                )
-        except VmHostError as exc:
-            event.fail(f"{vm.name}: {exc}")
-            return
-        finally:
-            snapshot = self._snapshot(config, refresh=True)
-        if not done and isinstance(params, StopParams):
-            event.fail(
-                f"{vm.name} did not shut down within {params.timeout} s and is still running; "
-                "give a longer timeout, or force=true to power it off"
-            )
-            return
-        now = next((v for v in snapshot.vms if v.name == vm.name), vm) if snapshot else vm
-        logger.info("%s: %s done, now %s", vm.name, verb, now.state.value)
-        event.set_results({"name": vm.name, "state": now.state.value})
-
-    def _on_start_vm(self, event: ops.ActionEvent) -> None:
-        self._power(event, "start")
-
-    def _on_stop_vm(self, event: ops.ActionEvent) -> None:
-        self._power(event, "stop")
-
-    def _on_restart_vm(self, event: ops.ActionEvent) -> None:
-        self._power(event, "restart")
-
-    def _on_list_access(self, event: ops.ActionEvent) -> None:
-        config = self._load_config()
-        if config is None:
-            event.fail(f"invalid config: {self._config_error}")
-            return
-        try:
-            if config.backend == "libvirt":
-                entries = access.describe_keys(access.current_keys(config.libvirt_user))
-            else:
-                entries = make_trust().describe()
-        except VmHostError as exc:
-            event.fail(f"cannot read access: {exc}")
-            return
-        event.set_results(
-            {
-                "backend": config.backend,
-                "table": report.access_table(entries),
-                "json": json.dumps(entries, sort_keys=True),
-            }
-        )
-
-    def _on_authorize_ssh_key(self, event: ops.ActionEvent) -> None:
+    def _on_access_action(self, event: ops.ActionEvent) -> None:
+        """The access actions: SSH keys (libvirt), trusted clients and tokens (LXD)."""
         config = self._load_config()
         if config is None:
             event.fail(f"invalid config, nothing done: {self._config_error}")
             return
-        params = event.load_params(KeyParams, errors="fail")
-        try:
-            user = access.ensure_user(config.libvirt_user, adopt=config.libvirt_user_adopt)
-            key = access.authorize_key(user, params.key, params.name)
-        except (InvalidRequestError, VmHostError) as exc:
-            event.fail(f"key not authorized, nothing changed: {exc}")
+        kind = event.handle.kind.removesuffix("_action")
+        if kind == "list_access":
+            self._finish(event, lambda: actions.list_access(config, make_trust))
             return
-        address = self._access_address() or "<address>"
-        event.set_results(
-            {
-                "name": params.name,
-                "fingerprint": key.fingerprint,
-                "uri": access.libvirt_uri(config.libvirt_user, address),
-            }
-        )
+        if kind in ("authorize_ssh_key", "revoke_ssh_key"):
+            model = KeyParams if kind == "authorize_ssh_key" else RevokeParams
+            params = event.load_params(model, errors="fail")
+            if isinstance(params, KeyParams):
+                address = self._access_address()
+                self._finish(event, lambda: actions.authorize_ssh_key(config, params, address))
+            else:
+                self._finish(event, lambda: actions.revoke_ssh_key(config, params))
+            return
+        params = event.load_params(TrustParams if kind == "add_trusted_client" else NameParams)
+        self._finish(event, lambda: self._trust_action(kind, config, params))
 
-    def _on_revoke_ssh_key(self, event: ops.ActionEvent) -> None:
-        config = self._load_config()
-        if config is None:
-            event.fail(f"invalid config, nothing done: {self._config_error}")
-            return
-        params = event.load_params(RevokeParams, errors="fail")
-        try:
-            removed = access.revoke_key(config.libvirt_user, params.key)
-        except (InvalidRequestError, VmHostError) as exc:
-            event.fail(f"nothing revoked: {exc}")
-            return
-        event.set_results({"revoked": ", ".join(k.fingerprint for k in removed)})
-
-    def _lxd_trust_inputs(self, event: ops.ActionEvent) -> tuple[CharmConfig, LxdTrust] | None:
-        config = self._load_config()
-        if config is None:
-            event.fail(f"invalid config, nothing done: {self._config_error}")
-            return None
-        if config.backend != "lxd":
-            event.fail("LXD trust needs backend=lxd; with libvirt use authorize-ssh-key")
-            return None
-        try:
-            return config, make_trust()
-        except VmHostError as exc:
-            event.fail(f"LXD not reachable: {exc}")
-            return None
-
-    def _on_add_trusted_client(self, event: ops.ActionEvent) -> None:
-        params = event.load_params(TrustParams, errors="fail")
-        inputs = self._lxd_trust_inputs(event)
-        if inputs is None:
-            return
-        config, trust = inputs
-        try:
-            name = trust.trust_action_client(params.name, params.certificate, [config.lxd_project])
-        except (InvalidRequestError, VmHostError) as exc:
-            event.fail(f"certificate not trusted, nothing changed: {exc}")
-            return
-        event.set_results({"name": name, "project": config.lxd_project})
-
-    def _on_remove_trusted_client(self, event: ops.ActionEvent) -> None:
-        params = event.load_params(NameParams, errors="fail")
-        inputs = self._lxd_trust_inputs(event)
-        if inputs is None:
-            return
-        _, trust = inputs
-        try:
-            name = trust.untrust_action_client(params.name)
-        except (InvalidRequestError, VmHostError) as exc:
-            event.fail(f"nothing removed: {exc}")
-            return
-        if name is None:
-            event.fail(f"no trusted client named {params.name!r}")
-            return
-        event.set_results({"removed": name})
-
-    def _on_get_trust_token(self, event: ops.ActionEvent) -> None:
-        params = event.load_params(NameParams, errors="fail")
-        inputs = self._lxd_trust_inputs(event)
-        if inputs is None:
-            return
-        config, trust = inputs
-        try:
-            token = trust.issue_trust_token(params.name, [config.lxd_project])
-        except (InvalidRequestError, VmHostError) as exc:
-            event.fail(f"no token issued: {exc}")
-            return
-        # The token is a secret: it goes to the operator who asked, never to the log.
-        event.set_results({"token": token, "project": config.lxd_project})
+    @staticmethod
+    def _trust_action(
+        kind: str, config: CharmConfig, params: TrustParams | NameParams
+    ) -> actions.Results:
+        trust = actions.trust_for(config, make_trust)
+        if isinstance(params, TrustParams):
+            return actions.add_trusted_client(config, trust, params)
+        if kind == "remove_trusted_client":
+            return actions.remove_trusted_client(trust, params)
+        return actions.get_trust_token(config, trust, params)
 
     # ----------------------------------------------------------------------------------------
     # Removal

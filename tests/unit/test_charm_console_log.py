@@ -38,9 +38,9 @@ def test_before_any_output_it_says_so(ctx, backend):
     ("params", "phrase"),
     [
         ({"name": "nope"}, "no console log: VM 'nope' does not exist"),
-        ({"name": "Bad/Name"}, "bad parameters: name"),
-        ({"name": "web-0", "lines": 0}, "bad parameters: lines"),
-        ({"name": "web-0", "lines": 100001}, "bad parameters: lines"),
+        ({"name": "Bad/Name"}, "bad parameters, nothing done: name"),
+        ({"name": "web-0", "lines": 0}, "bad parameters, nothing done: lines"),
+        ({"name": "web-0", "lines": 100001}, "bad parameters, nothing done: lines"),
     ],
 )
 def test_bad_requests_fail_naming_the_field(ctx, backend, params, phrase):
