@@ -708,7 +708,8 @@ class VmHostCharm(ops.CharmBase):
             else:
                 self._finish(event, lambda: actions.revoke_ssh_key(config, params))
             return
-        params = event.load_params(TrustParams if kind == "add_trusted_client" else NameParams)
+        model = TrustParams if kind == "add_trusted_client" else NameParams
+        params = event.load_params(model, errors="fail")
         self._finish(event, lambda: self._trust_action(kind, config, params))
 
     @staticmethod
