@@ -31,7 +31,6 @@ from vmhost import (
     imagecache,
     lifecycle,
     networks,
-    report,
     settings,
 )
 from vmhost.actions import Snapshot
@@ -216,10 +215,19 @@ class VmHostCharm(ops.CharmBase):
             return
         first_time = isinstance(event, (ops.InstallEvent, ops.UpgradeCharmEvent))
         if config.backend == "libvirt":
-            self._setup_libvirt(config, install=first_time)
+            host.setup_libvirt(
+                (s.size_kib for s in settings.parse_hugepages_setting(config.hugepages)),
+                TEMPLATES_DIR,
+                install=first_time,
+                progress=lambda what: setattr(self.unit, "status", ops.MaintenanceStatus(what)),
+            )
             self._reconcile_access(config)
         else:
-            self._setup_lxd(config, install=first_time)
+            if first_time:
+                self.unit.status = ops.MaintenanceStatus("installing LXD")
+            daemon = host.ensure_lxd(config.lxd_snap_channel, install=first_time)
+            if not daemon.running:
+                logger.warning("%s", daemon.message)
         self._reconcile_observability(config)
         snapshot = self._snapshot(config)
         if snapshot is None:
@@ -401,25 +409,11 @@ class VmHostCharm(ops.CharmBase):
             },
             prepare_image=self._image_in_background(config),
         )
-        for name in result.composed:
-            logger.info("composed %s for a related application", name)
-        for name in result.deleted:
-            logger.info("deleted %s: its request or relation is gone", name)
-        for name in result.released:
-            logger.info(
-                "kept %s after its relation left (release-policy keep); it is now "
-                "released and delete-vm may delete it",
-                name,
-            )
-        if result.orphaned:
-            logger.warning(
-                "relation VMs whose relation this unit did not see removed, left alone: %s",
-                ", ".join(result.orphaned),
-            )
+        result.log()
         for batch in batches:
             if batch.relation is not None:
                 self.vms.publish(batch.relation, result.answers.get(batch.relation_id, []))
-        if result.composed or result.deleted or result.released:
+        if result.changed:
             fresh = self._snapshot(config, refresh=True)
             peer = self.model.get_relation("hosts")
             if fresh is not None and peer is not None:
@@ -473,53 +467,15 @@ class VmHostCharm(ops.CharmBase):
                 peer.data[self.app]["composed"] = decision.composed_text
         return decision
 
-    def _setup_libvirt(self, config: CharmConfig, *, install: bool) -> None:
-        """Install and configure libvirt; restart it only when its config really changed.
-
-        The hugetlbfs mounts libvirt backs huge-page guests from (one per page size) count as
-        its configuration: libvirtd finds them only when it starts.
-        """
-        if install:
-            self.unit.status = ops.MaintenanceStatus("installing libvirt and QEMU")
-            host.install_packages()
-        changed = host.write_if_changed(
-            host.LIBVIRTD_CONF_PATH, host.render_libvirtd_conf(TEMPLATES_DIR), 0o644
-        )
-        sizes = [s.size_kib for s in settings.parse_hugepages_setting(config.hugepages)]
-        try:
-            mounted = host.ensure_hugetlbfs_mounts(sizes)
-        except VmHostError as exc:
-            logger.warning("%s", exc)
-            mounted = []
-        if mounted:
-            logger.info("hugetlbfs mounted for libvirt: %s", ", ".join(mounted))
-        daemon = host.ensure_libvirtd(changed or bool(mounted))
-        if not daemon.running:
-            logger.warning("%s", daemon.message)
-
-    def _setup_lxd(self, config: CharmConfig, *, install: bool) -> None:
-        """Install LXD from the snap where snapd exists, else adopt the running LXD."""
-        if install:
-            self.unit.status = ops.MaintenanceStatus("installing LXD")
-        daemon = host.ensure_lxd(config.lxd_snap_channel, install=install)
-        if not daemon.running:
-            logger.warning("%s", daemon.message)
-
     def _reconcile_access(self, config: CharmConfig) -> None:
-        """Authorize exactly the SSH keys of config and related managers; publish the URI.
-
-        Keys added by the authorize-ssh-key action live in the managed block itself (tagged
-        with their source), so they survive every reconcile without unit state.
-        """
-        try:
-            user = access.ensure_user(config.libvirt_user, adopt=config.libvirt_user_adopt)
-        except (VmHostError, InvalidRequestError) as exc:
-            logger.warning("libvirt-user: %s", exc)
+        """Authorize exactly the SSH keys of config and related managers; publish the URI."""
+        if not access.reconcile(
+            config.libvirt_user,
+            adopt=config.libvirt_user_adopt,
+            config_keys=config.ssh_authorized_keys,
+            clients=self.access.clients,
+        ):
             return
-        if access.ensure_sshd_drop_in(config.libvirt_user):
-            host.reload_sshd()
-        keys = access.wanted_keys(user, config.ssh_authorized_keys, self.access.clients)
-        access.sync_keys(user, keys)
         uri = self._manager_address(config)
         if uri is not None and self.access.relations:
             self.access.sync(
@@ -561,45 +517,15 @@ class VmHostCharm(ops.CharmBase):
                 ops.BlockedStatus(f"invalid config: {self._config_error}; fix with juju config")
             )
             return
-        choice = health.backend_choice_problem(config.backend, host.recorded_backend())
-        if choice:
-            event.add_status(ops.BlockedStatus(choice))
-            return
-        snapshot = self._snapshot(config)
-        if snapshot is None:
-            daemon = "libvirtd" if config.backend == "libvirt" else "LXD"
-            event.add_status(ops.WaitingStatus(f"waiting for {daemon}: {self._backend_error}"))
-            return
-        for problem in self._contradictions(config, snapshot):
-            event.add_status(ops.BlockedStatus(problem))
-        for problem in health.problems(
-            backend=config.backend,
-            libvirt_user=config.libvirt_user,
-            ssh_authorized_keys=config.ssh_authorized_keys,
-            hugepages=config.hugepages,
-            mapping=self._mapping(config),
-            nics=snapshot.topology.nics,
-            trust=make_trust if config.backend == "lxd" else None,
-            libvirt_user_adopt=config.libvirt_user_adopt,
-            default_network=config.default_network,
+        kinds = {"blocked": ops.BlockedStatus, "waiting": ops.WaitingStatus}
+        for kind, message in health.unit_status(
+            config,
+            lambda: self._snapshot(config),
+            self._backend(config),
+            backend_error=self._backend_error,
+            make_trust=make_trust,
         ):
-            event.add_status(ops.BlockedStatus(problem))
-        line = report.status_line(
-            config.backend,
-            snapshot.version,
-            snapshot.topology,
-            snapshot.allocations,
-            config.policy,
-            len(snapshot.vms),
-            self._backend(config).virt_type,
-        )
-        crashed = lifecycle.crash_note(snapshot.vms)
-        if crashed:
-            line = f"{line}; {crashed}"
-        recovered = self._backend(config).recent_recoveries()
-        if recovered:
-            line = f"{line}; {recovered[-1]}"
-        event.add_status(ops.ActiveStatus(line))
+            event.add_status(kinds.get(kind, ops.ActiveStatus)(message))
 
     # ----------------------------------------------------------------------------------------
     # Actions: parameters and inputs in, vmhost.actions decides, results or a failure out

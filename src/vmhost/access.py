@@ -32,7 +32,7 @@ from typing import Protocol
 
 import jinja2
 
-from vmhost import sshkeys
+from vmhost import host, sshkeys
 from vmhost.model import InvalidRequestError, VmHostError
 
 logger = logging.getLogger(__name__)
@@ -815,3 +815,21 @@ def describe_keys(keys: Sequence[AuthorizedKey]) -> list[dict[str, str]]:
             }
         )
     return out
+
+
+def reconcile(name: str, *, adopt: bool, config_keys: str, clients: Iterable[Client]) -> bool:
+    """Authorize exactly the keys of config, of related managers and of actions.
+
+    Keys added by the authorize-ssh-key action live in the managed block itself (tagged with
+    their source), so they survive every reconcile without unit state. Returns False (and
+    logs why) when the access user cannot be had: then nothing is changed.
+    """
+    try:
+        user = ensure_user(name, adopt=adopt)
+    except (VmHostError, InvalidRequestError) as exc:
+        logger.warning("libvirt-user: %s", exc)
+        return False
+    if ensure_sshd_drop_in(name):
+        host.reload_sshd()
+    sync_keys(user, wanted_keys(user, config_keys, clients))
+    return True

@@ -8,16 +8,84 @@ an action included, until the operator or the host changes.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from vmhost import access, host, networks, settings
+from vmhost import access, host, lifecycle, networks, report, settings
 from vmhost.model import HostNic, HostTopology, InvalidRequestError, Policy, VmHostError
 from vmhost.topology import format_cpu_list
 
 if TYPE_CHECKING:
+    from vmhost.actions import Snapshot
+    from vmhost.backends import Backend
+    from vmhost.config import CharmConfig
     from vmhost.lxd_trust import LxdTrust
 
-__all__ = ["backend_choice_problem", "config_host_problems", "problems"]
+__all__ = ["backend_choice_problem", "config_host_problems", "problems", "unit_status"]
+
+Status = tuple[Literal["blocked", "waiting", "active"], str]
+"""One status for collect-status: its kind and message."""
+
+
+def _blocked(problem: str) -> Status:
+    return ("blocked", problem)
+
+
+def unit_status(
+    config: CharmConfig,
+    read: Callable[[], Snapshot | None],
+    backend: Backend,
+    *,
+    backend_error: str = "",
+    make_trust: Callable[[], LxdTrust] | None = None,
+) -> list[Status]:
+    """Every status this unit has now, from its config and the host as read this hook.
+
+    Blocked for what the operator must fix (each with the fix), waiting while the hypervisor
+    cannot be reached, and active with the status line (plus a crash or a recovery to note).
+    `read` reads the host (cached by the charm); it is not called for a backend that cannot
+    run here.
+    """
+    choice = backend_choice_problem(config.backend, host.recorded_backend())
+    if choice:
+        return [("blocked", choice)]
+    snapshot = read()
+    if snapshot is None:
+        daemon = "libvirtd" if config.backend == "libvirt" else "LXD"
+        return [("waiting", f"waiting for {daemon}: {backend_error}")]
+    found: list[Status] = [
+        _blocked(problem)
+        for problem in config_host_problems(
+            policy=config.policy,
+            hugepages=config.hugepages,
+            default_storage_pool=config.default_storage_pool,
+            topology=snapshot.topology,
+        )
+    ]
+    found += [
+        _blocked(problem)
+        for problem in problems(
+            backend=config.backend,
+            libvirt_user=config.libvirt_user,
+            ssh_authorized_keys=config.ssh_authorized_keys,
+            hugepages=config.hugepages,
+            mapping=networks.parse_networks_config(config.networks),
+            nics=snapshot.topology.nics,
+            trust=make_trust if config.backend == "lxd" else None,
+            libvirt_user_adopt=config.libvirt_user_adopt,
+            default_network=config.default_network,
+        )
+    ]
+    line = report.status_line(
+        config.backend,
+        snapshot.version,
+        snapshot.topology,
+        snapshot.allocations,
+        config.policy,
+        len(snapshot.vms),
+        backend.virt_type,
+    )
+    notes = [lifecycle.crash_note(snapshot.vms), *backend.recent_recoveries()[-1:]]
+    return [*found, ("active", "; ".join([line, *(n for n in notes if n)]))]
 
 
 def backend_choice_problem(backend: str, recorded: str | None) -> str | None:

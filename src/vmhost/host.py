@@ -511,3 +511,32 @@ def recorded_backend(marker: Path = BACKEND_MARKER) -> str | None:
         return marker.read_text().strip() or None
     except FileNotFoundError:
         return None
+
+
+def setup_libvirt(
+    hugepage_sizes_kib: Iterable[int],
+    templates_dir: Path,
+    *,
+    install: bool,
+    progress: Callable[[str], None] = lambda _: None,
+) -> DaemonState:
+    """Install (on install and upgrade) and configure libvirt; restart only on a change.
+
+    The hugetlbfs mounts libvirt backs huge-page guests from (one per page size) count as its
+    configuration: libvirtd finds them only when it starts.
+    """
+    if install:
+        progress("installing libvirt and QEMU")
+        install_packages()
+    changed = write_if_changed(LIBVIRTD_CONF_PATH, render_libvirtd_conf(templates_dir), 0o644)
+    try:
+        mounted = ensure_hugetlbfs_mounts(list(hugepage_sizes_kib))
+    except VmHostError as exc:
+        logger.warning("%s", exc)
+        mounted = []
+    if mounted:
+        logger.info("hugetlbfs mounted for libvirt: %s", ", ".join(mounted))
+    daemon = ensure_libvirtd(changed or bool(mounted))
+    if not daemon.running:
+        logger.warning("%s", daemon.message)
+    return daemon

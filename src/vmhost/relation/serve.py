@@ -500,6 +500,29 @@ class Round:
     """Relation VMs whose relation is neither live nor seen broken: reported only."""
     failures: dict[RequestKey, str] = field(default_factory=dict)
 
+    @property
+    def changed(self) -> bool:
+        """Whether the round changed the host (its report is then stale)."""
+        return bool(self.composed or self.deleted or self.released)
+
+    def log(self) -> None:
+        """Say in the unit's log what the round changed, and what it left alone."""
+        for name in self.composed:
+            logger.info("composed %s for a related application", name)
+        for name in self.deleted:
+            logger.info("deleted %s: its request or relation is gone", name)
+        for name in self.released:
+            logger.info(
+                "kept %s after its relation left (release-policy keep); it is now "
+                "released and delete-vm may delete it",
+                name,
+            )
+        if self.orphaned:
+            logger.warning(
+                "relation VMs whose relation this unit did not see removed, left alone: %s",
+                ", ".join(self.orphaned),
+            )
+
 
 def serve(
     backend: Backend,
