@@ -276,14 +276,10 @@ class VmHostCharm(ops.CharmBase):
             snapshot = self._snapshot(config) or snapshot
             if lifecycle.revive_crashed(backend, snapshot.vms):
                 self._snapshot(config, refresh=True)
-            self._keep_images(config)
+            imagecache.keep_fresh(backend, config.image_settings, config.kept_images)
 
     # ----------------------------------------------------------------------------------------
     # Images
-
-    @staticmethod
-    def _default_image(config: CharmConfig) -> str:
-        return config.default_image
 
     def _image_in_background(self, config: CharmConfig):
         """prepare_image for hooks: never waits; a missing image is fetched apart."""
@@ -294,23 +290,6 @@ class VmHostCharm(ops.CharmBase):
             return backend.prepare_image(name, image_settings, wait=False)
 
         return prepare
-
-    def _keep_images(self, config: CharmConfig) -> None:
-        """Keep the images of option `images` fetched and current (in the background)."""
-        backend = self._backend(config)
-        store = backend.image_store()
-        for name in config.kept_images:
-            try:
-                how = (
-                    imagecache.refresh_in_background(store, config.image_settings, name)
-                    if store is not None
-                    else backend.prepare_image(name, config.image_settings, wait=False)
-                )
-            except VmHostError as exc:
-                logger.warning("images: %s: %s", name, exc)
-                continue
-            if how:
-                logger.info("images: refreshing %s (%s)", name, how)
 
     def _reconcile_observability(self, config: CharmConfig) -> None:
         """Keep the exporter running with the current options; publish what COS reads."""
@@ -366,7 +345,7 @@ class VmHostCharm(ops.CharmBase):
                 [(bad.id, bad.reason) for bad in batch.invalid],
                 default_root_gb=config.default_root_disk_size,
                 scope=self._scope,
-                default_image=self._default_image(config),
+                default_image=config.default_image,
             )
         ]
 
@@ -663,9 +642,7 @@ class VmHostCharm(ops.CharmBase):
         if config is None:
             return
         if config.backend == "libvirt":
-            access.remove_access(config.libvirt_user)
-            if access.remove_sshd_drop_in():
-                host.reload_sshd()
+            access.remove_all(config.libvirt_user)
         else:
             try:
                 removed = make_trust().remove_managed()

@@ -833,3 +833,10 @@ def reconcile(name: str, *, adopt: bool, config_keys: str, clients: Iterable[Cli
         host.reload_sshd()
     sync_keys(user, wanted_keys(user, config_keys, clients))
     return True
+
+
+def remove_all(user: str) -> None:
+    """On unit removal: the access user's managed keys and the sshd drop-in go."""
+    remove_access(user)
+    if remove_sshd_drop_in():
+        host.reload_sshd()

@@ -27,11 +27,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vmhost import images
 from vmhost.images import CachedImage, ImageFetchError, LocalImage, Source, StreamImage
 from vmhost.model import InvalidRequestError, VmHostError
+
+if TYPE_CHECKING:
+    from vmhost.backends import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -585,3 +588,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: nocover
     sys.exit(main())
+
+
+def keep_fresh(backend: Backend, settings: Settings, names: Sequence[str]) -> None:
+    """Keep the images of option `images` fetched and current, in the background (logged)."""
+    store = backend.image_store()
+    for name in names:
+        try:
+            how = (
+                refresh_in_background(store, settings, name)
+                if store is not None
+                else backend.prepare_image(name, settings, wait=False)
+            )
+        except VmHostError as exc:
+            logger.warning("images: %s: %s", name, exc)
+            continue
+        if how:
+            logger.info("images: refreshing %s (%s)", name, how)
