@@ -553,6 +553,23 @@ def _say(text: str) -> None:
     print(text, flush=True)  # the worker's log (journal or <state-dir>/<image>.log)
 
 
+def keep_fresh(backend: Backend, settings: Settings, names: Sequence[str]) -> None:
+    """Keep the images of option `images` fetched and current, in the background (logged)."""
+    store = backend.image_store()
+    for name in names:
+        try:
+            how = (
+                refresh_in_background(store, settings, name)
+                if store is not None
+                else backend.prepare_image(name, settings, wait=False)
+            )
+        except VmHostError as exc:
+            logger.warning("images: %s: %s", name, exc)
+            continue
+        if how:
+            logger.info("images: refreshing %s (%s)", name, how)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m vmhost.imagecache fetch NAME ...`: the background fetch of one image."""
     parser = argparse.ArgumentParser(prog="vmhost.imagecache")
@@ -588,20 +605,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: nocover
     sys.exit(main())
-
-
-def keep_fresh(backend: Backend, settings: Settings, names: Sequence[str]) -> None:
-    """Keep the images of option `images` fetched and current, in the background (logged)."""
-    store = backend.image_store()
-    for name in names:
-        try:
-            how = (
-                refresh_in_background(store, settings, name)
-                if store is not None
-                else backend.prepare_image(name, settings, wait=False)
-            )
-        except VmHostError as exc:
-            logger.warning("images: %s: %s", name, exc)
-            continue
-        if how:
-            logger.info("images: refreshing %s (%s)", name, how)
