@@ -258,6 +258,8 @@ def _nic_to_dict(nic: HostNic) -> dict[str, Any]:
         "vlan-id": nic.vlan_id,
         "parent": nic.parent,
         "master": nic.master,
+        "link": nic.link,
+        "speed-mbps": nic.speed_mbps,
     }
 
 
@@ -280,6 +282,8 @@ def _nic_from_dict(value: object, path: str) -> HostNic:
         vlan_id=_opt_int(d.get("vlan-id"), f"{path}.vlan-id"),
         parent=_opt_str(d.get("parent"), f"{path}.parent"),
         master=_opt_str(d.get("master"), f"{path}.master"),
+        link=_opt_str(d.get("link"), f"{path}.link"),
+        speed_mbps=_opt_int(d.get("speed-mbps"), f"{path}.speed-mbps"),
     )
 
 

@@ -385,7 +385,7 @@ def page_context(
 
 
 def _nics_on(topology: HostTopology, data: dict[str, Any], node: int | None) -> list[dict]:
-    vfs = {n["name"]: n for n in data["nics"]}
+    vfs = {n["name"]: n for n in report.sriov_nics(data)}
     shown = []
     for nic in sorted(topology.nics, key=lambda n: n.name):
         if nic.numa_node != node or nic.kind.value == "vf":

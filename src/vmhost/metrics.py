@@ -255,7 +255,7 @@ def _nic_families(data: dict[str, Any]) -> Iterator[Metric]:
         ["nic", "node", "state"],
     )
     enabled = _gauge("vmhost_sriov_vfs_enabled", "VFs enabled on the device", ["nic", "node"])
-    for n in data["nics"]:
+    for n in report.sriov_nics(data):
         node = "none" if n["numa-node"] is None else str(n["numa-node"])
         vfs.add_metric([n["name"], node, "used"], float(n["vfs-used"]))
         vfs.add_metric([n["name"], node, "free"], float(n["vfs-free"]))

@@ -114,6 +114,10 @@ class HostNic:
     master: str | None = None
     """Bridge or bond this interface is a port of; kept apart from `parent` because a VLAN
     sub-interface can have both a lower device and a master bridge."""
+    link: str | None = None
+    """The kernel's operstate ("up", "down", "lowerlayerdown", "unknown"); None when unread."""
+    speed_mbps: int | None = None
+    """Link speed in Mbit/s; None when the driver does not say (no link, virtual devices)."""
 
 
 @dataclass(frozen=True)

@@ -233,6 +233,12 @@ def _proc_vlan(proc_root: Path, name: str) -> tuple[int | None, str | None]:
     return (int(vid.group(1)) if vid else None, device.group(1) if device else None)
 
 
+def _speed_mbps(path: Path) -> int | None:
+    # Reading `speed` fails with EINVAL on a link that is down or has no PHY; -1 means unknown.
+    speed = _read_int(path / "speed")
+    return speed if speed is not None and speed > 0 else None
+
+
 def _lower_from_sysfs(path: Path) -> str | None:
     lowers = sorted(p.name[len("lower_") :] for p in path.glob("lower_*"))
     return lowers[0] if len(lowers) == 1 else None
@@ -267,7 +273,8 @@ def discover_nics(
 ) -> tuple[HostNic, ...]:
     """Describe the host's network interfaces from the kernel, sorted by name.
 
-    Reads `<sysfs_root>/class/net/*` (kind, MAC, NUMA node, SR-IOV counts, master, PF) and
+    Reads `<sysfs_root>/class/net/*` (kind, MAC, NUMA node, SR-IOV counts, master, PF,
+    operstate, speed) and
     `<proc_root>/net/vlan/*` (VLAN id and lower device). Loopback is skipped. Nothing is
     changed on the host.
 
@@ -328,6 +335,8 @@ def discover_nics(
                 vlan_id=vlan_id,
                 parent=parent,
                 master=master,
+                link=_read_text(path / "operstate") or None,
+                speed_mbps=_speed_mbps(path),
             )
         )
     return tuple(nics)
@@ -737,6 +746,70 @@ def _interface(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface |
         return ipaddress.ip_interface(text)
     except ValueError:
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# NUMA locality of host devices (show-resources, list-vms)
+
+_LISTED_KINDS = (NicKind.PHYSICAL, NicKind.BOND)
+
+
+def listed_nics(nics: Sequence[HostNic]) -> list[HostNic]:
+    """The host NICs show-resources lists: physical NICs, bonds and the ports of bridges.
+
+    VFs are counted on their PF, and virtual links (guest taps, veths) have no hardware and
+    no NUMA node, so neither gets a row of its own; a VLAN that is a bridge's port does.
+    """
+    host = _Host(nics)
+    shown = []
+    for nic in sorted(nics, key=lambda n: n.name):
+        master = host.get(host.master_of(nic.name) or "")
+        bridge_port = master is not None and master.kind is NicKind.BRIDGE
+        if nic.kind in _LISTED_KINDS or (bridge_port and nic.kind is NicKind.VLAN):
+            shown.append(nic)
+    return shown
+
+
+def device_nodes(nics: Sequence[HostNic], name: str) -> tuple[int, ...]:
+    """The NUMA nodes of the hardware carrying a host device's traffic, sorted.
+
+    A PCI NIC or VF has its own node; a bridge or bond is where its ports' hardware is, a VLAN
+    where its lower device is. A device with no hardware below it (a bridge of veths, a tap)
+    or whose firmware names no node has none: an empty tuple.
+    """
+    host = _Host(nics)
+    nodes: set[int] = set()
+    queue, seen = [name], set[str]()
+    while queue and len(seen) < 64:
+        current = queue.pop(0)
+        if current in seen:
+            continue
+        seen.add(current)
+        nic = host.get(current)
+        if nic is None:
+            continue
+        if nic.numa_node is not None:
+            nodes.add(nic.numa_node)
+        elif nic.kind is NicKind.VLAN and nic.parent:
+            queue.append(nic.parent)
+        elif nic.kind in (NicKind.BRIDGE, NicKind.BOND):
+            queue.extend(host.ports(current))
+    return tuple(sorted(nodes))
+
+
+def ports_of(nics: Sequence[HostNic], name: str) -> list[str]:
+    """The ports of a bridge or bond (every interface whose master it is), sorted."""
+    return _Host(nics).ports(name)
+
+
+def host_device(attached_to: str) -> str:
+    """The host interface a VM NIC's recorded attached-to names.
+
+    A bridge, macvtap parent or LXD parent is recorded by name; an SR-IOV VF as
+    "enp59s0f0/vf3 (0000:3b:02.1)", whose device is the PF. Interface names hold neither '/'
+    nor spaces, so the name is what precedes the first of them.
+    """
+    return attached_to.split(" ", 1)[0].split("/", 1)[0]
 
 
 @dataclass

@@ -10,8 +10,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from vmhost.model import HostTopology, Placement, Policy, VmRecord, page_label
-from vmhost.placement import usage
+from vmhost import networks
+from vmhost.model import HostTopology, NicKind, Placement, Policy, VmRecord, page_label
+from vmhost.placement import NicUsage, usage
 from vmhost.settings import HugepageSetting
 from vmhost.topology import format_cpu_list
 
@@ -216,6 +217,38 @@ def _node_vms(vms: Sequence[VmRecord], node: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _nic_rows(topology: HostTopology, sriov: Sequence[NicUsage]) -> list[dict[str, Any]]:
+    """Every physical NIC, bond and bridge port: where its hardware is, its link, its VFs."""
+    vfs = {n.nic: n for n in sriov}
+    rows = []
+    for nic in networks.listed_nics(topology.nics):
+        use = vfs.get(nic.name)
+        rows.append(
+            {
+                "name": nic.name,
+                "kind": nic.kind.value,
+                "numa-node": nic.numa_node,
+                "numa-nodes": list(networks.device_nodes(topology.nics, nic.name)),
+                "link": nic.link,
+                "speed-mbps": nic.speed_mbps,
+                "master": nic.master,
+                "ports": networks.ports_of(topology.nics, nic.name)
+                if nic.kind is NicKind.BOND
+                else [],
+                "vfs-total": nic.sriov_total_vfs,
+                "vfs-enabled": nic.sriov_enabled_vfs,
+                "vfs-used": use.vfs_used if use else 0,
+                "vfs-free": use.vfs_free if use else nic.sriov_enabled_vfs,
+            }
+        )
+    return rows
+
+
+def sriov_nics(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of resources_json's NIC table that have SR-IOV VFs (or VMs holding some)."""
+    return [n for n in data["nics"] if n["vfs-total"] > 0 or n["vfs-used"] > 0]
+
+
 def resources_json(
     topology: HostTopology, vms: Sequence[VmRecord], policy: Policy
 ) -> dict[str, Any]:
@@ -289,17 +322,7 @@ def resources_json(
             "memory-capacity-mib": host_usage.memory_capacity_mib,
             "floating-vms": sorted(vm.name for vm in vms if not vm.placement.cells),
         },
-        "nics": [
-            {
-                "name": n.nic,
-                "numa-node": n.numa_node,
-                "vfs-total": n.vfs_total,
-                "vfs-enabled": n.vfs_enabled,
-                "vfs-used": n.vfs_used,
-                "vfs-free": n.vfs_free,
-            }
-            for n in host_usage.nics
-        ],
+        "nics": _nic_rows(topology, host_usage.nics),
         "pools": [
             {
                 "name": p.name,
@@ -362,6 +385,45 @@ def _vm_rows(data: dict[str, Any]) -> list[tuple[object, ...]]:
     return rows
 
 
+_NIC_HEADERS = (
+    "NIC",
+    "KIND",
+    "NUMA",
+    "LINK",
+    "SPEED",
+    "MASTER",
+    "PORTS",
+    "VFS-ENABLED",
+    "VFS-FREE",
+    "VFS-TOTAL",
+)
+
+
+def _nodes_text(nodes: Sequence[int]) -> str:
+    return ",".join(str(n) for n in nodes) or "-"
+
+
+def _speed_text(mbps: int | None) -> str:
+    if not mbps:
+        return "-"
+    return f"{mbps // 1000}G" if mbps % 1000 == 0 else f"{mbps}M"
+
+
+def _nic_row(nic: dict[str, Any]) -> tuple[object, ...]:
+    return (
+        nic["name"],
+        nic["kind"],
+        _nodes_text(nic["numa-nodes"]),
+        nic["link"] or "-",
+        _speed_text(nic["speed-mbps"]),
+        nic["master"] or "-",
+        ",".join(nic["ports"]) or "-",
+        nic["vfs-enabled"],
+        nic["vfs-free"],
+        nic["vfs-total"],
+    )
+
+
 def resources_table(data: dict[str, Any]) -> str:
     """show-resources as text an operator can read in a terminal."""
     node_rows = []
@@ -416,21 +478,7 @@ def resources_table(data: dict[str, Any]) -> str:
             ),
         ]
     if data["nics"]:
-        parts += [
-            "",
-            _table(
-                ("NIC", "NUMA", "VFS-FREE", "VFS-TOTAL"),
-                [
-                    (
-                        n["name"],
-                        "-" if n["numa-node"] is None else n["numa-node"],
-                        n["vfs-free"],
-                        n["vfs-total"],
-                    )
-                    for n in data["nics"]
-                ],
-            ),
-        ]
+        parts += ["", _table(_NIC_HEADERS, [_nic_row(n) for n in data["nics"]])]
     if data["pools"]:
         parts += [
             "",

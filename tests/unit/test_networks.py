@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fake_sysfs import FakeSys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,10 +31,14 @@ from vmhost.model import (
 )
 from vmhost.networks import (
     NetworkMapping,
+    device_nodes,
     discover_nics,
+    host_device,
+    listed_nics,
     parse_ip_addr_json,
     parse_ip_link_json,
     parse_networks_config,
+    ports_of,
     resolve,
     validate_ifname,
 )
@@ -697,77 +702,6 @@ def test_read_addresses_runs_real_ip():
 # sysfs discovery on fake trees
 
 
-class FakeSys:
-    """A minimal /sys (and /proc) tree with the files discover_nics reads."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.net = root / "sys" / "class" / "net"
-        self.devices = root / "sys" / "devices"
-        self.proc = root / "proc"
-        self.net.mkdir(parents=True)
-        self.devices.mkdir(parents=True)
-
-    def nic(
-        self,
-        name: str,
-        *,
-        mac: str | None = "52:54:00:00:00:01",
-        pci: bool = False,
-        numa: int | None = None,
-        total_vfs: int | None = None,
-        num_vfs: int | None = None,
-        devtype: str | None = None,
-        master: str | None = None,
-        lower: str | None = None,
-        bridge: bool = False,
-        bonding: bool = False,
-        physfn: str | None = None,
-    ) -> Path:
-        path = self.net / name
-        path.mkdir()
-        lines = [f"INTERFACE={name}", "IFINDEX=1"]
-        if devtype:
-            lines.insert(0, f"DEVTYPE={devtype}")
-        (path / "uevent").write_text("\n".join(lines) + "\n")
-        if mac is not None:
-            (path / "address").write_text(mac + "\n")
-        for flag, subdir in ((bridge, "bridge"), (bridge, "brif"), (bonding, "bonding")):
-            if flag:
-                (path / subdir).mkdir()
-        if master:
-            os.symlink(f"../{master}", path / "master")
-            os.symlink(f"../{master}", path / f"upper_{master}")
-        if lower:
-            os.symlink(f"../{lower}", path / f"lower_{lower}")
-        if pci or physfn:
-            values = {"numa_node": numa, "sriov_totalvfs": total_vfs, "sriov_numvfs": num_vfs}
-            self._device(path, values, physfn)
-        return path
-
-    def _device(self, path: Path, values: dict[str, int | None], physfn: str | None) -> None:
-        dev = self.devices / f"pci-{path.name}"
-        (dev / "net" / path.name).mkdir(parents=True)
-        for filename, value in values.items():
-            if value is not None:
-                (dev / filename).write_text(f"{value}\n")
-        if physfn:
-            os.symlink(self.devices / f"pci-{physfn}", dev / "physfn")
-        os.symlink(dev, path / "device")
-
-    def proc_vlan(self, name: str, text: str) -> None:
-        (self.proc / "net" / "vlan").mkdir(parents=True, exist_ok=True)
-        (self.proc / "net" / "vlan" / name).write_text(text)
-
-    def discover(self, addresses=None, vlan_links=None):
-        return discover_nics(
-            self.root / "sys",
-            {} if addresses is None else addresses,
-            proc_root=self.proc,
-            vlan_links={} if vlan_links is None else vlan_links,
-        )
-
-
 @pytest.fixture
 def fake_sys(tmp_path: Path) -> FakeSys:
     return FakeSys(tmp_path)
@@ -871,6 +805,64 @@ def test_discover_missing_mac_and_vanished_files(fake_sys: FakeSys):
 
 def test_discover_missing_root_is_empty(tmp_path: Path):
     assert discover_nics(tmp_path / "nothing", {}) == ()
+
+
+def test_discover_link_state_and_speed(fake_sys: FakeSys):
+    fake_sys.nic("eno1", pci=True, numa=0, operstate="up", speed=25000)
+    fake_sys.nic("eno2", pci=True, numa=1, operstate="down", speed=-1)
+    fake_sys.nic("eno3", pci=True)  # neither file readable: a driver without them
+    nic = by_name(fake_sys.discover())
+    assert (nic["eno1"].link, nic["eno1"].speed_mbps) == ("up", 25000)
+    assert (nic["eno2"].link, nic["eno2"].speed_mbps) == ("down", None)
+    assert (nic["eno3"].link, nic["eno3"].speed_mbps) == (None, None)
+
+
+def test_device_nodes_bridge_member_bond_vlan_and_virtual(fake_sys: FakeSys):
+    # br-data: bond0 (eno1 on node 0, eno2 on node 1); br-ext: VLAN 100 on eno3 (node 1);
+    # br-virt: a veth only; eno4: firmware names no node.
+    fake_sys.nic("br-data", bridge=True)
+    fake_sys.nic("bond0", bonding=True, master="br-data")
+    fake_sys.nic("eno1", pci=True, numa=0, master="bond0")
+    fake_sys.nic("eno2", pci=True, numa=1, master="bond0")
+    fake_sys.nic("br-ext", bridge=True)
+    fake_sys.nic("eno3", pci=True, numa=1)
+    fake_sys.nic("eno3.100", devtype="vlan", lower="eno3", master="br-ext")
+    fake_sys.nic("vnet0", master="br-ext")
+    fake_sys.nic("br-virt", bridge=True)
+    fake_sys.nic("veth0", master="br-virt")
+    fake_sys.nic("eno4", pci=True, numa=-1)
+    nics = fake_sys.discover(vlan_links={"eno3.100": (100, "eno3")})
+    assert device_nodes(nics, "br-data") == (0, 1)
+    assert device_nodes(nics, "bond0") == (0, 1)
+    assert device_nodes(nics, "eno2") == (1,)
+    assert device_nodes(nics, "br-ext") == (1,)
+    assert device_nodes(nics, "eno3.100") == (1,)
+    assert device_nodes(nics, "br-virt") == ()
+    assert device_nodes(nics, "eno4") == ()
+    assert device_nodes(nics, "missing") == ()
+    # Physical NICs, bonds and VLAN bridge ports get rows; bridges, taps and veths do not.
+    assert [n.name for n in listed_nics(nics)] == [
+        "bond0",
+        "eno1",
+        "eno2",
+        "eno3",
+        "eno3.100",
+        "eno4",
+    ]
+    assert ports_of(nics, "bond0") == ["eno1", "eno2"]
+
+
+@pytest.mark.parametrize(
+    ("attached", "device"),
+    [
+        ("br0", "br0"),
+        ("enp59s0f0/vf3 (0000:3b:02.1)", "enp59s0f0"),
+        ("0000:3b:02.1", "0000:3b:02.1"),
+        ("", ""),
+    ],
+)
+def test_host_device_of_attached_to(attached: str, device: str):
+    assert host_device(attached) == device
 
 
 def test_discover_sorted_by_name(fake_sys: FakeSys):

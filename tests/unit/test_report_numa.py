@@ -6,9 +6,12 @@ itself on the repository's 1-, 2- and 4-node fixtures.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
+from fake_sysfs import FakeSys
 from tests.fixtures import LIBVIRT_CAPS
 
 from vmhost import report
@@ -209,3 +212,43 @@ def test_the_status_line_names_the_virt_type_and_warns_about_tcg() -> None:
     assert kvm.startswith("libvirt 9.0.0 (kvm): 2 NUMA nodes")
     assert tcg.startswith("libvirt 9.0.0 (qemu: TCG emulation, no hardware virtualisation")
     assert tcg.endswith(", 0 VMs")
+
+
+# ---------------------------------------------------------------------------------------------
+# NICs: every physical NIC, bond and bridge port, read from a sysfs tree the test builds
+
+
+def two_node_host(tmp_path: Path) -> HostTopology:
+    """The 2-node fixture with NICs from a fake sysfs: br-data over bond0 (eno1 on node 0,
+    eno2 on node 1), br-ext over eno3 (node 1), br-virt with a veth only, and an SR-IOV PF
+    enp65s0f0 on node 1 with 4 of 8 VFs enabled."""
+    sys = FakeSys(tmp_path)
+    sys.nic("br-data", bridge=True, operstate="up")
+    sys.nic("bond0", bonding=True, master="br-data", operstate="up", speed=50000)
+    sys.nic("eno1", pci=True, numa=0, master="bond0", operstate="up", speed=25000)
+    sys.nic("eno2", pci=True, numa=1, master="bond0", operstate="up", speed=25000)
+    sys.nic("br-ext", bridge=True, operstate="up")
+    sys.nic("eno3", pci=True, numa=1, master="br-ext", operstate="up", speed=10000)
+    sys.nic("br-virt", bridge=True, operstate="unknown")
+    sys.nic("veth0", master="br-virt", operstate="up")
+    sys.nic("enp65s0f0", pci=True, numa=1, total_vfs=8, num_vfs=4, operstate="down", speed=-1)
+    return dataclasses.replace(fixture("2node"), nics=sys.discover())
+
+
+def test_nic_rows_are_physical_nics_bonds_and_bridge_ports(tmp_path: Path):
+    data = report.resources_json(two_node_host(tmp_path), [], Policy())
+    rows = {n["name"]: n for n in data["nics"]}
+    assert list(rows) == ["bond0", "eno1", "eno2", "eno3", "enp65s0f0"]
+    # A bridge port's node is its own device's; a bond is where its ports are.
+    assert (rows["eno3"]["numa-nodes"], rows["eno3"]["master"]) == ([1], "br-ext")
+    assert (rows["bond0"]["numa-node"], rows["bond0"]["numa-nodes"]) == (None, [0, 1])
+    assert rows["bond0"]["ports"] == ["eno1", "eno2"]
+    assert (rows["eno1"]["link"], rows["eno1"]["speed-mbps"]) == ("up", 25000)
+    pf = rows["enp65s0f0"]
+    assert (pf["link"], pf["speed-mbps"]) == ("down", None)
+    assert (pf["vfs-enabled"], pf["vfs-free"], pf["vfs-total"], pf["vfs-used"]) == (4, 4, 8, 0)
+    assert report.sriov_nics(data) == [pf]
+    table = report.resources_table(data)
+    assert "bond0      bond      0,1   up    50G    br-data  eno1,eno2" in table
+    assert "eno3       physical  1     up    10G    br-ext   -          0" in table
+    assert "br-virt" not in table and "veth0" not in table
