@@ -219,9 +219,11 @@ def test_the_status_line_names_the_virt_type_and_warns_about_tcg() -> None:
 
 
 def two_node_host(tmp_path: Path) -> HostTopology:
-    """The 2-node fixture with NICs from a fake sysfs: br-data over bond0 (eno1 on node 0,
-    eno2 on node 1), br-ext over eno3 (node 1), br-virt with a veth only, and an SR-IOV PF
-    enp65s0f0 on node 1 with 4 of 8 VFs enabled."""
+    """The 2-node fixture with NICs from a fake sysfs tree.
+
+    br-data over bond0 (eno1 on node 0, eno2 on node 1), br-ext over eno3 (node 1), br-virt
+    with a veth only, and an SR-IOV PF enp65s0f0 on node 1 with 4 of 8 VFs enabled.
+    """
     sys = FakeSys(tmp_path)
     sys.nic("br-data", bridge=True, operstate="up")
     sys.nic("bond0", bonding=True, master="br-data", operstate="up", speed=50000)
@@ -251,4 +253,5 @@ def test_nic_rows_are_physical_nics_bonds_and_bridge_ports(tmp_path: Path):
     table = report.resources_table(data)
     assert "bond0      bond      0,1   up    50G    br-data  eno1,eno2" in table
     assert "eno3       physical  1     up    10G    br-ext   -          0" in table
-    assert "br-virt" not in table and "veth0" not in table
+    assert "br-virt" not in table
+    assert "veth0" not in table
