@@ -1010,3 +1010,26 @@ def test_hostname_is_a_request_field_checked_by_syntax(hostname, ok):
     else:
         assert not valid
         assert "hostname" in invalid[0].reason
+
+
+def test_bad_remote_values_log_one_short_line_each(caplog: pytest.LogCaptureFixture):
+    """An id with a newline or a 200 kB value can neither split nor flood a log line."""
+    ctx = testing.Context(HolisticProvider, meta=PROVIDER_META)
+    relation = testing.Relation(
+        "vms",
+        remote_app_name="consumer",
+        remote_app_data={
+            "version": '"0"',
+            "requests": json.dumps(
+                [{"id": "db-0\nFAKE log line", "cores": 1}, {"id": "a", "storage": "x" * 200_000}]
+            ),
+        },
+    )
+    with caplog.at_level("WARNING", logger=lib.__name__):
+        ctx.run(ctx.on.relation_changed(relation), testing.State(relations={relation}))
+    lines = [r.getMessage() for r in caplog.records if r.name == lib.__name__]
+    assert len(lines) == 2
+    for line in lines:
+        assert "\n" not in line
+        assert len(line) < 600
+    assert "(id None)" in lines[0]  # an id that is not one is never echoed
