@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.host.inside.nested import BRIDGE, LOCAL_IMAGES, RESULTS, TINY
+from tests.host.inside.nested import (
+    BRIDGE,
+    HOST_SETUP,
+    LOCAL_IMAGES,
+    POOL,
+    POOL_DIR,
+    RESULTS,
+    TINY,
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,16 +60,33 @@ def evidence() -> Callable[[str, dict[str, Any]], None]:
 
 @pytest.fixture(scope="session")
 def nested_host() -> Iterator[dict[str, str]]:
-    """Start libvirtd, put the test bridge up and the tiny image in local-image-dir."""
+    """Start libvirtd; make the pool, the bridge and local-image-dir with the tiny image."""
+    from vmhost import host
+
     subprocess.run(["/usr/bin/systemctl", "start", "libvirtd"], check=True)
+    # The charm's own host setup for huge pages: a hugetlbfs mount per size the kernel holds
+    # (the 1G pages of the command line have none; systemd mounts only 2M), as mount units.
+    made = host.ensure_hugetlbfs_mounts([])
+    daemon = host.ensure_libvirtd(bool(made))
+    mounts = [
+        line for line in Path("/proc/mounts").read_text().splitlines() if " hugetlbfs " in line
+    ]
+    HOST_SETUP.update({"mounted": made, "libvirtd": daemon.message, "hugetlbfs": mounts})
     subprocess.run(["/usr/sbin/ip", "link", "del", BRIDGE], check=False, capture_output=True)
     subprocess.run(["/usr/sbin/ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
     subprocess.run(["/usr/sbin/ip", "link", "set", BRIDGE, "up"], check=True)
+    from vmhost.backends.libvirt import LibvirtBackend
+
+    with LibvirtBackend() as backend:  # the charm's own pool code; install would make "vm-host"
+        backend.ensure_pool(POOL, str(POOL_DIR))
     LOCAL_IMAGES.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TINY, LOCAL_IMAGES / "tiny.qcow2")
     (LOCAL_IMAGES / "tiny.qcow2").chmod(0o644)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "host-setup.json").write_text(json.dumps(HOST_SETUP, indent=2) + "\n")
     yield {
         "default-network": BRIDGE,
+        "default-storage-pool": POOL,
         "local-image-dir": str(LOCAL_IMAGES),
         "default-image": "",
         "reserved-cpus": "0",
