@@ -218,9 +218,10 @@ def list_vms(ctx: Context, params: ListVmsParams) -> Results:
         ctx.snapshot.vms, owner=params.owner, tag=params.tag, state=params.state
     )
     vms = addresses.refresh(ctx.backend, chosen)
+    nics = ctx.snapshot.topology.nics
     return {
-        "table": report.vms_table(vms),
-        "json": json.dumps([report.vm_json(vm) for vm in vms], sort_keys=True),
+        "table": report.vms_table(vms, nics),
+        "json": json.dumps([report.vm_json(vm, nics) for vm in vms], sort_keys=True),
     }
 
 

@@ -377,7 +377,9 @@ class VmRecord:
     tags: tuple[str, ...] = ()
     """The requester's labels, as recorded when the VM was composed."""
     interfaces: tuple[Mapping[str, str], ...] = ()
-    """Per NIC: label, mac, attached-to, and ip (a static address with its prefix) if any."""
+    """Per NIC: label, mac, attached-to, and if known ip (a static address with its prefix),
+    space and subnet (as resolved at compose time; VMs composed before vm-host recorded them
+    have none)."""
     addresses: Mapping[str, tuple[str, ...]] = field(default_factory=dict[str, tuple[str, ...]])
     """MAC -> the addresses the guest is known to have on that NIC, without prefix: static
     ones from the request, then those libvirt or LXD learnt (DHCP lease, ARP, guest agent).
@@ -430,6 +432,12 @@ class NicAttachment:
     """Static address with prefix ("10.0.5.9/24") to hand the guest through cloud-init."""
     guest_name: str | None = None
     """Interface name inside the guest (numeric labels become ethN, as MAAS named them)."""
+    space: str | None = None
+    """The Juju space the NIC is on: the one requested, else the one the `networks` option
+    maps to its host device; None when vm-host cannot tell."""
+    subnet: str | None = None
+    """The subnet (CIDR) the NIC is on: the one requested or its ip's, else the host device's
+    only IPv4 subnet (its only subnet when it has no IPv4 one); None when vm-host cannot tell."""
 
 
 @dataclass(frozen=True)

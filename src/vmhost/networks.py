@@ -994,7 +994,28 @@ class _Matcher:
             vlan=vlan,
             ip=ip_text,
             guest_name=guest,
+            space=self.space_of(kind, source),
+            subnet=self.subnet_of(kind, source, ip_text),
         )
+
+    def space_of(self, kind: AttachmentKind, source: str) -> str | None:
+        if self.spec.space:
+            return self.spec.space
+        spaces = [m.space for m in self.networks.values() if (m.kind, m.device) == (kind, source)]
+        return spaces[0] if len(spaces) == 1 else None
+
+    def subnet_of(self, kind: AttachmentKind, source: str, ip_text: str | None) -> str | None:
+        if self.spec.subnet:
+            return str(ipaddress.ip_network(self.spec.subnet, strict=False))
+        if ip_text:
+            return str(ipaddress.ip_interface(ip_text).network)
+        if kind is AttachmentKind.HOSTDEV:
+            return None  # a VF (tagged or not) need not be on the PF's own subnets
+        nic = self.host.get(source)
+        found = {iface.network for iface in map(_interface, nic.addresses if nic else ()) if iface}
+        v4 = [n for n in found if n.version == 4]
+        pick = v4 if v4 else list(found)
+        return str(pick[0]) if len(pick) == 1 else None
 
     def attachment(
         self, claims: list[_Claim], mapping: NetworkMapping | None

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vmhost import networks
-from vmhost.model import HostTopology, NicKind, Placement, Policy, VmRecord, page_label
+from vmhost.model import HostNic, HostTopology, NicKind, Placement, Policy, VmRecord, page_label
 from vmhost.placement import NicUsage, usage
 from vmhost.settings import HugepageSetting
 from vmhost.topology import format_cpu_list
@@ -72,8 +72,39 @@ def placement_data(placement: Placement) -> dict[str, Any]:
     }
 
 
-def vm_json(vm: VmRecord) -> dict[str, Any]:
-    """One VM as plain data for list-vms."""
+def vm_nics(vm: VmRecord, host_nics: Sequence[HostNic]) -> list[dict[str, Any]]:
+    """Each NIC of a VM with where it attaches on the host and that device's NUMA nodes.
+
+    `off-node` is set when the device's hardware is on a node the VM has no cell on (its
+    traffic crosses the interconnect). A VM without cells (shared, no huge pages) floats over
+    every node and a device with no known node (a bridge of veths) has no locality to miss,
+    so neither is ever off-node. A bond with ports on several nodes is off-node for a VM that
+    is not on all of them.
+    """
+    vm_nodes = sorted(set(vm.placement.host_nodes))
+    rows = []
+    for nic in vm.interfaces:
+        attached = str(nic.get("attached-to", ""))
+        device = networks.host_device(attached)
+        nodes = list(networks.device_nodes(host_nics, device)) if device else []
+        rows.append(
+            {
+                "label": nic.get("label", ""),
+                "mac": nic.get("mac", ""),
+                "attached-to": attached,
+                "host-device": device or None,
+                "numa-nodes": nodes,
+                "vm-nodes": vm_nodes,
+                "off-node": bool(vm_nodes and nodes and not set(nodes) <= set(vm_nodes)),
+                "space": nic.get("space") or None,
+                "subnet": nic.get("subnet") or None,
+            }
+        )
+    return rows
+
+
+def vm_json(vm: VmRecord, host_nics: Sequence[HostNic] = ()) -> dict[str, Any]:
+    """One VM as plain data for list-vms; `host_nics` (the host's) gives NIC locality."""
     return {
         "name": vm.name,
         "uuid": vm.uuid,
@@ -85,7 +116,7 @@ def vm_json(vm: VmRecord) -> dict[str, Any]:
         "autostart": vm.autostart,
         "placement": placement_data(vm.placement),
         "volumes": list(vm.volumes),
-        "interfaces": _interfaces(vm),
+        "interfaces": _interfaces(vm, host_nics),
         **({"state-reason": vm.state_reason} if vm.state_reason else {}),
         **({"problem": vm.problem} if vm.problem else {}),
     }
@@ -103,12 +134,20 @@ def vm_result(vm: VmRecord) -> dict[str, str]:
     }
 
 
-def _interfaces(vm: VmRecord) -> list[dict[str, Any]]:
-    """Each NIC as data, with the addresses known for it (static at once, DHCP once learnt)."""
+def _interfaces(vm: VmRecord, host_nics: Sequence[HostNic] | None = None) -> list[dict[str, Any]]:
+    """Each NIC as data, with the addresses known for it (static at once, DHCP once learnt).
+
+    Given the host's NICs, each also says its host device, that device's NUMA nodes and the
+    off-node mark (vm_nics).
+    """
     out: list[dict[str, Any]] = []
-    for nic in vm.interfaces:
+    located = vm_nics(vm, host_nics) if host_nics is not None else [{}] * len(vm.interfaces)
+    for nic, where in zip(vm.interfaces, located, strict=True):
         item: dict[str, Any] = dict(nic)
         item["addresses"] = list(vm.addresses.get(nic.get("mac", "").lower(), ()))
+        for key in ("host-device", "numa-nodes", "off-node", "space", "subnet"):
+            if key in where:
+                item[key] = where[key]
         out.append(item)
     return out
 
@@ -131,8 +170,14 @@ def access_table(entries: Sequence[dict[str, str]]) -> str:
     return _table([h.upper() for h in headers], rows)
 
 
-def vms_table(vms: Sequence[VmRecord]) -> str:
-    """list-vms as a table."""
+def _nic_brief(nic: dict[str, Any]) -> str:
+    """One VM NIC in a table cell: "eth0>br-ext(1,off-node)"; "-" for an unknown node."""
+    where = _nodes_text(nic["numa-nodes"]) + (",off-node" if nic["off-node"] else "")
+    return f"{nic['label']}>{nic['host-device'] or '?'}({where})"
+
+
+def vms_table(vms: Sequence[VmRecord], host_nics: Sequence[HostNic] = ()) -> str:
+    """list-vms as a table; `host_nics` (the host's) gives each NIC's node and off-node mark."""
     rows = [
         (
             vm.name,
@@ -150,6 +195,7 @@ def vms_table(vms: Sequence[VmRecord]) -> str:
             or "-",
             ",".join(vm.tags) or "-",
             ",".join(a for addrs in vm.addresses.values() for a in addrs) or "-",
+            " ".join(_nic_brief(n) for n in vm_nics(vm, host_nics)) or "-",
         )
         for vm in vms
     ]
@@ -164,6 +210,7 @@ def vms_table(vms: Sequence[VmRecord]) -> str:
         "HUGEPAGES",
         "TAGS",
         "ADDRESSES",
+        "NICS",
     )
     return _table(headers, rows) if rows else "no VMs"
 
@@ -323,6 +370,11 @@ def resources_json(
             "floating-vms": sorted(vm.name for vm in vms if not vm.placement.cells),
         },
         "nics": _nic_rows(topology, host_usage.nics),
+        "vm-nics": [
+            {"vm": vm.name, **nic}
+            for vm in sorted(vms, key=lambda v: v.name)
+            for nic in vm_nics(vm, topology.nics)
+        ],
         "pools": [
             {
                 "name": p.name,
@@ -424,6 +476,22 @@ def _nic_row(nic: dict[str, Any]) -> tuple[object, ...]:
     )
 
 
+_VM_NIC_HEADERS = ("VM", "NIC", "ATTACHED-TO", "NUMA", "VM-NODES", "SUBNET", "SPACE", "OFF-NODE")
+
+
+def _vm_nic_row(nic: dict[str, Any]) -> tuple[object, ...]:
+    return (
+        nic["vm"],
+        nic["label"],
+        nic["attached-to"] or "-",
+        _nodes_text(nic["numa-nodes"]),
+        _nodes_text(nic["vm-nodes"]),
+        nic["subnet"] or "-",
+        nic["space"] or "-",
+        "off-node" if nic["off-node"] else "-",
+    )
+
+
 def resources_table(data: dict[str, Any]) -> str:
     """show-resources as text an operator can read in a terminal."""
     node_rows = []
@@ -479,6 +547,8 @@ def resources_table(data: dict[str, Any]) -> str:
         ]
     if data["nics"]:
         parts += ["", _table(_NIC_HEADERS, [_nic_row(n) for n in data["nics"]])]
+    if data["vm-nics"]:
+        parts += ["", _table(_VM_NIC_HEADERS, [_vm_nic_row(n) for n in data["vm-nics"]])]
     if data["pools"]:
         parts += [
             "",

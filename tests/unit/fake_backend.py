@@ -183,6 +183,8 @@ class FakeBackend:
                     "mac": n.mac or f"52:54:00:00:00:{i:02x}",
                     "attached-to": n.source,
                     **({"ip": n.ip} if n.ip else {}),
+                    **({"space": n.space} if n.space else {}),
+                    **({"subnet": n.subnet} if n.subnet else {}),
                 }
                 for i, n in enumerate(nics)
             ),

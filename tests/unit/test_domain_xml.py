@@ -331,6 +331,33 @@ def test_metadata_round_trips_and_is_escaped(tmp_path: Path) -> None:
     assert "evil" in (root.findtext("title") or "")
 
 
+def test_metadata_records_each_nics_space_and_subnet(tmp_path: Path) -> None:
+    nics = (
+        NicAttachment(
+            "eth0",
+            AttachmentKind.BRIDGE,
+            "br0",
+            mac="52:54:00:00:00:01",
+            space="data",
+            subnet="10.0.5.0/24",
+        ),
+        NicAttachment("eth1", AttachmentKind.BRIDGE, "br1", mac="52:54:00:00:00:02"),
+    )
+    root = render(spec(), Placement(vcpus=2, memory_mib=2048), nics, tmp_path=tmp_path)
+    record = record_from_domain_xml(ET.tostring(root, encoding="unicode"), VmState.RUNNING)
+    assert record.interfaces == (
+        {
+            "label": "eth0",
+            "mac": "52:54:00:00:00:01",
+            "attached-to": "br0",
+            "space": "data",
+            "subnet": "10.0.5.0/24",
+        },
+        # Unknown (and so, in a VM composed before they were recorded, absent): no keys.
+        {"label": "eth1", "mac": "52:54:00:00:00:02", "attached-to": "br1"},
+    )
+
+
 @pytest.mark.parametrize(
     "name", ["vm<1>", "vm&1", "vm'1", 'vm"1', "Vm1", "-vm", "vm/../etc", "a" * 64, ""]
 )

@@ -363,7 +363,10 @@ def test_ledger_round_trip(placement: Placement) -> None:
         request_id="db-0",
         disks=(DiskSpec("root", 20), DiskSpec("data", 10, "ssd")),
     )
-    nics = [NicAttachment("eth0", AttachmentKind.BRIDGE, "br0")]
+    nics = [
+        NicAttachment("eth0", AttachmentKind.BRIDGE, "br0"),
+        NicAttachment("eth1", AttachmentKind.BRIDGE, "br1", space="data", subnet="10.0.5.0/24"),
+    ]
     d = instance_definition(s, placement, nics, "default")
     record = record_from_instance(instance_from(d, "Running"), no_topology, "vm-host")
     assert record.managed
@@ -377,6 +380,13 @@ def test_ledger_round_trip(placement: Placement) -> None:
     assert record.volumes == ("ssd/web-1-data",)
     assert record.interfaces == (
         {"label": "eth0", "mac": generate_mac("web-1", "eth0"), "attached-to": "br0"},
+        {
+            "label": "eth1",
+            "mac": generate_mac("web-1", "eth1"),
+            "attached-to": "br1",
+            "space": "data",
+            "subnet": "10.0.5.0/24",
+        },
     )
 
 

@@ -1043,7 +1043,14 @@ def fails(spec: InterfaceSpec, *phrases: str, **kwargs) -> str:
 
 def test_explicit_bridge():
     att = one(InterfaceSpec("0", bridge="br-oam"))
-    assert att == NicAttachment("0", AttachmentKind.BRIDGE, "br-oam", guest_name="eth0")
+    assert att == NicAttachment(
+        "0",
+        AttachmentKind.BRIDGE,
+        "br-oam",
+        guest_name="eth0",
+        space="oam",
+        subnet="10.0.1.0/24",
+    )
 
 
 def test_explicit_bridge_errors():
@@ -1163,6 +1170,27 @@ def test_subnet():
     assert one(InterfaceSpec("0", subnet="10.0.9.0/16")).source == "br-oam"
     att = one(InterfaceSpec("0", subnet="10.0.200.0/24"))
     assert (att.kind, att.source) == (AttachmentKind.DIRECT, "bond0.200")
+
+
+@pytest.mark.parametrize(
+    ("spec", "space", "subnet"),
+    [
+        # Asked for: recorded as asked (the subnet in its network form).
+        (InterfaceSpec("0", space="oam"), "oam", "10.0.1.0/24"),
+        (InterfaceSpec("0", subnet="10.0.2.7/24"), "data", "10.0.2.0/24"),
+        (InterfaceSpec("0", ip="fd00:1::50"), "oam", "fd00:1::/64"),
+        # Not asked for: the space networks maps to the device, the device's IPv4 subnet.
+        (InterfaceSpec("0", bridge="br-oam"), "oam", "10.0.1.0/24"),
+        (InterfaceSpec("0", vlan=100), None, "10.0.100.0/24"),
+        (InterfaceSpec("0", parent="eth9"), None, "10.0.9.0/24"),
+        # Unknown: a bridge without addresses; a VF is not on its PF's subnet.
+        (InterfaceSpec("0", bridge="br-empty"), None, None),
+        (InterfaceSpec("0", space="fast"), "fast", None),
+    ],
+)
+def test_attachment_records_space_and_subnet(spec, space, subnet):
+    att = one(spec)
+    assert (att.space, att.subnet) == (space, subnet)
 
 
 def test_subnet_errors():

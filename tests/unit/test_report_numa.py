@@ -255,3 +255,75 @@ def test_nic_rows_are_physical_nics_bonds_and_bridge_ports(tmp_path: Path):
     assert "eno3       physical  1     up    10G    br-ext   -          0" in table
     assert "br-virt" not in table
     assert "veth0" not in table
+
+
+def cells(*nodes: int) -> Placement:
+    return Placement(
+        vcpus=2 * len(nodes),
+        memory_mib=512 * len(nodes),
+        cells=tuple(CellPlacement(host_node=n, vcpus=2, memory_mib=512) for n in nodes),
+    )
+
+
+def with_nics(name: str, placement: Placement, *attached: str) -> VmRecord:
+    return VmRecord(
+        name=name,
+        uuid=name,
+        state=VmState.RUNNING,
+        placement=placement,
+        interfaces=tuple(
+            {"label": f"eth{i}", "mac": f"52:54:00:00:01:{i:02x}", "attached-to": a}
+            for i, a in enumerate(attached)
+        ),
+    )
+
+
+def test_vm_nic_off_node_mark(tmp_path: Path):
+    host = two_node_host(tmp_path)
+    vms = [
+        with_nics("on-node", cells(1), "br-ext"),  # br-ext's eno3 is on node 1
+        with_nics("off-node", cells(0), "br-ext"),
+        with_nics("spanning", cells(0, 1), "br-ext", "br-data"),
+        with_nics("floating", Placement(vcpus=1, memory_mib=256), "br-ext"),  # no cells
+        with_nics("veths", cells(0), "br-virt"),  # no hardware, no node
+        with_nics("half-bond", cells(1), "br-data"),  # bond0: eno1 node 0, eno2 node 1
+        with_nics("vf", cells(0), "enp65s0f0/vf1 (0000:41:00.2)"),
+    ]
+    rows = {
+        (n["vm"], n["label"]): n for n in report.resources_json(host, vms, Policy())["vm-nics"]
+    }
+    marks = {key: (n["host-device"], n["numa-nodes"], n["off-node"]) for key, n in rows.items()}
+    assert marks == {
+        ("on-node", "eth0"): ("br-ext", [1], False),
+        ("off-node", "eth0"): ("br-ext", [1], True),
+        ("spanning", "eth0"): ("br-ext", [1], False),
+        ("spanning", "eth1"): ("br-data", [0, 1], False),
+        ("floating", "eth0"): ("br-ext", [1], False),
+        ("veths", "eth0"): ("br-virt", [], False),
+        ("half-bond", "eth0"): ("br-data", [0, 1], True),
+        ("vf", "eth0"): ("enp65s0f0", [1], True),
+    }
+    assert rows[("floating", "eth0")]["vm-nodes"] == []
+    assert rows[("spanning", "eth0")]["vm-nodes"] == [0, 1]
+
+
+def test_vm_nics_in_list_vms_and_show_resources_text(tmp_path: Path):
+    host = two_node_host(tmp_path)
+    vm = with_nics("db", cells(0), "br-ext", "br-virt")
+    vm = dataclasses.replace(
+        vm,
+        interfaces=(
+            {**vm.interfaces[0], "space": "data", "subnet": "10.0.5.0/24"},
+            vm.interfaces[1],  # composed before space and subnet were recorded
+        ),
+    )
+    listed = report.vm_json(vm, host.nics)["interfaces"]
+    assert [(i["host-device"], i["numa-nodes"], i["off-node"]) for i in listed] == [
+        ("br-ext", [1], True),
+        ("br-virt", [], False),
+    ]
+    assert [(i["space"], i["subnet"]) for i in listed] == [("data", "10.0.5.0/24"), (None, None)]
+    assert "eth0>br-ext(1,off-node) eth1>br-virt(-)" in report.vms_table([vm], host.nics)
+    table = report.resources_table(report.resources_json(host, [vm], Policy()))
+    assert "db  eth0  br-ext       1     0         10.0.5.0/24  data   off-node" in table
+    assert "db  eth1  br-virt      -     0         -            -      -" in table

@@ -306,6 +306,8 @@ def _interface_context(nic: NicAttachment, vfs: Mapping[str, VirtualFunction]) -
         "mac": nic.mac,
         "label": nic.label,
         "ip": nic.ip or "",
+        "space": nic.space or "",
+        "subnet": nic.subnet or "",
     }
     if nic.kind == AttachmentKind.HOSTDEV:
         vf = vfs.get(nic.label)
@@ -672,7 +674,7 @@ def parse_metadata(vm: ET.Element) -> tuple[Placement, dict[str, Any]]:
                 "label": i.get("label", ""),
                 "mac": i.get("mac", ""),
                 "attached-to": i.get("attached-to", ""),
-                **({"ip": i.get("ip", "")} if i.get("ip") else {}),
+                **{k: i.get(k, "") for k in ("ip", "space", "subnet") if i.get(k)},
             }
             for i in vm.findall("v:interface", _NS)
         ),

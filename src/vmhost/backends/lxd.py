@@ -207,6 +207,8 @@ def ledger_config(
             "mac": n.mac or "",
             "attached-to": n.source,
             **({"ip": n.ip} if n.ip else {}),
+            **({"space": n.space} if n.space else {}),
+            **({"subnet": n.subnet} if n.subnet else {}),
         }
         for n in nics
     ]
@@ -665,7 +667,7 @@ def record_from_instance(
                 "label": str(i.get("label", "")),
                 "mac": str(i.get("mac", "")),
                 "attached-to": str(i.get("attached-to", "")),
-                **({"ip": str(i["ip"])} if i.get("ip") else {}),
+                **{k: str(i[k]) for k in ("ip", "space", "subnet") if i.get(k)},
             }
             for i in _ledger_list(config, KEY_INTERFACES)
             if isinstance(i, dict)
