@@ -13,7 +13,7 @@ import logging
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import ops
 import pydantic
@@ -46,6 +46,7 @@ from vmhost.config import (
     parse_networks,
     pydantic_message,
 )
+from vmhost.layout import HostLayout
 from vmhost.model import InvalidRequestError, VmHostError
 from vmhost.relation import fleet, journal, keys, serve
 
@@ -65,21 +66,34 @@ CHARM_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = CHARM_DIR / "templates"
 
 
-def make_backend(config: CharmConfig) -> Backend:
-    """Build the backend the config names (replaced by a fake in unit tests)."""
+def make_backend(config: CharmConfig, layout: HostLayout | None = None) -> Backend:
+    """Build the backend the config names, its state where `layout` says (faked in unit tests)."""
     return factory.make_backend(
         config.backend,
         project=config.lxd_project,
         templates_dir=TEMPLATES_DIR,
         virt_type=config.virt_type,
+        layout=layout,
     )
 
 
 class VmHostCharm(ops.CharmBase):
     """Turn this machine into a VM host and compose VMs on request."""
 
+    layout: ClassVar[HostLayout | None] = None
+    """Where this charm keeps its state on the host; None is the deployed charm's, HostLayout().
+
+    Tests on the real daemons run a subclass with their own (`with_layout`).
+    """
+
+    @classmethod
+    def with_layout(cls, layout: HostLayout) -> type[VmHostCharm]:
+        """This charm keeping its state where `layout` says (same module, same metadata)."""
+        return type(cls.__name__, (cls,), {"layout": layout, "__module__": cls.__module__})
+
     def __init__(self, framework: ops.Framework):
         super().__init__(framework)
+        self._layout = type(self).layout or HostLayout()
         self._config: CharmConfig | None = None
         self._config_error = ""
         self._backend_error = ""
@@ -137,14 +151,18 @@ class VmHostCharm(ops.CharmBase):
 
     def _departing(self) -> bool:
         """Whether this unit is leaving (remove-unit), as recorded on the host."""
-        return self.unit.name in journal.read(self._scope).departing
+        return self.unit.name in journal.read(self._scope, self._layout.journal_dir).departing
 
     def _mapping(self, config: CharmConfig) -> Mapping[str, networks.NetworkMapping]:
         return parse_networks(config.networks)
 
+    def _image_settings(self, config: CharmConfig) -> imagecache.Settings:
+        """The image-* options, with this host's image pool and fetch state."""
+        return self._layout.image_settings(config.image_settings)
+
     def _backend(self, config: CharmConfig) -> Backend:
         if self._backend_cache is None:
-            self._backend_cache = make_backend(config)
+            self._backend_cache = make_backend(config, self._layout)
         return self._backend_cache
 
     def _snapshot(self, config: CharmConfig, *, refresh: bool = False) -> Snapshot | None:
@@ -276,7 +294,7 @@ class VmHostCharm(ops.CharmBase):
             snapshot = self._snapshot(config) or snapshot
             if lifecycle.revive_crashed(backend, snapshot.vms):
                 self._snapshot(config, refresh=True)
-            imagecache.keep_fresh(backend, config.image_settings, config.kept_images)
+            imagecache.keep_fresh(backend, self._image_settings(config), config.kept_images)
 
     # ----------------------------------------------------------------------------------------
     # Images
@@ -284,7 +302,7 @@ class VmHostCharm(ops.CharmBase):
     def _image_in_background(self, config: CharmConfig):
         """prepare_image for hooks: never waits; a missing image is fetched apart."""
         backend = self._backend(config)
-        image_settings = config.image_settings
+        image_settings = self._image_settings(config)
 
         def prepare(name: str) -> str | None:
             return backend.prepare_image(name, image_settings, wait=False)
@@ -322,7 +340,7 @@ class VmHostCharm(ops.CharmBase):
     def _on_departed(self, event: ops.RelationDepartedEvent) -> None:
         """Record on the host that this unit is leaving, before any relation-broken."""
         if event.departing_unit is not None and event.departing_unit.name == self.unit.name:
-            journal.record_departing(self._scope, self.unit.name)
+            journal.record_departing(self._scope, self.unit.name, self._layout.journal_dir)
             logger.info("this unit is leaving: its VMs stay on the host, nothing is deleted")
             return
         self._reconcile(event)
@@ -331,7 +349,7 @@ class VmHostCharm(ops.CharmBase):
         """A relation seen broken by a unit that stays: its VMs may be released."""
         if not self._departing():
             app = event.relation.app.name if event.relation.app is not None else ""
-            journal.record_broken(self._scope, event.relation.id, app)
+            journal.record_broken(self._scope, event.relation.id, app, self._layout.journal_dir)
         self._reconcile(event)
 
     def _requests(self, config: CharmConfig) -> list[serve.RelationRequest]:
@@ -367,7 +385,7 @@ class VmHostCharm(ops.CharmBase):
         requests = self._requests(config)
         decision = self._lead(config, snapshot, requests, reassign)
         scope = self._scope
-        seen = journal.read(scope)
+        seen = journal.read(scope, self._layout.journal_dir)
         result = serve.serve(
             self._backend(config),
             self._host_state(config, snapshot, decision.peer_macs),
@@ -542,6 +560,7 @@ class VmHostCharm(ops.CharmBase):
             host_state=lambda now: self._host_state(config, now),
             scope=self._scope,
             log=event.log,
+            image_settings=self._image_settings(config),
         )
 
     def _on_host_action(self, event: ops.ActionEvent) -> None:

@@ -95,6 +95,8 @@ class Context:
     scope: keys.Scope
     log: Callable[[str], None]
     """Progress for the operator (the action log)."""
+    image_settings: imagecache.Settings
+    """The image-* options, with this host's image pool and fetch state (its HostLayout)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def compose_vm(ctx: Context, params: ComposeParams) -> Results:
     def fetch(name: str) -> None:
         # The action may wait: it fetches in the foreground, its progress in the log.
         try:
-            ctx.backend.prepare_image(name, config.image_settings, wait=True, log=ctx.log)
+            ctx.backend.prepare_image(name, ctx.image_settings, wait=True, log=ctx.log)
         except ImageFetchError as exc:
             raise VmHostError(imagecache.failure_text(name, exc)) from exc
 
@@ -304,11 +306,11 @@ def sync_images(ctx: Context, params: SyncImagesParams) -> Results:
         n for n in (config.default_image, *config.kept_images) if n
     ]
     if store is None:  # LXD: its own store, filled by LXD's pull
-        failed = imagecache.sync_elsewhere(ctx.backend, config.image_settings, wanted, ctx.log)
+        failed = imagecache.sync_elsewhere(ctx.backend, ctx.image_settings, wanted, ctx.log)
         if failed:
             raise ActionError("; ".join(failed))
         return {"synced": ", ".join(wanted) or "nothing"}
-    synced, failed = imagecache.sync(store, config.image_settings, wanted, log=ctx.log)
+    synced, failed = imagecache.sync(store, ctx.image_settings, wanted, log=ctx.log)
     if failed:
         raise ActionError("; ".join(failed))
     return {

@@ -256,16 +256,16 @@ class CharmConfig(pydantic.BaseModel):
 
     @property
     def image_settings(self) -> imagecache.Settings:
-        """Where images come from and how they are trusted (the image-* options)."""
+        """Where images come from and how they are trusted (the image-* options).
+
+        The cache pool and fetch state are the host layout's (HostLayout.image_settings).
+        """
         return imagecache.Settings(
             source=images.Source(
                 self.image_source, self.image_keyring, self.image_source_unsigned
             ),
             arch=images.host_arch(),
             local_dir=self.local_image_dir,
-            state_dir=imagecache.STATE_DIR,
-            pool=images.IMAGE_POOL,
-            pool_path=images.IMAGE_POOL_PATH,
         )
 
     @property

@@ -4,19 +4,21 @@ Every module here may use them:
 
 - `libvirt_daemons` (session): runs tests/bin/ensure-libvirt.sh, so `pytest tests/integration`
   works on a fresh machine; it installs what is missing and starts virtlogd/libvirtd.
-- `backend` (session): a `LibvirtBackend` on qemu:///system. Leftovers of an interrupted run
-  (anything named `vmhost-test-*`: domains, volumes, pools, bridges) are removed before the
-  first test and again after the last.
+- `backend` (session): a `LibvirtBackend` on qemu:///system whose image cache is the pool
+  `vmhost-test-images` in a temporary directory (never the deployed charm's `vm-host-images`).
+  Leftovers of an interrupted run (anything named `vmhost-test-*`: domains, volumes, pools,
+  bridges) are removed before the first test and again after the last.
 - `test_pool` (session): the name of a started directory pool `vmhost-test-pool` in a temporary
   directory, created through `backend.ensure_pool`.
-- `image_pool` (function): points `backend` at a fresh image cache pool `vmhost-test-images`
-  (its bases are removed with the pool afterwards) and returns an imagecache.Settings whose
-  local-image-dir and state dir are private temporary directories.
+- `image_pool` (function): a fresh, empty image cache pool `vmhost-test-images` for `backend`
+  (removed with its bases and staging files afterwards); returns an imagecache.Settings naming
+  that pool, whose local-image-dir and state dir are private temporary directories.
 - `clean_host` (function): removes `vmhost-test-*` domains and volumes before and after one
   test, so a failing test cannot leak into the next.
 - `test_bridge` (function): a Linux bridge `vmhost-test-br0`, up, deleted afterwards.
-- the relation journal (autouse): the charm's record of relations it saw broken lives in a
-  temporary directory, not /var/lib/vm-host.
+- `layout` (function): the HostLayout charm tests give the charm: the test image pool, and
+  the relation journal and image fetch state in temporary directories, not /var/lib/vm-host.
+  `charm_type` is `charm.VmHostCharm.with_layout(layout)`, the charm the tests run.
 - `nat_network` (function): a transient libvirt NAT network `vmhost-test-nat` with DHCP on
   10.231.77.0/24 (dnsmasq), bridge `vmhost-test-nat`; yields the bridge, destroyed afterwards.
 - `reserve_hugepages` (function): `reserve_hugepages(count, size_kib=2048)` adds `count` free
@@ -39,9 +41,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
+import charm
 from vmhost import imagecache
 from vmhost.backends.libvirt import LibvirtBackend
 from vmhost.host import set_hugepages
+from vmhost.layout import HostLayout
 
 REPO = Path(__file__).resolve().parents[2]
 ENSURE_LIBVIRT = REPO / "tests" / "bin" / "ensure-libvirt.sh"
@@ -137,15 +141,30 @@ def remove_leftovers(conn: libvirt.virConnect) -> None:
     remove_test_bridges()
 
 
-@pytest.fixture(autouse=True)
-def _relation_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the charm's relation journal in a temporary directory.
+@pytest.fixture(scope="session")
+def image_cache_base() -> Iterator[Path]:
+    """The directory holding the test image pool's (`cache`) and its staging directory."""
+    base = Path(tempfile.mkdtemp(prefix=PREFIX + "images-"))
+    base.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the bases
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
 
-    Charm tests then leave nothing under /var/lib/vm-host.
-    """
-    from vmhost.relation import journal
 
-    monkeypatch.setattr(journal, "JOURNAL_DIR", tmp_path / "relations")
+@pytest.fixture
+def layout(tmp_path: Path, image_cache_base: Path) -> HostLayout:
+    """Where the charm under test keeps its state: test names, temporary directories."""
+    return HostLayout(
+        image_pool=TEST_IMAGE_POOL,
+        image_pool_path=str(image_cache_base / "cache"),
+        image_state_dir=str(tmp_path / "image-fetch"),
+        journal_dir=tmp_path / "relations",
+    )
+
+
+@pytest.fixture
+def charm_type(layout: HostLayout) -> type[charm.VmHostCharm]:
+    """The charm as deployed, keeping its state where `layout` says."""
+    return charm.VmHostCharm.with_layout(layout)
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +178,7 @@ def libvirt_daemons() -> None:
 
 
 @pytest.fixture(scope="session")
-def backend(libvirt_daemons: None) -> Iterator[LibvirtBackend]:
+def backend(libvirt_daemons: None, image_cache_base: Path) -> Iterator[LibvirtBackend]:
     """A backend on qemu:///system, with vmhost-test-* leftovers removed before and after."""
     libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
     # These VMs boot no OS, so they keep the KVM domain type wherever /dev/kvm exists (pinning
@@ -167,7 +186,13 @@ def backend(libvirt_daemons: None) -> Iterator[LibvirtBackend]:
     virt_type = "kvm" if Path("/dev/kvm").exists() else "qemu"
     console = tempfile.mkdtemp(prefix=PREFIX + "console-")
     intents = tempfile.mkdtemp(prefix=PREFIX + "intents-")
-    with LibvirtBackend(virt_type=virt_type, console_log_dir=console, intent_dir=intents) as b:
+    with LibvirtBackend(
+        virt_type=virt_type,
+        console_log_dir=console,
+        intent_dir=intents,
+        image_pool=TEST_IMAGE_POOL,
+        image_pool_path=str(image_cache_base / "cache"),
+    ) as b:
         remove_leftovers(b.conn)
         yield b
         remove_leftovers(b.conn)
@@ -204,23 +229,34 @@ def remove_pool(conn: libvirt.virConnect, name: str) -> None:
         pool.undefine()
 
 
+def empty_directory(path: Path) -> None:
+    """Remove everything inside a directory, keeping the directory."""
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 @pytest.fixture
 def image_pool(
-    backend: LibvirtBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    backend: LibvirtBackend, tmp_path: Path, image_cache_base: Path
 ) -> Iterator[imagecache.Settings]:
     """A fresh image cache pool for `backend`; Settings with private local and state dirs."""
-    base = Path(tempfile.mkdtemp(prefix=PREFIX + "images-"))
-    base.chmod(0o755)
     remove_pool(backend.conn, TEST_IMAGE_POOL)
-    monkeypatch.setattr(backend, "image_pool", TEST_IMAGE_POOL)
-    monkeypatch.setattr(backend, "image_pool_path", str(base / "cache"))
+    empty_directory(image_cache_base)
     local = tmp_path / "local-images"
     local.mkdir()
-    yield imagecache.Settings(local_dir=str(local), state_dir=str(tmp_path / "state"))
+    yield imagecache.Settings(
+        local_dir=str(local),
+        state_dir=str(tmp_path / "state"),
+        pool=backend.image_pool,
+        pool_path=backend.image_pool_path,
+    )
     remove_test_domains(backend.conn)
     remove_test_volumes(backend.conn)
     remove_pool(backend.conn, TEST_IMAGE_POOL)
-    shutil.rmtree(base, ignore_errors=True)
+    empty_directory(image_cache_base)
 
 
 @pytest.fixture

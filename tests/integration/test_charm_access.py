@@ -35,8 +35,8 @@ def can_list_domains(user: str, port: int, key: Path) -> bool:
 
 
 @pytest.fixture
-def ctx() -> testing.Context[charm.VmHostCharm]:
-    return testing.Context(charm.VmHostCharm)
+def ctx(charm_type: type[charm.VmHostCharm]) -> testing.Context[charm.VmHostCharm]:
+    return testing.Context(charm_type)
 
 
 def test_action_and_relation_keys_reach_libvirt(

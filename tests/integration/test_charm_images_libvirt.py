@@ -2,8 +2,9 @@
 
 image-source and image-keyring point at the signed test mirror on 127.0.0.1 serving the tiny
 test guest as com.ubuntu.cloud:server:24.04:amd64 (tests/guest); virt-type=qemu (this
-machine's /dev/kvm cannot boot a guest). The charm's image pool is named vmhost-test-images in
-a temporary directory (the only difference from a deployed charm), removed afterwards.
+machine's /dev/kvm cannot boot a guest). The charm runs with the tests' HostLayout (conftest
+`layout`): its image pool is vmhost-test-images in a temporary directory and its fetch state
+and journal are temporary too (the only difference from a deployed charm), removed afterwards.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from pathlib import Path
 
 import pytest
 from ops import testing
-from tests.integration.conftest import TEST_IMAGE_POOL, remove_pool
 from tests.integration.test_guest_boot import mirror, report, tiny_image
 
 import charm
 import charms.vm_host.v0.vm_host as vm_lib
 from vmhost import imagecache, images
 from vmhost.backends.libvirt import LibvirtBackend
+from vmhost.layout import HostLayout
 
 __all__ = ["tiny_image"]
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_host")]
@@ -35,27 +36,19 @@ ITEM = ".img"
 
 
 @pytest.fixture
-def charm_pool(backend: LibvirtBackend, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """The charm's image pool, named vmhost-test-images in a temporary directory for the test.
+def charm_pool(layout: HostLayout, image_pool: imagecache.Settings) -> Iterator[LibvirtBackend]:
+    """A backend on the charm's image pool (vmhost-test-images, fresh for the test).
 
-    The charm and its background worker read the pool's name and directory from vmhost.images
-    at run time, so the whole path is the charm's own; only the name differs.
+    The charm, and the background worker it starts, get the pool's name and directory and the
+    fetch state directory from its HostLayout, so the whole path is the charm's own.
     """
-    directory = Path(tempfile.mkdtemp(prefix="vmhost-test-charm-images-"))
-    directory.chmod(0o755)
-    remove_pool(backend.conn, TEST_IMAGE_POOL)
-    monkeypatch.setattr(images, "IMAGE_POOL", TEST_IMAGE_POOL)
-    monkeypatch.setattr(images, "IMAGE_POOL_PATH", str(directory / "image-cache"))
-    monkeypatch.setattr(imagecache, "STATE_DIR", str(tmp_path / "fetch-state"))
     with LibvirtBackend(
-        image_pool=TEST_IMAGE_POOL, image_pool_path=str(directory / "image-cache")
+        image_pool=layout.image_pool, image_pool_path=layout.image_pool_path
     ) as charm_backend:
         yield charm_backend
         for vm in charm_backend.list_vms():
             if vm.name.startswith("vmhost-test-"):
                 charm_backend.delete(vm.name)
-    remove_pool(backend.conn, TEST_IMAGE_POOL)
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -96,15 +89,19 @@ def bases(backend: LibvirtBackend) -> list[images.CachedImage]:
     return backend.cached_images()
 
 
-def staging_files() -> list[Path]:
-    staging = Path(images.IMAGE_POOL_PATH).parent / "image-staging"  # the patched path
+def staging_files(layout: HostLayout) -> list[Path]:
+    staging = Path(layout.image_pool_path).parent / "image-staging"
     return list(staging.iterdir()) if staging.is_dir() else []
 
 
 def test_compose_vm_by_name_boots_and_a_second_vm_downloads_nothing(
-    charm_pool: LibvirtBackend, test_pool: str, test_bridge: str, published: Path
+    charm_type: type[charm.VmHostCharm],
+    charm_pool: LibvirtBackend,
+    test_pool: str,
+    test_bridge: str,
+    published: Path,
 ) -> None:
-    ctx = testing.Context(charm.VmHostCharm)
+    ctx = testing.Context(charm_type)
     requests: list[str] = []
     with mirror.serve(published, requests=requests) as url:
         state = testing.State(config=config(test_pool, url, published, test_bridge), leader=True)
@@ -122,7 +119,7 @@ def test_compose_vm_by_name_boots_and_a_second_vm_downloads_nothing(
         assert macs
         assert set(guest["nics"].values()) == macs
 
-        ctx = testing.Context(charm.VmHostCharm)
+        ctx = testing.Context(charm_type)
         started = time.monotonic()
         run(ctx, state, "compose-vm", name="vmhost-test-img-1", memory=256, image="noble",
             storage="root:1")  # fmt: skip
@@ -139,9 +136,14 @@ def test_compose_vm_by_name_boots_and_a_second_vm_downloads_nothing(
 
 
 def test_a_relation_request_is_pending_while_its_image_downloads_then_boots(
-    charm_pool: LibvirtBackend, test_pool: str, test_bridge: str, published: Path
+    charm_type: type[charm.VmHostCharm],
+    layout: HostLayout,
+    charm_pool: LibvirtBackend,
+    test_pool: str,
+    test_bridge: str,
+    published: Path,
 ) -> None:
-    ctx = testing.Context(charm.VmHostCharm)
+    ctx = testing.Context(charm_type)
     relation = vm_lib.requirer_relation(
         [{"id": "web-0", "memory": 256, "cores": 1, "storage": "root:1"}],
         remote_app_name="vmhost-test",
@@ -157,7 +159,7 @@ def test_a_relation_request_is_pending_while_its_image_downloads_then_boots(
         assert answer.state == "pending"
         assert answer.error is not None
         assert "ubuntu@24.04" in answer.error  # the default image, fetched in the background
-        settings = imagecache.Settings(state_dir=imagecache.STATE_DIR)
+        settings = imagecache.Settings(state_dir=layout.image_state_dir)
         deadline = time.monotonic() + FETCH_TIMEOUT_S
         while (done := imagecache.read_state(settings, "ubuntu@24.04")) is None or (
             done.state == "running"
@@ -202,6 +204,8 @@ def _break(directory: Path, how: str) -> None:
     ],
 )
 def test_a_broken_source_is_refused_with_its_reason_and_leaves_nothing(
+    charm_type: type[charm.VmHostCharm],
+    layout: HostLayout,
     charm_pool: LibvirtBackend,
     test_pool: str,
     test_bridge: str,
@@ -209,7 +213,7 @@ def test_a_broken_source_is_refused_with_its_reason_and_leaves_nothing(
     how: str,
     words: str,
 ) -> None:
-    ctx = testing.Context(charm.VmHostCharm)
+    ctx = testing.Context(charm_type)
     _break(published, how)
     before_bases = bases(charm_pool)
     before_volumes = set(charm_pool.conn.storagePoolLookupByName(test_pool).listVolumes())
@@ -228,7 +232,7 @@ def test_a_broken_source_is_refused_with_its_reason_and_leaves_nothing(
     assert message.startswith("image not available, nothing done: ubuntu@24.04: fetch failed")
     assert words in message
     assert bases(charm_pool) == before_bases
-    assert staging_files() == []
+    assert staging_files(layout) == []
     pool = charm_pool.conn.storagePoolLookupByName(test_pool)
     pool.refresh(0)
     assert set(pool.listVolumes()) == before_volumes

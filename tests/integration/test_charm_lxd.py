@@ -50,8 +50,8 @@ def lxd_host(lxd: LxdTrust, tmp_path: Path) -> Iterator[LxdTrust]:
 
 
 @pytest.fixture
-def ctx() -> testing.Context[charm.VmHostCharm]:
-    return testing.Context(charm.VmHostCharm)
+def ctx(charm_type: type[charm.VmHostCharm]) -> testing.Context[charm.VmHostCharm]:
+    return testing.Context(charm_type)
 
 
 def state(**kwargs) -> testing.State:

@@ -53,8 +53,8 @@ def static_bridge() -> Iterator[str]:
 
 
 @pytest.fixture
-def ctx() -> testing.Context[charm.VmHostCharm]:
-    return testing.Context(charm.VmHostCharm)
+def ctx(charm_type: type[charm.VmHostCharm]) -> testing.Context[charm.VmHostCharm]:
+    return testing.Context(charm_type)
 
 
 @pytest.fixture

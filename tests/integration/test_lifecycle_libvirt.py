@@ -27,8 +27,8 @@ VM = "vmhost-test-power-0"
 
 
 @pytest.fixture
-def ctx() -> testing.Context[charm.VmHostCharm]:
-    return testing.Context(charm.VmHostCharm)
+def ctx(charm_type: type[charm.VmHostCharm]) -> testing.Context[charm.VmHostCharm]:
+    return testing.Context(charm_type)
 
 
 @pytest.fixture

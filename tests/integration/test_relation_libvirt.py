@@ -41,8 +41,8 @@ def bridges() -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture
-def ctx() -> testing.Context[charm.VmHostCharm]:
-    return testing.Context(charm.VmHostCharm)
+def ctx(charm_type: type[charm.VmHostCharm]) -> testing.Context[charm.VmHostCharm]:
+    return testing.Context(charm_type)
 
 
 def read_iso_file(path: str, name: str) -> str:
@@ -172,7 +172,7 @@ MODEL = testing.Model(uuid="5f0c1d2e-3a4b-4c5d-8e6f-7a8b9c0d1e2f")
 @pytest.mark.usefixtures("clean_host")
 @pytest.mark.parametrize("policy", ["delete", "keep"])
 def test_remove_unit_leaves_the_vm_and_its_disks_on_the_real_host(
-    ctx, backend, test_pool, test_bridge, policy
+    ctx, charm_type, backend, test_pool, test_bridge, policy
 ):
     request = {"id": "db-0", "cores": 1, "memory": 128, "storage": "root:1"}
     relation = vm_lib.requirer_relation([request], remote_app_name=APP, relation_id=43)
@@ -183,7 +183,7 @@ def test_remove_unit_leaves_the_vm_and_its_disks_on_the_real_host(
         "default-image": "",  # network boot: no image to wait for
         "release-policy": policy,
     }
-    unit = testing.Context(charm.VmHostCharm, unit_id=1)
+    unit = testing.Context(charm_type, unit_id=1)
     state = testing.State(config=config, leader=True, relations={relation}, model=MODEL)
     out = unit.run(unit.on.relation_changed(relation), state)
     (answer,) = vm_lib.answers_from(out.get_relation(43))

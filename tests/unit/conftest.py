@@ -14,8 +14,8 @@ from tests.fixtures import FIXTURES
 import charm
 from fake_backend import FakeBackend
 from vmhost import access, exporter, host, refusals
+from vmhost.layout import HostLayout
 from vmhost.model import PAGE_2M_KIB, HostNic, HostTopology, NicKind, VmHostError
-from vmhost.relation import journal
 from vmhost.topology import parse_capabilities
 
 # Property tests check behaviour, not speed (bench/ measures speed): on a loaded 2-CPU machine
@@ -25,11 +25,13 @@ settings.load_profile("vm-host")
 
 
 @pytest.fixture(autouse=True)
-def journal_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The relation journal lives on the host; tests keep theirs in a temporary directory."""
-    path = tmp_path / "relations"
-    monkeypatch.setattr(journal, "JOURNAL_DIR", path)
-    return path
+def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HostLayout:
+    """The charm's state on the host (relation journal, image fetch state) in a temporary dir."""
+    got = HostLayout(
+        journal_dir=tmp_path / "relations", image_state_dir=str(tmp_path / "image-fetch")
+    )
+    monkeypatch.setattr(charm.VmHostCharm, "layout", got)
+    return got
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +127,7 @@ def backend(topology, monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
     fake = FakeBackend(host=topology)
     fake.ensure_pool(host.DEFAULT_POOL_NAME, host.DEFAULT_POOL_PATH)  # as after install
     fake.calls.clear()
-    monkeypatch.setattr(charm, "make_backend", lambda config: fake)
+    monkeypatch.setattr(charm, "make_backend", lambda config, layout=None: fake)
     return fake
 
 

@@ -17,6 +17,7 @@ from fake_backend import FakeBackend, FakeImageStore
 from vmhost import imagecache
 from vmhost.constraints import build_spec, spec_hash
 from vmhost.images import ImageFetchError
+from vmhost.layout import HostLayout
 
 pytestmark = pytest.mark.usefixtures("fake_access", "fake_host")
 
@@ -24,10 +25,9 @@ WEB = {"id": "web-0", "cores": 1, "memory": 512}
 
 
 @pytest.fixture
-def store(backend: FakeBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeImageStore:
+def store(backend: FakeBackend, tmp_path: Path) -> FakeImageStore:
     backend.images = FakeImageStore(tmp_path / "pool")
     (tmp_path / "pool").mkdir()
-    monkeypatch.setattr(imagecache, "STATE_DIR", str(tmp_path / "state"))
     return backend.images
 
 
@@ -68,9 +68,9 @@ def test_a_relation_request_waits_pending_for_its_image_then_is_composed(
 
 
 def test_a_failed_fetch_fails_the_request_with_its_reason(
-    ctx, backend: FakeBackend, store: FakeImageStore, launched
+    ctx, backend: FakeBackend, store: FakeImageStore, launched, layout: HostLayout
 ):
-    settings = imagecache.Settings(state_dir=imagecache.STATE_DIR)
+    settings = imagecache.Settings(state_dir=layout.image_state_dir)
     imagecache.write_state(
         settings,
         imagecache.FetchState(

@@ -252,7 +252,9 @@ class TwoUnits:
         )
 
     def run(self, unit: int, event_of, *, members=(0, 1), relations=None, **kwargs):
-        self.monkeypatch.setattr(charm, "make_backend", lambda config: self.backends[unit])
+        self.monkeypatch.setattr(
+            charm, "make_backend", lambda config, layout=None: self.backends[unit]
+        )
         peer = self.peer(unit, members)
         relation = self.relation
         state = testing.State(
@@ -356,7 +358,7 @@ def test_reassign_vm_places_a_request_whose_host_left(fake_host, topology, monke
     assert fleet_.hosted()["vm-host/0"] == ["pg-7-web-0"]
 
     ctx = fleet_.ctx[0]
-    monkeypatch.setattr(charm, "make_backend", lambda config: fleet_.backends[0])
+    monkeypatch.setattr(charm, "make_backend", lambda config, layout=None: fleet_.backends[0])
     state = testing.State(leader=True, relations={fleet_.relation, fleet_.peer(0, (0,))})
     with pytest.raises(testing.ActionFailed, match="no request of pg with id 'nope'"):
         ctx.run(ctx.on.action("reassign-vm", params={"app": "pg", "id": "nope"}), state)

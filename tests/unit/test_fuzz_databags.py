@@ -171,7 +171,7 @@ def vm_host_ctx() -> Iterator[tuple[testing.Context[charm.VmHostCharm], FakeBack
     """A fresh vm-host charm with the in-memory backend, host and access for one example."""
     with pytest.MonkeyPatch.context() as mp:
         backend = FakeBackend(host=TOPOLOGY)
-        mp.setattr(charm, "make_backend", lambda config: backend)
+        mp.setattr(charm, "make_backend", lambda config, layout=None: backend)
         # backend=lxd examples must never reach this machine's LXD (they would set its
         # core.https_address to ops.testing's 192.0.2.0 bind address).
         FakeTrust.certificates, FakeTrust.https, FakeTrust.tokens = {}, None, []

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmhost import images
 from vmhost.backends import Backend
+from vmhost.layout import HostLayout
 
 if TYPE_CHECKING:
     from vmhost.lxd_trust import LxdTrust
@@ -23,11 +23,14 @@ def make_backend(
     project: str,
     templates_dir: Path,
     virt_type: str = "auto",
+    layout: HostLayout | None = None,
 ) -> Backend:
     """Build the backend of that kind ("libvirt" or "lxd").
 
-    Imported lazily: an LXD host has no libvirt library for libvirt-python to load.
+    `layout` says where the backend keeps its image cache (the deployed charm's, HostLayout(),
+    when None). Imported lazily: an LXD host has no libvirt library for libvirt-python to load.
     """
+    layout = layout or HostLayout()
     if kind == "lxd":
         from vmhost.backends.lxd import LxdBackend
 
@@ -37,8 +40,8 @@ def make_backend(
     return LibvirtBackend(
         templates_dir=templates_dir,
         virt_type=virt_type,
-        image_pool=images.IMAGE_POOL,
-        image_pool_path=images.IMAGE_POOL_PATH,
+        image_pool=layout.image_pool,
+        image_pool_path=layout.image_pool_path,
     )
 
 
