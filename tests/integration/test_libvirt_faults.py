@@ -1,8 +1,12 @@
 """Faults on the real libvirtd: copied domains, forged metadata, interrupted composes, pools.
 
-No mocks: the hypervisor, its pools and their files are real; a "killed" compose is a
-BaseException raised between the first volume and the define, which is what a hook killed
-there leaves behind.
+No mocks: the hypervisor, its pools and their files are real, and so are the faults. A killed
+compose is a compose in another process, SIGKILLed while its call to define the domain is held
+at a gate in front of libvirtd's socket (tests/integration/libvirt_gate.py): every volume
+exists, the domain does not, and no code of the compose runs after the kill. A pool removed
+mid-compose is destroyed and undefined from a second connection while the compose's call to
+create its second volume is held at the gate. A full pool is a directory pool on a small
+tmpfs; a pool whose directory vanished is one whose directory the test removed.
 
 Everything is named vmhost-test-* so the conftest cleanup removes leftovers of a failed run.
 """
@@ -12,23 +16,33 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import libvirt
 import pytest
-from tests.integration.conftest import remove_test_domains
+from tests.integration.conftest import PREFIX, remove_test_domains
+from tests.integration.libvirt_gate import (
+    DOMAIN_DEFINE_XML,
+    STORAGE_VOL_CREATE_XML,
+    LibvirtGate,
+    compose_in_child,
+)
 from tests.integration.test_libvirt_backend import domains, placed, volumes
 
-from vmhost.backends import libvirt as libvirt_backend
 from vmhost.backends.libvirt import METADATA_NS, LibvirtBackend
 from vmhost.compose import HostState, compose
 from vmhost.model import DiskSpec, Policy, VmHostError, VmSpec
 
 GB = 10**9
+HELD_TIMEOUT_S = 120
+"""How long a compose may take to reach the held call (a spawned interpreter on a loaded host)."""
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_host")]
 
@@ -154,8 +168,39 @@ def test_forged_metadata_naming_another_vms_volume_never_deletes_it(
     backend.delete(victim.name)
 
 
-class Killed(BaseException):
-    """What a hook killed mid-compose amounts to: no except clause of the compose runs."""
+@pytest.fixture
+def gate_dir() -> Iterator[Path]:
+    """A short private directory for a gate's socket (unix socket paths are short)."""
+    path = Path(tempfile.mkdtemp(prefix=PREFIX + "gate-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_held(gate: LibvirtGate, what: str, alive) -> None:
+    """Wait for the gate to hold its call; fail early, saying why, when the compose ended."""
+    deadline = time.monotonic() + HELD_TIMEOUT_S
+    while not gate.wait_held(0.2):
+        if not alive():
+            pytest.fail(f"the compose ended before {what}; calls through the gate: {gate.calls}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} in {HELD_TIMEOUT_S} s; calls through the gate: {gate.calls}")
+
+
+def kill_compose(backend: LibvirtBackend, vm: VmSpec, pool: str, gate_dir: Path) -> None:
+    """Compose `vm` in another process and SIGKILL it as it asks libvirtd to define the domain.
+
+    That is a hook killed after its volumes: they exist, the domain does not, and nothing of
+    the compose (no except clause, no rollback) runs after the kill.
+    """
+    placement = placed(backend, vm)
+    with LibvirtGate(gate_dir, hold=DOMAIN_DEFINE_XML) as gate:
+        child = compose_in_child(gate.uri, backend, vm, placement, pool)
+        try:
+            wait_held(gate, "call to define the domain", child.is_alive)
+        finally:
+            child.kill()
+            child.join(HELD_TIMEOUT_S)
+    assert child.exitcode == -signal.SIGKILL
 
 
 @pytest.fixture
@@ -173,7 +218,7 @@ def scratch_pool(backend: LibvirtBackend, tmp_path: Path) -> Iterator[tuple[str,
 
 
 def test_a_killed_compose_leaves_an_intent_and_the_next_hook_removes_its_volumes(
-    backend: LibvirtBackend, test_pool: str, monkeypatch: pytest.MonkeyPatch
+    backend: LibvirtBackend, test_pool: str, gate_dir: Path
 ) -> None:
     vm = spec(
         "vmhost-test-killed",
@@ -182,13 +227,8 @@ def test_a_killed_compose_leaves_an_intent_and_the_next_hook_removes_its_volumes
     )
     placement = placed(backend, vm)
 
-    def killed(*_args: object, **_kw: object) -> None:
-        raise Killed
+    kill_compose(backend, vm, test_pool, gate_dir)
 
-    with monkeypatch.context() as m:  # between the volumes and the define
-        m.setattr(libvirt_backend, "domain_context", killed)
-        with pytest.raises(Killed):
-            backend.compose(vm, placement, (), test_pool)
     assert {"vmhost-test-killed-root", "vmhost-test-killed-data"} <= volumes(backend, test_pool)
     assert vm.name not in domains(backend)
     (intent,) = backend.intents.pending()
@@ -214,17 +254,10 @@ def test_a_killed_compose_leaves_an_intent_and_the_next_hook_removes_its_volumes
 
 
 def test_recovery_keeps_a_volume_some_domain_uses(
-    backend: LibvirtBackend, test_pool: str, monkeypatch: pytest.MonkeyPatch
+    backend: LibvirtBackend, test_pool: str, gate_dir: Path
 ) -> None:
     vm = spec("vmhost-test-killed", test_pool)
-
-    def killed(*_args: object, **_kw: object) -> None:
-        raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(libvirt_backend, "domain_context", killed)
-        with pytest.raises(Killed):
-            backend.compose(vm, placed(backend, vm), (), test_pool)
+    kill_compose(backend, vm, test_pool, gate_dir)
     (intent,) = backend.intents.pending()
     path = intent.volumes[0].path
     backend.conn.defineXML(
@@ -249,7 +282,7 @@ def test_recovery_keeps_a_volume_some_domain_uses(
 
 
 def test_pool_undefined_mid_compose_is_cleaned_by_path(
-    backend: LibvirtBackend, scratch_pool: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+    backend: LibvirtBackend, scratch_pool: tuple[str, Path], gate_dir: Path
 ) -> None:
     pool_name, pool_dir = scratch_pool
     vm = spec(
@@ -258,20 +291,29 @@ def test_pool_undefined_mid_compose_is_cleaned_by_path(
         disks=(DiskSpec("root", 1, pool_name), DiskSpec("data", 1, pool_name)),
     )
     placement = placed(backend, vm)
-    create = LibvirtBackend._create_volume
-
-    def create_then_undefine(self: LibvirtBackend, pool: object, name: str, *a: object) -> object:
-        vol = create(self, pool, name, *a)  # type: ignore[arg-type]
+    gate = LibvirtGate(gate_dir, hold=STORAGE_VOL_CREATE_XML, nth=2)  # the data volume's
+    with contextlib.ExitStack() as stack:
+        composer = stack.enter_context(
+            LibvirtBackend(
+                uri=gate.uri,
+                virt_type=backend.virt_type,
+                intent_dir=backend.intents.directory,
+                console_log_dir=backend.console_log_dir,
+            )
+        )
+        executor = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        stack.enter_context(gate)  # closed first: a held call never outlives the test
+        running = executor.submit(composer.compose, vm, placement, (), pool_name)
+        wait_held(gate, "call to create the second volume", lambda: not running.done())
+        assert (pool_dir / "vmhost-test-vanish-root").is_file()  # the first volume is made
         gone = backend.conn.storagePoolLookupByName(pool_name)
         gone.destroy()
         gone.undefine()  # the operator removes the pool while the compose runs
-        return vol
+        gate.release()
+        with pytest.raises(VmHostError) as error:
+            running.result(timeout=HELD_TIMEOUT_S)
 
-    monkeypatch.setattr(LibvirtBackend, "_create_volume", create_then_undefine)
-    with pytest.raises(VmHostError) as error:
-        backend.compose(vm, placement, (), pool_name)
-    monkeypatch.undo()
-
+    print(f"compose after the pool went: {error.value}")
     assert "nothing was left behind" in str(error.value)
     assert not (pool_dir / "vmhost-test-vanish-root").exists()  # unlinked by its path
     assert list(pool_dir.iterdir()) == []
