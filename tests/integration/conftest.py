@@ -245,11 +245,12 @@ def image_pool(
     """A fresh image cache pool for `backend`; Settings with private local and state dirs."""
     remove_pool(backend.conn, TEST_IMAGE_POOL)
     empty_directory(image_cache_base)
-    local = tmp_path / "local-images"
-    local.mkdir()
+    private = tmp_path / "image-pool"  # apart from what the test itself keeps in tmp_path
+    local = private / "local-images"
+    local.mkdir(parents=True)
     yield imagecache.Settings(
         local_dir=str(local),
-        state_dir=str(tmp_path / "state"),
+        state_dir=str(private / "state"),
         pool=backend.image_pool,
         pool_path=backend.image_pool_path,
     )
