@@ -80,13 +80,19 @@ def state(test_pool: str, clean_host: None, addressed_bridge: str) -> testing.St
     return testing.State(config=config, leader=True)
 
 
-def run(state: testing.State, action: str, **params: object) -> dict[str, str]:
-    ctx = testing.Context(charm.VmHostCharm)
-    ctx.run(ctx.on.action(action, params=params), state)
-    return ctx.action_results or {}
+@pytest.fixture
+def run(charm_type: type[charm.VmHostCharm]):
+    """Run one action of the charm (with the tests' host layout) and return its results."""
+
+    def action(state: testing.State, action: str, **params: object) -> dict[str, str]:
+        ctx = testing.Context(charm_type)
+        ctx.run(ctx.on.action(action, params=params), state)
+        return ctx.action_results or {}
+
+    return action
 
 
-def test_vm_nic_attachment_and_node_as_sysfs_says(state, addressed_bridge):
+def test_vm_nic_attachment_and_node_as_sysfs_says(run, state, addressed_bridge):
     composed = run(
         state,
         "compose-vm",
