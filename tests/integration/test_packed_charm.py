@@ -144,4 +144,3 @@ print("modules", len(names))
     for name in ("libvirt", "pylxd", "jinja2", "pydantic", "ops", "vmhost", "charm"):
         assert imported[name].startswith(str(unpacked)), (name, imported[name])
     assert int(imported["modules"]) >= 20, proc.stdout
-
