@@ -38,9 +38,9 @@ from typing import Any, Literal
 import jinja2
 import pydantic
 
-from vmhost import images, metrics, refusals, report, settings
+from vmhost import images, metrics, networks, refusals, report, settings
 from vmhost.backends import Backend
-from vmhost.model import HostTopology, InvalidRequestError, Policy, VmRecord
+from vmhost.model import HostNic, HostTopology, InvalidRequestError, Policy, VmRecord
 from vmhost.placement import usage
 from vmhost.topology import format_cpu_list
 
@@ -246,20 +246,15 @@ def vm_colour(name: str) -> str:
     return f"hsl({hue}, 60%, 38%)"
 
 
-def _nic_nodes(topology: HostTopology) -> dict[str, int | None]:
-    return {n.name: n.numa_node for n in topology.nics}
-
-
-def _vm_view(vm: VmRecord, nic_nodes: dict[str, int | None]) -> dict[str, Any]:
+def _vm_view(vm: VmRecord, host_nics: Sequence[HostNic]) -> dict[str, Any]:
     nodes = set(vm.placement.host_nodes)
-    attached = {i.get("attached-to", "") for i in vm.interfaces} | {
-        v.nic for v in vm.placement.vfs
-    }
-    off_node = sorted(
-        nic
-        for nic in attached
-        if nic and nodes and nic_nodes.get(nic) is not None and nic_nodes[nic] not in nodes
-    )
+    # The same off-node rule as show-resources and list-vms (report.vm_nics: a bridge is where
+    # its ports are), plus the PFs the placement takes VFs of.
+    off_node = {n["host-device"] for n in report.vm_nics(vm, host_nics) if n["off-node"]}
+    for vf in vm.placement.vfs:
+        pf_nodes = set(networks.device_nodes(host_nics, vf.nic))
+        if nodes and pf_nodes and not pf_nodes <= nodes:
+            off_node.add(vf.nic)
     return {
         "name": vm.name,
         "colour": vm_colour(vm.name),
@@ -270,7 +265,7 @@ def _vm_view(vm: VmRecord, nic_nodes: dict[str, int | None]) -> dict[str, Any]:
         "nodes": sorted(nodes),
         "cpus": format_cpu_list(vm.placement.pinned_cpus) or "shared",
         "spans": len(nodes) > 1,
-        "off_node_nics": off_node,
+        "off_node_nics": sorted(off_node),
         "hugepages": report.placement_data(vm.placement)["hugepages"],
         "interfaces": [dict(i) for i in vm.interfaces],
         "volumes": list(vm.volumes),
@@ -305,8 +300,7 @@ def page_context(
     data = report.resources_json(topology, vms, policy)
     host_usage = usage(topology, [vm.placement for vm in vms], policy)
     states = {n.node: n.cpu_states for n in host_usage.nodes}
-    nic_nodes = _nic_nodes(topology)
-    views = {vm.name: _vm_view(vm, nic_nodes) for vm in vms}
+    views = {vm.name: _vm_view(vm, topology.nics) for vm in vms}
     owner_of: dict[int, str] = {}
     for vm in vms:
         for cpu in vm.placement.pinned_cpus:

@@ -21,6 +21,7 @@ from vmhost.model import (
     HostNic,
     HostTopology,
     InvalidRequestError,
+    NicKind,
     Placement,
     Policy,
     StoragePool,
@@ -466,3 +467,21 @@ def test_ensure_running_under_systemd_restarts_only_on_change(
     calls.clear()
     running["up"] = False  # died: update-status starts it again
     assert ensure(config.model_copy(update={"interval": 60.0})) == ("restarted (systemd)")
+
+
+def test_map_marks_a_bridge_nic_off_node_as_show_resources_does(sample: metrics.Sample):
+    # br0's only hardware port is ens9 (node 0): pinned-a (node 0) is local, huge-b (node 1)
+    # is off-node through the bridge, as show-resources' vm-nics says.
+    assert sample.topology is not None
+    nics = (
+        HostNic("br0", NicKind.BRIDGE),
+        *(replace(n, master="br0") if n.name == "ens9" else n for n in sample.topology.nics),
+    )
+    on_bridge = {"label": "1", "mac": "52:54:00:00:00:09", "attached-to": "br0"}
+    vms = [replace(vm, interfaces=(*vm.interfaces, on_bridge)) for vm in sample.vms[:2]]
+    data = report.resources_json(replace(sample.topology, nics=nics), vms, POLICY)
+    shown = {(n["vm"], n["host-device"]) for n in data["vm-nics"] if n["off-node"]}
+    assert shown == {("huge-b", "br0")}
+    views = {vm.name: exporter._vm_view(vm, nics) for vm in vms}
+    assert views["pinned-a"]["off_node_nics"] == []
+    assert views["huge-b"]["off_node_nics"] == ["br0", "ens9"]
