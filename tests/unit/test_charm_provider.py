@@ -518,3 +518,22 @@ def test_legacy_owned_vms_are_never_released_by_mistake_after_upgrade(
     ctx.run(ctx.on.relation_broken(relation), leaving)
     ctx.run(ctx.on.relation_broken(nine), leaving)
     untouched()
+
+
+@pytest.mark.parametrize("field", ["requests", "version"])
+def test_one_hostile_app_never_stops_another_apps_vms(ctx, backend, fake_host, field):
+    """2 kB of nested JSON from one app: that app is refused, the other app is served."""
+    nested = "[" * 1000 + "]" * 1000
+    hostile = testing.Relation(
+        "vms",
+        remote_app_name="evil",
+        remote_app_data={"version": '"0"', "requests": "[]", field: nested},
+    )
+    healthy = vm_lib.requirer_relation([DB], remote_app_name="pg")
+    out = ctx.run(
+        ctx.on.relation_changed(hostile),
+        testing.State(leader=True, relations={hostile, healthy}),
+    )
+    assert answers(out, healthy)["db-0"].state == "running"
+    assert f"pg-{healthy.id}-db-0" in backend.vms
+    assert not [name for name in backend.vms if name.startswith("evil-")]
