@@ -8,7 +8,7 @@ request, duplicate and range checks included). The report gives seconds per case
 ratio of the largest case to the smallest per request: about 1.0 when the cost is linear in
 the number of requests (a quadratic check would show a ratio near the size ratio).
 
-    PYTHONPATH=src:lib .venv/bin/python -m bench.requests [--runs N] [--out FILE]
+    PYTHONPATH=src:lib .venv/bin/python -m bench.relation_requests [--runs N] [--out FILE]
 """
 
 from __future__ import annotations
