@@ -38,11 +38,7 @@ from vmhost.backends import Backend, BackendUnavailableError, factory
 from vmhost.backends.factory import make_trust
 from vmhost.config import (
     CharmConfig,
-    KeyParams,
-    NameParams,
     ReassignParams,
-    RevokeParams,
-    TrustParams,
     parse_networks,
     pydantic_message,
 )
@@ -53,17 +49,14 @@ from vmhost.relation import fleet, journal, keys, serve
 logger = logging.getLogger(__name__)
 
 _P = TypeVar("_P", bound=pydantic.BaseModel)
-ACCESS_ACTIONS = (
-    "list-access",
-    "authorize-ssh-key",
-    "revoke-ssh-key",
-    "add-trusted-client",
-    "remove-trusted-client",
-    "get-trust-token",
-)
 
 CHARM_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = CHARM_DIR / "templates"
+
+
+def _action_name(event: ops.ActionEvent) -> str:
+    """The action's name as actions.yaml spells it ("compose-vm")."""
+    return event.handle.kind.removesuffix("_action").replace("_", "-")
 
 
 def make_backend(config: CharmConfig, layout: HostLayout | None = None) -> Backend:
@@ -125,7 +118,7 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(self.on.remove, self._on_remove)
         for name in actions.HOST_ACTIONS:
             framework.observe(self.on[name].action, self._on_host_action)
-        for name in ACCESS_ACTIONS:
+        for name in actions.ACCESS_ACTIONS:
             framework.observe(self.on[name].action, self._on_access_action)
         framework.observe(self.on.reassign_vm_action, self._on_reassign_vm)
 
@@ -565,9 +558,7 @@ class VmHostCharm(ops.CharmBase):
 
     def _on_host_action(self, event: ops.ActionEvent) -> None:
         """An action on the hypervisor (vmhost.actions.HOST_ACTIONS)."""
-        model, run = actions.HOST_ACTIONS[
-            event.handle.kind.removesuffix("_action").replace("_", "-")
-        ]
+        model, run = actions.HOST_ACTIONS[_action_name(event)]
         params = None if model is None else self._params(event, model)
         if model is not None and params is None:
             return
@@ -619,33 +610,12 @@ class VmHostCharm(ops.CharmBase):
         if config is None:
             event.fail(f"invalid config, nothing done: {self._config_error}")
             return
-        kind = event.handle.kind.removesuffix("_action")
-        if kind == "list_access":
-            self._finish(event, lambda: actions.list_access(config, make_trust))
+        model, run = actions.ACCESS_ACTIONS[_action_name(event)]
+        params = None if model is None else self._params(event, model)
+        if model is not None and params is None:
             return
-        if kind in ("authorize_ssh_key", "revoke_ssh_key"):
-            model = KeyParams if kind == "authorize_ssh_key" else RevokeParams
-            params = event.load_params(model, errors="fail")
-            if isinstance(params, KeyParams):
-                address = self._access_address()
-                self._finish(event, lambda: actions.authorize_ssh_key(config, params, address))
-            else:
-                self._finish(event, lambda: actions.revoke_ssh_key(config, params))
-            return
-        model = TrustParams if kind == "add_trusted_client" else NameParams
-        params = event.load_params(model, errors="fail")
-        self._finish(event, lambda: self._trust_action(kind, config, params))
-
-    @staticmethod
-    def _trust_action(
-        kind: str, config: CharmConfig, params: TrustParams | NameParams
-    ) -> actions.Results:
-        trust = actions.trust_for(config, make_trust)
-        if isinstance(params, TrustParams):
-            return actions.add_trusted_client(config, trust, params)
-        if kind == "remove_trusted_client":
-            return actions.remove_trusted_client(trust, params)
-        return actions.get_trust_token(config, trust, params)
+        context = actions.AccessContext(config, make_trust, self._access_address())
+        self._finish(event, lambda: run(context, params))
 
     # ----------------------------------------------------------------------------------------
     # Removal

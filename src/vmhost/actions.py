@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from vmhost.lxd_trust import LxdTrust
 
 __all__ = [
+    "ACCESS_ACTIONS",
+    "HOST_ACTIONS",
+    "AccessContext",
     "ActionError",
     "Context",
     "Snapshot",
@@ -407,6 +410,33 @@ def get_trust_token(config: CharmConfig, trust: LxdTrust, params: NameParams) ->
         raise ActionError(f"no token issued: {exc}") from exc
     return {"token": token, "project": config.lxd_project}
 
+
+@dataclass(frozen=True)
+class AccessContext:
+    """What the access actions need: the config, LXD's trust store on demand, the address."""
+
+    config: CharmConfig
+    make_trust: Callable[[], LxdTrust]
+    address: str | None
+    """The access endpoint's address (for the libvirt URI), None when Juju gives none."""
+
+    def trust(self) -> LxdTrust:
+        """LXD's trust store, for the trust actions."""
+        return trust_for(self.config, self.make_trust)
+
+
+ACCESS_ACTIONS: Mapping[str, tuple[type | None, Callable[[AccessContext, Any], Results]]] = {
+    "list-access": (None, lambda ctx, _: list_access(ctx.config, ctx.make_trust)),
+    "authorize-ssh-key": (KeyParams, lambda ctx, p: authorize_ssh_key(ctx.config, p, ctx.address)),
+    "revoke-ssh-key": (RevokeParams, lambda ctx, p: revoke_ssh_key(ctx.config, p)),
+    "add-trusted-client": (
+        TrustParams,
+        lambda ctx, p: add_trusted_client(ctx.config, ctx.trust(), p),
+    ),
+    "remove-trusted-client": (NameParams, lambda ctx, p: remove_trusted_client(ctx.trust(), p)),
+    "get-trust-token": (NameParams, lambda ctx, p: get_trust_token(ctx.config, ctx.trust(), p)),
+}
+"""Actions on hypervisor access: name -> (parameter model or None, function)."""
 
 HOST_ACTIONS: Mapping[str, tuple[type | None, Callable[[Context, Any], Results]]] = {
     "compose-vm": (ComposeParams, compose_vm),
