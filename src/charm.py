@@ -174,10 +174,7 @@ class VmHostCharm(ops.CharmBase):
         peer = self.model.get_relation("hosts")
         if peer is None:
             return frozenset()
-        reports, _ = fleet.collect_reports(
-            {u.name: peer.data[u].get("report") for u in peer.units}
-        )
-        return frozenset(m for r in reports.values() for m in r.macs)
+        return fleet.peer_macs({u.name: peer.data[u].get("report") for u in peer.units})
 
     def _host_state(
         self,
@@ -409,12 +406,8 @@ class VmHostCharm(ops.CharmBase):
             if fresh is not None and peer is not None:
                 # Report what changed now, not at this unit's next hook: the leader learns
                 # sooner that a request is composed here (and never places it elsewhere).
-                peer.data[self.unit]["report"] = fleet.host_report(
-                    fresh.topology,
-                    fresh.allocations,
-                    hostname=socket.gethostname(),
-                    composed=keys.composed_keys(fresh.vms, scope),
-                    macs=compose.macs_in_use(fresh.vms),
+                peer.data[self.unit]["report"] = fleet.unit_report(
+                    fresh.topology, fresh.vms, hostname=socket.gethostname(), scope=scope
                 )
         return decision
 

@@ -59,6 +59,8 @@ __all__ = [
     "host_report",
     "lead",
     "parse_host_report",
+    "peer_macs",
+    "unit_report",
 ]
 
 WIRE_VERSION = "0"
@@ -219,6 +221,32 @@ def host_report(
             macs=tuple(sorted(macs)),
         )
     )
+
+
+def unit_report(
+    topology: HostTopology,
+    vms: Sequence[VmRecord],
+    *,
+    hostname: str | None,
+    scope: Scope | None,
+) -> str:
+    """This unit's host report from what it read: placements, MACs and composed requests."""
+    return host_report(
+        topology,
+        [vm.placement for vm in vms],
+        hostname=hostname,
+        composed=composed_keys(vms, scope),
+        macs=macs_in_use(vms),
+    )
+
+
+def _macs(reports: Mapping[str, HostReport]) -> frozenset[str]:
+    return frozenset(m for r in reports.values() for m in r.macs)
+
+
+def peer_macs(texts: Mapping[str, str | None]) -> frozenset[str]:
+    """The MACs the readable ones of these host reports list (unreadable ones list none)."""
+    return _macs(collect_reports(texts)[0])
 
 
 def parse_host_report(text: str | None) -> tuple[HostReport | None, str | None]:
@@ -708,13 +736,7 @@ def lead(
     `reassign` (leader) the requests an operator asked to place anew after their unit left.
     """
     here = composed_keys(vms, scope)
-    report = host_report(
-        topology,
-        [vm.placement for vm in vms],
-        hostname=hostname,
-        composed=here,
-        macs=macs_in_use(vms),
-    )
+    report = unit_report(topology, vms, hostname=hostname, scope=scope)
     invalid = {r.key: r.error for r in requests if r.error is not None} if leader else {}
     valid = [(r.key, r.spec, r.host) for r in requests if r.spec is not None]
     if peers is None:
@@ -734,10 +756,10 @@ def lead(
     # (an assignment that was lost or rewritten cannot make a second VM).
     others, _ = collect_reports({u: t for u, t in peers.reports.items() if u != unit})
     elsewhere = {k for r in others.values() for k in r.composed} - here
-    peer_macs = frozenset(m for r in others.values() for m in r.macs)
+    macs = _macs(others)
     if not leader:
         mine = current.for_unit(unit) - elsewhere
-        return Decision(current, mine, {}, report, problems=tuple(problems), peer_macs=peer_macs)
+        return Decision(current, mine, {}, report, problems=tuple(problems), peer_macs=macs)
     reports, bad = collect_reports({**peers.reports, unit: report})
     problems += [f"host report of {u} ignored: {reason}" for u, reason in bad.items()]
 
@@ -774,5 +796,5 @@ def lead(
         assignment_to_json(assignment),
         composed_to_json(assignment),
         problems=tuple(problems),
-        peer_macs=peer_macs,
+        peer_macs=macs,
     )
