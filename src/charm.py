@@ -505,6 +505,7 @@ class VmHostCharm(ops.CharmBase):
             config,
             lambda: self._snapshot(config),
             self._backend(config),
+            self._mapping(config),
             backend_error=self._backend_error,
             make_trust=make_trust,
         ):

@@ -26,14 +26,11 @@ Status = tuple[Literal["blocked", "waiting", "active"], str]
 """One status for collect-status: its kind and message."""
 
 
-def _blocked(problem: str) -> Status:
-    return ("blocked", problem)
-
-
 def unit_status(
     config: CharmConfig,
     read: Callable[[], Snapshot | None],
     backend: Backend,
+    mapping: Mapping[str, networks.NetworkMapping],
     *,
     backend_error: str = "",
     make_trust: Callable[[], LxdTrust] | None = None,
@@ -43,7 +40,7 @@ def unit_status(
     Blocked for what the operator must fix (each with the fix), waiting while the hypervisor
     cannot be reached, and active with the status line (plus a crash or a recovery to note).
     `read` reads the host (cached by the charm); it is not called for a backend that cannot
-    run here.
+    run here. `mapping` is the parsed `networks` option.
     """
     choice = backend_choice_problem(config.backend, host.recorded_backend())
     if choice:
@@ -52,28 +49,24 @@ def unit_status(
     if snapshot is None:
         daemon = "libvirtd" if config.backend == "libvirt" else "LXD"
         return [("waiting", f"waiting for {daemon}: {backend_error}")]
-    found: list[Status] = [
-        _blocked(problem)
-        for problem in config_host_problems(
+    found = [
+        *config_host_problems(
             policy=config.policy,
             hugepages=config.hugepages,
             default_storage_pool=config.default_storage_pool,
             topology=snapshot.topology,
-        )
-    ]
-    found += [
-        _blocked(problem)
-        for problem in problems(
+        ),
+        *problems(
             backend=config.backend,
             libvirt_user=config.libvirt_user,
             ssh_authorized_keys=config.ssh_authorized_keys,
             hugepages=config.hugepages,
-            mapping=networks.parse_networks_config(config.networks),
+            mapping=mapping,
             nics=snapshot.topology.nics,
             trust=make_trust if config.backend == "lxd" else None,
             libvirt_user_adopt=config.libvirt_user_adopt,
             default_network=config.default_network,
-        )
+        ),
     ]
     line = report.status_line(
         config.backend,
@@ -85,7 +78,8 @@ def unit_status(
         backend.virt_type,
     )
     notes = [lifecycle.crash_note(snapshot.vms), *backend.recent_recoveries()[-1:]]
-    return [*found, ("active", "; ".join([line, *(n for n in notes if n)]))]
+    blocked: list[Status] = [("blocked", problem) for problem in found]
+    return [*blocked, ("active", "; ".join([line, *(n for n in notes if n)]))]
 
 
 def backend_choice_problem(backend: str, recorded: str | None) -> str | None:
