@@ -13,7 +13,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from vmhost import access, addresses, compose, constraints, imagecache, lifecycle, report
+from vmhost import (
+    access,
+    addresses,
+    compose,
+    constraints,
+    imagecache,
+    lifecycle,
+    report,
+    settings,
+)
 from vmhost.config import (
     CharmConfig,
     ComposeParams,
@@ -27,7 +36,6 @@ from vmhost.config import (
     StopParams,
     SyncImagesParams,
     TrustParams,
-    split_names,
 )
 from vmhost.images import ImageFetchError
 from vmhost.model import HostTopology, InvalidRequestError, Placement, VmHostError, VmRecord
@@ -305,7 +313,7 @@ def sync_images(ctx: Context, params: SyncImagesParams) -> Results:
     """Fetch or refresh images now: the named ones, else default-image and images."""
     config = ctx.config
     store = ctx.backend.image_store()
-    wanted = split_names(params.names) or [
+    wanted = settings.split_names(params.names) or [
         n for n in (config.default_image, *config.kept_images) if n
     ]
     if store is None:  # LXD: its own store, filled by LXD's pull

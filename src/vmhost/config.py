@@ -69,11 +69,6 @@ def _image_name(value: str) -> str:
         raise ValueError(str(exc).removeprefix("image: ")) from exc
 
 
-def split_names(text: str) -> list[str]:
-    """Split a comma- or space-separated list of image names."""
-    return [n for n in text.replace(",", " ").split() if n]
-
-
 @functools.lru_cache(maxsize=4)
 def parse_networks(text: str) -> Mapping[str, networks.NetworkMapping]:
     """The `networks` option, parsed once per hook (config validation and every use)."""
@@ -206,7 +201,7 @@ class CharmConfig(pydantic.BaseModel):
     @pydantic.field_validator("images")
     @classmethod
     def _images(cls, value: str) -> str:
-        return ",".join(dict.fromkeys(_image_name(n) for n in split_names(value)))
+        return ",".join(dict.fromkeys(_image_name(n) for n in settings.split_names(value)))
 
     @pydantic.field_validator("image_source")
     @classmethod
@@ -271,7 +266,7 @@ class CharmConfig(pydantic.BaseModel):
     @property
     def kept_images(self) -> list[str]:
         """The images update-status keeps fetched (option images)."""
-        return split_names(self.images)
+        return settings.split_names(self.images)
 
     @property
     def policy(self) -> Policy:

@@ -31,6 +31,7 @@ from vmhost.model import (
     NicKind,
     VmHostError,
 )
+from vmhost.settings import split_names
 
 IP_BINARY_CANDIDATES = ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip")
 """Where iproute2's `ip` lives on Debian and Ubuntu (usr-merged or not)."""
@@ -404,7 +405,7 @@ def parse_allowed_interfaces(text: str) -> frozenset[str]:
     Raises:
         InvalidRequestError: field "allowed-host-interfaces", a name the kernel would refuse.
     """
-    names = [n for n in text.replace(",", " ").split() if n]
+    names = split_names(text)
     for name in names:
         validate_ifname(name, "allowed-host-interfaces")
     return frozenset(names)

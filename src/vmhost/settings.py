@@ -102,6 +102,11 @@ def make_policy(
 PER_HOST_DEFAULT = "*"
 
 
+def split_names(text: str) -> list[str]:
+    """Split a comma- or space-separated list of names (images, host interfaces)."""
+    return [n for n in text.replace(",", " ").split() if n]
+
+
 def for_host(option: str, text: str, unit: str, hostname: str) -> str:
     """Return this host's value of an option that may differ per machine.
 

@@ -34,10 +34,9 @@ def stable_mac(
     or model off this MAC on a shared L2; a MAC in `taken` (lower case: every VM's here and in
     the peer reports) is skipped for the next derivation.
     """
+    base = f"{salt}\0{vm}\0{label}" if salt else f"{vm}\0{label}"  # unsalted: as before
     for attempt in range(1 << 16):
-        seed = f"{salt}\0{vm}\0{label}" + (f"\0{attempt}" if attempt else "")
-        if not salt and not attempt:
-            seed = f"{vm}\0{label}"  # the unsalted form of earlier revisions
+        seed = f"{base}\0{attempt}" if attempt else base
         digest = hashlib.sha256(seed.encode()).digest()
         mac = prefix + "".join(f":{b:02x}" for b in digest[:3])
         if mac not in taken:
