@@ -193,6 +193,7 @@ class VmHostCharm(ops.CharmBase):
             disk_overcommit_ratio=config.disk_overcommit_ratio,
             allowed_interfaces=config.allowed_interfaces,
             mac_salt=f"{self.model.uuid}/{self.unit.name}",
+            pools=config.pool_config,
             peer_macs=self._peer_macs() if peer_macs is None else peer_macs,
         )
 
@@ -354,6 +355,7 @@ class VmHostCharm(ops.CharmBase):
                 default_root_gb=config.default_root_disk_size,
                 scope=self._scope,
                 default_image=config.default_image,
+                resource_pools=config.pool_config,
             )
         ]
 

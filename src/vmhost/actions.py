@@ -7,6 +7,7 @@ are flat mappings of strings as `juju run` prints them (tables and JSON as text)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -142,10 +143,12 @@ def compose_vm(ctx: Context, params: ComposeParams) -> Results:
             ssh_public_keys=params.ssh_public_keys,
             hostname=params.hostname,
             tags=params.tags,
+            pool=params.pool,
             owner=keys.ACTION_OWNER,
             default_root_gb=config.default_root_disk_size,
             default_image=config.default_image,
         )
+        spec = dataclasses.replace(spec, pool=config.pool_config.pool_for(spec.pool))
     except InvalidRequestError as exc:
         raise ActionError(f"bad request, nothing done: {exc}") from exc
     recovered = [] if params.dry_run else _recover(ctx)

@@ -11,9 +11,11 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from vmhost import networks, placement, refusals
+from vmhost import networks, placement, pools, refusals
 from vmhost.backends import MAC_PREFIXES, Backend, stable_mac
 from vmhost.model import (
+    HUGEPAGE_LABELS,
+    KIB_PER_MIB,
     HostTopology,
     InterfaceMode,
     InterfaceSpec,
@@ -40,6 +42,7 @@ __all__ = [
     "ip_in_use",
     "macs_in_use",
     "name_taken",
+    "pool_problem",
     "reach_problem",
     "storage_problem",
 ]
@@ -69,6 +72,8 @@ class HostState:
     allowed_interfaces: frozenset[str] = frozenset()
     """Host interfaces a relation request may name or reach besides the mapped spaces
     (config allowed-host-interfaces)."""
+    pools: pools.Pools | None = None
+    """The resource pools (config resource-pools, default-pool); None checks no quota."""
 
     def mapped_devices(self) -> frozenset[str]:
         """Where relation VMs may attach: mapped spaces, default network, allowed list."""
@@ -252,7 +257,7 @@ def assign_macs(
 
 
 def _checked_nics(spec: VmSpec, host: HostState) -> tuple[NicAttachment, ...] | Outcome:
-    """The spec's NICs when its name, NICs and disks may go on this host, else the refusal."""
+    """The spec's NICs when its name, NICs, disks and pool quota allow it here, else why not."""
     taken = name_taken(spec, host.vms)
     if taken:
         return Outcome(spec, refused=taken)
@@ -268,6 +273,9 @@ def _checked_nics(spec: VmSpec, host: HostState) -> tuple[NicAttachment, ...] | 
         return Outcome(spec, refused=missing)
     if full:
         return Outcome(spec, rejected=full)
+    over = pool_problem(spec, host)
+    if over:
+        return Outcome(spec, rejected=over)
     return nics
 
 
@@ -280,7 +288,7 @@ def compose(
     progress: Callable[[str], None] | None = None,
     prepare_image: Callable[[str], str | None] | None = None,
 ) -> Outcome:
-    """Check the name, resolve the NICs, plan, get the image ready, then compose.
+    """Check the name, resolve the NICs, the pool quota, plan, get the image ready, compose.
 
     `progress` hears one line before the slow part (volumes, define, boot) starts.
     `prepare_image(name)` runs only once the VM fits (nothing is downloaded for a request
@@ -299,6 +307,9 @@ def compose(
             retried = f"{spec.owner}/{spec.request_id}" if spec.request_id else None
             refusals.record(result.reason, request=retried)
         return Outcome(spec, rejected=result.reason)
+    over = pool_problem(spec, host, result)
+    if over:
+        return Outcome(spec, placement=result, rejected=over)
     if dry_run:
         return Outcome(spec, placement=result)
     if spec.image and prepare_image is not None:
@@ -313,6 +324,41 @@ def compose(
     except VmHostError as exc:
         return Outcome(spec, placement=result, failed=str(exc))
     return Outcome(spec, placement=result, vm=vm)
+
+
+def _spec_use(spec: VmSpec) -> pools.Use:
+    """What the spec takes from its pool, as far as the request alone tells.
+
+    Huge pages "any" take pages of a size only the placement chooses: counted after it.
+    """
+    pages: dict[int, int] = {}
+    size = HUGEPAGE_LABELS.get(spec.hugepages.value) if spec.hugepages is not None else None
+    if size:
+        pages[size] = spec.memory_mib * KIB_PER_MIB // size
+    return pools.Use(spec.vcpus, spec.pinned_count, spec.memory_mib, pages, 1)
+
+
+def _pool_of(spec: VmSpec, host: HostState) -> tuple[pools.Pools, str, pools.Use] | None:
+    if host.pools is None:
+        return None
+    name = spec.pool or host.pools.default
+    used = pools.use_by_pool(host.vms, host.pools.default).get(name, pools.Use())
+    return host.pools, name, used
+
+
+def pool_problem(spec: VmSpec, host: HostState, placed: Placement | None = None) -> str | None:
+    """Why the VM would take its pool past a quota on this host's count, or None.
+
+    Before placement the request's own numbers are checked (so a full pool is said first);
+    with the placement, the huge pages it really takes too. The leader checks the same quota
+    against the whole fleet's use (vmhost.relation.fleet).
+    """
+    found = _pool_of(spec, host)
+    if found is None:
+        return None
+    config, name, used = found
+    need = _spec_use(spec) if placed is None else pools.use_of(placed)
+    return config.refusal(name, used, need)
 
 
 def storage_problem(spec: VmSpec, host: HostState) -> tuple[str | None, str | None]:

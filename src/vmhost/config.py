@@ -22,6 +22,7 @@ from vmhost import (
     images,
     lifecycle,
     networks,
+    pools,
     settings,
 )
 from vmhost.model import InvalidRequestError, Policy
@@ -113,6 +114,9 @@ class CharmConfig(pydantic.BaseModel):
     image_source_unsigned: bool = False
     images: str = ""
     virt_type: Literal["auto", "kvm", "qemu"] = "auto"
+    resource_pools: str = ""
+    default_pool: str = pools.DEFAULT_POOL
+    app_pools: str = ""
 
     @pydantic.field_validator(
         "cpu_overcommit_ratio", "memory_overcommit_ratio", "disk_overcommit_ratio"
@@ -168,6 +172,31 @@ class CharmConfig(pydantic.BaseModel):
             option = name.replace("_", "-")
             update[name] = settings.for_host(option, getattr(self, name), unit, hostname)
         return self.model_copy(update=update)
+
+    @pydantic.field_validator("resource_pools")
+    @classmethod
+    def _resource_pools(cls, value: str) -> str:
+        pools.parse_resource_pools(value)
+        return value
+
+    @pydantic.field_validator("default_pool")
+    @classmethod
+    def _default_pool(cls, value: str) -> str:
+        return pools.validate_pool_name(value.strip(), "default-pool")
+
+    @pydantic.field_validator("app_pools")
+    @classmethod
+    def _app_pools(cls, value: str, info: pydantic.ValidationInfo) -> str:
+        if "resource_pools" in info.data and "default_pool" in info.data:
+            pools.load(info.data["resource_pools"], info.data["default_pool"], value)
+        else:
+            pools.parse_app_pools(value)
+        return value
+
+    @property
+    def pool_config(self) -> pools.Pools:
+        """The resource pools these options describe (parsed once per text)."""
+        return pools.load(self.resource_pools, self.default_pool, self.app_pools)
 
     @pydantic.field_validator("default_network")
     @classmethod
@@ -303,6 +332,7 @@ class ComposeParams(pydantic.BaseModel):
     ssh_public_keys: str | None = None
     hostname: str | None = None
     tags: str | None = None
+    pool: str | None = None
     dry_run: bool = False
 
 

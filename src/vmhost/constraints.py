@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from vmhost import images, sshkeys, userdata
+from vmhost import images, pools, sshkeys, userdata
 from vmhost.model import (
     DiskSpec,
     HugepageRequest,
@@ -939,6 +939,7 @@ def build_spec(
     ssh_public_keys: object = (),
     hostname: object = None,
     tags: object = None,
+    pool: object = None,
     owner: str = "action",
     request_id: object = "",
     default_root_gb: int = 20,
@@ -950,7 +951,8 @@ def build_spec(
     The single entry point for actions and relation requests. Values may be of any type (they
     may come from remote JSON); the only exception raised is InvalidRequestError, naming the
     request field ("name", "cores", "memory", "pinned-cores", "numa-nodes", "hugepages",
-    "storage", "interfaces", "image", "user-data", "ssh-public-keys", "hostname", "tags", "id").
+    "storage", "interfaces", "image", "user-data", "ssh-public-keys", "hostname", "tags",
+    "pool", "id").
 
     Args:
         name: VM name, see validate_name.
@@ -970,6 +972,8 @@ def build_spec(
             line or comma-separated).
         hostname: the guest's hostname (see validate_hostname); None means the VM's name.
         tags: labels for the VM (see validate_tags); recorded with it, not part of its hash.
+        pool: the resource pool it names (see vmhost.pools), None for none; recorded with
+            it, not part of its hash. Whether the pool exists is the caller's check.
         owner: "action" or "relation:<id>:<app>"; set by the charm, not the requester.
         request_id: the relation request id ("" for actions).
         default_root_gb: root disk size when no storage is requested (charm config).
@@ -1044,6 +1048,7 @@ def build_spec(
         ssh_public_keys=_validate_ssh_keys(ssh_public_keys),
         hostname=checked_hostname,
         tags=validate_tags(tags),
+        pool="" if pool in (None, "") else pools.validate_pool_name(pool),
         owner=owner,
         request_id=checked_id,
     )
@@ -1077,11 +1082,12 @@ def _canonical(value: object) -> object:
 def spec_hash(spec: VmSpec) -> str:
     """Return a stable 16-hex-digit digest of what defines the VM.
 
-    The owner, request id and tags are left out: they say who asked and how they label it,
-    not what the VM is, so a request is "changed" only when the VM it describes changes.
+    The owner, request id, tags and pool are left out: they say who asked, how they label it
+    and whose quota it counts against, not what the VM is, so a request is "changed" only
+    when the VM it describes changes.
     """
     if spec.image_from_default:
         spec = dataclasses.replace(spec, image=None, image_from_default=False)
-    data = _canonical(dataclasses.replace(spec, owner="action", request_id="", tags=()))
+    data = _canonical(dataclasses.replace(spec, owner="action", request_id="", tags=(), pool=""))
     encoded = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(encoded.encode()).hexdigest()[:16]

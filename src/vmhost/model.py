@@ -247,6 +247,8 @@ class VmSpec:
     """The guest's hostname (a name or an FQDN); None means the VM's name."""
     tags: tuple[str, ...] = ()
     """The requester's labels for the VM (list-vms filters on them)."""
+    pool: str = ""
+    """The resource pool it counts in (vmhost.pools); "" before the request's pool is known."""
     owner: str = "action"
     """Who asked: "action", or "relation:<id>:<app>"."""
     request_id: str = ""
@@ -376,6 +378,9 @@ class VmRecord:
     """Volumes the charm created for it, as "pool/volume"."""
     tags: tuple[str, ...] = ()
     """The requester's labels, as recorded when the VM was composed."""
+    pool: str = ""
+    """The resource pool recorded with it; "" for VMs composed before pools (they count in
+    the default pool)."""
     interfaces: tuple[Mapping[str, str], ...] = ()
     """Per NIC: label, mac, attached-to, and if known ip (a static address with its prefix),
     space and subnet (as resolved at compose time; VMs composed before vm-host recorded them

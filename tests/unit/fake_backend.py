@@ -177,6 +177,7 @@ class FakeBackend:
             spec_hash=spec_hash(spec),
             volumes=tuple(f"{d.pool or default_pool}/{spec.name}-{d.label}" for d in spec.disks),
             tags=spec.tags,
+            pool=spec.pool,
             interfaces=tuple(
                 {
                     "label": n.label,

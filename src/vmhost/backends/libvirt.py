@@ -238,6 +238,7 @@ def domain_context(
         "request_id": spec.request_id,
         "spec_hash": spec_hash(spec),
         "tags": list(spec.tags),
+        "pool": spec.pool,
         "vcpus": placement.vcpus,
         "memory_mib": placement.memory_mib,
         "emulator_cpus": ",".join(str(c) for c in placement.emulator_cpus),
@@ -668,6 +669,7 @@ def parse_metadata(vm: ET.Element) -> tuple[Placement, dict[str, Any]]:
         "request_id": (vm.findtext("v:request-id", "", _NS) or "").strip(),
         "spec_hash": (vm.findtext("v:spec-hash", "", _NS) or "").strip(),
         "tags": tuple((t.text or "").strip() for t in vm.findall("v:tag", _NS) if t.text),
+        "pool": (vm.findtext("v:pool", "", _NS) or "").strip(),
         "volumes": tuple(f"{v.get('pool')}/{v.get('name')}" for v in vm.findall("v:volume", _NS)),
         "interfaces": tuple(
             {

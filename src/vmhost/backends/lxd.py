@@ -97,6 +97,7 @@ KEY_PREFIX = "user.vm-host."
 KEY_OWNER = KEY_PREFIX + "owner"
 KEY_REQUEST_ID = KEY_PREFIX + "request-id"
 KEY_TAGS = KEY_PREFIX + "tags"
+KEY_POOL = KEY_PREFIX + "pool"
 KEY_SPEC_HASH = KEY_PREFIX + "spec-hash"
 KEY_PLACEMENT = KEY_PREFIX + "placement"
 KEY_VOLUMES = KEY_PREFIX + "volumes"
@@ -217,6 +218,7 @@ def ledger_config(
         KEY_REQUEST_ID: spec.request_id,
         KEY_SPEC_HASH: spec_hash(spec),
         **({KEY_TAGS: _json(list(spec.tags))} if spec.tags else {}),
+        **({KEY_POOL: spec.pool} if spec.pool else {}),
         KEY_PLACEMENT: _json(placement_to_dict(placement)),
         KEY_VOLUMES: _json(list(volumes)),
         KEY_INTERFACES: _json(interfaces),
@@ -682,6 +684,7 @@ def record_from_instance(
             spec_hash=config.get(KEY_SPEC_HASH, ""),
             volumes=tuple(str(v) for v in _ledger_list(config, KEY_VOLUMES)),
             tags=tuple(str(t) for t in _ledger_list(config, KEY_TAGS) if isinstance(t, str)),
+            pool=str(config.get(KEY_POOL, "")),
             interfaces=interfaces,
             managed=True,
             autostart=_autostart(expanded),

@@ -17,7 +17,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmhost import addresses, compose, constraints
+from vmhost import addresses, compose, constraints, pools
 from vmhost.backends import Backend
 from vmhost.constraints import spec_hash
 from vmhost.model import InvalidRequestError, VmHostError, VmRecord, VmSpec, page_label
@@ -69,6 +69,7 @@ _WIRE_TO_SPEC = {
     "ssh-public-keys": "ssh_public_keys",
     "hostname": "hostname",
     "tags": "tags",
+    "pool": "pool",
 }
 
 
@@ -95,11 +96,14 @@ def build_request(
     default_root_gb: int,
     scope: Scope | None = None,
     default_image: str = "",
+    resource_pools: pools.Pools | None = None,
 ) -> RelationRequest | None:
     """Turn one request in wire form (hyphenated keys) into a spec, or a refusal.
 
-    The spec's owner carries `scope` (the vm-host application and model composing it).
-    Returns None when the request has no usable id: it cannot be answered, only logged.
+    The spec's owner carries `scope` (the vm-host application and model composing it), its
+    pool the resource pool it lands in (`resource_pools.pool_for`: the one it names, if the
+    app may use it, else the app's default). Returns None when the request has no usable id:
+    it cannot be answered, only logged.
     """
     try:
         key = RequestKey(relation_id, app, str(wire.get("id", "")))
@@ -118,6 +122,8 @@ def build_request(
             default_image=default_image,
             **kwargs,
         )
+        if resource_pools is not None:
+            spec = dataclasses.replace(spec, pool=resource_pools.pool_for(spec.pool, app))
     except InvalidRequestError as exc:
         return RelationRequest(key, error=str(exc))
     host = wire.get("host")
@@ -133,6 +139,7 @@ def gather(
     default_root_gb: int,
     scope: Scope | None = None,
     default_image: str = "",
+    resource_pools: pools.Pools | None = None,
 ) -> list[RelationRequest]:
     """Every request of one related app: built into a spec, or refused with a reason.
 
@@ -145,6 +152,7 @@ def gather(
         default_root_gb: the root disk size of requests that name none.
         scope: the vm-host application and model (the owner of the specs carries it).
         default_image: the image of requests that name none ("" boots them from the network).
+        resource_pools: the configured pools (see build_request); None records no pool.
     """
     requests: list[RelationRequest] = []
     for bad_id, reason in invalid:
@@ -164,6 +172,7 @@ def gather(
             default_root_gb=default_root_gb,
             scope=scope,
             default_image=default_image,
+            resource_pools=resource_pools,
         )
         if built is not None:
             requests.append(built)
@@ -468,6 +477,8 @@ def _vm_details(
     details["placement"] = placement
     if vm.tags:
         details["tags"] = list(vm.tags)
+    if vm.pool:
+        details["pool"] = vm.pool
     power = {"type": power_type, "id": vm.name}
     if power_address:
         power["address"] = power_address

@@ -82,7 +82,7 @@ the structured form:
                     {"label": "pub", "ip": "10.0.5.20", "subnet": "10.0.5.0/24"}],
      "image": "ubuntu@24.04", "user-data": "#cloud-config ...",
      "ssh-public-keys": ["ssh-ed25519 AAAA... me@example"], "hostname": "db-0.example.com",
-     "tags": ["db"], "host": "vm-host/1"}
+     "tags": ["db"], "pool": "db", "host": "vm-host/1"}
 
 The same request with MAAS compose strings:
 
@@ -115,6 +115,13 @@ The same request with MAAS compose strings:
 - `tags`: labels for the VM (at most 64, each `[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}`): recorded
   with it, echoed in its answer (LIBPATCH 6) and filtered on by the operator's list-vms.
   They do not change the VM: a changed set applies to VMs composed later.
+- `pool` (LIBPATCH 7): the vm-host operator's resource pool the VM counts in
+  (`[a-z0-9][a-z0-9-]*`, at most 40 characters); none: the host's default pool (or the
+  first pool the operator's `app-pools` gives your application). A pool that does not exist,
+  one your application may not use, or one whose quota the VM would exceed is answered
+  failed with the reason and the numbers. Recorded with the VM and echoed in its answer; like
+  `tags` it does not change the VM. Providers older than LIBPATCH 7 ignore it (every VM is
+  then in their one pool); requirers older than it never send it.
 - `hostname`: the guest's hostname or FQDN (default: the VM's name); `ssh-public-keys`:
   OpenSSH public key lines authorized for the image's default user (ubuntu on Ubuntu).
   vm-host writes both into its own #cloud-config.
@@ -139,7 +146,7 @@ Each vm-host unit publishes, per VM it hosts:
      "interfaces": [{"label": "eth0", "mac": "52:54:00:12:34:56", "attached-to": "br-oam",
                      "ip": "10.0.0.17", "addresses": ["10.0.0.17"]}],
      "placement": {"numa-nodes": [0], "cpus": [2, 3, 14, 15], "hugepages": "1G"},
-     "tags": ["db"],
+     "tags": ["db"], "pool": "db",
      "power": {"type": "virsh", "address": "qemu+ssh://virsh@10.0.0.5/system",
                "id": "vmhost-consumer-db-0"}}
 
@@ -215,7 +222,7 @@ LIBAPI = 0
 
 # Increment this PATCH version before using `charmcraft publish-lib` or reset
 # to 0 if you are raising the major API version
-LIBPATCH = 6
+LIBPATCH = 7
 
 PYDEPS = ["pydantic>=2"]
 
@@ -239,6 +246,7 @@ _MAX_REASON = 1024
 _LABEL_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
 _NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$"
 _POOL_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_RESOURCE_POOL_RE = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 _SPACE_RE = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
 _DEVICE_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.:-]{0,14}$"
 _MAX_DISK_GB = 65536
@@ -543,6 +551,8 @@ class VmRequest(_Model):
         list[Annotated[StrictStr, Field(pattern=_NAME_RE)]], Field(max_length=MAX_TAGS)
     ] = Field(default_factory=list)
     host: Annotated[StrictStr, Field(pattern=_HOST_RE)] | None = None
+    pool: Annotated[StrictStr, Field(pattern=_RESOURCE_POOL_RE)] | None = None
+    """The vm-host resource pool the VM counts in (LIBPATCH 7); None: the default pool."""
     hostname: Annotated[StrictStr, Field(pattern=_HOSTNAME_RE, max_length=253)] | None = None
     """The guest's hostname or FQDN (LIBPATCH 3); without it, the VM's name."""
 
@@ -678,6 +688,8 @@ class VmAnswer(_Model):
     placement: VmPlacementInfo | None = None
     tags: list[StrictStr] = Field(default_factory=list)
     """The tags recorded with the VM (LIBPATCH 6; absent from older providers)."""
+    pool: StrictStr | None = None
+    """The resource pool recorded with the VM (LIBPATCH 7; absent from older providers)."""
     power: VmPowerInfo | None = None
 
     @pydantic.field_validator("interfaces", "tags", mode="before")

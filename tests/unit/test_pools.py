@@ -1,0 +1,426 @@
+"""Resource pools: config parsing (hostile values included), accounting, refusals, wiring."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+from ops import testing
+from test_domain_xml import render
+from test_domain_xml import spec as libvirt_spec
+from test_lxd_backend import instance_from, no_topology
+from test_lxd_backend import spec as lxd_spec
+
+import charms.vm_host.v0.vm_host as vm_lib
+from vmhost import compose, constraints, pools
+from vmhost.backends.libvirt import record_from_domain_xml
+from vmhost.backends.lxd import instance_definition, record_from_instance
+from vmhost.config import CharmConfig
+from vmhost.model import (
+    PAGE_1G_KIB,
+    PAGE_2M_KIB,
+    CellPlacement,
+    InvalidRequestError,
+    Placement,
+    Policy,
+    VmRecord,
+    VmState,
+)
+from vmhost.relation import serve
+
+pytestmark = pytest.mark.usefixtures("fake_access", "fake_host")
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def test_resource_pools_parse_every_quota_and_leave_the_rest_unlimited() -> None:
+    parsed = pools.parse_resource_pools(
+        "db: {vcpus: 64, pinned-cpus: 48, memory: 196608, hugepages: {1G: 16, 2M: 0}, vms: 8}\n"
+        "test: {vms: 4}\n"
+        "free:\n"
+    )
+    assert list(parsed) == ["db", "free", "test"]
+    db = parsed["db"]
+    assert (db.vcpus, db.pinned_cpus, db.memory, db.vms) == (64, 48, 196608, 8)
+    assert db.hugepage_limits() == {PAGE_1G_KIB: 16, PAGE_2M_KIB: 0}
+    assert parsed["test"].vcpus is None
+    assert parsed["test"].vms == 4
+    assert parsed["free"].unlimited
+    assert pools.parse_resource_pools("") == {}
+    assert pools.parse_resource_pools("  \n") == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("{db: {vms: 1", ["resource-pools", "not valid YAML"]),
+        ("- db\n- test", ["resource-pools", "mapping"]),
+        ("just text", ["resource-pools", "mapping"]),
+        ("{db: {cpus: 4}}", ["resource-pools[db]", "unknown quota key 'cpus'", "pinned-cpus"]),
+        ("{db: {vms: -1}}", ["resource-pools[db]", "vms", "from 0"]),
+        ("{db: {memory: 1.5}}", ["resource-pools[db]", "memory", "whole number"]),
+        ("{db: {vms: true}}", ["resource-pools[db]", "vms", "whole number"]),
+        ("{db: {vms: '3'}}", ["resource-pools[db]", "vms", "whole number"]),
+        ("{db: {vms: 1e400}}", ["resource-pools[db]", "vms", "whole number"]),
+        ("{db: {vcpus: 10000000000000}}", ["resource-pools[db]", "vcpus", "from 0"]),
+        ("{db: {hugepages: {4M: 1}}}", ["resource-pools[db]", "'4M'", "2M, 1G"]),
+        ("{db: {hugepages: {1G: -2}}}", ["resource-pools[db]", "hugepages.1G"]),
+        ("{db: {hugepages: 16}}", ["resource-pools[db]", "hugepages must be a mapping"]),
+        ("{db: [1, 2]}", ["resource-pools[db]", "must be a mapping"]),
+        ("{DB: {}}", ["resource-pools", "'DB' is not a pool name"]),
+        ("{1: {}}", ["resource-pools", "not a pool name"]),
+        ("{'a b': {}}", ["resource-pools", "not a pool name"]),
+        ("{-db: {}}", ["resource-pools", "not a pool name"]),
+        ("{" + ", ".join(f"p{i}: {{}}" for i in range(300)) + "}", ["more than 256"]),
+        ("x" * 70000, ["longer than"]),
+        ("db: {}\nb: {vms: &a [1, 2], vcpus: *a}", ["resource-pools[b]", "vms", "whole number"]),
+        ("!!python/object:os.system {}", ["not valid YAML"]),
+    ],
+)
+def test_bad_resource_pools_name_the_option_and_the_fix(text: str, words: list[str]) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        pools.parse_resource_pools(text)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_app_pools_must_name_pools_that_exist() -> None:
+    loaded = pools.load("{db: {vms: 2}}", "default", "{pg: [db, db], web: default}")
+    assert loaded.app_pools == {"pg": ("db",), "web": ("default",)}
+    with pytest.raises(InvalidRequestError) as err:
+        pools.load("{db: {vms: 2}}", "default", "{pg: [dbx]}")
+    assert str(err.value).startswith("app-pools[pg]: names 'dbx'")
+    assert "add it to resource-pools" in str(err.value)
+    for bad in ("{pg: []}", "{pg: {a: 1}}", "{Pg: [db]}", "[db]", "{pg: [7]}"):
+        with pytest.raises(InvalidRequestError) as err:
+            pools.load("{db: {}}", "default", bad)
+        assert str(err.value).startswith("app-pools")
+
+
+def test_charm_config_refuses_bad_pool_options_naming_each() -> None:
+    for option, value, field in (
+        ("resource-pools", "{db: {vms: -1}}", "resource-pools[db]"),
+        ("default-pool", "Not A Pool", "default-pool"),
+        ("app-pools", "{pg: [nope]}", "app-pools[pg]"),
+    ):
+        with pytest.raises(InvalidRequestError) as err:
+            CharmConfig.model_validate({option.replace("-", "_"): value})
+        assert err.value.field == field
+    config = CharmConfig.model_validate(
+        {"resource_pools": "{db: {vms: 1}}", "default_pool": "db", "app_pools": "{pg: [db]}"}
+    )
+    assert config.pool_config.default == "db"
+    assert config.pool_config.quota("db").vms == 1
+
+
+def test_a_request_lands_in_its_pool_the_default_or_its_apps_first() -> None:
+    p = pools.load("{db: {}, test: {}}", "default", "{pg: [db, test], web: [test, default]}")
+    assert p.pool_for(None) == "default"
+    assert p.pool_for("db") == "db"
+    assert p.pool_for(None, "pg") == "db"  # limited to pools without the default: its first
+    assert p.pool_for(None, "web") == "default"
+    assert p.pool_for(None, "other") == "default"
+    with pytest.raises(InvalidRequestError) as err:
+        p.pool_for("nope", "web")
+    assert err.value.field == "pool"
+    assert "no resource pool named 'nope' (pools: db, default, test)" in str(err.value)
+    with pytest.raises(InvalidRequestError) as err:
+        p.pool_for("db", "web")
+    assert "application web may use only the pools test, default" in str(err.value)
+    assert "app-pools" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting
+
+
+def pinned(cpus: int, pages: int = 0, size: int = PAGE_1G_KIB) -> Placement:
+    return Placement(
+        vcpus=cpus,
+        memory_mib=pages * size // 1024 if pages else 1024,
+        cells=(
+            CellPlacement(
+                0,
+                cpus,
+                pages * size // 1024 if pages else 1024,
+                cpus=tuple(range(cpus)),
+                hugepage_size_kib=size if pages else None,
+                hugepages=pages,
+            ),
+        ),
+    )
+
+
+def record(name: str, placement: Placement, pool: str = "", managed: bool = True) -> VmRecord:
+    return VmRecord(name, "u-" + name, VmState.RUNNING, placement, pool=pool, managed=managed)
+
+
+def test_use_counts_every_vm_by_pool_unrecorded_in_the_default() -> None:
+    vms = [
+        record("a", pinned(4, pages=2), "db"),
+        record("b", pinned(2), "db"),
+        record("old", Placement(vcpus=2, memory_mib=512)),  # composed before pools
+        record("foreign", Placement(vcpus=8, memory_mib=8192), managed=False),
+    ]
+    use = pools.use_by_pool(vms, "default")
+    assert use["db"] == pools.Use(6, 6, 3072, {PAGE_1G_KIB: 2}, 2)
+    assert use["default"] == pools.Use(2, 0, 512, {}, 1)
+    assert set(use) == {"db", "default"}
+
+
+def test_the_refusal_gives_the_numbers_and_the_fix() -> None:
+    p = pools.load("{db: {pinned-cpus: 48}}", "default", "")
+    text = p.refusal("db", pools.Use(pinned_cpus=40, vms=5), pools.Use(16, 16, 1024, {}, 1))
+    assert text == (
+        "pool db: 40 of 48 pinned CPUs used, this VM needs 16; raise the quota with "
+        "juju config vm-host resource-pools=... or choose another pool"
+    )
+    assert p.refusal("db", pools.Use(pinned_cpus=32), pools.Use(16, 16, 1024, {}, 1)) is None
+    assert (
+        p.refusal("default", pools.Use(999, 999, 999, {}, 999), pools.Use(1, 1, 1, {}, 1)) is None
+    )
+
+
+def test_peer_form_of_a_use_round_trips_and_skips_unknown_page_sizes() -> None:
+    use = pools.Use(4, 2, 4096, {PAGE_2M_KIB: 512}, 1)
+    assert pools.use_from_dict(pools.use_to_dict(use)) == use
+    assert pools.use_from_dict({"vms": 2, "hugepages": {"64K": 3}, "new": 1}) == pools.Use(vms=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    quota=st.integers(0, 12),
+    wanted=st.lists(st.integers(1, 6), max_size=12),
+)
+def test_accepted_vms_never_exceed_the_quota(quota: int, wanted: list[int]) -> None:
+    p = pools.load(f"{{db: {{pinned-cpus: {quota}, vms: 3}}}}", "default", "")
+    vms: list[VmRecord] = []
+    for i, cpus in enumerate(wanted):
+        used = pools.use_by_pool(vms, p.default).get("db", pools.Use())
+        need = pools.use_of(pinned(cpus))
+        refused = p.refusal("db", used, need)
+        fits = used.pinned_cpus + cpus <= quota and used.vms < 3
+        assert (refused is None) == fits
+        if refused is None:
+            vms.append(record(f"v{i}", pinned(cpus), "db"))
+    total = pools.use_by_pool(vms, p.default).get("db", pools.Use())
+    assert total.pinned_cpus <= quota
+    assert total.vms <= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The VM's record
+
+
+def test_the_pool_leaves_the_spec_hash_alone() -> None:
+    built = constraints.build_spec(name="vm1", memory_mib=256, pool="db")
+    assert built.pool == "db"
+    plain = constraints.build_spec(name="vm1", memory_mib=256)
+    assert constraints.spec_hash(built) == constraints.spec_hash(plain)
+    with pytest.raises(InvalidRequestError) as err:
+        constraints.build_spec(name="vm1", memory_mib=256, pool="Bad Pool")
+    assert err.value.field == "pool"
+
+
+def test_libvirt_metadata_and_lxd_ledger_record_the_pool() -> None:
+    root = render(libvirt_spec(pool="db"), Placement(vcpus=2, memory_mib=2048))
+    assert record_from_domain_xml(ET.tostring(root, encoding="unicode"), VmState.RUNNING).pool == (
+        "db"
+    )
+    root = render(libvirt_spec(), Placement(vcpus=2, memory_mib=2048))
+    assert (
+        record_from_domain_xml(ET.tostring(root, encoding="unicode"), VmState.RUNNING).pool == ""
+    )
+    d = instance_definition(lxd_spec(pool="db"), Placement(vcpus=2, memory_mib=2048), [], "x")
+    assert record_from_instance(instance_from(d, "Running"), no_topology, "vm-host").pool == "db"
+
+
+# ---------------------------------------------------------------------------------------------
+# compose: one host's view
+
+
+def host_state(topology, vms, text: str) -> compose.HostState:
+    return compose.HostState(
+        topology=topology,
+        vms=vms,
+        policy=Policy(),
+        networks={},
+        default_pool="vm-host",
+        default_network="br0",
+        pools=pools.load(text, "default", ""),
+    )
+
+
+def test_compose_refuses_past_the_vms_quota_and_creates_nothing(backend) -> None:
+    topology = backend.topology()
+    spec = constraints.build_spec(name="a", memory_mib=256, pool="db")
+    state = host_state(topology, [], "{db: {vms: 1}}")
+    first = compose.compose(backend, spec, state)
+    assert first.vm is not None
+    assert first.vm.pool == "db"
+    second = compose.compose(
+        backend,
+        constraints.build_spec(name="b", memory_mib=256, pool="db"),
+        host_state(topology, [first.vm], "{db: {vms: 1}}"),
+    )
+    assert second.vm is None
+    assert second.rejected.startswith("pool db: 1 of 1 VMs used, this VM needs 1;")
+    assert "b" not in backend.vms
+    assert "compose:b" not in backend.calls
+    other = compose.compose(
+        backend,
+        constraints.build_spec(name="c", memory_mib=256),  # the default pool is unlimited
+        host_state(topology, [first.vm], "{db: {vms: 1}}"),
+    )
+    assert other.vm is not None
+
+
+def test_huge_pages_any_are_checked_as_placed(backend) -> None:
+    topology = backend.topology()
+    # The request says "any": only the placement tells it takes 2M pages (node 1 has 64).
+    spec = constraints.build_spec(name="a", memory_mib=64, hugepages="any", pool="db")
+    out = compose.compose(backend, spec, host_state(topology, [], "{db: {hugepages: {2M: 40}}}"))
+    assert out.vm is not None
+    again = compose.compose(
+        backend,
+        constraints.build_spec(name="b", memory_mib=64, hugepages="any", pool="db"),
+        host_state(topology, [out.vm], "{db: {hugepages: {2M: 40}}}"),
+    )
+    assert again.rejected.startswith("pool db: 32 of 40 2M huge pages used, this VM needs 32")
+    assert again.placement is not None  # it fits the host: only the quota refuses it
+
+
+# ---------------------------------------------------------------------------------------------
+# The charm: the action, the relation, bad config
+
+
+def run_action(ctx, name: str, params: dict[str, Any], state: testing.State):
+    ctx.run(ctx.on.action(name, params=params), state)
+    return ctx.action_results
+
+
+def test_compose_vm_in_a_full_pool_fails_with_the_numbers(ctx, backend) -> None:
+    state = testing.State(leader=True, config={"resource-pools": "{db: {vms: 1}}"})
+    run_action(ctx, "compose-vm", {"name": "db-a", "memory": 256, "pool": "db"}, state)
+    assert backend.vms["db-a"].pool == "db"
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "compose-vm", {"name": "db-b", "memory": 256, "pool": "db"}, state)
+    assert failed.value.message == (
+        "cannot place db-b, nothing done: pool db: 1 of 1 VMs used, this VM needs 1; raise "
+        "the quota with juju config vm-host resource-pools=... or choose another pool"
+    )
+    assert "db-b" not in backend.vms
+    run_action(ctx, "compose-vm", {"name": "plain", "memory": 256}, state)
+    assert backend.vms["plain"].pool == "default"
+
+
+def test_compose_vm_naming_an_unknown_pool_fails_naming_the_field(ctx, backend) -> None:
+    state = testing.State(leader=True, config={"resource-pools": "{db: {}}"})
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "compose-vm", {"name": "x", "memory": 256, "pool": "nope"}, state)
+    assert failed.value.message.startswith(
+        "bad request, nothing done: pool: no resource pool named 'nope' (pools: db, default)"
+    )
+    assert not backend.composed
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("resource-pools", "{db: {vms: -1}}"),
+        ("resource-pools", "{db: {vms: 1"),
+        ("resource-pools", "{db: {hugepages: {3M: 1}}}"),
+        ("app-pools", "{pg: [nope]}"),
+        ("default-pool", "-bad-"),
+    ],
+)
+def test_bad_pool_config_blocks_naming_the_option_and_composes_nothing(
+    ctx, backend, option: str, value: str
+) -> None:
+    relation = vm_lib.requirer_relation([{"id": "db-0", "memory": 256}], remote_app_name="pg")
+    out = ctx.run(
+        ctx.on.relation_changed(relation),
+        testing.State(leader=True, relations={relation}, config={option: value}),
+    )
+    assert isinstance(out.unit_status, testing.BlockedStatus)
+    assert out.unit_status.message.startswith(f"invalid config: {option}")
+    assert "fix with juju config" in out.unit_status.message
+    assert not backend.composed
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(
+            ctx, "compose-vm", {"name": "x", "memory": 256}, testing.State(config={option: value})
+        )
+    assert option in failed.value.message
+    assert not backend.composed
+
+
+def relation_round(ctx, requests: list[dict[str, Any]], config: dict[str, str], app: str = "pg"):
+    relation = vm_lib.requirer_relation(requests, remote_app_name=app)
+    out = ctx.run(
+        ctx.on.relation_changed(relation),
+        testing.State(leader=True, relations={relation}, config=config),
+    )
+    return {a.id: a for a in vm_lib.answers_from(out.get_relation(relation.id))}
+
+
+def test_relation_requests_land_in_their_pools_within_the_quota(ctx, backend) -> None:
+    config = {"resource-pools": "{db: {vms: 1}}"}
+    answers = relation_round(
+        ctx,
+        [{"id": "a", "memory": 256, "pool": "db"}, {"id": "b", "memory": 256, "pool": "db"}],
+        config,
+    )
+    assert answers["a"].state == "running"
+    assert answers["a"].pool == "db"
+    assert answers["b"].state == "failed"
+    assert answers["b"].error == (
+        "pool db: 1 of 1 VMs used, this VM needs 1; raise the quota with juju config vm-host "
+        "resource-pools=... or choose another pool"
+    )
+    assert {vm.pool for vm in backend.vms.values()} == {"db"}
+
+
+def test_relation_requests_naming_a_pool_they_may_not_use_fail(ctx, backend) -> None:
+    config = {"resource-pools": "{db: {}, web: {}}", "app-pools": "{pg: [db]}"}
+    answers = relation_round(
+        ctx,
+        [
+            {"id": "a", "memory": 256},
+            {"id": "b", "memory": 256, "pool": "web"},
+            {"id": "c", "memory": 256, "pool": "nope"},
+        ],
+        config,
+    )
+    assert answers["a"].state == "running"
+    assert answers["a"].pool == "db"
+    assert answers["b"].state == "failed"
+    assert (answers["b"].error or "").startswith(
+        "pool: application pg may use only the pools db (config app-pools), not 'web'"
+    )
+    assert answers["c"].state == "failed"
+    assert (answers["c"].error or "").startswith("pool: no resource pool named 'nope'")
+    assert len(backend.vms) == 1
+
+
+def test_the_library_carries_the_pool_and_refuses_a_bad_one() -> None:
+    request = vm_lib.VmRequest.model_validate({"id": "a", "memory": 256, "pool": "db"})
+    assert request.model_dump(by_alias=True, exclude_none=True)["pool"] == "db"
+    assert vm_lib.VmRequest.model_validate({"id": "a", "memory": 256}).pool is None
+    with pytest.raises(ValueError, match="pool"):
+        vm_lib.VmRequest.model_validate({"id": "a", "memory": 256, "pool": "Bad Pool"})
+    assert vm_lib.LIBPATCH == 7
+    built = serve.build_request(
+        3, "pg", {"id": "a", "memory": 256, "pool": "db"}, default_root_gb=20
+    )
+    assert built is not None
+    assert built.spec is not None
+    assert built.spec.pool == "db"
+    answer = vm_lib.VmAnswer.model_validate(
+        json.loads(json.dumps({"id": "a", "state": "running", "pool": "db"}))
+    )
+    assert answer.pool == "db"
