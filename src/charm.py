@@ -441,6 +441,7 @@ class VmHostCharm(ops.CharmBase):
             mapping=self._mapping(config),
             scope=self._scope,
             reassign=reassign,
+            resource_pools=config.pool_config,
         )
         for problem in decision.problems:
             logger.warning("%s", problem)

@@ -10,6 +10,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 from ops import testing
+from test_charm_provider import TwoUnits
 from test_domain_xml import render
 from test_domain_xml import spec as libvirt_spec
 from test_lxd_backend import instance_from, no_topology
@@ -24,13 +25,18 @@ from vmhost.model import (
     PAGE_1G_KIB,
     PAGE_2M_KIB,
     CellPlacement,
+    Cpu,
+    HostTopology,
     InvalidRequestError,
+    NumaNode,
     Placement,
     Policy,
     VmRecord,
+    VmSpec,
     VmState,
 )
-from vmhost.relation import serve
+from vmhost.relation import fleet, serve
+from vmhost.relation.keys import RequestKey, vm_name
 
 pytestmark = pytest.mark.usefixtures("fake_access", "fake_host")
 
@@ -424,3 +430,122 @@ def test_the_library_carries_the_pool_and_refuses_a_bad_one() -> None:
         json.loads(json.dumps({"id": "a", "state": "running", "pool": "db"}))
     )
     assert answer.pool == "db"
+
+
+# ---------------------------------------------------------------------------------------------
+# The leader: pools hold across units
+
+
+def fleet_host(cpus: int = 8) -> HostTopology:
+    return HostTopology(
+        nodes=(
+            NumaNode(
+                0,
+                cpus=tuple(Cpu(i, core_id=i, siblings=(i,)) for i in range(cpus)),
+                memory_kib=16 << 20,
+            ),
+        )
+    )
+
+
+def key(request_id: str) -> RequestKey:
+    return RequestKey(7, "pg", request_id)
+
+
+def db_spec(request_id: str, cpus: int = 2, pool: str = "db") -> VmSpec:
+    k = key(request_id)
+    built = constraints.build_spec(
+        name=vm_name(k),
+        owner=k.owner,
+        request_id=k.request_id,
+        memory_mib=1024,
+        pinned_cores=cpus,
+        pool=pool,
+    )
+    return built
+
+
+def test_a_report_carries_its_use_per_pool_and_an_old_one_reads_as_none() -> None:
+    topology = fleet_host()
+    vms = [record("a", pinned(2), "db"), record("old", Placement(vcpus=1, memory_mib=256))]
+    text = fleet.unit_report(topology, vms, hostname="h0", scope=None)
+    got, problem = fleet.parse_host_report(text)
+    assert problem is None
+    assert got is not None
+    assert got.pools == {"": pools.Use(1, 0, 256, {}, 1), "db": pools.Use(2, 2, 1024, {}, 1)}
+    old = json.loads(text)
+    del old["pools"]
+    got, problem = fleet.parse_host_report(json.dumps(old))
+    assert problem is None
+    assert got is not None
+    assert got.pools == {}
+    bad = {**json.loads(text), "pools": {"db": {"vms": -1}}}
+    assert fleet.parse_host_report(json.dumps(bad))[0] is None
+
+
+def test_two_units_reports_fill_a_pool_and_the_leader_refuses_with_the_numbers() -> None:
+    p = pools.load("{db: {pinned-cpus: 6, vms: 3}}", "default", "")
+    topology = fleet_host()
+    reports = {
+        "vm-host/0": fleet.HostReport(
+            topology, (pinned(2),), pools={"db": pools.use_of(pinned(2))}
+        ),
+        "vm-host/1": fleet.HostReport(
+            topology, (pinned(2),), pools={"db": pools.use_of(pinned(2))}
+        ),
+    }
+    requests = [(key("c"), db_spec("c", 4), None), (key("d"), db_spec("d", 2), None)]
+    result = fleet.assign(requests, reports, {}, frozenset(), Policy(), resource_pools=p)
+    # Each unit alone would have room (4 of 6 used fleet-wide, 2 on each host): the fleet not.
+    assert result.unplaced[key("c")] == (
+        "pool db: 4 of 6 pinned CPUs used, this VM needs 4; raise the quota with juju config "
+        "vm-host resource-pools=... or choose another pool"
+    )
+    assert key("d") in result.units  # 2 more fit: 6 of 6
+    more = [*requests, (key("e"), db_spec("e", 1), None)]
+    result = fleet.assign(more, reports, {}, frozenset(), Policy(), resource_pools=p)
+    assert result.unplaced[key("e")].startswith("pool db: 3 of 3 VMs used, this VM needs 1")
+    # Another pool, and no pools at all, are not limited by db's use.
+    other = [(key("f"), db_spec("f", 4, pool="default"), None)]
+    assert (
+        key("f") in fleet.assign(other, reports, {}, frozenset(), Policy(), resource_pools=p).units
+    )
+    assert key("c") in fleet.assign(requests, reports, {}, frozenset(), Policy()).units
+
+
+def test_unrecorded_vms_in_reports_count_in_the_default_pool() -> None:
+    p = pools.load("{default: {vms: 1}}", "default", "")
+    reports = {"vm-host/0": fleet.HostReport(fleet_host(), pools={"": pools.Use(vms=1)})}
+    spec = db_spec("a", pool="default")
+    got = fleet.assign(
+        [(key("a"), spec, None)], reports, {}, frozenset(), Policy(), resource_pools=p
+    )
+    assert got.unplaced[key("a")].startswith("pool default: 1 of 1 VMs used")
+
+
+def test_the_leader_across_units_counts_both_reports(fake_host, topology, monkeypatch) -> None:
+    # vm-host/0 and vm-host/1 each compose one db VM (pinned to them); the pool holds 2, so
+    # a third request is refused by the leader with the fleet's numbers, and nothing is made.
+    units = TwoUnits(monkeypatch, topology, "delete")
+    units.config = {**units.config, "resource-pools": "{db: {vms: 2}}"}
+    requests = [
+        {"id": "a", "memory": 256, "pool": "db", "host": "vm-host/0"},
+        {"id": "b", "memory": 256, "pool": "db", "host": "vm-host/1"},
+    ]
+    units.relation = vm_lib.requirer_relation(requests, remote_app_name="pg", relation_id=7)
+    units.run(1, lambda c, r, p: c.on.relation_changed(r, remote_unit=0))  # first report
+    units.settle()
+    assert units.hosted() == {"vm-host/0": ["pg-7-a"], "vm-host/1": ["pg-7-b"]}
+    reported, _ = fleet.parse_host_report(units.reports[1])
+    assert reported is not None
+    assert reported.pools["db"].vms == 1
+
+    units.relation = vm_lib.requirer_relation(
+        [*requests, {"id": "c", "memory": 256, "pool": "db"}], remote_app_name="pg", relation_id=7
+    )
+    units.settle()
+    out = units.run(0, lambda c, r, p: c.on.relation_changed(r, remote_unit=0))
+    got = {a.id: a for a in vm_lib.answers_from(out.get_relation(7))}
+    assert got["c"].state == "failed"
+    assert (got["c"].error or "").startswith("pool db: 2 of 2 VMs used, this VM needs 1;")
+    assert units.hosted() == {"vm-host/0": ["pg-7-a"], "vm-host/1": ["pg-7-b"]}

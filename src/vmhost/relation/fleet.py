@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import StrictInt, StrictStr
 
-from vmhost import networks
+from vmhost import networks, pools
 from vmhost.codec import (
     placement_from_dict,
     placement_to_dict,
@@ -39,6 +39,7 @@ from vmhost.model import (
     VmSpec,
 )
 from vmhost.placement import plan, usage
+from vmhost.pools import Use
 from vmhost.relation.keys import RequestKey, Scope, composed_keys
 from vmhost.relation.serve import RelationRequest
 
@@ -88,6 +89,9 @@ class HostReport:
     """Relation requests whose VM exists on this host."""
     macs: frozenset[str] = frozenset()
     """The MACs of every VM's NICs on the unit's host, so no other unit composes one again."""
+    pools: Mapping[str, Use] = field(default_factory=dict[str, Use])
+    """What the unit's VMs take per resource pool ("": VMs recorded without a pool, which
+    count in the default pool); reports older than pools have none (no use)."""
 
 
 def _checked_key(row: tuple[int, str, str]) -> tuple[int, str, str]:
@@ -113,6 +117,11 @@ _Topology = Annotated[
     pydantic.PlainValidator(lambda v: v if isinstance(v, HostTopology) else topology_from_dict(v)),
     pydantic.PlainSerializer(topology_to_dict),
 ]
+_Use = Annotated[
+    pools.Use,
+    pydantic.PlainValidator(lambda v: v if isinstance(v, pools.Use) else pools.use_from_dict(v)),
+    pydantic.PlainSerializer(pools.use_to_dict),
+]
 _Placement = Annotated[
     Placement,
     pydantic.PlainValidator(lambda v: v if isinstance(v, Placement) else placement_from_dict(v)),
@@ -134,6 +143,8 @@ class ReportData(_PeerData):
     hostname: StrictStr | None = None
     composed: tuple[_Key, ...] = ()
     macs: tuple[StrictStr, ...] = ()
+    pools: dict[StrictStr, _Use] = {}
+    """Resource pool ("" for VMs recorded without one) -> what the unit's VMs take there."""
 
 
 def _checked_left(row: tuple[int, str, str, str, str]) -> tuple[int, str, str, str, str]:
@@ -205,6 +216,7 @@ def host_report(
     hostname: str | None = None,
     composed: AbstractSet[RequestKey] = frozenset(),
     macs: AbstractSet[str] = frozenset(),
+    pool_use: Mapping[str, pools.Use] | None = None,
 ) -> str:
     """Return a unit's host report as the JSON text for its peer unit databag.
 
@@ -219,6 +231,7 @@ def host_report(
             hostname=hostname,
             composed=tuple(_key_row(k) for k in sorted(composed)),
             macs=tuple(sorted(macs)),
+            pools=dict(sorted((pool_use or {}).items())),
         )
     )
 
@@ -230,13 +243,17 @@ def unit_report(
     hostname: str | None,
     scope: Scope | None,
 ) -> str:
-    """This unit's host report from what it read: placements, MACs and composed requests."""
+    """This unit's host report from what it read: placements, MACs, composed requests.
+
+    It carries the use per resource pool too: the leader's quotas count the fleet from these.
+    """
     return host_report(
         topology,
         [vm.placement for vm in vms],
         hostname=hostname,
         composed=composed_keys(vms, scope),
         macs=macs_in_use(vms),
+        pool_use=pools.use_by_pool(vms),
     )
 
 
@@ -269,7 +286,10 @@ def parse_host_report(text: str | None) -> tuple[HostReport | None, str | None]:
         return None, f"host report: {_why(exc)}"
     composed = frozenset(RequestKey(*k) for k in got.composed)
     macs = frozenset(m.lower() for m in got.macs)
-    return HostReport(got.topology, got.allocations, got.hostname or None, composed, macs), None
+    return (
+        HostReport(got.topology, got.allocations, got.hostname or None, composed, macs, got.pools),
+        None,
+    )
 
 
 def collect_reports(
@@ -373,6 +393,7 @@ def assign(
     previous: Assignment | None = None,
     reassign: AbstractSet[RequestKey] = frozenset(),
     resolve: Resolver | None = None,
+    resource_pools: pools.Pools | None = None,
 ) -> Assignment:
     """Assign each request to the vm-host unit that hosts it best.
 
@@ -402,6 +423,11 @@ def assign(
     The placements of rules 3 and 4 are added to their unit's allocations as they are made,
     so two requests never count the same free CPUs.
 
+    Resource pools hold across the fleet: rules 3 and 4 also need the request's pool to have
+    room for it, counted over every report's use per pool (a report without any says none)
+    plus the placements this round has made; a request refused by its pool's quota on every
+    unit is answered with that quota's numbers.
+
     Args:
         requests: (key, spec, host) for every valid request of every relation.
         reports: unit name -> its host report (units whose report is unusable left out).
@@ -417,6 +443,7 @@ def assign(
         reassign: requests an operator asked to place anew (reassign-vm).
         resolve: the NICs a spec resolves to on a unit, so `plan` counts and aligns its
             SR-IOV VFs there (None: plan reads SR-IOV from the request alone).
+        resource_pools: the pools and their quotas (None: no quota is checked).
 
     Returns:
         The new Assignment; every request is either assigned or has a reason.
@@ -430,6 +457,7 @@ def assign(
         raise ValueError("two requests share a key")
     fleet = _Fleet(reports, policy, eligible, set(reports) if present is None else set(present))
     fleet.resolve = resolve
+    fleet.count_pools(resource_pools)
     previous = previous or Assignment()
     pending: list[tuple[RequestKey, VmSpec, str | None]] = []
     for key, spec, host in ordered:
@@ -480,6 +508,32 @@ class _Fleet:
         self.waiting: set[RequestKey] = set()
         self.left: dict[RequestKey, tuple[str, str]] = {}
         self.resolve: Resolver | None = None
+        self.pools: pools.Pools | None = None
+        self.pool_use: dict[str, pools.Use] = {}
+
+    def count_pools(self, config: pools.Pools | None) -> None:
+        """Start the pools' use from every report ("" counts in the default pool)."""
+        self.pools = config
+        if config is None:
+            return
+        for unit in sorted(self.reports):
+            for name, use in self.reports[unit].pools.items():
+                pool = name or config.default
+                self.pool_use[pool] = self.pool_use.get(pool, pools.Use()) + use
+
+    def _pool_refusal(self, spec: VmSpec, placement: Placement) -> str | None:
+        if self.pools is None:
+            return None
+        pool = spec.pool or self.pools.default
+        used = self.pool_use.get(pool, pools.Use())
+        return self.pools.refusal(pool, used, pools.use_of(placement))
+
+    def _book(self, unit: str, spec: VmSpec, placement: Placement) -> None:
+        """Count a placement made this round on its unit and in its pool."""
+        self.simulated[unit].append(placement)
+        if self.pools is not None:
+            pool = spec.pool or self.pools.default
+            self.pool_use[pool] = self.pool_use.get(pool, pools.Use()) + pools.use_of(placement)
 
     def lost(
         self, key: RequestKey, host: str | None, held: str | None, previous: Assignment
@@ -501,7 +555,9 @@ class _Fleet:
                 return reason
         nics = self.resolve(report, spec) if self.resolve is not None else None
         result = plan(report.topology, self.simulated[unit], spec, self.policy, nics)
-        return result.reason if isinstance(result, Rejection) else result
+        if isinstance(result, Rejection):
+            return result.reason
+        return self._pool_refusal(spec, result) or result
 
     def keep(
         self, key: RequestKey, spec: VmSpec, host: str | None, held: str | None, composed: bool
@@ -528,7 +584,7 @@ class _Fleet:
         if isinstance(result, str):
             return False
         self.units[key] = held
-        self.simulated[held].append(result)
+        self._book(held, spec, result)
         return True
 
     def place(self, key: RequestKey, spec: VmSpec, host: str | None) -> None:
@@ -559,12 +615,17 @@ class _Fleet:
             if best is None or score < best[0]:
                 best = (score, result)
         if best is None:
+            quota = {r.split(": ", 1)[1] for r in rejections}
+            if len(quota) == 1 and next(iter(quota)).startswith("pool "):
+                # Its pool is full fleet-wide: the quota's numbers are the whole answer.
+                self.unplaced[key] = _shorten(quota.pop(), _REASON_MAX)
+                return
             text = "fits on no vm-host unit: " + "; ".join(rejections)
             self.unplaced[key] = _shorten(text, _REASON_MAX)
             return
         unit = best[0][2]
         self.units[key] = unit
-        self.simulated[unit].append(best[1])
+        self._book(unit, spec, best[1])
 
     def _no_candidate(self, host: str | None) -> str:
         if host is None:
@@ -726,6 +787,7 @@ def lead(
     mapping: Mapping[str, networks.NetworkMapping],
     scope: Scope | None = None,
     reassign: AbstractSet[RequestKey] = frozenset(),
+    resource_pools: pools.Pools | None = None,
 ) -> Decision:
     """Decide which requests this unit hosts and which refusals it answers.
 
@@ -733,7 +795,8 @@ def lead(
     assignment in force; the leader assigns every valid request (`assign`), a unit being
     eligible only when its NICs can serve the request's interfaces under `networks`.
     `scope` is this vm-host application and model (only its VMs count as composed here);
-    `reassign` (leader) the requests an operator asked to place anew after their unit left.
+    `reassign` (leader) the requests an operator asked to place anew after their unit left;
+    `resource_pools` (leader) the quotas the fleet's use is held to.
     """
     here = composed_keys(vms, scope)
     report = unit_report(topology, vms, hostname=hostname, scope=scope)
@@ -787,6 +850,7 @@ def lead(
         previous=current,
         reassign=reassign,
         resolve=resolve,
+        resource_pools=resource_pools,
     )
     return Decision(
         assignment,
