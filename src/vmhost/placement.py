@@ -60,8 +60,15 @@ Rules, and why they are what they are:
   VMs stay off nodes whose pages 1G VMs will need), then the least memory left, then the
   lowest node ids. The terms:
 
-  - whole node broken: a node whose usable CPUs were all free and that the VM takes some
-    but not all of costs its CPU count (a VM of that node's size can no longer go there);
+  - node kept from being whole: a node the VM takes some but not all of the free CPUs of
+    costs its CPUs / (k + 1), k the VMs already pinned there. With VMs leaving independently
+    of one another and of their age, a node holding k VMs is whole again when the last one
+    leaves, H(k) = 1 + 1/2 + ... + 1/k mean lifetimes from now; one more VM puts that off by
+    H(k + 1) - H(k) = 1/(k + 1) lifetime. Breaking an empty node (k = 0) puts it off a whole
+    lifetime and costs all its CPUs (a VM of the node's size can go nowhere else), so a
+    lifetime of a node is priced at its CPUs, and a VM joins the nodes it delays least: the
+    busiest, leaving nodes that are nearly empty to empty. A VM that fills a node's last free
+    CPUs costs nothing here: the node is full, no CPU of it idles while it waits;
   - whole core split: 0.5 per free core the VM takes one thread of (the other thread then
     serves only an odd vCPU count);
   - 1G pages stranded: each 1G page the placement leaves on a node with fewer free CPUs than
@@ -76,18 +83,22 @@ Rules, and why they are what they are:
     than all other terms together, so the preference holds whenever it can.
 
   Spans on more nodes are compared with fewer ones: a VM allowed two nodes that would break
-  a whole node on one spans two partly used nodes instead when its distance term costs less
-  than that node. Wider spans are tried only while their least possible distance term is
-  below the best cost found.
+  an empty node on one spans two partly used nodes instead when its distance term and what
+  it costs those nodes come to less than the empty node's CPUs. Wider spans are tried only
+  while their least possible distance term is below the best cost found.
 
   Worked example. Two nodes of 4 cores x 2 threads (8 CPUs each, distance 21); node 0 has 4
-  1G pages and 4 of its CPUs (two whole cores) pinned by a 4-vCPU VM without pages, node 1 is
-  empty and has no pages. A 2-vCPU VM with numa-nodes 2 arrives. The 1G share is (4/16 x 8 +
-  0) / (8 + 4 + 2) = 0.14.
-  node 0: no whole node broken, a whole core taken (no split), 2 CPUs left for 4 pages: 2
-  pages stranded x 0.14 = 0.29 vCPUs. node 1: breaks a whole node, 8 vCPUs. nodes 0 and 1
-  (1 + 1): breaks node 1 (8) + splits one core on each (0.5 + 0.5) + distance 2 x 1.1 (2.2)
-  + 1 page stranded on node 0 (0.14) = 11.3. The VM goes on node 0.
+  1G pages and 4 of its CPUs (two whole cores) pinned by one 4-vCPU VM without pages, node 1
+  is empty and has no pages. A 2-vCPU VM with numa-nodes 2 arrives. The 1G share is
+  (4/16 x 8 + 0) / (8 + 4 + 2) = 2/14 = 0.14.
+  node 0 (k = 1): kept from being whole 8/2 = 4, a whole core taken (no split), 2 CPUs left
+  for 4 pages: 2 pages stranded x 0.14 = 0.29; 4.29 in all. node 1 (k = 0): 8/1 = 8.
+  nodes 0 and 1 (1 + 1): node 1 8 + node 0 4 + one core split on each (0.5 + 0.5) +
+  distance 2 x 1.1 (2.2) + 1 page stranded on node 0 (0.14) = 15.34. The VM goes on node 0.
+  Had node 1 held two 2-vCPU VMs (two whole cores, 4 CPUs free) instead of being empty, the
+  share would be 2 / (8 + 8 + 2) = 0.11, node 0 would cost 4 + 2 x 0.11 = 4.22 and node 1
+  (k = 2) 8/3 = 2.67: the VM would join the two VMs on node 1, and node 0, with one VM, is
+  the likelier to be whole again soon.
 * Speed. Node sets are never permuted: single nodes are scored one by one; spans enumerate
   combinations only while there are few of them, and otherwise grow sets greedily from every
   seed node by NUMA distance. Capacity bounds reject impossible requests before any search.
@@ -355,7 +366,11 @@ class _Host:
         self.vfs_used: dict[str, int] = {}
         self.vcpus_held = 0
         self.vcpus_held_1g = 0
+        self.pinned_vms = dict.fromkeys(self.node_ids, 0)
         for alloc in allocations:
+            for nd in {c.host_node for c in alloc.cells if c.cpus}:
+                if nd in self.pinned_vms:
+                    self.pinned_vms[nd] += 1
             self.vcpus_held += alloc.vcpus
             if any(c.hugepage_size_kib == PAGE_1G_KIB and c.hugepages for c in alloc.cells):
                 self.vcpus_held_1g += alloc.vcpus
@@ -1245,15 +1260,16 @@ class _Search:
         """The module's placement cost (see the top of the module), then the tie-breaks."""
         host, w = self.host, self.weights
         is_1g = self.units.page_kib == PAGE_1G_KIB
-        whole_nodes = 0.0
+        kept = 0.0
         left_cpus = 0
         stranded = 0
         one_g = 0
         for nd, count, got in zip(nodes, counts, split, strict=True):
             pool = len(host.pool_on(nd))
             used = count if self.pinned else 0
-            if pool == host.node_usable[nd] and 0 < used < pool:
-                whole_nodes += pool
+            if 0 < used < pool:
+                # Kept from being whole: the node's CPUs per lifetime its return is put off.
+                kept += host.node_usable[nd] / (host.pinned_vms[nd] + 1)
             left_cpus += pool - used
             pages_before = host.pages_free(nd, PAGE_1G_KIB)
             pages_left = pages_before - (got if is_1g else 0)
@@ -1265,13 +1281,7 @@ class _Search:
         left_units = sum(self.free[nd] - got for nd, got in zip(nodes, split, strict=True))
         prefer = self.sriov.prefer_nodes
         nic_miss = 0 if not prefer or any(nd in nodes for nd in prefer) else 1
-        cost = (
-            whole_nodes
-            + w.core * broken
-            + w.page_1g * stranded
-            + w.distance(nodes)
-            + w.nic * nic_miss
-        )
+        cost = kept + w.core * broken + w.page_1g * stranded + w.distance(nodes) + w.nic * nic_miss
         return (
             round(cost, 6),
             left_cpus,

@@ -519,12 +519,47 @@ def test_keeping_a_node_whole_outweighs_stranding_a_few_1g_pages() -> None:
 
 
 def test_worked_example_of_the_placement_cost() -> None:
-    """The example at the top of placement.py: node 0 costs 0.29, node 1 8, both 11.3."""
+    """The example at the top of placement.py: node 0 costs 4.29, node 1 8, both 15.34."""
     topo = pages_on(make_host(), {0: {PAGE_1G_KIB: 4}, 1: {}})
     allocs = place_all(topo, [replace(pinned(4), pinned_cpus=(0, 8, 1, 9))])
     p = ok(plan(topo, allocs, pinned(2, numa_nodes=2), Policy()))
     assert p.host_nodes == (0,)
     assert set(p.pinned_cpus) in ({2, 10}, {3, 11})  # one whole core, no core split
+
+
+def test_worked_example_a_vm_joins_the_busier_node() -> None:
+    """The example's second half: node 0 (one VM) costs 4.22, node 1 (two VMs) 8/3 = 2.67."""
+    topo = pages_on(make_host(), {0: {PAGE_1G_KIB: 4}, 1: {}})
+    allocs = place_all(
+        topo,
+        [
+            replace(pinned(4), pinned_cpus=(0, 8, 1, 9)),
+            replace(pinned(2), pinned_cpus=(4, 12)),
+            replace(pinned(2), pinned_cpus=(5, 13)),
+        ],
+    )
+    p = ok(plan(topo, allocs, pinned(2, numa_nodes=2), Policy()))
+    assert p.host_nodes == (1,)
+    assert set(p.pinned_cpus) in ({6, 14}, {7, 15})  # one whole core, no core split
+
+
+def test_a_vm_joins_the_node_it_keeps_from_being_whole_the_least() -> None:
+    """Equal room on two nodes: the one with more VMs is the one that empties later."""
+    topo = make_host(nodes=3)
+    # Node 0: one 4-vCPU VM (4 free); node 1: two 2-vCPU VMs (4 free); node 2 empty.
+    allocs = place_all(
+        topo,
+        [
+            replace(pinned(4), pinned_cpus=(0, 12, 1, 13)),
+            replace(pinned(2), pinned_cpus=(4, 16)),
+            replace(pinned(2), pinned_cpus=(5, 17)),
+        ],
+    )
+    # Node 0 costs 8/2 = 4, node 1 8/3 = 2.67, node 2 8: the VM joins node 1.
+    assert ok(plan(topo, allocs, pinned(2), Policy())).host_nodes == (1,)
+    # A VM that takes all 4 free CPUs of node 0 or 1 costs nothing there (the node is full);
+    # the tie-breaks decide between them (node 1 has the least memory left).
+    assert ok(plan(topo, allocs, pinned(4), Policy())).host_nodes == (1,)
 
 
 def test_span_keeps_an_empty_node_whole_when_numa_nodes_allows() -> None:
