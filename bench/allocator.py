@@ -211,7 +211,10 @@ def fragmented_host_case(
 
     Every node has 9 of its 12 cores pinned (both threads), leaving 6 free CPUs per node; the
     request wants 8 x 12 pinned vCPUs over 8 nodes. nova's 8 guest cells of 12 fit no node;
-    vm-host's best 8 nodes hold 48 of the 96 CPUs needed.
+    vm-host's best 8 nodes hold 48 of the 96 CPUs needed. The request asks 1 GiB per vCPU,
+    which the free memory holds on every host size (at 2 GiB per vCPU the 8-node host would
+    refuse it for host-wide general memory before any node is looked at), so both allocators
+    must reject it on CPUs.
     """
     host = synthetic_host(nodes, cores=cores)
     prefill = []
@@ -223,7 +226,7 @@ def fragmented_host_case(
         id=0,
         kind="eight-node",
         vcpus=8 * per_cell,
-        memory_mib=8 * per_cell * MEMORY_MIB_PER_VCPU,
+        memory_mib=8 * per_cell * 1024,
         numa_nodes=8,
     )
     return host, prefill, request
