@@ -570,7 +570,8 @@ def markdown(report: dict[str, Any]) -> str:
         "#### Time to reject an 8-node request that cannot fit",
         "",
         "Synthetic host, 12 cores x 2 threads per node, 9 cores of every node pinned (6 free "
-        "CPUs per node); request: 96 pinned vCPUs over 8 nodes (nova: 8 guest cells of 12).",
+        "CPUs per node); request: 96 pinned vCPUs and 96 GiB over 8 nodes (nova: 8 guest "
+        "cells of 12).",
         "",
         "| host nodes | vm-host (median of 20) | vm-host max | nova |",
         "| ---: | ---: | ---: | ---: |",
@@ -803,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
             + (" --quick" if args.quick else "")
             + f" --seed {args.seed}"
             + (f" --traces {args.traces}" if args.traces else "")
-            + (f" --arrivals {args.arrivals}" if args.arrivals else ""),
+            + (f" --arrivals {args.arrivals}" if args.arrivals else "")
+            + (f" --nova-cap {args.nova_cap:g}" if args.nova_cap else ""),
             "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "duration_s": time.perf_counter() - started,
             "cpus": os.cpu_count(),
