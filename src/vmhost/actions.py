@@ -21,6 +21,7 @@ from vmhost import (
     constraints,
     imagecache,
     lifecycle,
+    pools,
     report,
     settings,
 )
@@ -160,6 +161,9 @@ def compose_vm(ctx: Context, params: ComposeParams) -> Results:
         except ImageFetchError as exc:
             raise VmHostError(imagecache.failure_text(name, exc)) from exc
 
+    def probe(name: str) -> str:
+        return ctx.backend.probe_image(name, ctx.image_settings)
+
     outcome = compose.compose(
         ctx.backend,
         spec,
@@ -167,6 +171,7 @@ def compose_vm(ctx: Context, params: ComposeParams) -> Results:
         dry_run=params.dry_run,
         progress=ctx.log,
         prepare_image=fetch,
+        probe_image=probe,
     )
     if outcome.vm is not None or outcome.failed:
         ctx.refresh()
@@ -186,7 +191,11 @@ def _compose_results(ctx: Context, outcome: compose.Outcome, recovered: list[str
         raise ActionError(f"image not available, nothing done: {outcome.unavailable}")
     if outcome.vm is None:
         assert outcome.placement is not None  # a dry run
-        return {"dry-run": True, "placement": report.placement_json(outcome.placement)}
+        return {
+            "dry-run": True,
+            "placement": report.placement_json(outcome.placement),
+            **dict(outcome.checks),
+        }
     logger.info("composed %s (%s)", outcome.vm.name, outcome.vm.uuid)
     (vm,) = addresses.refresh(ctx.backend, [outcome.vm])
     results: Results = dict(report.vm_result(vm))
@@ -231,7 +240,11 @@ def delete_vm(ctx: Context, params: NameParams) -> Results:
 def list_vms(ctx: Context, params: ListVmsParams) -> Results:
     """The VMs matching the filters, with the addresses known for them now."""
     chosen = report.select_vms(
-        ctx.snapshot.vms, owner=params.owner, tag=params.tag, state=params.state
+        pools.with_default(ctx.snapshot.vms, ctx.config.pool_config.default),
+        owner=params.owner,
+        tag=params.tag,
+        state=params.state,
+        pool=params.pool,
     )
     vms = addresses.refresh(ctx.backend, chosen)
     nics = ctx.snapshot.topology.nics
@@ -243,7 +256,9 @@ def list_vms(ctx: Context, params: ListVmsParams) -> Results:
 
 def show_resources(ctx: Context, _params: object = None) -> Results:
     """Per NUMA node what is free, pinned and reserved, and what each VM takes there."""
-    data = report.resources_json(ctx.snapshot.topology, ctx.snapshot.vms, ctx.config.policy)
+    data = report.resources_json(
+        ctx.snapshot.topology, ctx.snapshot.vms, ctx.config.policy, ctx.config.pool_config
+    )
     return {"table": report.resources_table(data), "json": json.dumps(data, sort_keys=True)}
 
 

@@ -27,6 +27,7 @@ from vmhost.model import (
     VmHostError,
     VmRecord,
     VmSpec,
+    page_label,
 )
 from vmhost.relation.keys import ACTION_OWNER
 
@@ -106,6 +107,8 @@ class Outcome:
     """Placed, but its image is not cached yet (what it waits for: a background download)."""
     unavailable: str = ""
     """Its image could not be fetched (the check that failed); nothing was created."""
+    checks: tuple[tuple[str, str], ...] = ()
+    """A dry run's findings, (what, result): the pool, the storage, the image."""
 
     @property
     def error(self) -> str | None:
@@ -287,6 +290,7 @@ def compose(
     dry_run: bool = False,
     progress: Callable[[str], None] | None = None,
     prepare_image: Callable[[str], str | None] | None = None,
+    probe_image: Callable[[str], str] | None = None,
 ) -> Outcome:
     """Check the name, resolve the NICs, the pool quota, plan, get the image ready, compose.
 
@@ -294,6 +298,9 @@ def compose(
     `prepare_image(name)` runs only once the VM fits (nothing is downloaded for a request
     that cannot be placed): it returns None when the image is cached, or what the request
     waits for (answered pending); it raises VmHostError when the image cannot be had.
+    A dry run stops before the image is fetched: `probe_image(name)` says where the image
+    would come from (cached, or the source that has it), or raises VmHostError as the fetch
+    would fail, without downloading anything.
     """
     nics = _checked_nics(spec, host)
     if isinstance(nics, Outcome):
@@ -311,7 +318,7 @@ def compose(
     if over:
         return Outcome(spec, placement=result, rejected=over)
     if dry_run:
-        return Outcome(spec, placement=result)
+        return _dry_run(spec, result, host, probe_image)
     if spec.image and prepare_image is not None:
         blocked = _prepare(spec, result, prepare_image)
         if blocked is not None:
@@ -359,6 +366,75 @@ def pool_problem(spec: VmSpec, host: HostState, placed: Placement | None = None)
     config, name, used = found
     need = _spec_use(spec) if placed is None else pools.use_of(placed)
     return config.refusal(name, used, need)
+
+
+def _pool_summary(spec: VmSpec, host: HostState, placed: Placement) -> str:
+    """The pool a dry run would put the VM in, and each quota with this VM added."""
+    found = _pool_of(spec, host)
+    if found is None:
+        return "no resource pools checked"
+    config, name, used = found
+    quota = config.quota(name)
+    need = pools.use_of(placed)
+    checks: list[tuple[str, int | None, int, int]] = [
+        ("VMs", quota.vms, used.vms, need.vms),
+        ("vCPUs", quota.vcpus, used.vcpus, need.vcpus),
+        ("pinned CPUs", quota.pinned_cpus, used.pinned_cpus, need.pinned_cpus),
+        ("MiB", quota.memory, used.memory_mib, need.memory_mib),
+    ]
+    for size, limit in sorted(quota.hugepage_limits().items()):
+        checks.append(
+            (
+                f"{page_label(size)} pages",
+                limit,
+                used.hugepages.get(size, 0),
+                need.hugepages.get(size, 0),
+            )
+        )
+    limited = [
+        f"{what} {have}+{wanted} of {limit}"
+        for what, limit, have, wanted in checks
+        if limit is not None
+    ]
+    return f"pool {name}: fits ({', '.join(limited) or 'no quota'}; this host's VMs counted)"
+
+
+def storage_summary(spec: VmSpec, host: HostState) -> str:
+    """What a spec's disks ask of each storage pool and the room there (dry runs)."""
+    pools_by_name = {pool.name: pool for pool in host.topology.pools}
+    wanted: dict[str, int] = {}
+    for disk in spec.disks:
+        name = disk.pool or host.default_pool
+        wanted[name] = wanted.get(name, 0) + disk.size_gb * GB
+    parts = []
+    for name, need in sorted(wanted.items()):
+        pool = pools_by_name[name]
+        if pool.capacity_bytes <= 0:
+            parts.append(f"pool {name}: {_gb(need)} (the hypervisor gives no space figures)")
+            continue
+        room = int(pool.available_bytes * host.disk_overcommit_ratio) - pool.committed_bytes
+        parts.append(f"pool {name}: {_gb(need)} of {_gb(max(0, room))} room")
+    return "; ".join(parts) or "no disks"
+
+
+def _dry_run(
+    spec: VmSpec, placed: Placement, host: HostState, probe_image: Callable[[str], str] | None
+) -> Outcome:
+    """Everything the real compose would check, said; an image that cannot be had refuses."""
+    checks = [
+        ("pool", _pool_summary(spec, host, placed)),
+        ("storage", storage_summary(spec, host)),
+    ]
+    if not spec.image:
+        checks.append(("image", "none: the VM boots from the network"))
+    elif probe_image is not None:
+        try:
+            checks.append(("image", probe_image(spec.image)))
+        except InvalidRequestError as exc:
+            return Outcome(spec, placement=placed, refused=str(exc))
+        except VmHostError as exc:
+            return Outcome(spec, placement=placed, unavailable=str(exc))
+    return Outcome(spec, placement=placed, checks=tuple(checks))
 
 
 def storage_problem(spec: VmSpec, host: HostState) -> tuple[str | None, str | None]:

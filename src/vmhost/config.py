@@ -344,6 +344,7 @@ class ListVmsParams(pydantic.BaseModel):
     owner: str | None = None
     tag: str | None = None
     state: Literal["pending", "running", "stopped", "failed"] | None = None
+    pool: str | None = None
 
 
 class ReassignParams(pydantic.BaseModel):

@@ -423,6 +423,41 @@ def refresh_in_background(
     return (launch or start_background)(settings, image.name, refresh=cached)
 
 
+def probe(store: ImageStore | None, name: str, settings: Settings) -> str:
+    """Where a compose would get an image from, checked without fetching it (dry runs).
+
+    Cached: used as it is. Not cached: the verified index of the configured source must list
+    it (a local image: its file must be in local-image-dir). LXD (no store here) pulls stream
+    images itself from the same verified index.
+
+    Raises:
+        InvalidRequestError: not an image name, or no such local image.
+        VmHostError: the source cannot give it (which check failed, and the fix).
+    """
+    image = images.parse_name(name)
+    if store is not None:
+        cached = images.newest(store.cached_images(), image.name)
+        if cached is not None and isinstance(image, StreamImage):
+            return f"{image.name} {cached.version}: cached"
+    if isinstance(image, LocalImage):
+        path, fmt = images.local_image_file(settings.local_dir, image)
+        return f"{image.name}: {path} ({fmt}), converted when composed"
+    try:
+        if store is None:
+            found = images.resolve_lxd(settings.source, image, settings.arch)
+            return f"{image.name} {found.version}: LXD pulls it from {settings.source.url}"
+        item = images.resolve(settings.source, image, settings.arch)
+    except ImageFetchError as exc:
+        raise VmHostError(
+            f"{failure_text(image.name, exc)}; check image-source and image-keyring with "
+            "juju config, or put the image in local-image-dir and name it local:NAME"
+        ) from exc
+    return (
+        f"{image.name} {item.version}: not cached, fetched from {settings.source.url} "
+        f"({item.size / MB:.0f} MB) when composed"
+    )
+
+
 def failure_text(name: str, exc: ImageFetchError) -> str:
     """One line naming the image and the check that refused it ([checksum], ...)."""
     return f"{name}: fetch failed [{exc.reason}]: {exc}"

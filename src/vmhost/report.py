@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from vmhost import networks
+from vmhost import networks, pools
 from vmhost.model import HostNic, HostTopology, NicKind, Placement, Policy, VmRecord, page_label
 from vmhost.placement import NicUsage, usage
 from vmhost.settings import HugepageSetting
@@ -112,6 +112,7 @@ def vm_json(vm: VmRecord, host_nics: Sequence[HostNic] = ()) -> dict[str, Any]:
         "owner": vm.owner,
         "request-id": vm.request_id,
         "tags": list(vm.tags),
+        "pool": vm.pool or None,
         "managed": vm.managed,
         "autostart": vm.autostart,
         "placement": placement_data(vm.placement),
@@ -193,6 +194,7 @@ def vms_table(vms: Sequence[VmRecord], host_nics: Sequence[HostNic] = ()) -> str
                 if c.hugepage_size_kib and c.hugepages
             )
             or "-",
+            vm.pool or "-",
             ",".join(vm.tags) or "-",
             ",".join(a for addrs in vm.addresses.values() for a in addrs) or "-",
             " ".join(_nic_brief(n) for n in vm_nics(vm, host_nics)) or "-",
@@ -208,6 +210,7 @@ def vms_table(vms: Sequence[VmRecord], host_nics: Sequence[HostNic] = ()) -> str
         "NODES",
         "CPUS",
         "HUGEPAGES",
+        "POOL",
         "TAGS",
         "ADDRESSES",
         "NICS",
@@ -221,11 +224,13 @@ def select_vms(
     owner: str | None = None,
     tag: str | None = None,
     state: str | None = None,
+    pool: str | None = None,
 ) -> list[VmRecord]:
     """The VMs list-vms shows: those matching every filter given (None matches all).
 
     `owner` matches exactly or as a prefix ending at a ':' ("relation" matches every
-    relation-owned VM, "relation:7" those of relation 7); `state` is a VmState value.
+    relation-owned VM, "relation:7" those of relation 7); `state` is a VmState value; `pool`
+    a resource pool (VMs recorded without one are in it when pools.with_default said so).
     """
     return [
         vm
@@ -233,6 +238,7 @@ def select_vms(
         if (owner is None or vm.owner == owner or vm.owner.startswith(owner + ":"))
         and (tag is None or tag in vm.tags)
         and (state is None or vm.state.value == state)
+        and (pool is None or vm.pool == pool)
     ]
 
 
@@ -297,9 +303,15 @@ def sriov_nics(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def resources_json(
-    topology: HostTopology, vms: Sequence[VmRecord], policy: Policy
+    topology: HostTopology,
+    vms: Sequence[VmRecord],
+    policy: Policy,
+    resource_pools: pools.Pools | None = None,
 ) -> dict[str, Any]:
     """show-resources as plain data: per node CPUs, memory, huge pages, VMs; NICs; pools.
+
+    Storage pools, and resource pools (quota, used on this host, free) when `resource_pools`
+    is given.
 
     Every CPU count is placement.usage's, so "free" is what a pinned request can take on the
     node now (policy and shared VMs' needs included), not the shared pool's size.
@@ -389,6 +401,15 @@ def resources_json(
             }
             for p in topology.pools
         ],
+        **(
+            {
+                "resource-pools": pools.pool_rows(
+                    resource_pools, pools.use_by_pool(vms, resource_pools.default)
+                )
+            }
+            if resource_pools is not None
+            else {}
+        ),
     }
 
 
@@ -560,4 +581,31 @@ def resources_table(data: dict[str, Any]) -> str:
                 ],
             ),
         ]
+    if data.get("resource-pools"):
+        parts += ["", _table(_POOL_HEADERS, _pool_rows(data["resource-pools"]))]
     return "\n".join(parts)
+
+
+_POOL_HEADERS = ("RESOURCE-POOL", "RESOURCE", "QUOTA", "USED", "FREE")
+
+
+def _pool_rows(rows: Sequence[dict[str, Any]]) -> list[tuple[object, ...]]:
+    """One line per pool and resource; the default pool is marked, unset quotas unlimited."""
+    out: list[tuple[object, ...]] = []
+    for pool in rows:
+        name = pool["name"] + (" (default)" if pool["default"] else "")
+        if not pool["configured"]:
+            name += " (not configured)"
+        for item in pool["resources"]:
+            limited = item["quota"] is not None
+            out.append(
+                (
+                    name,
+                    item["resource"],
+                    item["quota"] if limited else "unlimited",
+                    item["used"],
+                    item["free"] if limited else "-",
+                )
+            )
+            name = ""
+    return out

@@ -111,6 +111,13 @@ class FakeBackend:
             return imagecache.background(self.images, settings, name)
         return None if wait else self.image_waits.get(name)
 
+    def probe_image(self, name: str, settings: imagecache.Settings) -> str:
+        self._check()
+        self.calls.append(f"probe_image:{name}")
+        if self.images is not None:  # the real cache code on the fake pool
+            return imagecache.probe(self.images, name, settings)
+        return f"{name}: ready (fake store)"
+
     ignores_acpi: set[str] = field(default_factory=set)
     """VMs whose guest does not answer a shutdown request (stop needs the plug pulled)."""
     consoles: dict[str, str] = field(default_factory=dict)

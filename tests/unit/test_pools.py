@@ -15,9 +15,11 @@ from test_domain_xml import render
 from test_domain_xml import spec as libvirt_spec
 from test_lxd_backend import instance_from, no_topology
 from test_lxd_backend import spec as lxd_spec
+from test_report_schema import validate
 
 import charms.vm_host.v0.vm_host as vm_lib
-from vmhost import compose, constraints, pools
+from fake_backend import FakeImageStore
+from vmhost import compose, constraints, images, pools
 from vmhost.backends.libvirt import record_from_domain_xml
 from vmhost.backends.lxd import instance_definition, record_from_instance
 from vmhost.config import CharmConfig
@@ -549,3 +551,116 @@ def test_the_leader_across_units_counts_both_reports(fake_host, topology, monkey
     assert got["c"].state == "failed"
     assert (got["c"].error or "").startswith("pool db: 2 of 2 VMs used, this VM needs 1;")
     assert units.hosted() == {"vm-host/0": ["pg-7-a"], "vm-host/1": ["pg-7-b"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# list-vms, show-resources, dry runs
+
+
+POOLS_CONFIG = {"resource-pools": "{db: {vms: 2, pinned-cpus: 4, hugepages: {2M: 64}}, test: {}}"}
+
+
+def test_list_vms_shows_each_vms_pool_and_filters_on_it(ctx, backend) -> None:
+    state = testing.State(leader=True, config=POOLS_CONFIG)
+    run_action(ctx, "compose-vm", {"name": "db-a", "memory": 256, "pool": "db"}, state)
+    run_action(ctx, "compose-vm", {"name": "t-a", "memory": 256, "pool": "test"}, state)
+    backend.vms["old"] = record("old", Placement(vcpus=1, memory_mib=256))  # before pools
+    results = run_action(ctx, "list-vms", {"pool": "db"}, state)
+    assert [v["name"] for v in json.loads(results["json"])] == ["db-a"]
+    assert json.loads(results["json"])[0]["pool"] == "db"
+    header, row = results["table"].splitlines()
+    assert header.split()[8] == "POOL"
+    assert row.split()[8] == "db"
+    results = run_action(ctx, "list-vms", {"pool": "default"}, state)
+    assert [v["name"] for v in json.loads(results["json"])] == ["old"]
+    listed = json.loads(run_action(ctx, "list-vms", {}, state)["json"])
+    assert {v["name"]: v["pool"] for v in listed} == {
+        "db-a": "db",
+        "t-a": "test",
+        "old": "default",
+    }
+    validate(listed, "list-vms")
+
+
+def test_show_resources_has_the_pools_table_in_text_and_json(ctx, backend) -> None:
+    state = testing.State(leader=True, config=POOLS_CONFIG)
+    params = {"name": "db-a", "memory": 64, "pinned-cores": "2", "hugepages": "2M", "pool": "db"}
+    run_action(ctx, "compose-vm", params, state)
+    results = run_action(ctx, "show-resources", {}, state)
+    data = json.loads(results["json"])
+    validate(data, "show-resources")
+    by_name = {p["name"]: p for p in data["resource-pools"]}
+    assert sorted(by_name) == ["db", "default", "test"]
+    assert by_name["default"]["default"] is True
+    db = {r["resource"]: (r["quota"], r["used"], r["free"]) for r in by_name["db"]["resources"]}
+    assert db == {
+        "vms": (2, 1, 1),
+        "vcpus": (None, 2, None),
+        "pinned-cpus": (4, 2, 2),
+        "memory-mib": (None, 64, None),
+        "hugepages-2M": (64, 32, 32),
+    }
+    table = results["table"]
+    lines = [line.split() for line in table.splitlines()]
+    assert ["RESOURCE-POOL", "RESOURCE", "QUOTA", "USED", "FREE"] in lines
+    assert ["db", "vms", "2", "1", "1"] in lines
+    assert ["pinned-cpus", "4", "2", "2"] in lines
+    assert ["default", "(default)", "vms", "unlimited", "0", "-"] in lines
+
+
+def test_a_dry_run_reports_the_pool_the_storage_and_the_image(ctx, backend, tmp_path) -> None:
+    backend.images = FakeImageStore(tmp_path / "pool")
+    backend.images.cache("ubuntu@24.04")
+    state = testing.State(leader=True, config=POOLS_CONFIG)
+    params = {"name": "db-a", "memory": 256, "pinned-cores": "2", "pool": "db", "dry-run": True}
+    results = run_action(ctx, "compose-vm", params, state)
+    assert results["pool"] == (
+        "pool db: fits (VMs 0+1 of 2, pinned CPUs 0+2 of 4, 2M pages 0+0 of 64; this host's "
+        "VMs counted)"
+    )
+    assert results["storage"] == "pool vm-host: 20.0 GB of 100 GB room"
+    assert results["image"] == "ubuntu@24.04 20261201: cached"
+    assert backend.vms == {}
+    assert not any(c.startswith(("prepare_image", "compose")) for c in backend.calls)
+
+
+def test_a_dry_run_says_where_an_image_would_come_from_or_fails_with_the_fix(
+    ctx, backend, tmp_path, monkeypatch
+) -> None:
+    backend.images = FakeImageStore(tmp_path / "pool")
+    item = images.StreamItem(
+        "p", "20261130", "disk1.img", "https://example/x.img", "b" * 64, 600_000_000
+    )
+    monkeypatch.setattr(images, "resolve", lambda source, image, arch: item)
+    state = testing.State(leader=True)
+    params = {"name": "vm-a", "memory": 256, "dry-run": True}
+    results = run_action(ctx, "compose-vm", params, state)
+    assert results["image"] == (
+        "ubuntu@24.04 20261130: not cached, fetched from "
+        "https://cloud-images.ubuntu.com/releases/ (600 MB) when composed"
+    )
+
+    def unreachable(source, image, arch):
+        raise images.ImageFetchError("unreachable", "https://cloud-images.ubuntu.com/: timed out")
+
+    monkeypatch.setattr(images, "resolve", unreachable)
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "compose-vm", params, state)
+    assert failed.value.message.startswith(
+        "image not available, nothing done: ubuntu@24.04: fetch failed [unreachable]"
+    )
+    assert "image-source" in failed.value.message
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(ctx, "compose-vm", {**params, "image": "local:nope"}, state)
+    assert "local-image-dir" in failed.value.message
+    assert backend.images.bases == {}
+    assert backend.vms == {}
+
+
+def test_a_dry_run_is_refused_by_a_full_pool_as_compose_would_be(ctx, backend) -> None:
+    state = testing.State(leader=True, config={"resource-pools": "{db: {vms: 0}}"})
+    with pytest.raises(testing.ActionFailed) as failed:
+        run_action(
+            ctx, "compose-vm", {"name": "a", "memory": 256, "pool": "db", "dry-run": True}, state
+        )
+    assert "pool db: 0 of 0 VMs used, this VM needs 1" in failed.value.message

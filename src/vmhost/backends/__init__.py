@@ -147,6 +147,17 @@ class Backend(Protocol):
         """
         ...
 
+    def probe_image(self, name: str, settings: Settings) -> str:
+        """Where a compose would get an image from (a dry run): nothing is fetched.
+
+        Cached: said so. Not cached: the configured source's verified index must list it.
+
+        Raises:
+            InvalidRequestError: not an image name, or no such local image.
+            VmHostError: the image cannot be had; the message names the check and the fix.
+        """
+        ...
+
     def start(self, name: str) -> None:
         """Start a defined VM (a running one is left as it is)."""
         ...

@@ -1628,6 +1628,10 @@ class LibvirtBackend:
             return None
         return imagecache.background(self, settings, name)
 
+    def probe_image(self, name: str, settings: imagecache.Settings) -> str:
+        """Where a compose would get an image from, nothing fetched (imagecache.probe)."""
+        return imagecache.probe(self, name, settings)
+
     def _images_pool(self, *, create: bool) -> libvirt.virStoragePool | None:
         try:
             pool = self.conn.storagePoolLookupByName(self.image_pool)

@@ -1227,6 +1227,19 @@ class LxdBackend:
             )
         return None
 
+    def probe_image(self, name: str, settings: imagecache.Settings) -> str:
+        """Where a compose would get an image from, nothing pulled.
+
+        LXD's store, else the source's verified index (a local image must be in the store).
+        """
+        stream = stream_image(name)
+        if stream is None:
+            self.image_source(name)
+            return f"{name}: in LXD's image store"
+        if newest_stream_image(self._store_images(), stream, images.host_arch()) is not None:
+            return f"{stream.name}: in LXD's image store"
+        return imagecache.probe(None, name, settings)
+
     def _image_pull(self, fingerprint: str) -> str | None:
         """The id of LXD's running operation pulling that image, if any."""
         ops = self._call("GET", self._p("/1.0/operations", recursion="1")) or {}
