@@ -8,6 +8,7 @@ from typing import Any
 
 import hypothesis.strategies as st
 import pytest
+import yaml
 from hypothesis import given, settings
 from ops import testing
 from test_charm_provider import TwoUnits
@@ -664,3 +665,34 @@ def test_a_dry_run_is_refused_by_a_full_pool_as_compose_would_be(ctx, backend) -
             ctx, "compose-vm", {"name": "a", "memory": 256, "pool": "db", "dry-run": True}, state
         )
     assert "pool db: 0 of 0 VMs used, this VM needs 1" in failed.value.message
+
+
+_YAMLISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**15), 10**15) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=300) | _YAMLISH.map(lambda v: yaml.safe_dump(v)))
+def test_any_text_parses_or_is_refused_naming_the_option(text: str) -> None:
+    for parse, option in (
+        (pools.parse_resource_pools, "resource-pools"),
+        (pools.parse_app_pools, "app-pools"),
+    ):
+        assert refused_field(parse, text) in (None, option) or str(
+            refused_field(parse, text)
+        ).startswith(option + "[")
+
+
+def refused_field(parse: Any, text: str) -> str | None:
+    """The field the parser's refusal names, or None when it parsed (to a mapping)."""
+    try:
+        parsed = parse(text)
+    except InvalidRequestError as exc:
+        return exc.field
+    assert isinstance(parsed, dict)
+    return None
