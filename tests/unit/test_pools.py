@@ -14,13 +14,20 @@ from ops import testing
 from test_charm_provider import TwoUnits
 from test_domain_xml import render
 from test_domain_xml import spec as libvirt_spec
-from test_lxd_backend import instance_from, no_topology
+from test_lxd_backend import (
+    FakeLxd,
+    fake_backend,
+    instance_from,
+    no_topology,
+    vm_image,
+    write_stream,
+)
 from test_lxd_backend import spec as lxd_spec
 from test_report_schema import validate
 
 import charms.vm_host.v0.vm_host as vm_lib
 from fake_backend import FakeImageStore
-from vmhost import compose, constraints, images, pools
+from vmhost import compose, constraints, imagecache, images, pools
 from vmhost.backends.libvirt import record_from_domain_xml
 from vmhost.backends.lxd import instance_definition, record_from_instance
 from vmhost.config import CharmConfig
@@ -34,6 +41,7 @@ from vmhost.model import (
     NumaNode,
     Placement,
     Policy,
+    VmHostError,
     VmRecord,
     VmSpec,
     VmState,
@@ -696,3 +704,24 @@ def refused_field(parse: Any, text: str) -> str | None:
         return exc.field
     assert isinstance(parsed, dict)
     return None
+
+
+def test_lxd_probe_reads_the_store_then_the_index_and_pulls_nothing(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(images, "host_arch", lambda: "x86_64")
+    combined = "cd" * 32
+    source = write_stream(
+        tmp_path,
+        {"20261201": {"items": {"lxd.tar.xz": {"combined_disk-kvm-img_sha256": combined}}}},
+    )
+    settings = imagecache.Settings(source=source, state_dir=str(tmp_path / "state"))
+    fake = FakeLxd()
+    backend = fake_backend(fake)
+    assert backend.probe_image("ubuntu@24.04", settings) == (
+        f"ubuntu@24.04 20261201: LXD pulls it from {source.url}"
+    )
+    assert fake.image_posts == []
+    fake.store.append(vm_image(combined, "24.04", "20261201"))
+    assert backend.probe_image("ubuntu@24.04", settings) == "ubuntu@24.04: in LXD's image store"
+    bare = write_stream(tmp_path / "bare", {"20261201": {"items": {"disk1.img": {}}}})
+    with pytest.raises(VmHostError, match="image-source"):
+        backend.probe_image("jammy", imagecache.Settings(source=bare, state_dir=str(tmp_path)))
