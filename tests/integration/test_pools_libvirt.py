@@ -15,9 +15,9 @@ from ops import testing
 import charm
 from vmhost.backends.libvirt import METADATA_NS, LibvirtBackend
 
-FIRST = "vmhost-test-pool-a"
-SECOND = "vmhost-test-pool-b"
-OTHER = "vmhost-test-pool-c"
+FIRST = "vmhost-test-rp-a"
+SECOND = "vmhost-test-rp-b"
+OTHER = "vmhost-test-rp-c"
 
 
 @pytest.fixture
@@ -74,10 +74,17 @@ def test_a_pool_with_room_for_one_vm_refuses_the_second_and_leaves_nothing(
         run(ctx, state, "compose-vm", name=SECOND, memory=128, pool="db", **{"dry-run": True})
     assert "pool db: 1 of 1 VMs used" in failed.value.message
     checked = run(
-        ctx, state, "compose-vm", name=OTHER, memory=128, pool="scratch", **{"dry-run": True}
+        ctx,
+        state,
+        "compose-vm",
+        name=OTHER,
+        memory=128,
+        storage="root:1",
+        pool="scratch",
+        **{"dry-run": True},
     )
     assert checked["pool"].startswith("pool scratch: fits (no quota")
-    assert checked["storage"].startswith(f"pool {test_pool}: 20.0 GB of ")
+    assert checked["storage"].startswith(f"pool {test_pool}: 1.0 GB of ")
     assert checked["image"] == "none: the VM boots from the network"
     assert (domains(backend), volumes(backend, test_pool)) == before
 
