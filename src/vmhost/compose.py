@@ -46,6 +46,7 @@ __all__ = [
     "pool_problem",
     "reach_problem",
     "storage_problem",
+    "storage_summary",
 ]
 
 DEFAULT_NIC_LABEL = "eth0"
