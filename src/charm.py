@@ -13,7 +13,7 @@ import logging
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import ops
 import pydantic
@@ -35,7 +35,6 @@ from vmhost import (
 )
 from vmhost.actions import Snapshot
 from vmhost.backends import Backend, BackendUnavailableError, factory
-from vmhost.backends.factory import make_trust
 from vmhost.config import (
     CharmConfig,
     ReassignParams,
@@ -45,6 +44,9 @@ from vmhost.config import (
 from vmhost.layout import HostLayout
 from vmhost.model import InvalidRequestError, VmHostError
 from vmhost.relation import fleet, journal, keys, serve
+
+if TYPE_CHECKING:
+    from vmhost.lxd_trust import LxdTrust
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +154,10 @@ class VmHostCharm(ops.CharmBase):
     def _image_settings(self, config: CharmConfig) -> imagecache.Settings:
         """The image-* options, with this host's image pool and fetch state."""
         return self._layout.image_settings(config.image_settings)
+
+    def _trust(self) -> LxdTrust:
+        """LXD's trust store at this host's socket."""
+        return factory.make_trust(self._layout)
 
     def _backend(self, config: CharmConfig) -> Backend:
         if self._backend_cache is None:
@@ -460,18 +466,23 @@ class VmHostCharm(ops.CharmBase):
             adopt=config.libvirt_user_adopt,
             config_keys=config.ssh_authorized_keys,
             clients=self.access.clients,
+            layout=self._layout.access,
         ):
             return
         uri = self._manager_address(config)
         if uri is not None and self.access.relations:
             self.access.sync(
-                AccessInfo(backend="libvirt", uri=uri, ssh_host_keys=access.ssh_host_public_keys())
+                AccessInfo(
+                    backend="libvirt",
+                    uri=uri,
+                    ssh_host_keys=access.ssh_host_public_keys(self._layout.access.ssh_dir),
+                )
             )
 
     def _reconcile_lxd_access(self, config: CharmConfig) -> None:
         """Serve HTTPS on the access address; trust exactly the related managers' certificates."""
         try:
-            trust = make_trust()
+            trust = self._trust()
             address = self._access_address()
             if address is not None:
                 trust.ensure_https(address, config.https_port)
@@ -510,7 +521,8 @@ class VmHostCharm(ops.CharmBase):
             self._backend(config),
             self._mapping(config),
             backend_error=self._backend_error,
-            make_trust=make_trust,
+            make_trust=self._trust,
+            where=self._layout.access,
         ):
             event.add_status(kinds.get(kind, ops.ActiveStatus)(message))
 
@@ -611,7 +623,9 @@ class VmHostCharm(ops.CharmBase):
         params = None if model is None else self._params(event, model)
         if model is not None and params is None:
             return
-        context = actions.AccessContext(config, make_trust, self._access_address())
+        context = actions.AccessContext(
+            config, self._trust, self._access_address(), self._layout.access
+        )
         self._finish(event, lambda: run(context, params))
 
     # ----------------------------------------------------------------------------------------
@@ -628,10 +642,10 @@ class VmHostCharm(ops.CharmBase):
         if config is None:
             return
         if config.backend == "libvirt":
-            access.remove_all(config.libvirt_user)
+            access.remove_all(config.libvirt_user, self._layout.access)
         else:
             try:
-                removed = make_trust().remove_managed()
+                removed = self._trust().remove_managed()
             except VmHostError as exc:
                 logger.warning("could not remove trusted certificates: %s", exc)
             else:

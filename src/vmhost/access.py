@@ -26,7 +26,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -213,15 +213,16 @@ def _reason(exc: InvalidRequestError) -> str:
 # The managed block
 
 
-def forced_command() -> str:
+def forced_command(layout: AccessLayout | None = None) -> str:
     """Return the command every managed key is forced to run.
 
     virt-ssh-helper (libvirt >= 6.8) is preferred: it ships with the daemon, and speaks to the
     daemon for the URI it is given. nc to the daemon socket is MAAS's recipe, kept for hosts
     without it.
     """
-    if os.access(VIRT_SSH_HELPER, os.X_OK):
-        return f"{VIRT_SSH_HELPER} qemu:///system"
+    helper = (layout or SYSTEM).virt_ssh_helper
+    if os.access(helper, os.X_OK):
+        return f"{helper} qemu:///system"
     return f"{NETCAT} -q 0 -U {LIBVIRT_SOCKET}"
 
 
@@ -314,21 +315,122 @@ class AccessUser:
         return self.home / ".ssh" / "authorized_keys"
 
 
-def _lookup(name: str) -> AccessUser | None:
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        return None
-    return AccessUser(entry.pw_name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir))
+class Accounts(Protocol):
+    """The host's account databases: passwd and group reads, useradd and friends."""
+
+    def lookup(self, name: str) -> AccessUser | None:
+        """The account of that name, None when there is none."""
+        ...
+
+    def login_shell(self, name: str) -> str:
+        """The account's login shell ("" when it has none)."""
+        ...
+
+    def existing_groups(self, names: Iterable[str]) -> list[str]:
+        """Those of `names` that are groups on this host, in order."""
+        ...
+
+    def groups_of(self, name: str) -> set[str]:
+        """The supplementary groups the account is a member of."""
+        ...
+
+    def add_user(self, name: str, home: Path, shell: str, groups: Sequence[str]) -> None:
+        """Create a system account with its own group and home (useradd)."""
+        ...
+
+    def lock(self, name: str) -> None:
+        """Lock the account's password (usermod --lock)."""
+        ...
+
+    def add_to_groups(self, name: str, groups: Sequence[str]) -> None:
+        """Append supplementary groups (usermod --append --groups)."""
+        ...
+
+    def delete_user(self, name: str) -> None:
+        """Delete the account and its home (userdel --remove)."""
+        ...
 
 
-def _existing_groups(names: Iterable[str]) -> list[str]:
-    found = []
-    for name in names:
-        with contextlib.suppress(KeyError):
-            grp.getgrnam(name)
-            found.append(name)
-    return found
+class SystemAccounts:
+    """This machine's accounts: the passwd and group databases, useradd, usermod, userdel."""
+
+    def lookup(self, name: str) -> AccessUser | None:
+        """The account of that name from the passwd database."""
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            return None
+        return AccessUser(entry.pw_name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir))
+
+    def login_shell(self, name: str) -> str:
+        """The account's login shell from the passwd database."""
+        return pwd.getpwnam(name).pw_shell
+
+    def existing_groups(self, names: Iterable[str]) -> list[str]:
+        """Those of `names` the group database knows."""
+        found = []
+        for name in names:
+            with contextlib.suppress(KeyError):
+                grp.getgrnam(name)
+                found.append(name)
+        return found
+
+    def groups_of(self, name: str) -> set[str]:
+        """The groups listing the account as a member."""
+        return {g.gr_name for g in grp.getgrall() if name in g.gr_mem}
+
+    def add_user(self, name: str, home: Path, shell: str, groups: Sequence[str]) -> None:
+        """Run useradd --system --create-home, with the account's own group."""
+        command = [USERADD, "--system", "--create-home", "--home-dir", str(home)]
+        command += ["--shell", shell, "--user-group"]
+        if groups:
+            command += ["--groups", ",".join(groups)]
+        subprocess.run([*command, name], check=True, capture_output=True)
+
+    def lock(self, name: str) -> None:
+        """Run usermod --lock."""
+        subprocess.run([USERMOD, "--lock", name], check=True, capture_output=True)
+
+    def add_to_groups(self, name: str, groups: Sequence[str]) -> None:
+        """Run usermod --append --groups."""
+        subprocess.run(
+            [USERMOD, "--append", "--groups", ",".join(groups), name],
+            check=True,
+            capture_output=True,
+        )
+
+    def delete_user(self, name: str) -> None:
+        """Run userdel --remove."""
+        subprocess.run([USERDEL, "--remove", name], check=True, capture_output=True)
+
+
+@dataclass(frozen=True)
+class AccessLayout:
+    """Where libvirt access lives on the host; every default is the deployed location.
+
+    A unit test points the paths at a temporary directory and records the account changes it
+    cannot make (useradd needs the real passwd database).
+    """
+
+    accounts: Accounts = field(default_factory=SystemAccounts)
+    home_root: Path = Path("/home")
+    """Where a created access user's home goes."""
+    sshd_drop_in: Path = SSHD_DROP_IN
+    ssh_dir: Path = Path("/etc/ssh")
+    """The host's SSH keys (ssh_host_*_key.pub), published so managers pin them."""
+    virt_ssh_helper: str = VIRT_SSH_HELPER
+
+
+SYSTEM = AccessLayout()
+"""This machine's access locations (the deployed charm's)."""
+
+
+def _lookup(name: str, layout: AccessLayout = SYSTEM) -> AccessUser | None:
+    return layout.accounts.lookup(name)
+
+
+def _existing_groups(names: Iterable[str], layout: AccessLayout = SYSTEM) -> list[str]:
+    return layout.accounts.existing_groups(names)
 
 
 def _ensure_dir(path: Path, user: AccessUser, mode: int) -> None:
@@ -339,30 +441,27 @@ def _ensure_dir(path: Path, user: AccessUser, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def _create_user(name: str, groups: Sequence[str]) -> AccessUser:
-    home = Path("/home") / name
-    command = [USERADD, "--system", "--create-home", "--home-dir", str(home)]
-    command += ["--shell", USER_SHELL, "--user-group"]
-    if groups:
-        command += ["--groups", ",".join(groups)]
-    subprocess.run([*command, name], check=True, capture_output=True)
+def _create_user(name: str, groups: Sequence[str], layout: AccessLayout) -> AccessUser:
+    accounts = layout.accounts
+    accounts.add_user(name, layout.home_root / name, USER_SHELL, groups)
     try:
-        user = _lookup(name)
+        user = accounts.lookup(name)
         if user is None:  # pragma: no cover - useradd succeeded but the account is missing
             raise VmHostError(f"useradd reported success but user {name} does not exist")
-        subprocess.run([USERMOD, "--lock", name], check=True, capture_output=True)
+        accounts.lock(name)
         (user.home / CREATED_MARKER).write_text(
             "This account was created by vm-host and is removed with it.\n"
         )
     except BaseException:
-        subprocess.run([USERDEL, "--remove", name], check=False, capture_output=True)
+        with contextlib.suppress(Exception):
+            accounts.delete_user(name)
         raise
     logger.info("created access user %s", name)
     return user
 
 
-def _shell_problem(user: AccessUser) -> str | None:
-    shell = pwd.getpwnam(user.name).pw_shell
+def _shell_problem(user: AccessUser, layout: AccessLayout = SYSTEM) -> str | None:
+    shell = layout.accounts.login_shell(user.name)
     if not shell or Path(shell).name in ("nologin", "false") or not os.access(shell, os.X_OK):
         return (
             f"user {user.name} has login shell {shell or '(none)'}; sshd runs the forced "
@@ -378,10 +477,12 @@ def _keys_file_problem(user: AccessUser) -> str | None:
     return None
 
 
-def _account_problem(name: str, user: AccessUser | None, adopt: bool) -> str | None:
+def _account_problem(
+    name: str, user: AccessUser | None, adopt: bool, layout: AccessLayout = SYSTEM
+) -> str | None:
     """Why this account must not be created or taken over as the access user, or None."""
     if user is None:
-        if _existing_groups([name]):
+        if _existing_groups([name], layout):
             return (
                 f"a group named {name} already exists, so useradd cannot create user {name}: "
                 "set libvirt-user to another name such as virsh"
@@ -397,35 +498,33 @@ def _account_problem(name: str, user: AccessUser | None, adopt: bool) -> str | N
     return None
 
 
-def user_problem(name: str, adopt: bool = False) -> str | None:
+def user_problem(name: str, adopt: bool = False, layout: AccessLayout = SYSTEM) -> str | None:
     """What keeps the access user from serving managers right now, None when nothing.
 
     Read-only: status asks this on every hook, `ensure_user` puts right what it can.
     """
-    user = _lookup(name)
-    problem = _account_problem(name, user, adopt)
+    user = _lookup(name, layout)
+    problem = _account_problem(name, user, adopt, layout)
     if problem:
         return problem
     if user is None:
         return f"user {name} does not exist and could not be created"
-    return _shell_problem(user) or _keys_file_problem(user)
+    return _shell_problem(user, layout) or _keys_file_problem(user)
 
 
-def _adopt_user(user: AccessUser, groups: Sequence[str]) -> None:
-    problem = _shell_problem(user)
+def _adopt_user(user: AccessUser, groups: Sequence[str], layout: AccessLayout) -> None:
+    problem = _shell_problem(user, layout)
     if problem:
         raise VmHostError(problem)
-    member_of = {g.gr_name for g in grp.getgrall() if user.name in g.gr_mem}
+    member_of = layout.accounts.groups_of(user.name)
     missing = [g for g in groups if g not in member_of]
     if missing:
-        subprocess.run(
-            [USERMOD, "--append", "--groups", ",".join(missing), user.name],
-            check=True,
-            capture_output=True,
-        )
+        layout.accounts.add_to_groups(user.name, missing)
 
 
-def ensure_user(name: str = "virsh", *, adopt: bool = False) -> AccessUser:
+def ensure_user(
+    name: str = "virsh", *, adopt: bool = False, layout: AccessLayout = SYSTEM
+) -> AccessUser:
     """Create the access user when missing and put its SSH directory in order.
 
     A created account is a locked system account (no password) with a marker in its home
@@ -442,15 +541,15 @@ def ensure_user(name: str = "virsh", *, adopt: bool = False) -> AccessUser:
             its SSH files are symlinks.
     """
     validate_user_name(name)
-    groups = _existing_groups(("libvirt", "libvirt-qemu"))
-    user = _lookup(name)
-    problem = _account_problem(name, user, adopt)
+    groups = _existing_groups(("libvirt", "libvirt-qemu"), layout)
+    user = _lookup(name, layout)
+    problem = _account_problem(name, user, adopt, layout)
     if problem:
         raise VmHostError(problem)
     if user is None:
-        user = _create_user(name, groups)
+        user = _create_user(name, groups, layout)
     else:
-        _adopt_user(user, groups)
+        _adopt_user(user, groups, layout)
     ssh_dir = user.home / ".ssh"
     _ensure_dir(ssh_dir, user, 0o700)
     keys_file = user.authorized_keys
@@ -469,11 +568,11 @@ UserRef = str | AccessUser
 """A user by name (looked up in the passwd database) or as an `AccessUser` already known."""
 
 
-def _require_user(user: UserRef) -> AccessUser:
+def _require_user(user: UserRef, layout: AccessLayout) -> AccessUser:
     if isinstance(user, AccessUser):
         return user
     validate_user_name(user)
-    account = _lookup(user)
+    account = _lookup(user, layout)
     if account is None:
         raise VmHostError(f"access user {user} does not exist; it is created on install")
     return account
@@ -505,15 +604,17 @@ def _read_keys_file(user: AccessUser) -> str:
         return ""
 
 
-def sync_authorized_keys(user: UserRef, keys: Sequence[AuthorizedKey]) -> bool:
+def sync_authorized_keys(
+    user: UserRef, keys: Sequence[AuthorizedKey], layout: AccessLayout = SYSTEM
+) -> bool:
     """Make the managed block hold exactly `keys`; write (atomically, 0600) only on change.
 
     Returns:
         Whether the file changed.
     """
-    account = _require_user(user)
+    account = _require_user(user, layout)
     existing = _read_keys_file(account)
-    wanted = render_authorized_keys(existing, keys)
+    wanted = render_authorized_keys(existing, keys, forced_command(layout))
     if wanted == existing and account.authorized_keys.exists():
         return False
     _ensure_dir(account.authorized_keys.parent, account, 0o700)
@@ -522,12 +623,12 @@ def sync_authorized_keys(user: UserRef, keys: Sequence[AuthorizedKey]) -> bool:
     return True
 
 
-def current_keys(user: UserRef) -> list[AuthorizedKey]:
+def current_keys(user: UserRef, layout: AccessLayout = SYSTEM) -> list[AuthorizedKey]:
     """Return the keys of the managed block, each with its source."""
-    return managed_keys(_read_keys_file(_require_user(user)))
+    return managed_keys(_read_keys_file(_require_user(user, layout)))
 
 
-def sync_keys(user: UserRef, keys: Sequence[AuthorizedKey]) -> bool:
+def sync_keys(user: UserRef, keys: Sequence[AuthorizedKey], layout: AccessLayout = SYSTEM) -> bool:
     """Set the config and relation keys; keys added by the authorize action are kept.
 
     The charm calls this on every reconcile with the keys it gathered from config and the
@@ -540,11 +641,13 @@ def sync_keys(user: UserRef, keys: Sequence[AuthorizedKey]) -> bool:
     for key in keys:
         if key.action_name is not None:
             raise InvalidRequestError("key", "action keys are added with authorize_key")
-    kept = [k for k in current_keys(user) if k.action_name is not None]
-    return sync_authorized_keys(user, [*keys, *kept])
+    kept = [k for k in current_keys(user, layout) if k.action_name is not None]
+    return sync_authorized_keys(user, [*keys, *kept], layout)
 
 
-def authorize_key(user: UserRef, key_text: str, name: str) -> AuthorizedKey:
+def authorize_key(
+    user: UserRef, key_text: str, name: str, layout: AccessLayout = SYSTEM
+) -> AuthorizedKey:
     """Authorize a key under an action name; the same key and name again changes nothing.
 
     Raises:
@@ -553,7 +656,7 @@ def authorize_key(user: UserRef, key_text: str, name: str) -> AuthorizedKey:
     """
     validate_action_name(name)
     key = parse_public_key(key_text, f"action:{name}")
-    keys = current_keys(user)
+    keys = current_keys(user, layout)
     for other in keys:
         if other.action_name is None:
             continue
@@ -565,11 +668,13 @@ def authorize_key(user: UserRef, key_text: str, name: str) -> AuthorizedKey:
             raise InvalidRequestError(
                 "key", f"this key is already authorized as {other.action_name!r}"
             )
-    sync_authorized_keys(user, [*keys, key])
+    sync_authorized_keys(user, [*keys, key], layout)
     return key
 
 
-def revoke_key(user: UserRef, name_or_fingerprint: str) -> list[AuthorizedKey]:
+def revoke_key(
+    user: UserRef, name_or_fingerprint: str, layout: AccessLayout = SYSTEM
+) -> list[AuthorizedKey]:
     """Remove the action-added key with this name or SHA256 fingerprint.
 
     Keys from config or the relation are not revoked here (they would come back on the next
@@ -585,7 +690,7 @@ def revoke_key(user: UserRef, name_or_fingerprint: str) -> list[AuthorizedKey]:
     is_fingerprint = bool(_FINGERPRINT_RE.fullmatch(wanted))
     if not is_fingerprint:
         validate_action_name(wanted)
-    keys = current_keys(user)
+    keys = current_keys(user, layout)
 
     def matches(key: AuthorizedKey) -> bool:
         return key.fingerprint == wanted if is_fingerprint else key.action_name == wanted
@@ -602,11 +707,11 @@ def revoke_key(user: UserRef, name_or_fingerprint: str) -> list[AuthorizedKey]:
         raise InvalidRequestError(
             "name", f"no key authorized by action matches {wanted!r}; see current_keys"
         )
-    sync_authorized_keys(user, [k for k in keys if k not in removed])
+    sync_authorized_keys(user, [k for k in keys if k not in removed], layout)
     return removed
 
 
-def remove_access(user: UserRef) -> bool:
+def remove_access(user: UserRef, layout: AccessLayout = SYSTEM) -> bool:
     """Remove the managed block; delete the user too when vm-host created it.
 
     The user is deleted (with its home) only when the marker written by `ensure_user` is in its
@@ -619,11 +724,11 @@ def remove_access(user: UserRef) -> bool:
         account = user
     else:
         validate_user_name(user)
-        account = _lookup(user)
+        account = _lookup(user, layout)
         if account is None:
             return False
     if account.authorized_keys.exists():
-        sync_authorized_keys(account, [])
+        sync_authorized_keys(account, [], layout)
     leftover = [
         line
         for line in _read_keys_file(account).splitlines()
@@ -631,7 +736,7 @@ def remove_access(user: UserRef) -> bool:
     ]
     if not (account.home / CREATED_MARKER).exists() or leftover:
         return False
-    subprocess.run([USERDEL, "--remove", account.name], check=True, capture_output=True)
+    layout.accounts.delete_user(account.name)
     logger.info("deleted access user %s", account.name)
     return True
 
@@ -669,7 +774,9 @@ class Client(Protocol):
         ...
 
 
-def wanted_keys(user: UserRef, config_keys: str, clients: Iterable[Client]) -> list[AuthorizedKey]:
+def wanted_keys(
+    user: UserRef, config_keys: str, clients: Iterable[Client], layout: AccessLayout = SYSTEM
+) -> list[AuthorizedKey]:
     """The keys to authorize: the config's and every related manager's.
 
     A bad `ssh-authorized-keys` option keeps the config keys already authorized (a typo
@@ -680,7 +787,7 @@ def wanted_keys(user: UserRef, config_keys: str, clients: Iterable[Client]) -> l
         keys = parse_public_keys(config_keys, "config")
     except InvalidRequestError as exc:
         logger.warning("%s", exc)
-        keys = [k for k in current_keys(user) if k.source == "config"]
+        keys = [k for k in current_keys(user, layout) if k.source == "config"]
     for client in clients:
         if not client.ssh_public_key:
             continue
@@ -772,9 +879,12 @@ def render_sshd_drop_in(user: str, command: str | None = None) -> str:
     )
 
 
-def ensure_sshd_drop_in(user: str, path: Path = SSHD_DROP_IN) -> bool:
+def ensure_sshd_drop_in(
+    user: str, path: Path | None = None, *, layout: AccessLayout = SYSTEM
+) -> bool:
     """Write the sshd drop-in when it differs; the caller reloads sshd when this returns True."""
-    text = render_sshd_drop_in(user)
+    text = render_sshd_drop_in(user, forced_command(layout))
+    path = path or layout.sshd_drop_in
     with contextlib.suppress(FileNotFoundError):
         if path.read_text() == text:
             return False
@@ -787,8 +897,9 @@ def ensure_sshd_drop_in(user: str, path: Path = SSHD_DROP_IN) -> bool:
     return True
 
 
-def remove_sshd_drop_in(path: Path = SSHD_DROP_IN) -> bool:
+def remove_sshd_drop_in(path: Path | None = None, *, layout: AccessLayout = SYSTEM) -> bool:
     """Delete the sshd drop-in on removal; the caller reloads sshd when this returns True."""
+    path = path or layout.sshd_drop_in
     try:
         path.unlink()
     except FileNotFoundError:
@@ -817,7 +928,14 @@ def describe_keys(keys: Sequence[AuthorizedKey]) -> list[dict[str, str]]:
     return out
 
 
-def reconcile(name: str, *, adopt: bool, config_keys: str, clients: Iterable[Client]) -> bool:
+def reconcile(
+    name: str,
+    *,
+    adopt: bool,
+    config_keys: str,
+    clients: Iterable[Client],
+    layout: AccessLayout = SYSTEM,
+) -> bool:
     """Authorize exactly the keys of config, of related managers and of actions.
 
     Keys added by the authorize-ssh-key action live in the managed block itself (tagged with
@@ -825,18 +943,18 @@ def reconcile(name: str, *, adopt: bool, config_keys: str, clients: Iterable[Cli
     logs why) when the access user cannot be had: then nothing is changed.
     """
     try:
-        user = ensure_user(name, adopt=adopt)
+        user = ensure_user(name, adopt=adopt, layout=layout)
     except (VmHostError, InvalidRequestError) as exc:
         logger.warning("libvirt-user: %s", exc)
         return False
-    if ensure_sshd_drop_in(name):
+    if ensure_sshd_drop_in(name, layout=layout):
         host.reload_sshd()
-    sync_keys(user, wanted_keys(user, config_keys, clients))
+    sync_keys(user, wanted_keys(user, config_keys, clients, layout), layout)
     return True
 
 
-def remove_all(user: str) -> None:
+def remove_all(user: str, layout: AccessLayout = SYSTEM) -> None:
     """On unit removal: the access user's managed keys and the sshd drop-in go."""
-    remove_access(user)
-    if remove_sshd_drop_in():
+    remove_access(user, layout)
+    if remove_sshd_drop_in(layout=layout):
         host.reload_sshd()

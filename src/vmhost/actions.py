@@ -359,11 +359,15 @@ def list_images(ctx: Context, _params: object = None) -> Results:
 # Access (no hypervisor snapshot needed)
 
 
-def list_access(config: CharmConfig, make_trust: Callable[[], LxdTrust]) -> Results:
+def list_access(
+    config: CharmConfig,
+    make_trust: Callable[[], LxdTrust],
+    where: access.AccessLayout = access.SYSTEM,
+) -> Results:
     """The SSH keys (libvirt) or trusted clients (LXD) that reach the hypervisor."""
     try:
         if config.backend == "libvirt":
-            entries = access.describe_keys(access.current_keys(config.libvirt_user))
+            entries = access.describe_keys(access.current_keys(config.libvirt_user, where))
         else:
             entries = make_trust().describe()
     except VmHostError as exc:
@@ -375,11 +379,18 @@ def list_access(config: CharmConfig, make_trust: Callable[[], LxdTrust]) -> Resu
     }
 
 
-def authorize_ssh_key(config: CharmConfig, params: KeyParams, address: str | None) -> Results:
+def authorize_ssh_key(
+    config: CharmConfig,
+    params: KeyParams,
+    address: str | None,
+    where: access.AccessLayout = access.SYSTEM,
+) -> Results:
     """Authorize one key for libvirt over SSH; the URI managers use comes back."""
     try:
-        user = access.ensure_user(config.libvirt_user, adopt=config.libvirt_user_adopt)
-        key = access.authorize_key(user, params.key, params.name)
+        user = access.ensure_user(
+            config.libvirt_user, adopt=config.libvirt_user_adopt, layout=where
+        )
+        key = access.authorize_key(user, params.key, params.name, where)
     except (InvalidRequestError, VmHostError) as exc:
         raise ActionError(f"key not authorized, nothing changed: {exc}") from exc
     return {
@@ -389,10 +400,12 @@ def authorize_ssh_key(config: CharmConfig, params: KeyParams, address: str | Non
     }
 
 
-def revoke_ssh_key(config: CharmConfig, params: RevokeParams) -> Results:
+def revoke_ssh_key(
+    config: CharmConfig, params: RevokeParams, where: access.AccessLayout = access.SYSTEM
+) -> Results:
     """Remove the keys of one name or fingerprint."""
     try:
-        removed = access.revoke_key(config.libvirt_user, params.key)
+        removed = access.revoke_key(config.libvirt_user, params.key, where)
     except (InvalidRequestError, VmHostError) as exc:
         raise ActionError(f"nothing revoked: {exc}") from exc
     return {"revoked": ", ".join(k.fingerprint for k in removed)}
@@ -445,6 +458,8 @@ class AccessContext:
     make_trust: Callable[[], LxdTrust]
     address: str | None
     """The access endpoint's address (for the libvirt URI), None when Juju gives none."""
+    where: access.AccessLayout = access.SYSTEM
+    """Where the access user and its keys live (the host layout's)."""
 
     def trust(self) -> LxdTrust:
         """LXD's trust store, for the trust actions."""
@@ -452,9 +467,12 @@ class AccessContext:
 
 
 ACCESS_ACTIONS: Mapping[str, tuple[type | None, Callable[[AccessContext, Any], Results]]] = {
-    "list-access": (None, lambda ctx, _: list_access(ctx.config, ctx.make_trust)),
-    "authorize-ssh-key": (KeyParams, lambda ctx, p: authorize_ssh_key(ctx.config, p, ctx.address)),
-    "revoke-ssh-key": (RevokeParams, lambda ctx, p: revoke_ssh_key(ctx.config, p)),
+    "list-access": (None, lambda ctx, _: list_access(ctx.config, ctx.make_trust, ctx.where)),
+    "authorize-ssh-key": (
+        KeyParams,
+        lambda ctx, p: authorize_ssh_key(ctx.config, p, ctx.address, ctx.where),
+    ),
+    "revoke-ssh-key": (RevokeParams, lambda ctx, p: revoke_ssh_key(ctx.config, p, ctx.where)),
     "add-trusted-client": (
         TrustParams,
         lambda ctx, p: add_trusted_client(ctx.config, ctx.trust(), p),

@@ -34,6 +34,7 @@ def unit_status(
     *,
     backend_error: str = "",
     make_trust: Callable[[], LxdTrust] | None = None,
+    where: access.AccessLayout = access.SYSTEM,
 ) -> list[Status]:
     """Every status this unit has now, from its config and the host as read this hook.
 
@@ -66,6 +67,7 @@ def unit_status(
             trust=make_trust if config.backend == "lxd" else None,
             libvirt_user_adopt=config.libvirt_user_adopt,
             default_network=config.default_network,
+            where=where,
         ),
     ]
     line = report.status_line(
@@ -100,6 +102,7 @@ def problems(
     trust: Callable[[], LxdTrust] | None = None,
     libvirt_user_adopt: bool = False,
     default_network: str = "",
+    where: access.AccessLayout = access.SYSTEM,
 ) -> list[str]:
     """Every problem the operator must fix, in a stable order (huge pages, access, networks).
 
@@ -113,13 +116,14 @@ def problems(
         trust: opens LXD's trust store (LXD only).
         libvirt_user_adopt: whether an existing account may be taken over (libvirt).
         default_network: the option's value (a space in `networks` or a host bridge).
+        where: where the access user lives (the host layout's).
     """
     out = [
         f"{problem}; lower `hugepages`"
         for problem in host.hugepage_problems(settings.parse_hugepages_setting(hugepages))
     ]
     if backend == "libvirt":
-        user = access.user_problem(libvirt_user, libvirt_user_adopt)
+        user = access.user_problem(libvirt_user, libvirt_user_adopt, where)
         if user:
             out.append(f"libvirt-user: {user}; fix with juju config")
         try:

@@ -1,4 +1,7 @@
-"""Where vm-host keeps its state on the host: the image cache pool, fetch state, the journal.
+"""Where vm-host keeps its state on the host: images, the journal, access, LXD's socket.
+
+The image cache pool and fetch state, the relation journal, libvirt access (the access user's
+accounts, the sshd drop-in, host keys) and LXD's unix socket.
 
 One record, made once per hook by the charm and handed to everything that builds a backend or
 touches those places, so that nothing reads the locations from module globals at run time. A
@@ -12,6 +15,7 @@ import dataclasses
 from pathlib import Path
 
 from vmhost import imagecache, images
+from vmhost.access import SYSTEM, AccessLayout
 from vmhost.relation import journal
 
 __all__ = ["HostLayout"]
@@ -29,6 +33,10 @@ class HostLayout:
     """Progress and lock files of image fetches (hooks and background workers share them)."""
     journal_dir: Path = journal.JOURNAL_DIR
     """The relation journal: relations this unit saw broken, units seen leaving."""
+    access: AccessLayout = SYSTEM
+    """The access user's accounts and home, the sshd drop-in, the host's SSH keys."""
+    lxd_socket: str | None = None
+    """LXD's unix socket; None finds the snap's or Debian's (lxd_trust.find_socket)."""
 
     def image_settings(self, settings: imagecache.Settings) -> imagecache.Settings:
         """Return image settings (source, arch, local dir) with this layout's locations."""

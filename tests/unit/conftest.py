@@ -1,4 +1,4 @@
-"""Shared unit test fixtures: fixture paths, and the in-memory host for charm tests."""
+"""Shared unit test fixtures: fixture paths, the host layout under tmp_path, the charm's host."""
 
 import dataclasses
 from dataclasses import replace
@@ -12,6 +12,7 @@ from ops import testing
 from tests.fixtures import FIXTURES
 
 import charm
+from fake_accounts import RecordedAccounts, access_layout
 from fake_backend import FakeBackend
 from vmhost import access, exporter, host, refusals
 from vmhost.layout import HostLayout
@@ -24,14 +25,76 @@ settings.register_profile("vm-host", deadline=None, suppress_health_check=[Healt
 settings.load_profile("vm-host")
 
 
-@pytest.fixture(autouse=True)
-def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HostLayout:
-    """The charm's state on the host (relation journal, image fetch state) in a temporary dir."""
+OPERATOR_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorOwnLineOutsideBlockAAAAAAAAAAA op\n"
+"""The operator's own line in the access user's authorized_keys (outside vm-host's block)."""
+
+
+def make_layout(root: Path) -> HostLayout:
+    """The charm's state on the host under `root`, with the access user as after install.
+
+    The relation journal, image fetch state, the access user's home, the sshd drop-in and
+    host keys are directories and files under `root`; LXD's socket is `root`/lxd.socket (no
+    daemon answers there unless a test serves a fake_lxd.FakeLxd on it). The access user
+    "virsh" exists as vm-host made it, with an operator's own line in its authorized_keys.
+    """
     got = HostLayout(
-        journal_dir=tmp_path / "relations", image_state_dir=str(tmp_path / "image-fetch")
+        journal_dir=root / "relations",
+        image_state_dir=str(root / "image-fetch"),
+        access=access_layout(root / "host"),
+        lxd_socket=str(root / "lxd.socket"),
     )
+    user = access.ensure_user("virsh", layout=got.access)
+    user.authorized_keys.write_text(OPERATOR_LINE)
+    accounts(got).calls.clear()
+    return got
+
+
+def accounts(layout: HostLayout) -> RecordedAccounts:
+    """The recorded account changes of a test layout."""
+    recorded = layout.access.accounts
+    assert isinstance(recorded, RecordedAccounts)
+    return recorded
+
+
+@pytest.fixture(autouse=True)
+def layout(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> HostLayout:
+    """The charm's state on the host in a temporary directory of its own (see `make_layout`).
+
+    Apart from the test's tmp_path, which stays the test's own.
+    """
+    got = make_layout(tmp_path_factory.mktemp("host-layout"))
     monkeypatch.setattr(charm.VmHostCharm, "layout", got)
     return got
+
+
+class HostAccess:
+    """The test host's libvirt access as the real vmhost.access code left it."""
+
+    def __init__(self, layout: HostLayout, user: str = "virsh"):
+        self.layout = layout.access
+        self.user = user
+        self.accounts = accounts(layout)
+
+    @property
+    def text(self) -> str:
+        """The access user's authorized_keys ("" when it has none)."""
+        found = self.accounts.lookup(self.user)
+        if found is None or not found.authorized_keys.exists():
+            return ""
+        return found.authorized_keys.read_text()
+
+    @property
+    def command(self) -> str:
+        """The forced command every managed key runs on this host."""
+        return access.forced_command(self.layout)
+
+
+@pytest.fixture
+def host_access(layout: HostLayout) -> HostAccess:
+    """The access user's files under the test layout, for assertions."""
+    return HostAccess(layout)
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +133,7 @@ def _no_daemon(what: str):
     def refuse(*_args: object, **_kw: object):
         raise AssertionError(
             f"a unit test reached charm.{what}, which talks to this machine's daemons;"
-            " use the `backend` fixture (or fake_trust) instead"
+            " use the `backend` fixture instead"
         )
 
     return refuse
@@ -80,11 +143,10 @@ def _no_daemon(what: str):
 def _no_real_hypervisor(monkeypatch: pytest.MonkeyPatch) -> None:
     """No unit test reaches libvirtd or LXD.
 
-    The backend and trust factories refuse until a test's fixture replaces them with a
-    recording fake.
+    The backend factory refuses until a test's fixture replaces it with the in-memory
+    backend; LXD's trust store is opened at the layout's socket (a fake LXD or nothing).
     """
     monkeypatch.setattr(charm, "make_backend", _no_daemon("make_backend"))
-    monkeypatch.setattr(charm, "make_trust", _no_daemon("make_trust"))
 
 
 @pytest.fixture
@@ -191,61 +253,15 @@ class FakeHost:
     def recorded(self):
         return self.recorded_backend
 
+    def reload_sshd(self):
+        self.calls.append("reload_sshd")
+        return True
+
     def mounts(self, sizes):
         self.mount_sizes.append(sorted(set(sizes)))
         if self.mount_error:
             raise VmHostError(self.mount_error)
         return list(self.mounted)
-
-
-OPERATOR_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorOwnLineOutsideBlock op\n"
-HELPER = "/usr/bin/virt-ssh-helper qemu:///system"
-
-
-class FakeAccess:
-    """An authorized_keys file in memory, behind the real key parsing and rendering."""
-
-    def __init__(self):
-        self.text = (
-            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorOwnLineOutsideBlockAAAAAAAAAAA op\n"
-        )
-        self.users: list[str] = []
-        self.removed = False
-
-    def ensure_user(self, name="virsh", *, adopt=False):
-        access.validate_user_name(name)
-        self.users.append(name)
-        return name
-
-    def current_keys(self, user):
-        return access.managed_keys(self.text)
-
-    def write(self, keys):
-        self.text = access.render_authorized_keys(
-            self.text, keys, command="/usr/bin/virt-ssh-helper qemu:///system"
-        )
-
-    def sync_keys(self, user, keys):
-        kept = [k for k in self.current_keys(user) if k.action_name is not None]
-        self.write([*keys, *kept])
-        return True
-
-    def authorize_key(self, user, key_text, name):
-        key = access.parse_public_key(key_text, f"action:{name}")
-        self.write([*self.current_keys(user), key])
-        return key
-
-    def revoke_key(self, user, wanted):
-        keys = self.current_keys(user)
-        gone = [k for k in keys if k.action_name == wanted or k.fingerprint == wanted]
-        if not gone:
-            raise access.InvalidRequestError("key", f"no key named {wanted!r}")
-        self.write([k for k in keys if k not in gone])
-        return gone
-
-    def remove_access(self, user):
-        self.removed = True
-        return False
 
 
 @pytest.fixture
@@ -260,33 +276,12 @@ def install_fake_host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
     monkeypatch.setattr(host, "write_if_changed", fake.write)
     monkeypatch.setattr(host, "ensure_libvirtd", fake.ensure)
     monkeypatch.setattr(host, "set_hugepages", fake.hugepages)
-    monkeypatch.setattr(host, "reload_sshd", lambda: False)
+    monkeypatch.setattr(host, "reload_sshd", fake.reload_sshd)
     monkeypatch.setattr(host, "check_backend_choice", fake.backend_choice)
     monkeypatch.setattr(host, "recorded_backend", fake.recorded)
     monkeypatch.setattr(host, "hugepages_now", fake.hugepages_now)
     monkeypatch.setattr(host, "ensure_lxd", fake.lxd)
     monkeypatch.setattr(host, "ensure_hugetlbfs_mounts", fake.mounts)
-    return fake
-
-
-@pytest.fixture
-def fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
-    return install_fake_access(monkeypatch)
-
-
-def install_fake_access(monkeypatch: pytest.MonkeyPatch) -> FakeAccess:
-    """Patch the access module with a fresh FakeAccess (for tests that cannot use fixtures)."""
-    fake = FakeAccess()
-    monkeypatch.setattr(access, "ensure_user", fake.ensure_user)
-    monkeypatch.setattr(access, "user_problem", lambda name, adopt=False: None)
-    monkeypatch.setattr(access, "current_keys", fake.current_keys)
-    monkeypatch.setattr(access, "sync_keys", fake.sync_keys)
-    monkeypatch.setattr(access, "authorize_key", fake.authorize_key)
-    monkeypatch.setattr(access, "revoke_key", fake.revoke_key)
-    monkeypatch.setattr(access, "remove_access", fake.remove_access)
-    monkeypatch.setattr(access, "ensure_sshd_drop_in", lambda user: False)
-    monkeypatch.setattr(access, "remove_sshd_drop_in", lambda: False)
-    monkeypatch.setattr(access, "ssh_host_public_keys", lambda: ["ssh-ed25519 AAAAhostkey"])
     return fake
 
 

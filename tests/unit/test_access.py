@@ -12,6 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from credentials import self_signed_pem
+from fake_accounts import RecordedAccounts, access_layout
+from fake_lxd import FakeLxd, serving
 from vmhost import access, lxd_trust
 from vmhost.access import (
     BLOCK_BEGIN,
@@ -554,133 +556,11 @@ def test_sshd_drop_in_is_written_once_and_removed(tmp_path):
 # tests/integration/test_access_lxd.py)
 
 
-class _FakeLxd:
-    """Just enough of LXD 5.0's REST API, with its sync/async/error envelopes."""
-
-    def __init__(self, server_pem: str):
-        self.config: dict[str, str] = {}
-        self.server_pem = server_pem
-        self.projects: dict[str, dict] = {"default": {}}
-        self.profiles: dict[str, dict] = {"default": {"devices": {}}}
-        self.certs: dict[str, dict] = {}
-        self.operations: dict[str, dict] = {}
-        self.fail_next: str | None = None
-
-    def handle(self, method: str, path: str, body):  # noqa: C901 - a router, flat on purpose
-        import urllib.parse as up
-        import uuid
-
-        url = up.urlparse(path)
-        query = dict(up.parse_qsl(url.query))
-        parts = url.path.strip("/").split("/")
-        if self.fail_next:
-            reason, self.fail_next = self.fail_next, None
-            return 500, {"type": "error", "error": reason, "error_code": 500}
-        if parts == ["1.0"]:
-            if method == "PATCH":
-                self.config.update(body["config"])
-                self.config = {k: v for k, v in self.config.items() if v}
-                return 200, _sync({})
-            return 200, _sync(
-                {"config": self.config, "environment": {"certificate": self.server_pem}}
-            )
-        if parts[:2] == ["1.0", "projects"]:
-            if method == "POST":
-                self.projects[body["name"]] = body
-                return 201, _sync({})
-            if method == "DELETE":
-                self.projects.pop(parts[2], None)
-                return 200, _sync({})
-            return 200, _sync([f"/1.0/projects/{p}" for p in self.projects])
-        if parts[:2] == ["1.0", "profiles"]:
-            key = query.get("project", "default")
-            profile = self.profiles.setdefault(key, {"devices": {}})
-            if method == "PATCH":
-                profile.update(body)
-            return 200, _sync(profile)
-        if parts[:2] == ["1.0", "certificates"]:
-            if len(parts) == 3:
-                if method == "DELETE":
-                    del self.certs[parts[2]]
-                else:
-                    self.certs[parts[2]].update(body)
-                return 200, _sync({})
-            if method == "POST" and body.get("token"):
-                if not self.config.get("core.https_address"):
-                    return 400, {"type": "error", "error": "not listening", "error_code": 400}
-                op = str(uuid.uuid4())
-                meta = {"fingerprint": "f" * 64, "addresses": ["127.0.0.1:8443"], "secret": "s"}
-                self.operations[op] = {
-                    "id": op,
-                    "class": "token",
-                    "metadata": {**meta, "request": body},
-                }
-                return 202, {
-                    "type": "async",
-                    "operation": f"/1.0/operations/{op}",
-                    "metadata": {"metadata": meta},
-                }
-            if method == "POST":
-                cert = lxd_trust.parse_certificate(
-                    "-----BEGIN CERTIFICATE-----\n"
-                    + body["certificate"]
-                    + "\n-----END CERTIFICATE-----\n"
-                )
-                self.certs[cert.fingerprint] = {**body, "fingerprint": cert.fingerprint}
-                return 201, _sync({})
-            return 200, _sync(list(self.certs.values()))
-        if parts[:2] == ["1.0", "operations"]:
-            if len(parts) == 4 and parts[3] == "wait":
-                return 200, _sync({"status": "Success"})
-            if len(parts) == 3 and method == "DELETE":
-                del self.operations[parts[2]]
-                return 200, _sync({})
-            return 200, _sync({"running": list(self.operations.values())})
-        return 404, {"type": "error", "error": "not found", "error_code": 404}
-
-
-def _sync(metadata):
-    return {"type": "sync", "status": "Success", "metadata": metadata}
-
-
 @pytest.fixture
 def fake_lxd(tmp_path):
-    import http.server
-    import json as json_module
-    import socketserver
-    import threading
-
-    fake = _FakeLxd(_certificate(NOW - DAY, NOW + DAY, cn="server"))
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _serve(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json_module.loads(self.rfile.read(length)) if length else None
-            status, payload = fake.handle(self.command, self.path, body)
-            data = json_module.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _serve  # noqa: N815 - http.server names
-
-        def address_string(self):
-            return "unix"
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-        daemon_threads = True
-
     path = str(tmp_path / "unix.socket")
-    server = Server(path, Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield fake, lxd_trust.LxdTrust(path, timeout=5)
-    server.shutdown()
-    server.server_close()
+    with serving(FakeLxd(_certificate(NOW - DAY, NOW + DAY, cn="server")), path) as fake:
+        yield fake, lxd_trust.LxdTrust(path, timeout=5)
 
 
 def test_fake_lxd_https_address_is_set_once_and_cleared(fake_lxd):
@@ -812,13 +692,52 @@ def test_uid_zero_is_never_the_access_user(tmp_path):
     assert "uid 0" in (access._account_problem("toor", user, True) or "")
 
 
-def test_a_missing_account_whose_name_is_a_group_cannot_be_created(monkeypatch):
-    asked: list[list[str]] = []
+def test_a_missing_account_whose_name_is_a_group_cannot_be_created(tmp_path):
+    accounts = RecordedAccounts(groups=["libvirt", "web"])
+    layout = access_layout(tmp_path, accounts)
+    assert "a group named web" in (access._account_problem("web", None, False, layout) or "")
+    with pytest.raises(access.VmHostError, match="a group named web"):
+        access.ensure_user("web", layout=layout)
+    assert accounts.calls == []
 
-    def groups(names):
-        asked.append(list(names))
-        return list(names)
 
-    monkeypatch.setattr(access, "_existing_groups", groups)
-    assert "a group named web" in (access._account_problem("web", None, False) or "")
-    assert asked == [["web"]]
+def test_a_created_access_user_is_locked_marked_and_in_the_libvirt_groups(tmp_path):
+    accounts = RecordedAccounts(groups=["libvirt", "libvirt-qemu"])
+    layout = access_layout(tmp_path, accounts)
+
+    user = access.ensure_user("virsh", layout=layout)
+
+    home = tmp_path / "home" / "virsh"
+    assert accounts.calls == [f"useradd:virsh:{home}:/bin/sh:libvirt,libvirt-qemu", "lock:virsh"]
+    assert (home / access.CREATED_MARKER).exists()
+    assert _mode(home / ".ssh") == 0o700
+    assert _mode(user.authorized_keys) == 0o600
+    assert access.user_problem("virsh", layout=layout) is None
+    # Again: nothing more is asked of the account databases.
+    access.ensure_user("virsh", layout=layout)
+    assert len(accounts.calls) == 2
+
+
+def test_an_adopted_account_joins_the_groups_and_is_never_deleted(tmp_path):
+    accounts = RecordedAccounts(groups=["libvirt"])
+    layout = access_layout(tmp_path, accounts)
+    accounts.existing("operator1", tmp_path / "op")
+    with pytest.raises(access.VmHostError, match="libvirt-user-adopt=true"):
+        access.ensure_user("operator1", layout=layout)
+
+    access.ensure_user("operator1", adopt=True, layout=layout)
+    assert accounts.calls == ["usermod:operator1:libvirt"]
+    assert access.remove_access("operator1", layout) is False
+    assert accounts.calls == ["usermod:operator1:libvirt"]
+
+
+def test_an_account_without_a_login_shell_is_not_adopted(tmp_path):
+    accounts = RecordedAccounts()
+    layout = access_layout(tmp_path, accounts)
+    accounts.existing("operator1", tmp_path / "op", "/usr/sbin/nologin")
+    assert "login shell /usr/sbin/nologin" in (
+        access.user_problem("operator1", True, layout) or ""
+    )
+    with pytest.raises(access.VmHostError, match="usermod --shell"):
+        access.ensure_user("operator1", adopt=True, layout=layout)
+    assert accounts.calls == []

@@ -13,7 +13,7 @@ from vmhost import addresses
 from vmhost.backends import BackendUnavailableError
 from vmhost.model import Placement, VmRecord, VmState
 
-pytestmark = pytest.mark.usefixtures("fake_access", "fake_host")
+pytestmark = pytest.mark.usefixtures("fake_host")
 
 MAC = "52:54:00:00:00:00"
 

@@ -9,11 +9,12 @@ import pytest
 from ops import testing
 
 import charms.vm_host.v0.vm_host_access as access_lib
+from conftest import OPERATOR_LINE
 from credentials import ed25519_public_key
 from vmhost import access, host
 from vmhost.model import Placement, VmRecord, VmState
 
-pytestmark = pytest.mark.usefixtures("fake_access")
+pytestmark = pytest.mark.usefixtures("fake_host")
 
 
 def run_action(ctx, name, params=None, config=None):
@@ -118,7 +119,7 @@ def test_an_action_after_a_blocked_reconcile_still_shows_blocked(ctx, backend, f
     assert isinstance(fixed.unit_status, testing.ActiveStatus)
 
 
-def test_a_bad_key_option_stays_blocked_through_actions(ctx, backend, fake_host, fake_access):
+def test_a_bad_key_option_stays_blocked_through_actions(ctx, backend, fake_host, host_access):
     config = {"ssh-authorized-keys": "ssh-ed25519 not-base64!"}
     blocked = ctx.run(ctx.on.config_changed(), testing.State(config=config))
     assert "ssh-authorized-keys" in blocked.unit_status.message
@@ -334,17 +335,17 @@ def test_networks_mapping_to_missing_bridge_blocks(ctx, backend, fake_host):
 
 
 def test_config_keys_are_authorized_and_operator_lines_survive(
-    ctx, backend, fake_host, fake_access
+    ctx, backend, fake_host, host_access
 ):
     key = ed25519_public_key()
     ctx.run(ctx.on.config_changed(), testing.State(config={"ssh-authorized-keys": key}))
-    managed = access.managed_keys(fake_access.text)
+    managed = access.managed_keys(host_access.text)
     assert [(k.source, f"{k.key_type} {k.blob}") for k in managed] == [("config", key)]
-    assert "OperatorOwnLineOutsideBlock" in fake_access.text
-    assert f'restrict,command="/usr/bin/virt-ssh-helper qemu:///system" {key}' in fake_access.text
+    assert "OperatorOwnLineOutsideBlock" in host_access.text
+    assert f'restrict,command="{host_access.command}" {key}' in host_access.text
 
 
-def test_bad_config_key_blocks_naming_the_option(ctx, backend, fake_host, fake_access):
+def test_bad_config_key_blocks_naming_the_option(ctx, backend, fake_host, host_access):
     good = ed25519_public_key()
     state = ctx.run(ctx.on.config_changed(), testing.State(config={"ssh-authorized-keys": good}))
     bad_state = testing.State(
@@ -355,14 +356,14 @@ def test_bad_config_key_blocks_naming_the_option(ctx, backend, fake_host, fake_a
     assert isinstance(out.unit_status, testing.BlockedStatus)
     assert "ssh-authorized-keys" in out.unit_status.message
     # The keys that were authorized stay authorized until the option is fixed.
-    assert [k.source for k in access.managed_keys(fake_access.text)] == ["config"]
+    assert [k.source for k in access.managed_keys(host_access.text)] == ["config"]
 
 
-def test_related_manager_key_is_authorized_and_uri_published(ctx, backend, fake_host, fake_access):
+def test_related_manager_key_is_authorized_and_uri_published(ctx, backend, fake_host, host_access):
     key = ed25519_public_key()
     relation = access_lib.requirer_relation({0: access_lib.requirer_databag(ssh_public_key=key)})
     out = ctx.run(ctx.on.relation_changed(relation), testing.State(relations={relation}))
-    managed = access.managed_keys(fake_access.text)
+    managed = access.managed_keys(host_access.text)
     assert [k.source for k in managed] == [f"relation:{relation.id}:manager/0"]
     published = access_lib.published_from(out.get_relation(relation.id))
     assert published.backend == "libvirt"
@@ -373,42 +374,59 @@ def test_related_manager_key_is_authorized_and_uri_published(ctx, backend, fake_
 
     # The manager leaves: exactly its key goes.
     ctx.run(ctx.on.relation_broken(relation), testing.State(relations={relation}))
-    assert access.managed_keys(fake_access.text) == []
+    assert access.managed_keys(host_access.text) == []
 
 
-def test_related_manager_with_bad_key_is_skipped(ctx, backend, fake_host, fake_access):
+def test_related_manager_with_bad_key_is_skipped(ctx, backend, fake_host, host_access):
     relation = access_lib.requirer_relation(
         {0: access_lib.requirer_databag(ssh_public_key="ssh-ed25519 AAAA garbage")}
     )
     out = ctx.run(ctx.on.relation_changed(relation), testing.State(relations={relation}))
-    assert access.managed_keys(fake_access.text) == []
+    assert access.managed_keys(host_access.text) == []
     assert isinstance(out.unit_status, testing.ActiveStatus)
 
 
-def test_authorize_and_revoke_ssh_key_actions(ctx, backend, fake_host, fake_access):
+def test_authorize_and_revoke_ssh_key_actions(ctx, backend, fake_host, host_access):
     key = ed25519_public_key()
     results = run_action(ctx, "authorize-ssh-key", {"name": "laptop", "key": key})
     assert results["fingerprint"].startswith("SHA256:")
     assert results["uri"].startswith("qemu+ssh://virsh@")
-    assert [k.action_name for k in access.managed_keys(fake_access.text)] == ["laptop"]
+    assert [k.action_name for k in access.managed_keys(host_access.text)] == ["laptop"]
     # A reconcile keeps action keys.
     ctx.run(ctx.on.config_changed(), testing.State())
-    assert [k.action_name for k in access.managed_keys(fake_access.text)] == ["laptop"]
+    assert [k.action_name for k in access.managed_keys(host_access.text)] == ["laptop"]
     run_action(ctx, "revoke-ssh-key", {"key": "laptop"})
-    assert access.managed_keys(fake_access.text) == []
+    assert access.managed_keys(host_access.text) == []
 
 
-def test_authorize_bad_key_fails_and_changes_nothing(ctx, backend, fake_host, fake_access):
-    before = fake_access.text
+def test_authorize_bad_key_fails_and_changes_nothing(ctx, backend, fake_host, host_access):
+    before = host_access.text
     with pytest.raises(testing.ActionFailed) as failed:
         run_action(ctx, "authorize-ssh-key", {"name": "laptop", "key": "ssh-rsa AAAA\nevil"})
     assert "nothing changed" in failed.value.message
-    assert fake_access.text == before
+    assert host_access.text == before
 
 
-def test_remove_revokes_access(ctx, backend, fake_host, fake_access):
+def test_remove_revokes_access(ctx, backend, fake_host, host_access):
+    key = ed25519_public_key()
+    ctx.run(ctx.on.config_changed(), testing.State(config={"ssh-authorized-keys": key}))
+    assert host_access.layout.sshd_drop_in.exists()
+    ctx.run(ctx.on.remove(), testing.State(config={"ssh-authorized-keys": key}))
+    # The managed block and the sshd drop-in go; the operator's own line keeps the user.
+    assert host_access.text == OPERATOR_LINE
+    assert not host_access.layout.sshd_drop_in.exists()
+    assert host_access.accounts.calls == []
+    assert "reload_sshd" in fake_host.calls
+
+
+def test_remove_deletes_the_user_vm_host_made_when_nothing_else_is_in_it(
+    ctx, backend, fake_host, host_access
+):
+    user = host_access.accounts.lookup("virsh")
+    assert user is not None
+    user.authorized_keys.write_text("")
     ctx.run(ctx.on.remove(), testing.State())
-    assert fake_access.removed
+    assert host_access.accounts.calls == ["userdel:virsh"]
 
 
 def test_what_a_killed_compose_left_is_removed_and_said(ctx, backend):

@@ -9,7 +9,7 @@ import charms.vm_host.v0.vm_host as vm_lib
 from credentials import ed25519_public_key
 from vmhost import cloudinit
 
-pytestmark = pytest.mark.usefixtures("fake_access", "fake_host")
+pytestmark = pytest.mark.usefixtures("fake_host")
 
 SCRIPT = "#!/bin/sh\necho ready\n"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from ops import testing
 
-pytestmark = pytest.mark.usefixtures("fake_access", "fake_host")
+pytestmark = pytest.mark.usefixtures("fake_host")
 
 
 def compose(ctx, config):

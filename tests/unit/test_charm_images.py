@@ -19,7 +19,7 @@ from vmhost.constraints import build_spec, spec_hash
 from vmhost.images import ImageFetchError
 from vmhost.layout import HostLayout
 
-pytestmark = pytest.mark.usefixtures("fake_access", "fake_host")
+pytestmark = pytest.mark.usefixtures("fake_host")
 
 WEB = {"id": "web-0", "cores": 1, "memory": 512}
 

@@ -2,79 +2,45 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import base64
+import json
+from collections.abc import Iterator
 
 import pytest
 from ops import testing
 
-import charm
 import charms.vm_host.v0.vm_host_access as access_lib
 from conftest import FakeHost
 from credentials import self_signed_pem
 from fake_backend import FakeBackend
+from fake_lxd import FakeLxd, serving
 from vmhost import lxd_trust
+from vmhost.layout import HostLayout
 
 LXD = {"backend": "lxd"}
 
 
-class FakeTrust:
-    """LXD's trust store in memory."""
-
-    certificates: ClassVar[dict[str, tuple[str, list[str]]]] = {}
-    https: ClassVar[str | None] = None
-    tokens: ClassVar[list[str]] = []
-
-    def __init__(self, socket_path=None):
-        pass
-
-    def ensure_https(self, address, port=8443):
-        type(self).https = f"{address}:{port}"
-        return True
-
-    def sync_relation_certificates(self, wanted):
-        for name in [n for n in self.certificates if n.startswith("vm-host:relation")]:
-            del self.certificates[name]
-        for unit, (pem, projects) in wanted.items():
-            self.certificates[f"vm-host:relation:{unit}"] = (pem, list(projects))
-        return {}
-
-    def server_certificate(self):
-        return "-----BEGIN CERTIFICATE-----\nserver\n-----END CERTIFICATE-----\n"
-
-    def trust_certificate(self, pem, name, projects):
-        self.certificates[name] = (pem, list(projects))
-        return True
-
-    def trust_action_client(self, client, pem, projects):
-        name = lxd_trust.action_certificate_name(client)
-        self.trust_certificate(pem, name, projects)
-        return name
-
-    def untrust_action_client(self, client):
-        name = lxd_trust.action_certificate_name(client)
-        return name if self.untrust(name) else None
-
-    def untrust(self, name):
-        return self.certificates.pop(name, None) is not None
-
-    def issue_trust_token(self, client_name, projects):
-        self.tokens.append(client_name)
-        return "eyJ0b2tlbiI6ICJzZWNyZXQifQ=="
-
-    def remove_managed(self, prefix="vm-host:"):
-        gone = [n for n in self.certificates if n.startswith(prefix)]
-        for name in gone:
-            del self.certificates[name]
-        return gone
-
-
 @pytest.fixture(autouse=True)
-def fake_trust(monkeypatch: pytest.MonkeyPatch) -> type[FakeTrust]:
-    FakeTrust.certificates = {}
-    FakeTrust.https = None
-    FakeTrust.tokens = []
-    monkeypatch.setattr(charm, "make_trust", FakeTrust)
-    return FakeTrust
+def lxd(layout: HostLayout) -> Iterator[FakeLxd]:
+    """LXD's API at the layout's socket, with vm-host's project as the backend made it."""
+    fake = FakeLxd(self_signed_pem("lxd-server"))
+    fake.projects["vm-host"] = {"name": "vm-host", "config": lxd_trust.PROJECT_FEATURES}
+    assert layout.lxd_socket is not None
+    with serving(fake, layout.lxd_socket):
+        yield fake
+
+
+def trusted(lxd: FakeLxd) -> dict[str, tuple[str, list[str], bool]]:
+    """What LXD's trust store holds: name -> (certificate body, projects, restricted)."""
+    return {
+        c["name"]: (c.get("certificate", ""), list(c.get("projects") or []), c["restricted"])
+        for c in lxd.certs.values()
+    }
+
+
+def body(pem: str) -> str:
+    """The base64 DER LXD's API takes for a PEM certificate."""
+    return "".join(line for line in pem.strip().splitlines() if not line.startswith("-----"))
 
 
 def test_lxd_host_is_active_and_named(ctx, backend: FakeBackend, fake_host: FakeHost):
@@ -95,7 +61,7 @@ def test_lxd_not_running_is_waiting(ctx, backend, fake_host: FakeHost):
 
 
 def test_related_manager_certificate_is_trusted_for_the_project_only(
-    ctx, backend, fake_host, fake_trust
+    ctx, backend, fake_host, lxd: FakeLxd
 ):
     pem = self_signed_pem("manager")
     relation = access_lib.requirer_relation(
@@ -103,7 +69,8 @@ def test_related_manager_certificate_is_trusted_for_the_project_only(
     )
     state = testing.State(config=LXD, relations={relation})
     out = ctx.run(ctx.on.relation_changed(relation, remote_unit=0), state)
-    assert fake_trust.certificates == {"vm-host:relation:manager/0": (pem, ["vm-host"])}
+    assert trusted(lxd) == {"vm-host:manager/0": (body(pem), ["vm-host"], True)}
+    assert lxd.config["core.https_address"].endswith(":8443")
     published = access_lib.published_from(out.get_relation(relation.id))
     assert published.backend == "lxd"
     assert published.url is not None
@@ -112,19 +79,24 @@ def test_related_manager_certificate_is_trusted_for_the_project_only(
     assert testing.TCPPort(8443) in out.opened_ports
 
     ctx.run(ctx.on.relation_broken(relation), state)
-    assert fake_trust.certificates == {}
+    assert trusted(lxd) == {}
 
 
-def test_trust_actions(ctx, backend, fake_host, fake_trust):
-    state = testing.State(config=LXD)
+def test_trust_actions(ctx, backend, fake_host, lxd: FakeLxd):
+    state = ctx.run(ctx.on.config_changed(), testing.State(config=LXD))  # LXD listens
+    pem = self_signed_pem("maas")
     ctx.run(
-        ctx.on.action("add-trusted-client", params={"name": "maas", "certificate": "PEM"}), state
+        ctx.on.action("add-trusted-client", params={"name": "maas", "certificate": pem}), state
     )
-    assert fake_trust.certificates == {"vm-host:maas": ("PEM", ["vm-host"])}
+    assert trusted(lxd) == {"vm-host:maas": (body(pem), ["vm-host"], True)}
     ctx.run(ctx.on.action("get-trust-token", params={"name": "tf"}), state)
-    assert (ctx.action_results or {})["token"] == "eyJ0b2tlbiI6ICJzZWNyZXQifQ=="
+    token = json.loads(base64.b64decode((ctx.action_results or {})["token"]))
+    assert token["client_name"] == "vm-host:tf"
+    (pending,) = lxd.operations.values()
+    assert pending["metadata"]["request"]["projects"] == ["vm-host"]
+    assert pending["metadata"]["request"]["restricted"] is True
     ctx.run(ctx.on.action("remove-trusted-client", params={"name": "maas"}), state)
-    assert fake_trust.certificates == {}
+    assert trusted(lxd) == {}
     with pytest.raises(testing.ActionFailed) as failed:
         ctx.run(ctx.on.action("remove-trusted-client", params={"name": "maas"}), state)
     assert "no trusted client named 'maas'" in failed.value.message
@@ -136,10 +108,12 @@ def test_trust_actions_need_the_lxd_backend(ctx, backend, fake_host):
     assert "backend=lxd" in failed.value.message
 
 
-def test_remove_untrusts_everything_vm_host_added(ctx, backend, fake_host, fake_trust):
-    fake_trust.certificates = {"vm-host:maas": ("PEM", ["vm-host"]), "other": ("X", [])}
+def test_remove_untrusts_everything_vm_host_added(ctx, backend, fake_host, lxd: FakeLxd):
+    for n, name in enumerate(("vm-host:maas", "vm-host:maas/0", "other")):
+        fingerprint = f"{n:064x}"
+        lxd.certs[fingerprint] = {"name": name, "fingerprint": fingerprint, "restricted": True}
     ctx.run(ctx.on.remove(), testing.State(config=LXD))
-    assert list(fake_trust.certificates) == ["other"]
+    assert list(trusted(lxd)) == ["other"]
 
 
 def test_compose_on_lxd_answers_with_lxd_power(ctx, backend, fake_host):
@@ -155,3 +129,19 @@ def test_compose_on_lxd_answers_with_lxd_power(ctx, backend, fake_host):
     assert answer.power.type == "lxd"
     assert answer.power.address is not None
     assert answer.power.address.startswith("https://")
+
+
+def test_a_relation_round_keeps_the_clients_actions_added(ctx, backend, fake_host, lxd: FakeLxd):
+    by_action = self_signed_pem("terraform")
+    ctx.run(
+        ctx.on.action("add-trusted-client", params={"name": "tf", "certificate": by_action}),
+        testing.State(config=LXD),
+    )
+    relation = access_lib.requirer_relation(
+        {0: access_lib.requirer_databag(certificate=self_signed_pem("manager"))}
+    )
+    state = testing.State(config=LXD, relations={relation})
+    ctx.run(ctx.on.relation_changed(relation, remote_unit=0), state)
+    assert sorted(trusted(lxd)) == ["vm-host:manager/0", "vm-host:tf"]
+    ctx.run(ctx.on.relation_broken(relation), state)
+    assert trusted(lxd) == {"vm-host:tf": (body(by_action), ["vm-host"], True)}

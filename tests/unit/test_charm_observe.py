@@ -68,6 +68,6 @@ def test_cos_agent_databag(ctx, backend, fake_host):
     assert data["log_slots"] == []
 
 
-def test_remove_stops_the_exporter(ctx, backend, fake_host, fake_access, fake_exporter):
+def test_remove_stops_the_exporter(ctx, backend, fake_host, fake_exporter):
     ctx.run(ctx.on.remove(), testing.State())
     assert fake_exporter.stopped == 1

@@ -15,7 +15,7 @@ from fake_backend import FakeBackend
 from vmhost.model import Placement, VmRecord, VmState
 from vmhost.relation import fleet, keys, serve
 
-pytestmark = pytest.mark.usefixtures("fake_access")
+pytestmark = pytest.mark.usefixtures("fake_host")
 
 DB = {"id": "db-0", "cores": 2, "memory": 1024, "pinned-cores": 2}
 WEB = {"id": "web-0", "cores": 1, "memory": 512}

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import ops
@@ -21,7 +23,6 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from ops import testing
-from test_charm_lxd import FakeTrust
 from test_consumer_charm import CONFIG as CONSUMER_CONFIG
 from test_consumer_charm import META as CONSUMER_META
 from test_consumer_charm import VmConsumerCharm
@@ -29,9 +30,10 @@ from test_consumer_charm import VmConsumerCharm
 import charm
 import charms.vm_host.v0.vm_host as vm_lib
 import charms.vm_host.v0.vm_host_access as access_lib
-from conftest import install_fake_access, install_fake_host, make_topology
+from conftest import install_fake_host, make_layout, make_topology
 from credentials import ed25519_public_key, self_signed_pem
 from fake_backend import FakeBackend
+from fake_lxd import FakeLxd, serving
 from vmhost.model import CellPlacement, Placement
 from vmhost.relation import fleet
 from vmhost.relation.keys import RequestKey
@@ -168,17 +170,23 @@ GOOD_STATUSES = (
 
 @contextmanager
 def vm_host_ctx() -> Iterator[tuple[testing.Context[charm.VmHostCharm], FakeBackend]]:
-    """A fresh vm-host charm with the in-memory backend, host and access for one example."""
-    with pytest.MonkeyPatch.context() as mp:
+    """A fresh vm-host charm with the in-memory backend and host, and a layout of its own.
+
+    The access code runs for real against the example's own temporary home; backend=lxd
+    examples reach a fake LXD on the layout's socket, never this machine's (they would set its
+    core.https_address to ops.testing's 192.0.2.0 bind address).
+    """
+    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as root:
         backend = FakeBackend(host=TOPOLOGY)
         mp.setattr(charm, "make_backend", lambda config, layout=None: backend)
-        # backend=lxd examples must never reach this machine's LXD (they would set its
-        # core.https_address to ops.testing's 192.0.2.0 bind address).
-        FakeTrust.certificates, FakeTrust.https, FakeTrust.tokens = {}, None, []
-        mp.setattr(charm, "make_trust", FakeTrust)
+        layout = make_layout(Path(root))
+        mp.setattr(charm.VmHostCharm, "layout", layout)
+        lxd = FakeLxd(PEM)
+        lxd.projects["vm-host"] = {"name": "vm-host"}
         install_fake_host(mp)
-        install_fake_access(mp)
-        yield testing.Context(charm.VmHostCharm), backend
+        assert layout.lxd_socket is not None
+        with serving(lxd, layout.lxd_socket):
+            yield testing.Context(charm.VmHostCharm), backend
 
 
 def run_hook(ctx: testing.Context[Any], event: Any, state: testing.State) -> testing.State:

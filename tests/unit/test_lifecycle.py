@@ -12,7 +12,7 @@ from credentials import ed25519_public_key
 from vmhost import lifecycle
 from vmhost.model import InvalidRequestError, Placement, VmRecord, VmState
 
-pytestmark = pytest.mark.usefixtures("fake_access")
+pytestmark = pytest.mark.usefixtures("fake_host")
 
 
 def run_action(ctx, name, params=None, config=None):
@@ -182,7 +182,7 @@ def test_revive_tries_each_crashed_vm_once_and_reports_failures(backend):
     assert [c for c in backend.calls if c.startswith("start")] == ["start:a", "start:b"]
 
 
-def test_list_access_shows_keys_with_source_and_fingerprint(ctx, backend, fake_host, fake_access):
+def test_list_access_shows_keys_with_source_and_fingerprint(ctx, backend, fake_host):
     key = ed25519_public_key()
     run_action(ctx, "authorize-ssh-key", {"name": "laptop", "key": key})
     results = run_action(ctx, "list-access")

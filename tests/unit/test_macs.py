@@ -18,7 +18,7 @@ from vmhost.model import AttachmentKind, NicAttachment, Placement, VmRecord, VmS
 from vmhost.relation.fleet import Peers, host_report, lead, parse_host_report
 from vmhost.relation.serve import RelationRequest
 
-pytestmark = pytest.mark.usefixtures("fake_access", "fake_host")
+pytestmark = pytest.mark.usefixtures("fake_host")
 
 LIBVIRT = MAC_PREFIXES["libvirt"]
 

@@ -49,7 +49,7 @@ from vmhost.model import (
 from vmhost.relation import fleet, serve
 from vmhost.relation.keys import RequestKey, vm_name
 
-pytestmark = pytest.mark.usefixtures("fake_access", "fake_host")
+pytestmark = pytest.mark.usefixtures("fake_host")
 
 # ---------------------------------------------------------------------------------------------
 # Parsing

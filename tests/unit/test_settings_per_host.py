@@ -10,7 +10,7 @@ from ops import testing
 from vmhost import settings
 from vmhost.model import InvalidRequestError
 
-pytestmark = pytest.mark.usefixtures("fake_access")
+pytestmark = pytest.mark.usefixtures("fake_host")
 
 MAP = '{vm-host/0: "0-1", big-box: "0-3", "*": "0"}'
 

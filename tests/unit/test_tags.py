@@ -19,7 +19,7 @@ from vmhost.backends.libvirt import record_from_domain_xml
 from vmhost.backends.lxd import instance_definition, record_from_instance
 from vmhost.model import InvalidRequestError, Placement, VmRecord, VmState
 
-pytestmark = pytest.mark.usefixtures("fake_access", "fake_host")
+pytestmark = pytest.mark.usefixtures("fake_host")
 
 
 def build(**kw: Any):

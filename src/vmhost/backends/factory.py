@@ -34,7 +34,7 @@ def make_backend(
     if kind == "lxd":
         from vmhost.backends.lxd import LxdBackend
 
-        return LxdBackend(project=project)
+        return LxdBackend(project=project, socket_path=layout.lxd_socket)
     from vmhost.backends.libvirt import LibvirtBackend
 
     return LibvirtBackend(
@@ -45,8 +45,11 @@ def make_backend(
     )
 
 
-def make_trust() -> LxdTrust:
-    """Open LXD's trust store (imported lazily: only LXD hosts need it and cryptography)."""
+def make_trust(layout: HostLayout | None = None) -> LxdTrust:
+    """Open LXD's trust store at the layout's socket.
+
+    Imported lazily: only LXD hosts need it and cryptography.
+    """
     from vmhost.lxd_trust import LxdTrust
 
-    return LxdTrust()
+    return LxdTrust((layout or HostLayout()).lxd_socket)
