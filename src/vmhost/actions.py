@@ -65,6 +65,7 @@ __all__ = [
     "list_images",
     "list_vms",
     "power",
+    "reassigned",
     "remove_trusted_client",
     "revoke_ssh_key",
     "show_resources",
@@ -321,6 +322,18 @@ def left_request(assignment_text: str | None, params: ReassignParams) -> keys.Re
         ids = ", ".join(str(k.relation_id) for k in matches)
         raise ActionError(f"{params.app} has {params.id!r} on relations {ids}; give relation-id")
     return matches[0]
+
+
+def reassigned(key: keys.RequestKey, decision: fleet.Decision | None) -> Results:
+    """What reassign-vm says after the round that placed `key` anew (None: this unit left)."""
+    if decision is None:
+        raise ActionError("this unit is leaving; run reassign-vm on the new leader")
+    unit = decision.assignment.units.get(key)
+    if unit is None:
+        reason = decision.assignment.unplaced.get(key, "not placed")
+        raise ActionError(f"{key} could not be placed anew: {reason}")
+    logger.info("reassigned %s to %s after its host left", key, unit)
+    return {"app": key.app, "id": key.request_id, "unit": unit}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import pydantic
@@ -39,9 +39,28 @@ __all__ = [
     "RevokeParams",
     "StopParams",
     "TrustParams",
+    "load_for_host",
     "parse_networks",
     "pydantic_message",
 ]
+
+
+def load_for_host(
+    read: Callable[[], CharmConfig], unit: str, hostname: str
+) -> tuple[CharmConfig | None, str]:
+    """The options as this host sees them, or None and why they are invalid (naming the option).
+
+    Args:
+        read: reads the options (the charm's `load_config(CharmConfig)`).
+        unit: this unit's name, for the per-host maps.
+        hostname: this machine's name, likewise.
+    """
+    try:
+        return read().for_host(unit, hostname), ""
+    except pydantic.ValidationError as exc:
+        return None, pydantic_message(exc)
+    except InvalidRequestError as exc:
+        return None, str(exc)
 
 
 def pydantic_message(exc: pydantic.ValidationError) -> str:
