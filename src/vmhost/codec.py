@@ -16,13 +16,20 @@ Shapes, chosen to stay small in a databag and unambiguous to read back:
   object keys are strings.
 
 Readers ignore unknown keys (a newer unit may add some) and raise `CodecError` (a ValueError)
-naming the path of the first bad value; they never return a half-read record.
+naming the path of the first bad value; they never return a half-read record. The shapes are
+pydantic models (`extra="ignore"`, strict scalars: JSON has no separate bool/int, Python does,
+and a bool is never a count), written and read through the same model;
+tests/unit/test_codec_compat.py pins what they write and what older writers left.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any, TypeVar
+
+import pydantic
+from pydantic import StrictBool, StrictStr
+from pydantic_core import PydanticCustomError
 
 from vmhost.model import (
     CellPlacement,
@@ -54,103 +61,142 @@ class CodecError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Strict readers: JSON has no separate bool/int, Python does; a bool is never a count.
+# Scalars and fixed-length arrays
 
 
-def _obj(value: object, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise CodecError(path, f"expected an object, got {type(value).__name__}")
-    return value  # type: ignore[return-value]
+Count = Annotated[int, pydantic.Strict(), pydantic.Field(ge=0)]
+"""A non-negative integer; never a bool, a float or a string."""
+PageSize = Annotated[int, pydantic.Strict(), pydantic.Field(ge=1)]
+"""A huge page size in KiB."""
 
 
-def _list(value: object, path: str) -> Sequence[Any]:
-    if not isinstance(value, list | tuple):
-        raise CodecError(path, f"expected an array, got {type(value).__name__}")
-    return value  # type: ignore[return-value]
+def _items(count: int, what: str):
+    """Before validation: an array of exactly `count` items (`what` names them)."""
+
+    def check(value: object) -> object:
+        if isinstance(value, list | tuple) and len(value) != count:
+            raise PydanticCustomError(
+                "codec", "expected {what}, got {n} items", {"what": what, "n": len(value)}
+            )
+        return value
+
+    return pydantic.BeforeValidator(check)
 
 
-def _int(value: object, path: str, *, low: int | None = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CodecError(path, f"expected an integer, got {type(value).__name__}")
-    if low is not None and value < low:
-        raise CodecError(path, f"expected an integer >= {low}, got {value}")
-    return value
+CpuRow = Annotated[
+    tuple[Count, Count, Count, Count, tuple[Count, ...]],
+    _items(5, "[id, socket, die, core, siblings]"),
+]
+"""A CPU as [id, socket, die, core, [siblings]]: five items keep a databag small."""
 
 
-def _str(value: object, path: str) -> str:
-    if not isinstance(value, str):
-        raise CodecError(path, f"expected a string, got {type(value).__name__}")
-    return value
+def _unique_keys(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    seen: set[int] = set()
+    for i, (key, _value) in enumerate(pairs):
+        if key in seen:
+            raise PydanticCustomError(
+                "codec", "key {key} appears twice", {"key": key, "subpath": f"[{i}][0]"}
+            )
+        seen.add(key)
+    return pairs
 
 
-def _opt_int(value: object, path: str, *, low: int | None = 0) -> int | None:
-    return None if value is None else _int(value, path, low=low)
+PageMap = Annotated[
+    list[Annotated[tuple[PageSize, Count], _items(2, "[key, value]")]],
+    pydantic.AfterValidator(_unique_keys),
+]
+"""{size-kib: pages} as [[size-kib, pages], ..] sorted by size (JSON keys are strings)."""
+NodeMap = Annotated[
+    list[Annotated[tuple[Count, Count], _items(2, "[key, value]")]],
+    pydantic.AfterValidator(_unique_keys),
+]
+"""{node: distance} as [[node, distance], ..] sorted by node."""
 
 
-def _opt_str(value: object, path: str) -> str | None:
-    return None if value is None else _str(value, path)
+class _Wire(pydantic.BaseModel):
+    """A shape on the wire: read by its hyphenated aliases, unknown keys ignored.
+
+    Written from records with `model_construct` (no validation: a record is already typed,
+    and a write never fails where the hand-written form did not). Built on first use, so a
+    hook that reads no peer report or LXD ledger does not pay for it.
+    """
+
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
-def _bool(value: object, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise CodecError(path, f"expected true or false, got {type(value).__name__}")
-    return value
-
-
-def _ints(value: object, path: str, *, low: int | None = 0) -> tuple[int, ...]:
-    return tuple(_int(v, f"{path}[{i}]", low=low) for i, v in enumerate(_list(value, path)))
-
-
-def _strs(value: object, path: str) -> tuple[str, ...]:
-    return tuple(_str(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path)))
-
-
-def _pairs(mapping: Mapping[int, int]) -> list[list[int]]:
-    return [[k, mapping[k]] for k in sorted(mapping)]
-
-
-def _int_map(value: object, path: str, *, key_low: int = 0, low: int = 0) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for i, pair in enumerate(_list(value, path)):
-        item = _list(pair, f"{path}[{i}]")
-        if len(item) != 2:
-            raise CodecError(f"{path}[{i}]", f"expected [key, value], got {len(item)} items")
-        key = _int(item[0], f"{path}[{i}][0]", low=key_low)
-        if key in out:
-            raise CodecError(f"{path}[{i}][0]", f"key {key} appears twice")
-        out[key] = _int(item[1], f"{path}[{i}][1]", low=low)
-    return out
-
-
-def _get(data: Mapping[str, Any], key: str, path: str) -> Any:
-    if key not in data:
-        raise CodecError(f"{path}.{key}", "missing")
-    return data[key]
+def _alias(name: str) -> Any:
+    return pydantic.Field(alias=name)
 
 
 # ---------------------------------------------------------------------------------------------
 # Placement
 
 
+class _Cell(_Wire):
+    host_node: Count = _alias("host-node")
+    vcpus: Count
+    memory_mib: Count = _alias("memory-mib")
+    cpus: tuple[Count, ...] = ()
+    """The host CPU of each vCPU, in vCPU order."""
+    hugepage_size_kib: PageSize | None = pydantic.Field(None, alias="hugepage-size-kib")
+    hugepages: Count = 0
+
+
+class _Vf(_Wire):
+    nic: StrictStr
+    count: Count = 1
+
+
+class _Placement(_Wire):
+    vcpus: Count
+    memory_mib: Count = _alias("memory-mib")
+    cells: tuple[_Cell, ...] = ()
+    emulator_cpus: tuple[Count, ...] = pydantic.Field((), alias="emulator-cpus")
+    vfs: tuple[_Vf, ...] = ()
+
+    @classmethod
+    def of(cls, p: Placement) -> _Placement:
+        return cls.model_construct(
+            vcpus=p.vcpus,
+            memory_mib=p.memory_mib,
+            cells=tuple(
+                _Cell.model_construct(
+                    host_node=c.host_node,
+                    vcpus=c.vcpus,
+                    memory_mib=c.memory_mib,
+                    cpus=c.cpus,
+                    hugepage_size_kib=c.hugepage_size_kib,
+                    hugepages=c.hugepages,
+                )
+                for c in p.cells
+            ),
+            emulator_cpus=p.emulator_cpus,
+            vfs=tuple(_Vf.model_construct(nic=v.nic, count=v.count) for v in p.vfs),
+        )
+
+    def record(self) -> Placement:
+        return Placement(
+            vcpus=self.vcpus,
+            memory_mib=self.memory_mib,
+            cells=tuple(
+                CellPlacement(
+                    host_node=c.host_node,
+                    vcpus=c.vcpus,
+                    memory_mib=c.memory_mib,
+                    cpus=c.cpus,
+                    hugepage_size_kib=c.hugepage_size_kib,
+                    hugepages=c.hugepages,
+                )
+                for c in self.cells
+            ),
+            emulator_cpus=self.emulator_cpus,
+            vfs=tuple(VfAssignment(nic=v.nic, count=v.count) for v in self.vfs),
+        )
+
+
 def placement_to_dict(placement: Placement) -> dict[str, Any]:
     """Return a placement as JSON-ready data (see the module docstring for the shape)."""
-    return {
-        "vcpus": placement.vcpus,
-        "memory-mib": placement.memory_mib,
-        "cells": [
-            {
-                "host-node": c.host_node,
-                "vcpus": c.vcpus,
-                "memory-mib": c.memory_mib,
-                "cpus": list(c.cpus),
-                "hugepage-size-kib": c.hugepage_size_kib,
-                "hugepages": c.hugepages,
-            }
-            for c in placement.cells
-        ],
-        "emulator-cpus": list(placement.emulator_cpus),
-        "vfs": [{"nic": v.nic, "count": v.count} for v in placement.vfs],
-    }
+    return _Placement.of(placement).model_dump(mode="json", by_alias=True)
 
 
 def placement_from_dict(data: object, path: str = "placement") -> Placement:
@@ -159,171 +205,185 @@ def placement_from_dict(data: object, path: str = "placement") -> Placement:
     Raises:
         CodecError: a field is missing or of the wrong type; the message names its path.
     """
-    d = _obj(data, path)
-    cells: list[CellPlacement] = []
-    for i, raw in enumerate(_list(d.get("cells", []), f"{path}.cells")):
-        cp = f"{path}.cells[{i}]"
-        c = _obj(raw, cp)
-        cells.append(
-            CellPlacement(
-                host_node=_int(_get(c, "host-node", cp), f"{cp}.host-node"),
-                vcpus=_int(_get(c, "vcpus", cp), f"{cp}.vcpus"),
-                memory_mib=_int(_get(c, "memory-mib", cp), f"{cp}.memory-mib"),
-                cpus=_ints(c.get("cpus", []), f"{cp}.cpus"),
-                hugepage_size_kib=_opt_int(
-                    c.get("hugepage-size-kib"), f"{cp}.hugepage-size-kib", low=1
-                ),
-                hugepages=_int(c.get("hugepages", 0), f"{cp}.hugepages"),
-            )
-        )
-    vfs: list[VfAssignment] = []
-    for i, raw in enumerate(_list(d.get("vfs", []), f"{path}.vfs")):
-        vp = f"{path}.vfs[{i}]"
-        v = _obj(raw, vp)
-        vfs.append(
-            VfAssignment(
-                nic=_str(_get(v, "nic", vp), f"{vp}.nic"),
-                count=_int(v.get("count", 1), f"{vp}.count"),
-            )
-        )
-    return Placement(
-        vcpus=_int(_get(d, "vcpus", path), f"{path}.vcpus"),
-        memory_mib=_int(_get(d, "memory-mib", path), f"{path}.memory-mib"),
-        cells=tuple(cells),
-        emulator_cpus=_ints(d.get("emulator-cpus", []), f"{path}.emulator-cpus"),
-        vfs=tuple(vfs),
-    )
+    return _read(_Placement, data, path).record()
 
 
 # ---------------------------------------------------------------------------------------------
 # Topology
 
 
-def _cpu_to_list(cpu: Cpu) -> list[Any]:
-    return [cpu.id, cpu.socket_id, cpu.die_id, cpu.core_id, list(cpu.siblings)]
+class _Node(_Wire):
+    id: Count
+    cpus: tuple[CpuRow, ...] = ()
+    memory_kib: Count = pydantic.Field(0, alias="memory-kib")
+    hugepages_total: PageMap = pydantic.Field([], alias="hugepages-total")
+    hugepages_free: PageMap = pydantic.Field([], alias="hugepages-free")
+    distances: NodeMap = []
 
-
-def _cpu_from_list(value: object, path: str) -> Cpu:
-    item = _list(value, path)
-    if len(item) != 5:
-        raise CodecError(
-            path, f"expected [id, socket, die, core, siblings], got {len(item)} items"
+    @classmethod
+    def of(cls, node: NumaNode) -> _Node:
+        return cls.model_construct(
+            id=node.id,
+            cpus=tuple((c.id, c.socket_id, c.die_id, c.core_id, c.siblings) for c in node.cpus),
+            memory_kib=node.memory_kib,
+            hugepages_total=_sorted_pairs(node.hugepages_total),
+            hugepages_free=_sorted_pairs(node.hugepages_free),
+            distances=_sorted_pairs(node.distances),
         )
-    return Cpu(
-        id=_int(item[0], f"{path}[0]"),
-        socket_id=_int(item[1], f"{path}[1]"),
-        die_id=_int(item[2], f"{path}[2]"),
-        core_id=_int(item[3], f"{path}[3]"),
-        siblings=_ints(item[4], f"{path}[4]"),
-    )
+
+    def record(self) -> NumaNode:
+        return NumaNode(
+            id=self.id,
+            cpus=tuple(Cpu(i, s, d, c, siblings) for i, s, d, c, siblings in self.cpus),
+            memory_kib=self.memory_kib,
+            hugepages_total=dict(self.hugepages_total),
+            hugepages_free=dict(self.hugepages_free),
+            distances=dict(self.distances),
+        )
 
 
-def _node_to_dict(node: NumaNode) -> dict[str, Any]:
-    return {
-        "id": node.id,
-        "cpus": [_cpu_to_list(c) for c in node.cpus],
-        "memory-kib": node.memory_kib,
-        "hugepages-total": _pairs(node.hugepages_total),
-        "hugepages-free": _pairs(node.hugepages_free),
-        "distances": _pairs(node.distances),
-    }
+def _sorted_pairs(mapping: Mapping[int, int]) -> list[tuple[int, int]]:
+    return [(k, mapping[k]) for k in sorted(mapping)]
 
 
-def _node_from_dict(value: object, path: str) -> NumaNode:
-    d = _obj(value, path)
-    return NumaNode(
-        id=_int(_get(d, "id", path), f"{path}.id"),
-        cpus=tuple(
-            _cpu_from_list(c, f"{path}.cpus[{i}]")
-            for i, c in enumerate(_list(d.get("cpus", []), f"{path}.cpus"))
-        ),
-        memory_kib=_int(d.get("memory-kib", 0), f"{path}.memory-kib"),
-        hugepages_total=_int_map(
-            d.get("hugepages-total", []), f"{path}.hugepages-total", key_low=1
-        ),
-        hugepages_free=_int_map(d.get("hugepages-free", []), f"{path}.hugepages-free", key_low=1),
-        distances=_int_map(d.get("distances", []), f"{path}.distances"),
-    )
-
-
-def _nic_to_dict(nic: HostNic) -> dict[str, Any]:
-    return {
-        "name": nic.name,
-        "kind": nic.kind.value,
-        "numa-node": nic.numa_node,
-        "sriov-total-vfs": nic.sriov_total_vfs,
-        "sriov-enabled-vfs": nic.sriov_enabled_vfs,
-        "mac": nic.mac,
-        "addresses": list(nic.addresses),
-        "vlan-id": nic.vlan_id,
-        "parent": nic.parent,
-        "master": nic.master,
-        "link": nic.link,
-        "speed-mbps": nic.speed_mbps,
-    }
-
-
-def _nic_from_dict(value: object, path: str) -> HostNic:
-    d = _obj(value, path)
-    kind = _str(d.get("kind", NicKind.PHYSICAL.value), f"{path}.kind")
+def _nic_kind(value: str) -> str:
     try:
-        nic_kind = NicKind(kind)
+        NicKind(value)
     except ValueError:
         known = ", ".join(k.value for k in NicKind)
-        raise CodecError(f"{path}.kind", f"{kind!r} is not one of {known}") from None
-    return HostNic(
-        name=_str(_get(d, "name", path), f"{path}.name"),
-        kind=nic_kind,
-        numa_node=_opt_int(d.get("numa-node"), f"{path}.numa-node"),
-        sriov_total_vfs=_int(d.get("sriov-total-vfs", 0), f"{path}.sriov-total-vfs"),
-        sriov_enabled_vfs=_int(d.get("sriov-enabled-vfs", 0), f"{path}.sriov-enabled-vfs"),
-        mac=_opt_str(d.get("mac"), f"{path}.mac"),
-        addresses=_strs(d.get("addresses", []), f"{path}.addresses"),
-        vlan_id=_opt_int(d.get("vlan-id"), f"{path}.vlan-id"),
-        parent=_opt_str(d.get("parent"), f"{path}.parent"),
-        master=_opt_str(d.get("master"), f"{path}.master"),
-        link=_opt_str(d.get("link"), f"{path}.link"),
-        speed_mbps=_opt_int(d.get("speed-mbps"), f"{path}.speed-mbps"),
-    )
+        raise PydanticCustomError(
+            "codec", "{kind} is not one of {known}", {"kind": repr(value), "known": known}
+        ) from None
+    return value
 
 
-def _pool_to_dict(pool: StoragePool) -> dict[str, Any]:
-    return {
-        "name": pool.name,
-        "driver": pool.driver,
-        "capacity-bytes": pool.capacity_bytes,
-        "allocation-bytes": pool.allocation_bytes,
-        "available-bytes": pool.available_bytes,
-        "path": pool.path,
-        "active": pool.active,
-        "committed-bytes": pool.committed_bytes,
-    }
+class _Nic(_Wire):
+    name: StrictStr
+    kind: Annotated[StrictStr, pydantic.AfterValidator(_nic_kind)] = NicKind.PHYSICAL.value
+    numa_node: Count | None = pydantic.Field(None, alias="numa-node")
+    sriov_total_vfs: Count = pydantic.Field(0, alias="sriov-total-vfs")
+    sriov_enabled_vfs: Count = pydantic.Field(0, alias="sriov-enabled-vfs")
+    mac: StrictStr | None = None
+    addresses: tuple[StrictStr, ...] = ()
+    vlan_id: Count | None = pydantic.Field(None, alias="vlan-id")
+    parent: StrictStr | None = None
+    master: StrictStr | None = None
+    link: StrictStr | None = None
+    speed_mbps: Count | None = pydantic.Field(None, alias="speed-mbps")
+
+    @classmethod
+    def of(cls, nic: HostNic) -> _Nic:
+        return cls.model_construct(
+            name=nic.name,
+            kind=nic.kind.value,
+            numa_node=nic.numa_node,
+            sriov_total_vfs=nic.sriov_total_vfs,
+            sriov_enabled_vfs=nic.sriov_enabled_vfs,
+            mac=nic.mac,
+            addresses=nic.addresses,
+            vlan_id=nic.vlan_id,
+            parent=nic.parent,
+            master=nic.master,
+            link=nic.link,
+            speed_mbps=nic.speed_mbps,
+        )
+
+    def record(self) -> HostNic:
+        return HostNic(
+            name=self.name,
+            kind=NicKind(self.kind),
+            numa_node=self.numa_node,
+            sriov_total_vfs=self.sriov_total_vfs,
+            sriov_enabled_vfs=self.sriov_enabled_vfs,
+            mac=self.mac,
+            addresses=self.addresses,
+            vlan_id=self.vlan_id,
+            parent=self.parent,
+            master=self.master,
+            link=self.link,
+            speed_mbps=self.speed_mbps,
+        )
 
 
-def _pool_from_dict(value: object, path: str) -> StoragePool:
-    d = _obj(value, path)
-    return StoragePool(
-        name=_str(_get(d, "name", path), f"{path}.name"),
-        driver=_str(d.get("driver", "dir"), f"{path}.driver"),
-        capacity_bytes=_int(d.get("capacity-bytes", 0), f"{path}.capacity-bytes"),
-        allocation_bytes=_int(d.get("allocation-bytes", 0), f"{path}.allocation-bytes"),
-        available_bytes=_int(d.get("available-bytes", 0), f"{path}.available-bytes"),
-        path=_opt_str(d.get("path"), f"{path}.path"),
-        active=_bool(d.get("active", True), f"{path}.active"),
-        committed_bytes=_int(d.get("committed-bytes", 0), f"{path}.committed-bytes"),
-    )
+class _Pool(_Wire):
+    name: StrictStr
+    driver: StrictStr = "dir"
+    capacity_bytes: Count = pydantic.Field(0, alias="capacity-bytes")
+    allocation_bytes: Count = pydantic.Field(0, alias="allocation-bytes")
+    available_bytes: Count = pydantic.Field(0, alias="available-bytes")
+    path: StrictStr | None = None
+    active: StrictBool = True
+    committed_bytes: Count = pydantic.Field(0, alias="committed-bytes")
+
+    @classmethod
+    def of(cls, pool: StoragePool) -> _Pool:
+        return cls.model_construct(
+            name=pool.name,
+            driver=pool.driver,
+            capacity_bytes=pool.capacity_bytes,
+            allocation_bytes=pool.allocation_bytes,
+            available_bytes=pool.available_bytes,
+            path=pool.path,
+            active=pool.active,
+            committed_bytes=pool.committed_bytes,
+        )
+
+    def record(self) -> StoragePool:
+        return StoragePool(
+            name=self.name,
+            driver=self.driver,
+            capacity_bytes=self.capacity_bytes,
+            allocation_bytes=self.allocation_bytes,
+            available_bytes=self.available_bytes,
+            path=self.path,
+            active=self.active,
+            committed_bytes=self.committed_bytes,
+        )
+
+
+def _unique_ids(nodes: tuple[_Node, ...]) -> tuple[_Node, ...]:
+    ids = [n.id for n in nodes]
+    if len(set(ids)) != len(ids):
+        raise PydanticCustomError("codec", "two nodes share an id")
+    cpu_ids = [row[0] for n in nodes for row in n.cpus]
+    if len(set(cpu_ids)) != len(cpu_ids):
+        raise PydanticCustomError("codec", "a CPU id appears twice")
+    return nodes
+
+
+class _Topology(_Wire):
+    arch: StrictStr = "x86_64"
+    hypervisor: StrictStr = "libvirt"
+    hypervisor_version: StrictStr = pydantic.Field("", alias="hypervisor-version")
+    nodes: Annotated[tuple[_Node, ...], pydantic.AfterValidator(_unique_ids)]
+    nics: tuple[_Nic, ...] = ()
+    pools: tuple[_Pool, ...] = ()
+
+    @classmethod
+    def of(cls, topology: HostTopology) -> _Topology:
+        return cls.model_construct(
+            arch=topology.arch,
+            hypervisor=topology.hypervisor,
+            hypervisor_version=topology.hypervisor_version,
+            nodes=tuple(_Node.of(n) for n in topology.nodes),
+            nics=tuple(_Nic.of(n) for n in topology.nics),
+            pools=tuple(_Pool.of(p) for p in topology.pools),
+        )
+
+    def record(self) -> HostTopology:
+        return HostTopology(
+            nodes=tuple(n.record() for n in self.nodes),
+            nics=tuple(n.record() for n in self.nics),
+            pools=tuple(p.record() for p in self.pools),
+            arch=self.arch,
+            hypervisor=self.hypervisor,
+            hypervisor_version=self.hypervisor_version,
+        )
 
 
 def topology_to_dict(topology: HostTopology) -> dict[str, Any]:
     """Return a host topology as compact JSON-ready data (see the module docstring)."""
-    return {
-        "arch": topology.arch,
-        "hypervisor": topology.hypervisor,
-        "hypervisor-version": topology.hypervisor_version,
-        "nodes": [_node_to_dict(n) for n in topology.nodes],
-        "nics": [_nic_to_dict(n) for n in topology.nics],
-        "pools": [_pool_to_dict(p) for p in topology.pools],
-    }
+    return _Topology.of(topology).model_dump(mode="json", by_alias=True)
 
 
 def topology_from_dict(data: object, path: str = "topology") -> HostTopology:
@@ -333,28 +393,47 @@ def topology_from_dict(data: object, path: str = "topology") -> HostTopology:
         CodecError: a field is missing or of the wrong type, or a node or CPU id appears twice;
             the message names its path.
     """
-    d = _obj(data, path)
-    nodes = tuple(
-        _node_from_dict(n, f"{path}.nodes[{i}]")
-        for i, n in enumerate(_list(_get(d, "nodes", path), f"{path}.nodes"))
-    )
-    ids = [n.id for n in nodes]
-    if len(set(ids)) != len(ids):
-        raise CodecError(f"{path}.nodes", "two nodes share an id")
-    cpu_ids = [c.id for n in nodes for c in n.cpus]
-    if len(set(cpu_ids)) != len(cpu_ids):
-        raise CodecError(f"{path}.nodes", "a CPU id appears twice")
-    return HostTopology(
-        nodes=nodes,
-        nics=tuple(
-            _nic_from_dict(n, f"{path}.nics[{i}]")
-            for i, n in enumerate(_list(d.get("nics", []), f"{path}.nics"))
-        ),
-        pools=tuple(
-            _pool_from_dict(p, f"{path}.pools[{i}]")
-            for i, p in enumerate(_list(d.get("pools", []), f"{path}.pools"))
-        ),
-        arch=_str(d.get("arch", "x86_64"), f"{path}.arch"),
-        hypervisor=_str(d.get("hypervisor", "libvirt"), f"{path}.hypervisor"),
-        hypervisor_version=_str(d.get("hypervisor-version", ""), f"{path}.hypervisor-version"),
-    )
+    return _read(_Topology, data, path).record()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: one error, named by its path
+
+
+_M = TypeVar("_M", bound="_Wire")
+
+
+def _read(model: type[_M], data: object, path: str) -> _M:
+    try:
+        return model.model_validate(data, by_alias=True, by_name=False)
+    except pydantic.ValidationError as exc:
+        raise _codec_error(exc.errors()[0], path) from None
+
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "an array",
+    "tuple_type": "an array",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+    "dict_type": "an object",
+}
+
+
+def _codec_error(error: Any, root: str) -> CodecError:
+    """The first pydantic error as the path of the bad value and what was wrong with it."""
+    path = root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "missing":
+        return CodecError(path, "missing")
+    if kind in _EXPECTED:
+        return CodecError(path, f"expected {_EXPECTED[kind]}, got {type(value).__name__}")
+    if kind == "greater_than_equal":
+        return CodecError(path, f"expected an integer >= {ctx['ge']}, got {value}")
+    if kind == "codec":
+        return CodecError(path + ctx.get("subpath", ""), error["msg"])
+    return CodecError(path, error["msg"])
