@@ -20,10 +20,11 @@ from vmhost.actions import Snapshot
 from vmhost.backends import Backend, BackendUnavailableError
 from vmhost.config import CharmConfig, parse_networks
 from vmhost.model import VmHostError
-from vmhost.relation import fleet, journal, keys, serve
+from vmhost.relation import fleet, serve
 
 if TYPE_CHECKING:
     from vmhost.lxd_trust import LxdTrust
+    from vmhost.relation import journal, keys
 
 __all__ = [
     "HostReader",
