@@ -383,6 +383,7 @@ class VmHostCharm(ops.CharmBase):
             scope=self._scope,
             log=event.log,
             image_settings=self._image_settings(config),
+            peer_pool_use=lambda: fleet.peer_pool_use(p.reports) if (p := self._peers()) else None,
         )
 
     @staticmethod

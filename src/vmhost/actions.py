@@ -111,6 +111,9 @@ class Context:
     """Progress for the operator (the action log)."""
     image_settings: imagecache.Settings
     """The image-* options, with this host's image pool and fetch state (its HostLayout)."""
+    peer_pool_use: Callable[[], Mapping[str, pools.Use] | None] = lambda: None
+    """The other units' reported use per resource pool (fleet.peer_pool_use); None without
+    a peer relation."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +261,11 @@ def list_vms(ctx: Context, params: ListVmsParams) -> Results:
 def show_resources(ctx: Context, _params: object = None) -> Results:
     """Per NUMA node what is free, pinned and reserved, and what each VM takes there."""
     data = report.resources_json(
-        ctx.snapshot.topology, ctx.snapshot.vms, ctx.config.policy, ctx.config.pool_config
+        ctx.snapshot.topology,
+        ctx.snapshot.vms,
+        ctx.config.policy,
+        ctx.config.pool_config,
+        ctx.peer_pool_use(),
     )
     return {"table": report.resources_table(data), "json": json.dumps(data, sort_keys=True)}
 

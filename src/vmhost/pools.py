@@ -41,6 +41,7 @@ __all__ = [
     "parse_app_pools",
     "parse_resource_pools",
     "pool_rows",
+    "total_by_pool",
     "use_by_pool",
     "use_from_dict",
     "use_of",
@@ -173,6 +174,16 @@ def with_default(vms: Sequence[VmRecord], default: str) -> list[VmRecord]:
     return [
         dataclasses.replace(vm, pool=default) if vm.managed and not vm.pool else vm for vm in vms
     ]
+
+
+def total_by_pool(*uses: Mapping[str, Use], default: str) -> dict[str, Use]:
+    """Several use-per-pool maps added up, "" (VMs recorded without a pool) as `default`."""
+    out: dict[str, Use] = {}
+    for use in uses:
+        for name, value in use.items():
+            pool = name or default
+            out[pool] = out.get(pool, Use()) + value
+    return dict(sorted(out.items()))
 
 
 def use_to_dict(use: Use) -> dict[str, Any]:
@@ -411,40 +422,57 @@ def load(resource_pools: str, default_pool: str, app_pools: str) -> Pools:
 # show-resources
 
 
-def pool_rows(pools: Pools, used: Mapping[str, Use]) -> list[dict[str, Any]]:
-    """Per pool (configured, default, or recorded on a VM here): quota, used, free.
+def pool_rows(
+    pools: Pools, used: Mapping[str, Use], fleet: Mapping[str, Use] | None = None
+) -> list[dict[str, Any]]:
+    """Per pool (configured, default, or recorded on a VM): quota, used, free.
 
-    `used` is pool -> use with unrecorded VMs already counted in the default pool.
+    `used` is this host's use per pool, `fleet` (when the unit has peers) the whole fleet's,
+    this host included; both with unrecorded VMs already counted in the default pool. With a
+    fleet, each resource also says `fleet-used` and `fleet-free`: what the leader holds
+    relation requests to.
     """
     rows: list[dict[str, Any]] = []
-    for name in sorted({*pools.names, *used}):
+    everywhere_by_pool: Mapping[str, Use] = fleet or {}
+    names: set[str] = {*pools.names, *used, *everywhere_by_pool}
+    for name in sorted(names):
         quota = pools.quota(name)
         use = used.get(name, Use())
+        everywhere = everywhere_by_pool.get(name, Use())
         pages = quota.hugepage_limits()
-        resources: list[tuple[str, int | None, int]] = [
-            ("vms", quota.vms, use.vms),
-            ("vcpus", quota.vcpus, use.vcpus),
-            ("pinned-cpus", quota.pinned_cpus, use.pinned_cpus),
-            ("memory-mib", quota.memory, use.memory_mib),
+        resources: list[tuple[str, int | None, int, int]] = [
+            ("vms", quota.vms, use.vms, everywhere.vms),
+            ("vcpus", quota.vcpus, use.vcpus, everywhere.vcpus),
+            ("pinned-cpus", quota.pinned_cpus, use.pinned_cpus, everywhere.pinned_cpus),
+            ("memory-mib", quota.memory, use.memory_mib, everywhere.memory_mib),
         ]
-        for size in sorted({*pages, *use.hugepages}):
+        for size in sorted({*pages, *use.hugepages, *everywhere.hugepages}):
             resources.append(
-                (f"hugepages-{page_label(size)}", pages.get(size), use.hugepages.get(size, 0))
+                (
+                    f"hugepages-{page_label(size)}",
+                    pages.get(size),
+                    use.hugepages.get(size, 0),
+                    everywhere.hugepages.get(size, 0),
+                )
             )
+        items: list[dict[str, Any]] = []
+        for what, limit, have, total in resources:
+            item: dict[str, Any] = {
+                "resource": what,
+                "quota": limit,
+                "used": have,
+                "free": None if limit is None else max(0, limit - have),
+            }
+            if fleet is not None:
+                item["fleet-used"] = total
+                item["fleet-free"] = None if limit is None else max(0, limit - total)
+            items.append(item)
         rows.append(
             {
                 "name": name,
                 "default": name == pools.default,
                 "configured": name in pools.names,
-                "resources": [
-                    {
-                        "resource": what,
-                        "quota": limit,
-                        "used": have,
-                        "free": None if limit is None else max(0, limit - have),
-                    }
-                    for what, limit, have in resources
-                ],
+                "resources": items,
             }
         )
     return rows

@@ -7,7 +7,7 @@ exactly what the next placement decision will see.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vmhost import networks, pools
@@ -307,11 +307,13 @@ def resources_json(
     vms: Sequence[VmRecord],
     policy: Policy,
     resource_pools: pools.Pools | None = None,
+    peer_pool_use: Mapping[str, pools.Use] | None = None,
 ) -> dict[str, Any]:
     """show-resources as plain data: per node CPUs, memory, huge pages, VMs; NICs; pools.
 
     Storage pools, and resource pools (quota, used on this host, free) when `resource_pools`
-    is given.
+    is given; `peer_pool_use` (the other units' reported use per pool, when there is a peer
+    relation) adds the fleet's use and what it leaves free.
 
     Every CPU count is placement.usage's, so "free" is what a pinned request can take on the
     node now (policy and shared VMs' needs included), not the shared pool's size.
@@ -402,15 +404,19 @@ def resources_json(
             for p in topology.pools
         ],
         **(
-            {
-                "resource-pools": pools.pool_rows(
-                    resource_pools, pools.use_by_pool(vms, resource_pools.default)
-                )
-            }
+            {"resource-pools": _resource_pools(vms, resource_pools, peer_pool_use)}
             if resource_pools is not None
             else {}
         ),
     }
+
+
+def _resource_pools(
+    vms: Sequence[VmRecord], config: pools.Pools, peers: Mapping[str, pools.Use] | None
+) -> list[dict[str, Any]]:
+    here = pools.use_by_pool(vms, config.default)
+    fleet = None if peers is None else pools.total_by_pool(here, peers, default=config.default)
+    return pools.pool_rows(config, here, fleet)
 
 
 def hugepage_grants(
@@ -582,7 +588,10 @@ def resources_table(data: dict[str, Any]) -> str:
             ),
         ]
     if data.get("resource-pools"):
-        parts += ["", _table(_POOL_HEADERS, _pool_rows(data["resource-pools"]))]
+        rows = data["resource-pools"]
+        fleet = any("fleet-used" in r for p in rows for r in p["resources"])
+        headers = (*_POOL_HEADERS, "FLEET-USED", "FLEET-FREE") if fleet else _POOL_HEADERS
+        parts += ["", _table(headers, _pool_rows(rows))]
     return "\n".join(parts)
 
 
@@ -598,14 +607,15 @@ def _pool_rows(rows: Sequence[dict[str, Any]]) -> list[tuple[object, ...]]:
             name += " (not configured)"
         for item in pool["resources"]:
             limited = item["quota"] is not None
-            out.append(
-                (
-                    name,
-                    item["resource"],
-                    item["quota"] if limited else "unlimited",
-                    item["used"],
-                    item["free"] if limited else "-",
-                )
+            row: tuple[object, ...] = (
+                name,
+                item["resource"],
+                item["quota"] if limited else "unlimited",
+                item["used"],
+                item["free"] if limited else "-",
             )
+            if "fleet-used" in item:
+                row += (item["fleet-used"], item["fleet-free"] if limited else "-")
+            out.append(row)
             name = ""
     return out

@@ -561,6 +561,33 @@ def test_the_leader_across_units_counts_both_reports(fake_host, topology, monkey
     assert (got["c"].error or "").startswith("pool db: 2 of 2 VMs used, this VM needs 1;")
     assert units.hosted() == {"vm-host/0": ["pg-7-a"], "vm-host/1": ["pg-7-b"]}
 
+    # show-resources on either unit: this host's use, and the fleet's the leader holds to.
+    units.run(0, lambda c, r, p: c.on.action("show-resources"))
+    data = json.loads((units.ctx[0].action_results or {})["json"])
+    validate(data, "show-resources")
+    (db,) = [p for p in data["resource-pools"] if p["name"] == "db"]
+    vms = next(r for r in db["resources"] if r["resource"] == "vms")
+    assert vms == {
+        "resource": "vms",
+        "quota": 2,
+        "used": 1,
+        "free": 1,
+        "fleet-used": 2,
+        "fleet-free": 0,
+    }
+    table = (units.ctx[0].action_results or {})["table"]
+    lines = [line.split() for line in table.splitlines()]
+    assert [
+        "RESOURCE-POOL",
+        "RESOURCE",
+        "QUOTA",
+        "USED",
+        "FREE",
+        "FLEET-USED",
+        "FLEET-FREE",
+    ] in lines
+    assert ["db", "vms", "2", "1", "1", "2", "0"] in lines
+
 
 # ---------------------------------------------------------------------------------------------
 # list-vms, show-resources, dry runs

@@ -61,6 +61,7 @@ __all__ = [
     "lead",
     "parse_host_report",
     "peer_macs",
+    "peer_pool_use",
     "unit_report",
 ]
 
@@ -259,6 +260,15 @@ def unit_report(
 
 def _macs(reports: Mapping[str, HostReport]) -> frozenset[str]:
     return frozenset(m for r in reports.values() for m in r.macs)
+
+
+def peer_pool_use(texts: Mapping[str, str | None]) -> dict[str, Use]:
+    """What the readable ones of these host reports use per resource pool, added up.
+
+    "" is VMs recorded without a pool; unreadable reports, and reports older than pools,
+    add none.
+    """
+    return pools.total_by_pool(*(r.pools for r in collect_reports(texts)[0].values()), default="")
 
 
 def peer_macs(texts: Mapping[str, str | None]) -> frozenset[str]:
