@@ -14,7 +14,7 @@ import pytest
 from fake_sysfs import FakeSys
 from tests.fixtures import LIBVIRT_CAPS
 
-from vmhost import report
+from vmhost import pools, report
 from vmhost.model import (
     CellPlacement,
     HostTopology,
@@ -327,3 +327,38 @@ def test_vm_nics_in_list_vms_and_show_resources_text(tmp_path: Path):
     table = report.resources_table(report.resources_json(host, [vm], Policy()))
     assert "db  eth0  br-ext       1     0         10.0.5.0/24  data   off-node" in table
     assert "db  eth1  br-virt      -     0         -            -      -" in table
+
+
+def test_two_node_view_with_pools_a_spanning_vm_and_an_off_node_nic(tmp_path: Path):
+    """The whole operator view on the 2-node fixture, as show-resources and list-vms print it.
+
+    Placements from the allocator itself, VMs in resource pools, one VM spanning both nodes,
+    one NIC off its VM's node.
+    """
+    host = two_node_host(tmp_path)
+    policy = Policy()
+    # 16 pinned vCPUs cannot fit one 12-CPU node: the allocator spans both.
+    span, small = place_all(host, [pinned(16, nodes=2, mem=4096), pinned(2, mem=1024)], policy)
+    assert len(span.cells) == 2
+    vms = [
+        dataclasses.replace(with_nics("db-0", span, "br-data"), pool="db"),
+        dataclasses.replace(with_nics("web-0", small, "br-ext"), pool="web"),
+    ]
+    config = pools.load("db: {pinned-cpus: 24, vms: 2}\nweb: {vcpus: 4}", "web", "")
+    data = report.resources_json(host, vms, policy, resource_pools=config)
+    nodes_of = {vm["name"]: vm for node in data["nodes"] for vm in node["vm-usage"]}
+    assert nodes_of["db-0"]["spans"]
+    assert not nodes_of["web-0"]["spans"]
+    nic = {(n["vm"], n["label"]): n for n in data["vm-nics"]}
+    web_nodes = [c.host_node for c in small.cells]
+    # br-ext's only port, eno3, is on node 1: off-node exactly when web-0's CPUs are not.
+    assert nic[("web-0", "eth0")]["off-node"] == (web_nodes != [1])
+    assert not nic[("db-0", "eth0")]["off-node"]  # bond0 has ports on both nodes
+    rows = {(p["name"], r["resource"]): r for p in data["resource-pools"] for r in p["resources"]}
+    assert (rows[("db", "pinned-cpus")]["used"], rows[("db", "pinned-cpus")]["free"]) == (16, 8)
+    assert (rows[("web", "vcpus")]["used"], rows[("web", "vcpus")]["free"]) == (2, 2)
+    table = report.resources_table(data)
+    listed = report.vms_table(vms, host.nics)
+    assert "spans 0,1" in table
+    assert ("off-node" in listed) == (web_nodes != [1])
+    print(table, listed, sep="\n\n")
