@@ -168,10 +168,14 @@ def compose_vm(ctx: Context, params: ComposeParams) -> Results:
     def probe(name: str) -> str:
         return ctx.backend.probe_image(name, ctx.image_settings)
 
+    # The fleet's use counts too: the leader holds relation requests to it, actions the same.
+    host = dataclasses.replace(
+        ctx.host_state(ctx.snapshot), peer_pool_use=ctx.peer_pool_use() or {}
+    )
     outcome = compose.compose(
         ctx.backend,
         spec,
-        ctx.host_state(ctx.snapshot),
+        host,
         dry_run=params.dry_run,
         progress=ctx.log,
         prepare_image=fetch,

@@ -76,6 +76,10 @@ class HostState:
     (config allowed-host-interfaces)."""
     pools: pools.Pools | None = None
     """The resource pools (config resource-pools, default-pool); None checks no quota."""
+    peer_pool_use: Mapping[str, pools.Use] = dataclasses.field(default_factory=dict)
+    """The other units' reported use per resource pool ("" = VMs recorded without one).
+    compose-vm counts it, so an action cannot take a pool past its quota across the fleet;
+    the relation round leaves it empty, the leader having counted the fleet already."""
 
     def mapped_devices(self) -> frozenset[str]:
         """Where relation VMs may attach: mapped spaces, default network, allowed list."""
@@ -350,13 +354,15 @@ def _pool_of(spec: VmSpec, host: HostState) -> tuple[pools.Pools, str, pools.Use
     if host.pools is None:
         return None
     name = spec.pool or host.pools.default
-    used = pools.use_by_pool(host.vms, host.pools.default).get(name, pools.Use())
-    return host.pools, name, used
+    here = pools.use_by_pool(host.vms, host.pools.default)
+    used = pools.total_by_pool(here, host.peer_pool_use, default=host.pools.default)
+    return host.pools, name, used.get(name, pools.Use())
 
 
 def pool_problem(spec: VmSpec, host: HostState, placed: Placement | None = None) -> str | None:
-    """Why the VM would take its pool past a quota on this host's count, or None.
+    """Why the VM would take its pool past a quota, or None.
 
+    Counted: this host's VMs, and the other units' reported use when the host state has it.
     Before placement the request's own numbers are checked (so a full pool is said first);
     with the placement, the huge pages it really takes too. The leader checks the same quota
     against the whole fleet's use (vmhost.relation.fleet).
@@ -397,7 +403,8 @@ def _pool_summary(spec: VmSpec, host: HostState, placed: Placement) -> str:
         for what, limit, have, wanted in checks
         if limit is not None
     ]
-    return f"pool {name}: fits ({', '.join(limited) or 'no quota'}; this host's VMs counted)"
+    counted = "this host's VMs" + (" and the other units' reports" if host.peer_pool_use else "")
+    return f"pool {name}: fits ({', '.join(limited) or 'no quota'}; {counted} counted)"
 
 
 def storage_summary(spec: VmSpec, host: HostState) -> str:

@@ -588,6 +588,24 @@ def test_the_leader_across_units_counts_both_reports(fake_host, topology, monkey
     ] in lines
     assert ["db", "vms", "2", "1", "1", "2", "0"] in lines
 
+    # compose-vm on a unit counts the other unit's report too: the fleet's pool is full,
+    # though this host alone holds one VM of two; a dry run says the same, nothing is made.
+    for dry_run in (True, False):
+        params = {"name": "db-x", "memory": 256, "pool": "db", "dry-run": dry_run}
+        with pytest.raises(testing.ActionFailed) as failed:
+            units.run(1, lambda c, r, p, params=params: c.on.action("compose-vm", params=params))
+        assert "pool db: 2 of 2 VMs used, this VM needs 1;" in failed.value.message
+    assert units.hosted() == {"vm-host/0": ["pg-7-a"], "vm-host/1": ["pg-7-b"]}
+    # Another pool still composes by action, and its dry run says what was counted.
+    units.run(
+        1,
+        lambda c, r, p: c.on.action(
+            "compose-vm", params={"name": "other-x", "memory": 256, "dry-run": True}
+        ),
+    )
+    found = units.ctx[1].action_results or {}
+    assert "and the other units' reports counted" in json.dumps(found)
+
 
 # ---------------------------------------------------------------------------------------------
 # list-vms, show-resources, dry runs
