@@ -164,13 +164,11 @@ class VmHostCharm(ops.CharmBase):
             composed=peer.data[self.app].get("composed"),
         )
 
-    @property
-    def _mac_salt(self) -> str:
-        return f"{self.model.uuid}/{self.unit.name}"
-
     def _host_state(self, config: CharmConfig, snapshot: Snapshot) -> compose.HostState:
         macs = fleet.peer_macs(p.reports) if (p := self._peers()) is not None else frozenset()
-        return hook.host_state(config, snapshot, mac_salt=self._mac_salt, peer_macs=macs)
+        return hook.host_state(
+            config, snapshot, mac_salt=f"{self.model.uuid}/{self.unit.name}", peer_macs=macs
+        )
 
     def _access_address(self) -> str | None:
         binding = self.model.get_binding("access")
@@ -278,7 +276,7 @@ class VmHostCharm(ops.CharmBase):
             leader=self.unit.is_leader(),
             peers=self._peers(),
             scope=self._scope,
-            mac_salt=self._mac_salt,
+            mac_salt=f"{self.model.uuid}/{self.unit.name}",
             live_apps={b.relation_id: b.app_name for b in batches},
             seen=journal.read(self._scope, self._layout.journal_dir),
             manager_address=self._manager_address(config),
