@@ -3,7 +3,8 @@
 Run as root on a host with libvirtd (tests/bin/ensure-libvirt.sh starts it), under the daemon
 lock when others share the machine:
 
-    flock /tmp/vmhost-daemons.lock .venv/bin/python -m bench.hooks [--runs N] [--out FILE]
+    flock /tmp/vmhost-daemons.lock env PYTHONPATH=src:lib \
+        .venv/bin/python -m bench.hooks [--runs N] [--out FILE]
 
 In one run it measures, each in a fresh Python process, as Juju would start it:
 
