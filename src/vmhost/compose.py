@@ -27,7 +27,6 @@ from vmhost.model import (
     VmHostError,
     VmRecord,
     VmSpec,
-    page_label,
 )
 from vmhost.relation.keys import ACTION_OWNER
 
@@ -381,23 +380,7 @@ def _pool_summary(spec: VmSpec, host: HostState, placed: Placement) -> str:
     if found is None:
         return "no resource pools checked"
     config, name, used = found
-    quota = config.quota(name)
-    need = pools.use_of(placed)
-    checks: list[tuple[str, int | None, int, int]] = [
-        ("VMs", quota.vms, used.vms, need.vms),
-        ("vCPUs", quota.vcpus, used.vcpus, need.vcpus),
-        ("pinned CPUs", quota.pinned_cpus, used.pinned_cpus, need.pinned_cpus),
-        ("MiB", quota.memory, used.memory_mib, need.memory_mib),
-    ]
-    for size, limit in sorted(quota.hugepage_limits().items()):
-        checks.append(
-            (
-                f"{page_label(size)} pages",
-                limit,
-                used.hugepages.get(size, 0),
-                need.hugepages.get(size, 0),
-            )
-        )
+    checks = config.checks(name, used, pools.use_of(placed))
     limited = [
         f"{what} {have}+{wanted} of {limit}"
         for what, limit, have, wanted in checks

@@ -371,8 +371,8 @@ class Pools:
             )
         return name
 
-    def refusal(self, pool: str, used: Use, need: Use) -> str | None:
-        """Why a VM taking `need` cannot join `pool`, which `used` already, or None."""
+    def checks(self, pool: str, used: Use, need: Use) -> list[tuple[str, int | None, int, int]]:
+        """Per quota of `pool`: (what, limit or None, used already, what `need` adds)."""
         quota = self.quota(pool)
         checks: list[tuple[str, int | None, int, int]] = [
             ("VMs", quota.vms, used.vms, need.vms),
@@ -389,7 +389,11 @@ class Pools:
                     need.hugepages.get(size, 0),
                 )
             )
-        for what, limit, have, wanted in checks:
+        return checks
+
+    def refusal(self, pool: str, used: Use, need: Use) -> str | None:
+        """Why a VM taking `need` cannot join `pool`, which `used` already, or None."""
+        for what, limit, have, wanted in self.checks(pool, used, need):
             if limit is not None and wanted and have + wanted > limit:
                 return f"pool {pool}: {have} of {limit} {what} used, this VM needs {wanted}; {FIX}"
         return None

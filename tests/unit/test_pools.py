@@ -669,7 +669,7 @@ def test_a_dry_run_reports_the_pool_the_storage_and_the_image(ctx, backend, tmp_
     params = {"name": "db-a", "memory": 256, "pinned-cores": "2", "pool": "db", "dry-run": True}
     results = run_action(ctx, "compose-vm", params, state)
     assert results["pool"] == (
-        "pool db: fits (VMs 0+1 of 2, pinned CPUs 0+2 of 4, 2M pages 0+0 of 64; this host's "
+        "pool db: fits (VMs 0+1 of 2, pinned CPUs 0+2 of 4, 2M huge pages 0+0 of 64; this host's "
         "VMs counted)"
     )
     assert results["storage"] == "pool vm-host: 20.0 GB of 100 GB room"
