@@ -12,7 +12,11 @@ session daemon of the system user vmhost-numa (qemu:///session, its runtime dire
 
 Inside, the checkout is the read-only 9p share /checkout (the project's .venv included, whose
 site-packages the steps use with the host's python3) and /run/vmhost is this run's 9p share:
-root's SSH key (made per run), the tiny test guest (tiny.qcow2) and results/. Each step is a
+root's SSH key (made per run), the tiny test guest (tiny.qcow2), its UEFI variant as an LXD
+image (tiny-efi.qcow2, lxd-metadata.tar.xz), with --charm the packed charm (vm-host.charm) and
+python312.prefix, the original prefix of the Python 3.12 it was built with, which is shared
+read-only as the 9p tag `vmhost-python` (a copy cached under the vmhost-numa user's home, since
+QEMU runs as that user), and results/. Each step is a
 shell command run over ssh as root in /checkout with VMHOST_RESULTS=/run/vmhost/results; its
 output is streamed, its exit code kept, and results/ is copied to tests/host/results/ of the
 checkout at the end. Several steps share one boot. Leftovers of an interrupted run (its domain,
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shlex
@@ -116,7 +121,34 @@ def build(script: str) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def domain_xml(overlay: Path, run_dir: Path, console: Path, port: int) -> str:
+def python_share(python: Path) -> tuple[Path, Path]:
+    """A copy of a Python installation that vmhost-numa's QEMU can read: (prefix, copy).
+
+    The copy is kept under the user's home, keyed by the prefix and its interpreter's mtime, and
+    refreshed when either changes; older copies are removed.
+    """
+    real = python.resolve()
+    prefix = real.parent.parent
+    key = f"{prefix}:{real.stat().st_mtime_ns}"
+    name = "py-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    base = USER_HOME / "python"
+    copy = base / name
+    base.mkdir(exist_ok=True)
+    if not (copy / ".complete").exists():
+        say(f"copying {prefix} for the test host (once per interpreter)")
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(prefix, copy, symlinks=True)
+        (copy / ".complete").write_text(key + "\n")
+        subprocess.run(["/bin/chown", "-R", f"{USER}:{USER}", str(base)], check=True)
+    for old in base.iterdir():
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return prefix, copy
+
+
+def domain_xml(
+    overlay: Path, run_dir: Path, console: Path, port: int, python: Path | None = None
+) -> str:
     """The test host's domain: 4 cells of 1 vCPU and 3 GiB, 9p shares, user networking."""
     cells = []
     for node in range(NODES):
@@ -130,6 +162,14 @@ def domain_xml(overlay: Path, run_dir: Path, console: Path, port: int) -> str:
             f"<distances>{distances}</distances></cell>"
         )
     netdev = f"user,id=vmhostnet0,hostfwd=tcp:127.0.0.1:{port}-:22"
+    python_fs = ""
+    if python is not None:
+        python_fs = f"""
+    <filesystem type='mount' accessmode='passthrough'>
+      <source dir={quoteattr(str(python))}/>
+      <target dir='vmhost-python'/>
+      <readonly/>
+    </filesystem>"""
     return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{DOMAIN}</name>
   <memory unit='MiB'>{CELL0_MIB + (NODES - 1) * CELL_MIB}</memory>
@@ -158,7 +198,7 @@ def domain_xml(overlay: Path, run_dir: Path, console: Path, port: int) -> str:
       <source dir={quoteattr(str(REPO))}/>
       <target dir='vmhost-checkout'/>
       <readonly/>
-    </filesystem>
+    </filesystem>{python_fs}
     <serial type='file'><source path={quoteattr(str(console))}/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
@@ -225,7 +265,9 @@ class Host:
 
 
 @contextlib.contextmanager
-def booted(image: Path, tiny: Path) -> Iterator[Host]:
+def booted(
+    image: Path, tiny: Path, efi: Path, charm: Path | None = None, python: Path | None = None
+) -> Iterator[Host]:
     """Boot an overlay of the image; always remove the domain and the run directory."""
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=RUNS))
     secret = Path(tempfile.mkdtemp(prefix="vmhost-numa-key-"))
@@ -240,6 +282,14 @@ def booted(image: Path, tiny: Path) -> Iterator[Host]:
         )  # fmt: skip
         shutil.copyfile(key.with_suffix(".pub"), run_dir / "authorized_keys")
         shutil.copyfile(tiny, run_dir / "tiny.qcow2")
+        for name in ("tiny-efi.qcow2", "lxd-metadata.tar.xz"):
+            shutil.copyfile(efi / name, run_dir / name)
+        shared_python = None
+        if charm is not None:
+            shutil.copyfile(charm, run_dir / "vm-host.charm")
+        if python is not None:
+            prefix, shared_python = python_share(python)
+            (run_dir / "python312.prefix").write_text(f"{prefix}\n")
         (run_dir / "results").mkdir()
         shutil.chown(run_dir / "results", USER, USER)
         overlay = run_dir / "overlay.qcow2"
@@ -248,7 +298,7 @@ def booted(image: Path, tiny: Path) -> Iterator[Host]:
         console = run_dir / "console.log"
         port = free_port()
         xml = run_dir / "domain.xml"
-        xml.write_text(domain_xml(overlay, run_dir, console, port))
+        xml.write_text(domain_xml(overlay, run_dir, console, port, shared_python))
         virsh("define", str(xml))
         virsh("start", DOMAIN)
         yield Host(key, port, run_dir, console)
@@ -275,6 +325,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Boot the multi-NUMA test host, run steps.")
     parser.add_argument("--step", action="append", default=[], metavar="NAME=COMMAND")
     parser.add_argument("--results", default=str(HERE / "results"))
+    parser.add_argument("--charm", help="a packed .charm to hand to the test host")
+    parser.add_argument("--python", help="the Python 3.12 the charm was built with")
     parser.add_argument("command", nargs="*", help="one more step, named 'command'")
     args = parser.parse_args(argv)
     steps = [tuple(s.split("=", 1)) for s in args.step]
@@ -300,11 +352,14 @@ def main(argv: list[str]) -> int:
         start = time.monotonic()
         image = build(str(HERE / "build-host-image"))
         tiny = build(str(REPO / "tests" / "guest" / "build-tiny-image"))
+        efi = build(str(REPO / "tests" / "guest" / "build-tiny-efi-image"))
         timings["images"] = time.monotonic() - start
         ensure_user()
         remove_leftovers()
         start = time.monotonic()
-        with booted(image, tiny) as host:
+        charm = Path(args.charm) if args.charm else None
+        python = Path(args.python) if args.python else None
+        with booted(image, tiny, efi, charm, python) as host:
             try:
                 host.wait_ready()
                 timings["boot"] = time.monotonic() - start
@@ -314,6 +369,8 @@ def main(argv: list[str]) -> int:
                 outcomes.append(("boot", 1, time.monotonic() - start))
             steps = args.steps if not outcomes else []
             env = "PYTHONDONTWRITEBYTECODE=1 VMHOST_RESULTS=/run/vmhost/results VMHOST_TEST_HOST=1"
+            if os.environ.get("CI"):
+                env += " CI=1"
             for name, command in steps:
                 say(f"step {name}: {command}")
                 began = time.monotonic()
