@@ -15,8 +15,8 @@ configured yet. In order:
   restarted under systemd, the default pool; status-set active;
 - config-changed with nothing changed: libvirtd keeps its PID and start time (no restart);
 - hugepages=2M:1400@1, more than node 1 can give: node 1 gets what the kernel grants, the other
-  nodes keep theirs, and the status says so with the numbers (node 1 is given back its 128
-  pages afterwards).
+  nodes keep theirs, and the unit is Blocked saying so with the numbers and the fix (node 1 is
+  given back its 128 pages afterwards).
 Evidence: results/charm-install.json (every hook's exit, output tail, statuses, tool calls).
 """
 
@@ -387,9 +387,11 @@ def test_hugepages_per_node_applied_and_a_short_grant_reported(
     granted = after[1]
     assert 128 < granted < 1400, granted
     assert {n: c for n, c in after.items() if n != 1} == others
+    # The operator must act (lower the option): Blocked, with the numbers and the fix.
     status, message = last_status(short)
-    assert status == "active", (status, message)
+    assert status == "blocked", (status, message)
     assert f"kernel granted {granted} of 1400 huge pages of 2 MiB on node 1" in message, message
+    assert "lower `hugepages`" in message, message
     # A reservation of a size libvirt already has a mount for restarts nothing.
     assert restarts(short) == []
     assert short["libvirtd"]["MainPID"] == before["MainPID"]

@@ -212,6 +212,11 @@ def lxd_ready(nested_host: dict[str, str]) -> Iterator[dict[str, Any]]:
              f"--logfile={LXD_LOG}"],
             check=True,
         )  # fmt: skip
+    # Ready before ensure-lxd.sh looks: a second daemon on the same database fails both.
+    ready = subprocess.run(
+        [LXD, "waitready", "--timeout=180"], capture_output=True, text=True, check=False
+    )
+    assert ready.returncode == 0, f"LXD did not start: {ready.stderr}\n{lxd_log_tail()}"
     done = subprocess.run(
         ["/bin/bash", str(REPO / "tests/bin/ensure-lxd.sh")],
         capture_output=True,
