@@ -34,6 +34,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -339,6 +340,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    # A TERM (a CI timeout, a killed job) unwinds like an error: the domain and run directory
+    # are removed on the way out, not left for the next run's leftover cleanup.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args(argv)
     if os.geteuid() != 0:
         say("must run as root")
