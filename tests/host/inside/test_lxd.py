@@ -43,6 +43,18 @@ from tests.host.inside.nested import (
     threads,
 )
 
+# Booting an LXD VM (OVMF under nested KVM) crashes this machine's QEMU 7.2 running the test
+# host under TCG: "tcg_handle_interrupt: assertion failed: (qemu_mutex_iothread_locked())" (the
+# x86 TCG CR8 write in SVM guest mode raises the virtual interrupt without the big QEMU lock),
+# twice in two runs; the libvirt guests (SeaBIOS) never did. Until the outer QEMU is one that
+# takes the lock there, these tests run only when asked: VMHOST_TEST_HOST_LXD=1
+# (tests/bin/test-numa-host passes it on, with the LXD backend's VM tests, when it is set).
+pytestmark = pytest.mark.skipif(
+    os.environ.get("VMHOST_TEST_HOST_LXD") != "1",
+    reason="LXD VMs crash the test host's outer QEMU 7.2 TCG (BQL assertion); "
+    "VMHOST_TEST_HOST_LXD=1 runs them",
+)
+
 PROJECT = "vmhost-test-lxd"
 ALIAS = "vmhost-test-tiny-efi"
 SPAN = "vmhost-test-lxd-span"
