@@ -4,7 +4,8 @@
 
 The host is a TCG guest (`<domain type='qemu'>`, `<cpu mode='maximum'>`) of the Debian 12 image
 tests/host/build-host-image caches, booted from a qcow2 overlay that is removed afterwards, with
-4 guest NUMA cells (1 vCPU and 3 GiB each, distances 10 local / 20 remote) and, from its kernel
+4 guest NUMA cells (1 vCPU and 3 GiB each, distances 10 local / 20 remote), a second NIC on a
+PCIe expander bus of node 3 (a hub netdev: no traffic leaves it) and, from its kernel
 command line, 128 2M pages and one 1G page on each node. It runs under its OWN libvirtd: the
 session daemon of the system user vmhost-numa (qemu:///session, its runtime directory
 /run/vmhost-numa), never the qemu:///system the integration tests share, and every run holds
@@ -56,6 +57,9 @@ URI = "qemu:///session"
 NODES = 4
 CELL_MIB = 3072
 CELL0_MIB = 4096  # node 0 also holds the kernel's early allocations: 3 GiB left no 1G page
+# The NIC on a PCIe expander bus of node 3 (tests/host/inside/test_pinning.py checks it).
+OFF_NODE_NIC_NODE = 3
+OFF_NODE_NIC_MAC = "52:54:00:6e:0d:03"
 BOOT_TIMEOUT_S = 300
 SSH_OPTS = [
     "-o", "BatchMode=yes",
@@ -163,6 +167,12 @@ def domain_xml(
             f"<distances>{distances}</distances></cell>"
         )
     netdev = f"user,id=vmhostnet0,hostfwd=tcp:127.0.0.1:{port}-:22"
+    # A second NIC on a PCIe expander bus of node OFF_NODE_NIC_NODE, so the host has a NIC with
+    # a NUMA node (the first has none): the NUMA view's NIC locality is checked with it. Its
+    # netdev is a hub with no other port: no traffic leaves, no DHCP answers it.
+    pxb = f"pxb-pcie,id=vmhostpxb,bus_nr=64,numa_node={OFF_NODE_NIC_NODE},bus=pcie.0,addr=0x1d"
+    root_port = "pcie-root-port,id=vmhostrp,bus=vmhostpxb,chassis=64,addr=0x0"
+    nic = f"virtio-net-pci,netdev=vmhostnet1,bus=vmhostrp,mac={OFF_NODE_NIC_MAC}"
     python_fs = ""
     if python is not None:
         python_fs = f"""
@@ -206,6 +216,10 @@ def domain_xml(
   <qemu:commandline>
     <qemu:arg value='-netdev'/><qemu:arg value={quoteattr(netdev)}/>
     <qemu:arg value='-device'/><qemu:arg value='virtio-net-pci,netdev=vmhostnet0,addr=0x1e'/>
+    <qemu:arg value='-device'/><qemu:arg value={quoteattr(pxb)}/>
+    <qemu:arg value='-device'/><qemu:arg value={quoteattr(root_port)}/>
+    <qemu:arg value='-netdev'/><qemu:arg value='hubport,id=vmhostnet1,hubid=7'/>
+    <qemu:arg value='-device'/><qemu:arg value={quoteattr(nic)}/>
   </qemu:commandline>
 </domain>
 """
