@@ -110,7 +110,9 @@ def remove_bench_objects(conn: libvirt.virConnect) -> None:
 def domain_xml(index: int) -> str:
     """A domain as compose-vm defines it: the charm's template and metadata, 1 vCPU, 128 MiB."""
     name = f"{PREFIX}{index:03d}"
-    spec = constraints.build_spec(name=name, memory_mib=128, cores=1, storage="root:1")
+    spec = constraints.build_spec(
+        name=name, memory_mib=128, cores=1, storage=[{"label": "root", "size-gb": 1}]
+    )
     placement = Placement(
         vcpus=1,
         memory_mib=128,

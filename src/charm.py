@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 import ops
 import pydantic
 
-from charms.vm_host.v0.vm_host import VmHostProvider
+from charms.vm_host.v0.vm_host import VmHostProvider, parse_maas_interfaces, parse_maas_storage
 from charms.vm_host.v0.vm_host_access import AccessInfo, VmHostAccessProvider
 from vmhost import (
     access,
@@ -33,6 +33,7 @@ from vmhost.actions import Snapshot
 from vmhost.backends import factory
 from vmhost.config import (
     CharmConfig,
+    ComposeParams,
     ReassignParams,
     load_for_host,
     parse_networks,
@@ -52,6 +53,27 @@ _P = TypeVar("_P", bound=pydantic.BaseModel)
 
 CHARM_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = CHARM_DIR / "templates"
+
+
+def maas_grammar(params: ComposeParams) -> ComposeParams:
+    """compose-vm's storage and interfaces strings read by the vm_host library's grammar.
+
+    The one grammar relation requests are read with, so a MAAS string means the same thing
+    whichever way it arrives; the workload gets the library's structured lists.
+    """
+    parsed: dict[str, object] = {}
+    for field, parse in (("storage", parse_maas_storage), ("interfaces", parse_maas_interfaces)):
+        text = getattr(params, field)
+        if not isinstance(text, str):
+            continue
+        try:
+            items = parse(text)
+        except ValueError as exc:
+            raise actions.ActionError(f"bad request, nothing done: {field}: {exc}") from None
+        parsed[field] = [
+            i.model_dump(mode="json", by_alias=True, exclude_none=True) for i in items
+        ]
+    return params.model_copy(update=parsed)
 
 
 def _action_name(event: ops.ActionEvent) -> str:
@@ -398,6 +420,8 @@ class VmHostCharm(ops.CharmBase):
 
         def act() -> actions.Results:
             params = None if model is None else self._params(event, model)
+            if isinstance(params, ComposeParams):
+                params = maas_grammar(params)
             return run(self._context(event, *self._action_inputs()), params)
 
         self._finish(event, act)

@@ -344,8 +344,10 @@ class ComposeParams(pydantic.BaseModel):
     pinned_cores: str | None = None
     numa_nodes: int | None = None
     hugepages: str | None = None
-    storage: str | None = None
-    interfaces: str | None = None
+    storage: str | list[dict[str, object]] | None = None
+    """The MAAS string as given; the charm hands compose_vm the vm_host library's parse of it."""
+    interfaces: str | list[dict[str, object]] | None = None
+    """The MAAS string as given; the charm hands compose_vm the vm_host library's parse of it."""
     image: str | None = None
     user_data: str | None = None
     ssh_public_keys: str | None = None

@@ -6,12 +6,13 @@ accepts any type and raises only `InvalidRequestError(field, message)`, whose me
 the rule and the fix. Checks against the host (does CPU 99 exist, is pool "ssd" defined) belong
 to placement; here only syntax and ranges are checked.
 
-The MAAS compose strings are accepted as MAAS wrote them, with these differences, each refused
-with a message rather than silently dropped:
-
-- storage: a disk takes at most one tag, and it names the storage pool; sizes are whole GB.
-- interfaces: the MAAS keys fabric, type, tag and not_* are not supported. vm-host adds
-  `bridge=<host bridge>`, `parent=<host interface>` and `numa_strict=true` (SR-IOV only).
+Storage and interfaces arrive in the structured form (lists of disks and NICs). The MAAS
+compose strings ("root:20(ssd)", "eth0:space=oam") are read by one grammar, the vm_host
+library's (parse_maas_storage, parse_maas_interfaces): the library parses relation requests
+with it and the charm parses compose-vm's parameters with it, then hands the lists here. Its
+differences from MAAS (one tag per disk, the storage pool; no fabric, type, tag or not_* keys;
+vm-host's bridge=, parent= and numa_strict=) are refused there with a message. The structured
+keys are checked again here, because the workload takes any value.
 
 Interface labels stay as given in InterfaceSpec.label (the requester's handle, echoed back in
 answers); `guest_interface_name()` gives the name the guest sees (numeric labels become ethN,
@@ -225,58 +226,11 @@ def _validate_label(value: object, field: str) -> str:
 # Storage
 
 
-def _split_top_level(text: str, separator: str) -> list[str]:
-    """Split on a separator outside parentheses (MAAS tags are comma-separated in parens)."""
-    parts: list[str] = []
-    depth = 0
-    current: list[str] = []
-    for char in text:
-        if char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        if char == separator and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-_STORAGE_ENTRY = re.compile(
-    r"^\s*(?:(?P<label>[^:()]*?)\s*:)?\s*(?P<size>[^:()]*?)\s*(?:\((?P<tags>[^()]*)\))?\s*$"
-)
-
-
 def _disk(label: object, size: object, pool: object, field: str) -> DiskSpec:
     checked_label = _validate_label(label, field)
     size_gb = _int_value(size, field, f"the size of disk {checked_label!r} (GB)", 1, MAX_DISK_GB)
     checked_pool = None if pool is None else validate_name(pool, field)
     return DiskSpec(label=checked_label, size_gb=size_gb, pool=checked_pool)
-
-
-def _parse_storage_entry(entry: str, index: int, field: str) -> DiskSpec:
-    match = _STORAGE_ENTRY.fullmatch(entry)
-    if match is None or not match.group("size"):
-        raise InvalidRequestError(
-            field,
-            f"disk entry {_describe(entry.strip())} is not 'label:size(pool)'; write for "
-            "example 'root:20(default),data:100'",
-        )
-    label = match.group("label") or ("root" if index == 0 else f"disk{index}")
-    pool: str | None = None
-    tags = match.group("tags")
-    if tags is not None:
-        names = [t.strip() for t in tags.split(",")]
-        if len(names) != 1 or not names[0]:
-            raise InvalidRequestError(
-                field,
-                f"disk {label!r} has tags ({tags}); vm-host takes exactly one tag per disk, "
-                "the storage pool name, for example 'data:100(ssd)'",
-            )
-        pool = names[0]
-    return _disk(label, match.group("size"), pool, field)
 
 
 def _storage_item(item: object, index: int, field: str) -> DiskSpec:
@@ -298,12 +252,13 @@ def _storage_item(item: object, index: int, field: str) -> DiskSpec:
 
 
 def parse_storage(value: object, field: str = "storage") -> tuple[DiskSpec, ...]:
-    """Parse disks from the MAAS string or the structured relation form.
+    """Parse disks in the structured form (the vm_host library's grammar reads MAAS strings).
 
     Args:
-        value: "label:size(pool),label2:size" (GB; a missing label becomes "root" for the
-            first disk and "disk<N>" after it), or a list of {"label", "size-gb", "pool"}
-            objects (label optional the same way), or None/""/[] for no disks.
+        value: a list of {"label", "size-gb", "pool"} objects (a missing label becomes "root"
+            for the first disk and "disk<N>" after it), or None/""/[] for no disks. A MAAS
+            string ("root:20(ssd),data:100") is refused: the charm parses it with the
+            library's parse_maas_storage first, so one grammar reads it on every path.
         field: the request field named in errors.
 
     Returns:
@@ -312,17 +267,13 @@ def parse_storage(value: object, field: str = "storage") -> tuple[DiskSpec, ...]
     """
     if value is None or value == "" or value == []:
         return ()
-    if isinstance(value, str):
-        entries = _split_top_level(value.strip(), ",")
-        disks = [_parse_storage_entry(e, index, field) for index, e in enumerate(entries)]
-    elif isinstance(value, list):
-        disks = [_storage_item(item, index, field) for index, item in enumerate(value)]
-    else:
+    if not isinstance(value, list):
         raise InvalidRequestError(
             field,
-            f"expected a string like 'root:20,data:100' or a list of disks, "
-            f"got {_describe(value)}",
+            "expected a list of disks such as [{'label': 'root', 'size-gb': 20}] (the vm_host "
+            f"library's parse_maas_storage reads 'root:20,data:100'), got {_describe(value)}",
         )
+    disks = [_storage_item(item, index, field) for index, item in enumerate(value)]
     if len(disks) > MAX_DISKS:
         raise InvalidRequestError(field, f"at most {MAX_DISKS} disks; got {len(disks)}")
     seen: set[str] = set()
@@ -336,7 +287,11 @@ def parse_storage(value: object, field: str = "storage") -> tuple[DiskSpec, ...]
 
 
 def format_storage(disks: Iterable[DiskSpec]) -> str:
-    """Write disks as a MAAS storage string that parse_storage reads back unchanged."""
+    """Write disks as a MAAS storage string.
+
+    The vm_host library's parse_maas_storage reads it back into the structured form
+    parse_storage takes, unchanged.
+    """
     return ",".join(f"{d.label}:{d.size_gb}" + (f"({d.pool})" if d.pool else "") for d in disks)
 
 
@@ -512,31 +467,6 @@ def _new_draft(raw_label: object, field: str) -> _InterfaceDraft:
     return _InterfaceDraft(label=label)
 
 
-def _parse_interface_string(text: str, field: str) -> list[InterfaceSpec]:
-    specs: list[InterfaceSpec] = []
-    for entry in text.split(";"):
-        label_text, colon, rest = entry.partition(":")
-        if not colon or not label_text.strip():
-            raise InvalidRequestError(
-                field,
-                f"interface entry {_describe(entry.strip())} is not 'label:key=value,...'; write"
-                " for example 'eth0:space=oam;data:vid=100'",
-            )
-        draft = _new_draft(label_text.strip(), field)
-        for pair in rest.split(",") if rest.strip() else []:
-            key, equals, raw = pair.partition("=")
-            key = key.strip().lower()
-            if not equals or not key or not raw.strip():
-                raise InvalidRequestError(
-                    field,
-                    f"interface {draft.label!r}: {_describe(pair.strip())} is not key=value "
-                    "(for example space=oam)",
-                )
-            _apply_interface_key(draft, key, raw.strip(), field)
-        specs.append(_finish_interface(draft, field))
-    return specs
-
-
 def _parse_interface_list(items: list[Any], field: str) -> list[InterfaceSpec]:
     specs: list[InterfaceSpec] = []
     for index, item in enumerate(items):
@@ -556,14 +486,15 @@ def _parse_interface_list(items: list[Any], field: str) -> list[InterfaceSpec]:
 
 
 def parse_interfaces(value: object, field: str = "interfaces") -> tuple[InterfaceSpec, ...]:
-    """Parse NICs from the MAAS string or the structured relation form.
+    """Parse NICs in the structured form (the vm_host library's grammar reads MAAS strings).
 
     Args:
-        value: "label:key=value[,key=value];label2:..." or a list of objects with "label" and
-            the same keys (hyphens or underscores), or None/""/[] for none. Keys: space,
-            subnet/subnet_cidr (CIDR), vlan/vid (0-4094), ip, mode (bridge|macvtap|sriov),
-            bridge, parent, numa_strict. "label:" with no keys asks for a NIC on the default
-            network.
+        value: a list of objects with "label" and any of the keys (hyphens or underscores)
+            space, subnet/subnet_cidr (CIDR), vlan/vid (0-4094), ip, mode
+            (bridge|macvtap|sriov), bridge, parent, numa_strict, or None/""/[] for none; a
+            label alone asks for a NIC on the default network. A MAAS string
+            ("eth0:space=oam;data:vid=100") is refused: the charm parses it with the library's
+            parse_maas_interfaces first, so one grammar reads it on every path.
         field: the request field named in errors.
 
     Returns:
@@ -571,16 +502,14 @@ def parse_interfaces(value: object, field: str = "interfaces") -> tuple[Interfac
     """
     if value is None or value == "" or value == []:
         return ()
-    if isinstance(value, str):
-        specs = _parse_interface_string(value.strip(), field)
-    elif isinstance(value, list):
-        specs = _parse_interface_list(value, field)
-    else:
+    if not isinstance(value, list):
         raise InvalidRequestError(
             field,
-            "expected a string like 'eth0:space=oam;data:vid=100' or a list of interfaces, "
+            "expected a list of interfaces such as [{'label': 'eth0', 'space': 'oam'}] (the "
+            "vm_host library's parse_maas_interfaces reads 'eth0:space=oam;data:vid=100'), "
             f"got {_describe(value)}",
         )
+    specs = _parse_interface_list(value, field)
     if len(specs) > MAX_INTERFACES:
         raise InvalidRequestError(field, f"at most {MAX_INTERFACES} interfaces; got {len(specs)}")
     seen: dict[str, str] = {}
@@ -597,7 +526,11 @@ def parse_interfaces(value: object, field: str = "interfaces") -> tuple[Interfac
 
 
 def format_interfaces(interfaces: Iterable[InterfaceSpec]) -> str:
-    """Write interfaces as a MAAS-style string that parse_interfaces reads back unchanged."""
+    """Write interfaces as a MAAS string.
+
+    The vm_host library's parse_maas_interfaces reads it back into the structured form
+    parse_interfaces takes, unchanged.
+    """
     entries: list[str] = []
     for spec in interfaces:
         pairs = [

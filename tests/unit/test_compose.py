@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from charms.vm_host.v0.vm_host import VmRequest
 from fake_backend import FakeBackend
 from vmhost.compose import HostState, Outcome, book_disks, compose, deletable, name_taken
 from vmhost.constraints import build_spec, spec_hash
@@ -49,6 +50,12 @@ def state(backend: FakeBackend, default_network: str = "br0") -> HostState:
 
 def spec(name: str = "web", **fields: object) -> VmSpec:
     fields.setdefault("memory_mib", 1024)
+    if isinstance(fields.get("interfaces"), str):
+        # A MAAS string as a requirer may send it: the vm_host library reads it.
+        wire = VmRequest.model_validate({"id": "x", "interfaces": fields["interfaces"]})
+        fields["interfaces"] = wire.model_dump(mode="json", by_alias=True, exclude_none=True)[
+            "interfaces"
+        ]
     return build_spec(name=name, **fields)  # type: ignore[arg-type]
 
 
@@ -103,7 +110,9 @@ def test_a_relation_spec_is_told_to_use_another_id():
 
 def test_unknown_space_is_refused_naming_the_interface():
     backend = FakeBackend(host=host())
-    got = compose(backend, spec(interfaces="eth0:space=nowhere"), state(backend))
+    got = compose(
+        backend, spec(interfaces=[{"label": "eth0", "space": "nowhere"}]), state(backend)
+    )
     assert got.vm is None
     assert got.refused
     assert "eth0" in got.refused or "interfaces" in got.refused
@@ -201,7 +210,9 @@ def test_without_a_default_network_the_request_is_refused_with_the_fix(mapping, 
 
 def test_explicit_interfaces_ignore_the_default_network():
     backend = FakeBackend(host=host())
-    got = compose(backend, spec(interfaces="data:bridge=br0"), state(backend, "missing"))
+    got = compose(
+        backend, spec(interfaces=[{"label": "data", "bridge": "br0"}]), state(backend, "missing")
+    )
     assert got.vm is not None
     assert nics_of(backend) == [("data", "bridge", "br0")]
 
@@ -249,7 +260,7 @@ def pool_state(backend: FakeBackend, free_gb: float, committed_gb: float = 0, ra
 
 def test_disks_beyond_the_pools_free_space_are_rejected_in_dry_run_too():
     backend = FakeBackend(host=host())
-    big = spec(storage="root:400,data:101")
+    big = spec(storage=[{"label": "root", "size-gb": 400}, {"label": "data", "size-gb": 101}])
     for dry_run in (True, False):
         got = compose(backend, big, pool_state(backend, free_gb=0.008), dry_run=dry_run)
         assert got.vm is None
@@ -262,12 +273,25 @@ def test_disks_beyond_the_pools_free_space_are_rejected_in_dry_run_too():
 
 def test_what_existing_disks_may_still_grow_counts_against_the_pool():
     backend = FakeBackend(host=host())
-    fits = compose(backend, spec(storage="root:20"), pool_state(backend, 50), dry_run=True)
+    fits = compose(
+        backend,
+        spec(storage=[{"label": "root", "size-gb": 20}]),
+        pool_state(backend, 50),
+        dry_run=True,
+    )
     assert fits.placement is not None
-    promised = compose(backend, spec(storage="root:20"), pool_state(backend, 50, 40), dry_run=True)
+    promised = compose(
+        backend,
+        spec(storage=[{"label": "root", "size-gb": 20}]),
+        pool_state(backend, 50, 40),
+        dry_run=True,
+    )
     assert "may still grow by 40.0 GB" in promised.rejected
     over = compose(
-        backend, spec(storage="root:20"), pool_state(backend, 50, 40, ratio=2.0), dry_run=True
+        backend,
+        spec(storage=[{"label": "root", "size-gb": 20}]),
+        pool_state(backend, 50, 40, ratio=2.0),
+        dry_run=True,
     )
     assert over.placement is not None  # 2 x 50 GB may back 60 GB of disks
 
@@ -277,7 +301,15 @@ def test_a_missing_or_stopped_pool_is_refused_in_dry_run_too():
 
     backend = FakeBackend(host=host())
     got = compose(
-        backend, spec(storage="root:10,data:5(fast)"), pool_state(backend, 50), dry_run=True
+        backend,
+        spec(
+            storage=[
+                {"label": "root", "size-gb": 10},
+                {"label": "data", "size-gb": 5, "pool": "fast"},
+            ]
+        ),
+        pool_state(backend, 50),
+        dry_run=True,
     )
     assert got.placement is None
     assert got.refused.startswith("storage[data].pool: storage pool 'fast' does not exist")
@@ -295,10 +327,13 @@ def test_a_missing_or_stopped_pool_is_refused_in_dry_run_too():
 def test_a_round_books_the_disks_it_composed():
     backend = FakeBackend(host=host())
     first = pool_state(backend, 50)
-    booked = book_disks(first, spec(storage="root:30"))
+    booked = book_disks(first, spec(storage=[{"label": "root", "size-gb": 30}]))
     assert booked.topology.pools[0].committed_bytes == 30 * GB
     assert first.topology.pools[0].committed_bytes == 0
-    assert "cannot hold" in compose(backend, spec("b", storage="root:30"), booked).rejected
+    assert (
+        "cannot hold"
+        in compose(backend, spec("b", storage=[{"label": "root", "size-gb": 30}]), booked).rejected
+    )
 
 
 def two_nodes_with_a_pf(enabled: int) -> HostTopology:
@@ -319,7 +354,7 @@ def test_sriov_mapped_through_networks_gets_numa_alignment_and_vf_counts():
     """`fast: {sriov-pf: enp65s0f0}` in networks, the way the README recommends."""
     mapping = parse_networks_config("fast: {sriov-pf: enp65s0f0}")
     backend = FakeBackend(host=two_nodes_with_a_pf(enabled=1))
-    wired = spec("db", pinned_cores=2, interfaces="eth0:space=fast")
+    wired = spec("db", pinned_cores=2, interfaces=[{"label": "eth0", "space": "fast"}])
     here = replace(state(backend), networks=mapping)
     got = compose(backend, wired, here, dry_run=True)
     assert got.placement is not None, got.error
@@ -328,7 +363,10 @@ def test_sriov_mapped_through_networks_gets_numa_alignment_and_vf_counts():
     # The one enabled VF taken, dry-run refuses the next as compose would.
     taken = replace(here, vms=[replace(record_of(wired), placement=got.placement)])
     again = compose(
-        backend, spec("db2", pinned_cores=2, interfaces="eth0:space=fast"), taken, dry_run=True
+        backend,
+        spec("db2", pinned_cores=2, interfaces=[{"label": "eth0", "space": "fast"}]),
+        taken,
+        dry_run=True,
     )
     assert again.placement is None
     assert "1 of its 1 enabled VFs are in use" in again.rejected
@@ -405,15 +443,21 @@ def test_a_relation_request_may_use_mapped_spaces_and_the_default_network(interf
 
 def test_a_static_address_another_vm_has_is_refused_for_every_requester():
     backend = FakeBackend(host=reach_host())
-    first = compose(backend, spec("a", interfaces="eth0:ip=10.0.0.9"), reach_state(backend))
+    first = compose(
+        backend, spec("a", interfaces=[{"label": "eth0", "ip": "10.0.0.9"}]), reach_state(backend)
+    )
     assert first.vm is not None
     for requester in ({}, RELATION):
         got = compose(
-            backend, spec("b", interfaces="eth0:ip=10.0.0.9", **requester), reach_state(backend)
+            backend,
+            spec("b", interfaces=[{"label": "eth0", "ip": "10.0.0.9"}], **requester),
+            reach_state(backend),
         )
         assert got.refused == (
             "interfaces.eth0: ip 10.0.0.9 is already the address of VM a; choose another "
             "address or leave ip out for DHCP"
         )
-    other = compose(backend, spec("c", interfaces="eth0:ip=10.0.0.10"), reach_state(backend))
+    other = compose(
+        backend, spec("c", interfaces=[{"label": "eth0", "ip": "10.0.0.10"}]), reach_state(backend)
+    )
     assert other.vm is not None

@@ -1123,7 +1123,7 @@ def test_a_unit_never_composes_what_another_report_lists_as_composed():
 
 
 def test_the_leader_places_nothing_where_the_networks_cannot_serve_it():
-    wired = spec_for(A_X, interfaces="eth0:space=storage")
+    wired = spec_for(A_X, interfaces=[{"label": "eth0", "space": "storage"}])
     decision = lead(
         "vm-host/0",
         **lead_args(requests=[RelationRequest(A_X, wired)], peers=Peers({}, None)),  # type: ignore[arg-type]
@@ -1350,7 +1350,7 @@ def test_the_leader_counts_vfs_of_sriov_mapped_through_networks():
         return replace(host(), nics=(pf,))
 
     mapping = parse_networks_config("fast: {sriov-pf: enp65s0f0}")
-    wired = spec_for(A_X, pinned_cores=2, interfaces="eth0:space=fast")
+    wired = spec_for(A_X, pinned_cores=2, interfaces=[{"label": "eth0", "space": "fast"}])
     peers = Peers(reports={"vm-host/1": host_report(with_pf(2), [])}, assignment=None)
     decision = lead(
         "vm-host/0",

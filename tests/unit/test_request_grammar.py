@@ -12,8 +12,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import charm
 from charms.vm_host.v0 import vm_host as lib
 from vmhost import constraints
+from vmhost.actions import ActionError
+from vmhost.config import ComposeParams
 from vmhost.relation.serve import build_request
 
 FIELDS = (
@@ -113,3 +116,63 @@ def test_every_accepted_request_builds_a_spec_or_fails_naming_a_field(request: d
         else:
             assert built.spec.request_id == accepted.id
             assert built.spec.memory_mib == accepted.memory
+
+
+# MAAS strings from the grammar's pieces, good and bad: labels, keys (MAAS ones vm-host refuses
+# too), values, separators.
+_maas_nic = st.tuples(
+    st.sampled_from(["eth0", "0", "data", "_x", ""]),
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["space", "vid", "vlan", "subnet_cidr", "ip", "mode", "bridge", "fabric", "Mode"]
+            ),
+            st.sampled_from(["oam", "5", "4095", "10.0.5.0/24", "10.0.5.1", "sriov", "br0", ""]),
+        ),
+        max_size=3,
+    ),
+).map(lambda nic: nic[0] + ":" + ",".join(f"{k}={v}" for k, v in nic[1]))
+maas_interfaces = st.lists(_maas_nic, min_size=1, max_size=3).map(";".join)
+maas_storage = st.lists(
+    st.tuples(
+        st.sampled_from(["root:", "data:", "", "x y:"]),
+        st.sampled_from(["20", "0", "65537", "1.5", ""]),
+        st.sampled_from(["", "(ssd)", "(a,b)", "(", "(Bad)"]),
+    ).map("".join),
+    min_size=1,
+    max_size=3,
+).map(",".join)
+
+
+@settings(max_examples=300)
+@given(storage=st.none() | maas_storage, interfaces=st.none() | maas_interfaces)
+def test_a_maas_string_means_the_same_from_compose_vm_and_from_a_relation(
+    storage: str | None, interfaces: str | None
+):
+    # compose-vm: the charm reads the strings with the library's grammar, then the workload.
+    params = ComposeParams(name="vm", memory=1024, storage=storage, interfaces=interfaces)
+    try:
+        handed = charm.maas_grammar(params)
+        by_action: tuple[Any, Any] | str = (
+            constraints.parse_storage(handed.storage),
+            constraints.parse_interfaces(handed.interfaces),
+        )
+    except (ActionError, constraints.InvalidRequestError) as exc:
+        by_action = str(exc)
+    # A relation request with the same strings: the library's model, then the workload.
+    wire = {"id": "r", "memory": 1024, "storage": storage, "interfaces": interfaces}
+    valid, invalid = lib.parse_requests({"version": '"0"', "requests": json.dumps([wire])})
+    if invalid:
+        by_relation: tuple[Any, Any] | str = invalid[0].reason
+    else:
+        dumped = valid[0].model_dump(mode="json", by_alias=True, exclude_none=True)
+        try:
+            by_relation = (
+                constraints.parse_storage(dumped.get("storage")),
+                constraints.parse_interfaces(dumped.get("interfaces")),
+            )
+        except constraints.InvalidRequestError as exc:
+            by_relation = str(exc)
+    assert isinstance(by_action, str) == isinstance(by_relation, str), (by_action, by_relation)
+    if not isinstance(by_action, str):
+        assert by_action == by_relation

@@ -107,8 +107,9 @@ The same request with MAAS compose strings:
   address found on another host interface, is answered failed unless the operator listed
   that interface in `allowed-host-interfaces`. MAAS string: `label:key=value[,key=value];...`
   with the keys space, subnet, subnet_cidr, vlan (`N` or `vid:N`), vid, ip, mode, bridge,
-  parent and numa_strict. Other MAAS keys (fabric, fabric_class, type, tag, not_*) are not
-  supported: such a request is answered failed with the reason.
+  parent and numa_strict (in any case); `label:` alone asks for a NIC on the host's default
+  network (LIBPATCH 8; earlier patches refuse it). Other MAAS keys (fabric, fabric_class,
+  type, tag, not_*) are not supported: such a request is answered failed with the reason.
 - `image`: an image name, never a path: `ubuntu@24.04` (the Juju base syntax; `24.04` and
   `noble` too) or `local:NAME` (a file the vm-host operator put in its local-image-dir); none:
   network boot. `host`: pin the VM to a vm-host unit such as "vm-host/1" or a hostname.
@@ -222,7 +223,7 @@ LIBAPI = 0
 
 # Increment this PATCH version before using `charmcraft publish-lib` or reset
 # to 0 if you are raising the major API version
-LIBPATCH = 7
+LIBPATCH = 8
 
 PYDEPS = ["pydantic>=2"]
 
@@ -248,7 +249,7 @@ _NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$"
 _POOL_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _RESOURCE_POOL_RE = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 _SPACE_RE = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
-_DEVICE_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.:-]{0,14}$"
+_DEVICE_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,14}$"
 _MAX_DISK_GB = 65536
 MAX_CORES = 1024
 """The most vCPUs (and pinned host CPUs) one VM may have."""
@@ -334,7 +335,11 @@ class InterfaceRequest(_Model):
         try:
             network = ipaddress.ip_network(value, strict=True)
         except ValueError:
-            raise ValueError("must be a subnet in CIDR form such as 10.0.5.0/24") from None
+            try:
+                hint = f"; did you mean {ipaddress.ip_network(value, strict=False)}?"
+            except ValueError:
+                hint = ""
+            raise ValueError("must be a subnet in CIDR form such as 10.0.5.0/24" + hint) from None
         if "/" not in value:
             raise ValueError("needs a prefix length, such as 10.0.5.0/24")
         return str(network)
@@ -389,12 +394,12 @@ def _parse_storage_entry(index: int, entry: str) -> StorageRequest:
     match = _STORAGE_ENTRY_RE.match(entry)
     if match is None:
         raise ValueError(f"storage entry {_clip(entry)} is not 'label:size(pool)'")
-    label = match["label"]
+    label = None if match["label"] is None else match["label"].strip()
     if label is None:
         label = "root" if index == 0 else f"disk{index}"
     if not _LABEL_RE.match(label):
         raise ValueError(f"storage label {_clip(label)} must match [a-zA-Z0-9][a-zA-Z0-9_-]*")
-    if not re.fullmatch(r"[0-9]{1,12}", match["size"]):
+    if not re.fullmatch(r"[0-9]{1,12}", match["size"].strip()):
         raise ValueError(f"storage size of {label!r} must be a whole number of GB such as 20")
     size = int(match["size"])
     pool = None
@@ -449,6 +454,8 @@ _MAAS_INTERFACE_KEYS = {
     "parent": "parent",
     "numa_strict": "numa-strict",
 }
+_MAAS_ONLY_KEYS = ("fabric", "fabric_class", "type", "tag", "tags")
+"""MAAS interface keys vm-host does not take (with every not_* key)."""
 _TRUE = ("true", "yes", "1")
 _FALSE = ("false", "no", "0")
 
@@ -467,20 +474,23 @@ def parse_maas_interfaces(value: str) -> list[InterfaceRequest]:
 
 def _parse_interface_entry(entry: str) -> InterfaceRequest:
     label, sep, rest = entry.partition(":")
+    label = label.strip()
     if not sep:
         raise ValueError(f"interface entry {_clip(entry)} is not 'label:key=value[,key=value]'")
     if not _LABEL_RE.match(label):
         raise ValueError(f"interface label {_clip(label)} must match [a-zA-Z0-9][a-zA-Z0-9_-]*")
     fields: dict[str, Any] = {"label": label}
-    for pair in rest.split(","):
-        key, eq, val = pair.strip().partition("=")
+    for pair in rest.split(",") if rest.strip() else []:
+        key, eq, val = (part.strip() for part in pair.partition("="))
+        key = key.lower()
         if not eq or not key or not val:
             raise ValueError(f"interface {label!r}: {_clip(pair)} is not key=value")
         if key not in _MAAS_INTERFACE_KEYS:
             supported = ", ".join(sorted(_MAAS_INTERFACE_KEYS))
+            maas = key in _MAAS_ONLY_KEYS or key.startswith("not_")
             raise ValueError(
-                f"interface {label!r}: key {_clip(key)} is not supported by vm-host "
-                f"(supported: {supported})"
+                f"interface {label!r}: {'the MAAS key' if maas else 'key'} {_clip(key)} is not "
+                f"supported by vm-host (supported: {supported})"
             )
         name = _MAAS_INTERFACE_KEYS[key]
         if name in fields:
@@ -495,6 +505,8 @@ def _parse_interface_entry(entry: str) -> InterfaceRequest:
 def _maas_value(label: str, key: str, value: str) -> str | int | bool:
     """Type one MAAS value: VLANs are ids ("N" or "vid:N"), numa_strict is a boolean."""
     name = _MAAS_INTERFACE_KEYS[key]
+    if name == "mode":
+        return value.lower()
     if name == "vlan":
         vid = value.removeprefix("vid:")
         if not re.fullmatch(r"[0-9]{1,4}", vid):
@@ -759,12 +771,44 @@ class RelationRequests:
 # Reading and writing databags
 
 
+_DEVICE_RULE = (
+    "must be a host interface name: 1-15 letters, digits, '_', '.' or '-' (no '/' or ':'), "
+    "such as br0 or enp1s0f0"
+)
+_PATTERN_RULES = {
+    "space": "must be a Juju space name: lower-case letters, digits and single hyphens, "
+    "such as oam or storage-1",
+    "bridge": _DEVICE_RULE,
+    "parent": _DEVICE_RULE,
+    "label": "must be 1-63 letters, digits, '_' or '-', starting with a letter or digit",
+    "id": "must be 1-40 lower-case letters, digits and hyphens, such as db-0",
+    "pool": "must be lower-case letters, digits and hyphens, such as ssd",
+    "host": "must be a vm-host unit such as vm-host/1 or a hostname",
+    "hostname": "must be a hostname or FQDN such as web-0 or web-0.example.com",
+    "image": "must be an image name without spaces, such as ubuntu@24.04",
+}
+"""What a pattern means, for the reason a refused request gets (pydantic would print it)."""
+
+
+def _rule(item: Any) -> str:
+    """One validation error as a rule: a pattern by its meaning, a bound by its number."""
+    kind, ctx, loc = item["type"], item.get("ctx") or {}, item["loc"]
+    if kind == "string_pattern_mismatch":
+        named = [str(p) for p in loc if str(p) in _PATTERN_RULES]
+        if named:
+            return _PATTERN_RULES[named[-1]]
+    if kind in ("greater_than_equal", "less_than_equal") and ctx:
+        bound = ctx.get("ge", ctx.get("le"))
+        return f"must be at {'least' if 'ge' in ctx else 'most'} {bound}"
+    return item["msg"].removeprefix("Value error, ")
+
+
 def _describe(err: pydantic.ValidationError) -> str:
     """Describe a validation error by field and problem only, never echoing the input."""
     parts: list[str] = []
-    for item in err.errors(include_url=False, include_input=False, include_context=False):
+    for item in err.errors(include_url=False, include_input=False):
         loc = ".".join(str(p) for p in item["loc"])
-        msg = item["msg"].removeprefix("Value error, ")
+        msg = _rule(item)
         parts.append(f"{loc}: {msg}" if loc else msg)
     text = "; ".join(parts)
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
