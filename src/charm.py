@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 import ops
 import pydantic
 
-from charms.vm_host.v0.vm_host import VmHostProvider, parse_maas_interfaces, parse_maas_storage
+from charms.vm_host.v0.vm_host import VmHostProvider, read_request
 from charms.vm_host.v0.vm_host_access import AccessInfo, VmHostAccessProvider
 from vmhost import (
     access,
@@ -40,6 +40,7 @@ from vmhost.config import (
     pydantic_message,
 )
 from vmhost.layout import HostLayout
+from vmhost.model import InvalidRequestError
 from vmhost.relation import fleet, journal, keys, serve
 
 if TYPE_CHECKING:
@@ -55,25 +56,17 @@ CHARM_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = CHARM_DIR / "templates"
 
 
-def maas_grammar(params: ComposeParams) -> ComposeParams:
-    """compose-vm's storage and interfaces strings read by the vm_host library's grammar.
+def library_request(params: ComposeParams) -> ComposeParams:
+    """compose-vm's parameters read as a relation request is: by the vm_host library.
 
-    The one grammar relation requests are read with, so a MAAS string means the same thing
-    whichever way it arrives; the workload gets the library's structured lists.
+    One grammar (the MAAS strings) and one set of limits for the action and relations; the
+    workload gets the request's own fields (ComposeParams.as_request, with_request).
     """
-    parsed: dict[str, object] = {}
-    for field, parse in (("storage", parse_maas_storage), ("interfaces", parse_maas_interfaces)):
-        text = getattr(params, field)
-        if not isinstance(text, str):
-            continue
-        try:
-            items = parse(text)
-        except ValueError as exc:
-            raise actions.ActionError(f"bad request, nothing done: {field}: {exc}") from None
-        parsed[field] = [
-            i.model_dump(mode="json", by_alias=True, exclude_none=True) for i in items
-        ]
-    return params.model_copy(update=parsed)
+    try:
+        request = read_request(params.as_request())
+    except (ValueError, InvalidRequestError) as exc:
+        raise actions.ActionError(f"bad request, nothing done: {exc}") from None
+    return params.with_request(request.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
 def _action_name(event: ops.ActionEvent) -> str:
@@ -421,7 +414,7 @@ class VmHostCharm(ops.CharmBase):
         def act() -> actions.Results:
             params = None if model is None else self._params(event, model)
             if isinstance(params, ComposeParams):
-                params = maas_grammar(params)
+                params = library_request(params)
             return run(self._context(event, *self._action_inputs()), params)
 
         self._finish(event, act)

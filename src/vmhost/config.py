@@ -341,20 +341,70 @@ class ComposeParams(pydantic.BaseModel):
     name: str
     memory: int
     cores: int | None = None
-    pinned_cores: str | None = None
+    pinned_cores: str | int | list[int] | None = None
+    """As given ("4", "2,3,6-7"); the charm hands compose_vm the library's 4 or [2, 3, 6, 7]."""
     numa_nodes: int | None = None
     hugepages: str | None = None
     storage: str | list[dict[str, object]] | None = None
-    """The MAAS string as given; the charm hands compose_vm the vm_host library's parse of it."""
+    """The MAAS string as given; the charm hands compose_vm the library's list of disks."""
     interfaces: str | list[dict[str, object]] | None = None
-    """The MAAS string as given; the charm hands compose_vm the vm_host library's parse of it."""
+    """The MAAS string as given; the charm hands compose_vm the library's list of NICs."""
     image: str | None = None
     user_data: str | None = None
-    ssh_public_keys: str | None = None
+    ssh_public_keys: str | list[str] | None = None
+    """As given (comma-separated); the charm hands compose_vm the library's list."""
     hostname: str | None = None
-    tags: str | None = None
+    tags: str | list[str] | None = None
+    """As given (comma-separated); the charm hands compose_vm the library's list."""
     pool: str | None = None
     dry_run: bool = False
+
+    def as_request(self) -> dict[str, object]:
+        """These parameters as a vm_host relation request, for the charm to read with the library.
+
+        Wire keys, the action's string forms made the library's: pinned-cores 4 or [2, 3, 6, 7],
+        tags and keys as lists of items given one per line or comma-separated.
+
+        Raises:
+            InvalidRequestError: pinned-cores is neither a count nor a CPU list.
+        """
+        count, cpus = constraints.parse_pinned_cores(self.pinned_cores)
+        wire: dict[str, object] = {
+            "id": "compose-vm",
+            "cores": self.cores,
+            "memory": self.memory,
+            "pinned-cores": list(cpus) if cpus else count or None,
+            "numa-nodes": self.numa_nodes,
+            "hugepages": self.hugepages,
+            "storage": self.storage,
+            "interfaces": self.interfaces,
+            "image": self.image,
+            "user-data": self.user_data,
+            "ssh-public-keys": _items(self.ssh_public_keys),
+            "tags": _items(self.tags),
+            "pool": self.pool,
+            "hostname": self.hostname,
+        }
+        return {k: v for k, v in wire.items() if v is not None and v != ""}
+
+    def with_request(self, request: Mapping[str, object]) -> ComposeParams:
+        """These parameters with the library's reading of as_request (its wire form)."""
+        return self.model_copy(
+            update={key.replace("-", "_"): request.get(key) for key in _READ_BY_LIBRARY}
+        )
+
+
+_READ_BY_LIBRARY = ("pinned-cores", "storage", "interfaces", "ssh-public-keys", "tags")
+"""The compose-vm parameters whose form the library's reading changes."""
+
+
+def _items(value: str | list[str] | None) -> list[str] | None:
+    """An action's list parameter: items one per line or comma-separated."""
+    if not isinstance(value, str):
+        return value
+    return [
+        item.strip() for line in value.splitlines() for item in line.split(",") if item.strip()
+    ]
 
 
 class ListVmsParams(pydantic.BaseModel):

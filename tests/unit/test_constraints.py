@@ -84,13 +84,13 @@ def _error(func: Any, *args: Any, **kwargs: Any) -> InvalidRequestError:
 def _as_compose_vm(field: str, value: Any) -> Any:
     """A value as compose-vm hands it to the workload.
 
-    A MAAS string is read by the vm_host library's grammar first (charm.maas_grammar);
+    A MAAS string is read by the vm_host library's grammar first (charm.library_request);
     anything else goes as it is.
     """
     if not isinstance(value, str):
         return value
     return getattr(
-        charm.maas_grammar(
+        charm.library_request(
             ComposeParams.model_validate({"name": "vm", "memory": 64, field: value})
         ),
         field,
@@ -194,7 +194,7 @@ def test_parse_storage(value: Any, expected: tuple[DiskSpec, ...]):
         ("root:-1", "whole number"),
         ("root:big", "whole number"),
         ("root:", "must be a whole number of GB"),
-        ("root:10,root:20", "used twice"),
+        ("root:10,root:20", "disk labels must be unique; repeated: root"),
         ("-x:10", "label"),
         ("root:10(Bad_Pool)", "lower-case"),
         ("root:10(ssd", "unbalanced '('"),
@@ -297,7 +297,7 @@ def test_parse_interfaces(value: Any, expected: tuple[InterfaceSpec, ...]):
         (":space=oam", "interface label '' must match"),
         ("eth0:space", "is not key=value"),
         ("eth0:space=", "is not key=value"),
-        ("eth0:space=oam;eth0:vid=1", "both name guest interface 'eth0'"),
+        ("eth0:space=oam;eth0:vid=1", "interface labels must be unique; repeated: eth0"),
         ("0:space=a;eth0:space=b", "both name guest interface 'eth0'"),
         ("1:space=a;01:space=b", "both name guest interface 'eth1'"),
         ("_x:space=oam", "interface label '_x' must match"),

@@ -6,6 +6,7 @@ field, and the limits the library enforces are the ones the workload enforces.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -17,7 +18,9 @@ from charms.vm_host.v0 import vm_host as lib
 from vmhost import constraints
 from vmhost.actions import ActionError
 from vmhost.config import ComposeParams
+from vmhost.model import VmSpec
 from vmhost.relation.serve import build_request
+from vmhost.topology import format_cpu_list
 
 FIELDS = (
     "memory",
@@ -152,7 +155,7 @@ def test_a_maas_string_means_the_same_from_compose_vm_and_from_a_relation(
     # compose-vm: the charm reads the strings with the library's grammar, then the workload.
     params = ComposeParams(name="vm", memory=1024, storage=storage, interfaces=interfaces)
     try:
-        handed = charm.maas_grammar(params)
+        handed = charm.library_request(params)
         by_action: tuple[Any, Any] | str = (
             constraints.parse_storage(handed.storage),
             constraints.parse_interfaces(handed.interfaces),
@@ -176,3 +179,69 @@ def test_a_maas_string_means_the_same_from_compose_vm_and_from_a_relation(
     assert isinstance(by_action, str) == isinstance(by_relation, str), (by_action, by_relation)
     if not isinstance(by_action, str):
         assert by_action == by_relation
+
+
+def _action_cpus(cpus: list[int]) -> str:
+    """A CPU list as compose-vm takes it: digits alone are a count, so one CPU is "N-N"."""
+    return format_cpu_list(cpus) if len(cpus) > 1 else f"{cpus[0]}-{cpus[0]}"
+
+
+@settings(max_examples=300)
+@given(
+    cpus=st.none() | st.lists(st.integers(0, 40), min_size=1, max_size=6, unique=True),
+    count=st.none() | near(1, constraints.MAX_CORES),
+    cores=st.none() | st.integers(0, 8),
+    tags=st.lists(st.sampled_from(["db", "prod", "a.b", "x y", "-z"]), max_size=3),
+    storage=st.none() | maas_storage,
+    interfaces=st.none() | maas_interfaces,
+)
+def test_compose_vm_and_a_relation_request_build_the_same_spec(
+    cpus: list[int] | None,
+    count: int | None,
+    cores: int | None,
+    tags: list[str],
+    storage: str | None,
+    interfaces: str | None,
+):
+    pinned: list[int] | int | None = cpus if cpus is not None else count
+    # The action: its own string forms ("2,3,6-7", "db,prod"), through the charm's reading.
+    params = ComposeParams(
+        name="vm",
+        memory=1024,
+        cores=cores,
+        pinned_cores=_action_cpus(cpus) if cpus else (None if count is None else str(count)),
+        tags=",".join(tags) or None,
+        storage=storage,
+        interfaces=interfaces,
+    )
+    try:
+        read = charm.library_request(params)
+        by_action: VmSpec | None = constraints.build_spec(
+            name="vm",
+            cores=read.cores,
+            memory_mib=read.memory,
+            pinned_cores=read.pinned_cores,
+            storage=read.storage,
+            interfaces=read.interfaces,
+            tags=read.tags,
+        )
+    except (ActionError, constraints.InvalidRequestError):
+        by_action = None
+    # A relation request: the requester's forms (a CPU list, a list of tags).
+    wire = {"id": "r", "memory": 1024, "cores": cores, "pinned-cores": pinned, "tags": tags}
+    wire |= {"storage": storage, "interfaces": interfaces}
+    valid, _ = lib.parse_requests(
+        {
+            "version": '"0"',
+            "requests": json.dumps([{k: v for k, v in wire.items() if v is not None}]),
+        }
+    )
+    built = None
+    if valid:
+        dumped = valid[0].model_dump(mode="json", by_alias=True, exclude_none=True)
+        built = build_request(7, "app", dumped, default_root_gb=20)
+    by_relation = built.spec if built is not None else None
+    assert (by_action is None) == (by_relation is None), (by_action, built)
+    if by_action is not None and by_relation is not None:
+        same = dataclasses.replace(by_relation, name="vm", owner="action", request_id="")
+        assert by_action == same

@@ -127,7 +127,8 @@ def test_bad_compose_tags_fail_naming_the_field(ctx, backend):
             ctx.on.action("compose-vm", params={"name": "web-0", "memory": 256, "tags": "a b"}),
             testing.State(leader=True),
         )
-    assert "tags:" in failed.value.message
+    assert failed.value.message.startswith("bad request, nothing done: tags")
+    assert "must be 1-64 letters" in failed.value.message
     assert not backend.composed
 
 

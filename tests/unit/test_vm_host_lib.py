@@ -398,7 +398,7 @@ def test_bad_maas_interfaces_invalidate_that_request(interfaces: str, reason: st
         ("root:20)ssd(", "unbalanced ')'"),
         (":20", "storage label ''"),
         ("r/t:20", "storage label 'r/t'"),
-        ("root:20,root:30", "storage labels must be unique"),
+        ("root:20,root:30", "storage: disk labels must be unique"),
         ("root:20,,data:5", "storage size of 'disk1'"),
         ("root:20(bad pool)", "pool"),
         ("root:20:30", "is not 'label:size(pool)'"),

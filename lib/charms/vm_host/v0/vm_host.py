@@ -184,6 +184,10 @@ state, and needs no extra hook. The provider ignores that key. Do not defer thes
         batch.invalid                      # list[InvalidRequest]: answer these "failed"
     self.vms.publish(batch.relation, [VmAnswer(id="db-0", state="pending"), ...])
 
+`read_request(mapping)` (LIBPATCH 8) validates one request as the provider does, raising
+ValueError with the reason; vm-host reads its compose-vm action with it, so a request means the
+same whichever way it arrives.
+
 A holistic charm needs no event from this library: read `requests` (or `sync()`) in its
 reconcile and `publish` the answers. `requests_changed` is emitted for charms that prefer events
 (relation joined, changed, departed and broken on the requirer side; during relation-broken the
@@ -615,9 +619,13 @@ class VmRequest(_Model):
                 f"pinned-cores pins {count} CPUs but cores is {self.cores}; "
                 "a VM is pinned whole, so make them equal or omit cores"
             )
-        _unique_labels(self.storage or [], "storage")
-        _unique_labels(self.interfaces or [], "interface")
         return self
+
+    @pydantic.field_validator("storage", "interfaces")
+    @classmethod
+    def _unique(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        _unique_labels(value or [], "disk" if info.field_name == "storage" else "interface")
+        return value
 
     @property
     def pinned_count(self) -> int:
@@ -786,6 +794,9 @@ _PATTERN_RULES = {
     "host": "must be a vm-host unit such as vm-host/1 or a hostname",
     "hostname": "must be a hostname or FQDN such as web-0 or web-0.example.com",
     "image": "must be an image name without spaces, such as ubuntu@24.04",
+    "tags": "must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+    "ssh-public-keys": "must be one OpenSSH public key line: type, base64 key, optional "
+    "comment (no options), such as ssh-ed25519 AAAA... me@laptop",
 }
 """What a pattern means, for the reason a refused request gets (pydantic would print it)."""
 
@@ -875,6 +886,18 @@ def _load_array(databag: Mapping[str, str], key: str) -> tuple[list[Any], str | 
     if not isinstance(items, list):
         return [], f"{key} must be a JSON array"
     return items, None  # type: ignore[reportUnknownVariableType]
+
+
+def read_request(item: Mapping[str, Any]) -> VmRequest:
+    """Validate one request as the provider does (LIBPATCH 8).
+
+    Raises:
+        ValueError: why it is invalid, by field and rule, never echoing the value.
+    """
+    try:
+        return VmRequest.model_validate(item)
+    except pydantic.ValidationError as err:
+        raise ValueError(_describe(err)) from None
 
 
 def parse_requests(databag: Mapping[str, str]) -> tuple[list[VmRequest], list[InvalidRequest]]:
