@@ -380,8 +380,8 @@ class ComposeParams(pydantic.BaseModel):
             "interfaces": self.interfaces,
             "image": self.image,
             "user-data": self.user_data,
-            "ssh-public-keys": _items(self.ssh_public_keys),
-            "tags": _items(self.tags),
+            "ssh-public-keys": _as_list(self.ssh_public_keys),
+            "tags": _as_list(self.tags),
             "pool": self.pool,
             "hostname": self.hostname,
         }
@@ -398,13 +398,8 @@ _READ_BY_LIBRARY = ("pinned-cores", "storage", "interfaces", "ssh-public-keys", 
 """The compose-vm parameters whose form the library's reading changes."""
 
 
-def _items(value: str | list[str] | None) -> list[str] | None:
-    """An action's list parameter: items one per line or comma-separated."""
-    if not isinstance(value, str):
-        return value
-    return [
-        item.strip() for line in value.splitlines() for item in line.split(",") if item.strip()
-    ]
+def _as_list(value: str | list[str] | None) -> list[str] | None:
+    return constraints.split_items(value) if isinstance(value, str) else value
 
 
 class ListVmsParams(pydantic.BaseModel):

@@ -61,6 +61,7 @@ __all__ = [
     "parse_pinned_cores",
     "parse_storage",
     "spec_hash",
+    "split_items",
     "validate_host_device",
     "validate_hostname",
     "validate_name",
@@ -774,14 +775,16 @@ def validate_ssh_public_key(value: object, field: str = "ssh-public-keys") -> st
     return " ".join(part for part in (key_type, blob, comment) if part)
 
 
+def split_items(text: str) -> list[str]:
+    """A list given as one string (compose-vm's keys and tags): one per line or comma-separated."""
+    return [item.strip() for line in text.splitlines() for item in line.split(",") if item.strip()]
+
+
 def _validate_ssh_keys(value: object) -> tuple[str, ...]:
     if value is None or value == "":
         return ()
     if isinstance(value, str):
-        # The compose-vm action takes one string: keys one per line or comma-separated.
-        items: list[object] = [
-            item.strip() for line in value.splitlines() for item in line.split(",") if item.strip()
-        ]
+        items: list[object] = list(split_items(value))
     elif isinstance(value, list | tuple):
         items = list(value)  # type: ignore[arg-type]
     else:

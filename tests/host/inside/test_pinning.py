@@ -37,6 +37,8 @@ from tests.host.inside.nested import (
 )
 from tests.host.run_host import OFF_NODE_NIC_MAC, OFF_NODE_NIC_NODE
 
+from vmhost.topology import parse_cpu_list
+
 SPAN = "vmhost-test-span"
 NODE2 = "vmhost-test-node2"
 REFUSED = "vmhost-test-pool-full"
@@ -182,11 +184,7 @@ def test_explicit_cpus_on_nodes_1_and_3_make_two_guest_cells(booted, evidence):
 
 
 def _sysfs_cpus(node: int) -> set[int]:
-    cpus: set[int] = set()
-    for part in (NODES / f"node{node}" / "cpulist").read_text().strip().split(","):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
+    return set(parse_cpu_list((NODES / f"node{node}" / "cpulist").read_text()))
 
 
 def _line(table: str, *cells: object) -> str:

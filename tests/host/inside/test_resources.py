@@ -15,15 +15,9 @@ from pathlib import Path
 from ops import testing
 from tests.host.inside.nested import NODES, action
 
+from vmhost.topology import parse_cpu_list
+
 LABELS = {"2M": 2048, "1G": 1048576}
-
-
-def cpulist(text: str) -> list[int]:
-    cpus: list[int] = []
-    for part in text.strip().split(","):
-        lo, _, hi = part.partition("-")
-        cpus.extend(range(int(lo), int(hi or lo) + 1))
-    return cpus
 
 
 def numastat_m() -> dict[str, dict[int, float]]:
@@ -66,7 +60,7 @@ def test_show_resources_matches_numastat_and_sysfs(nested_host, evidence):
             for label, kib in LABELS.items()
         }
         sysfs[node["id"]] = {
-            "cpus": cpulist((path / "cpulist").read_text()),
+            "cpus": list(parse_cpu_list((path / "cpulist").read_text())),
             "memtotal-kib": total_kib,
             "hugepages": pages,
         }

@@ -403,9 +403,10 @@ def _parse_storage_entry(index: int, entry: str) -> StorageRequest:
         label = "root" if index == 0 else f"disk{index}"
     if not _LABEL_RE.match(label):
         raise ValueError(f"storage label {_clip(label)} must match [a-zA-Z0-9][a-zA-Z0-9_-]*")
-    if not re.fullmatch(r"[0-9]{1,12}", match["size"].strip()):
+    size_text = match["size"].strip()
+    if not re.fullmatch(r"[0-9]{1,12}", size_text):
         raise ValueError(f"storage size of {label!r} must be a whole number of GB such as 20")
-    size = int(match["size"])
+    size = int(size_text)
     pool = None
     if match["tags"] is not None:
         tags = [t.strip() for t in match["tags"].split(",")]
