@@ -12,7 +12,7 @@ import dataclasses
 import gc
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
@@ -33,14 +33,12 @@ from vmhost.actions import Snapshot
 from vmhost.backends import factory
 from vmhost.config import (
     CharmConfig,
-    ComposeParams,
     ReassignParams,
     load_for_host,
     parse_networks,
     pydantic_message,
 )
 from vmhost.layout import HostLayout
-from vmhost.model import InvalidRequestError
 from vmhost.relation import fleet, journal, keys, serve
 
 if TYPE_CHECKING:
@@ -56,17 +54,13 @@ CHARM_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = CHARM_DIR / "templates"
 
 
-def library_request(params: ComposeParams) -> ComposeParams:
-    """compose-vm's parameters read as a relation request is: by the vm_host library.
+def wire_request(item: Mapping[str, object]) -> dict[str, object]:
+    """One VM request read by the vm_host library, in wire form.
 
-    One grammar (the MAAS strings) and one set of limits for the action and relations; the
-    workload gets the request's own fields (ComposeParams.as_request, with_request).
+    compose-vm's parameters and relation requests both reach the workload this way: one
+    grammar (the MAAS strings) and one set of limits. Raises ValueError naming the field.
     """
-    try:
-        request = read_request(params.as_request())
-    except (ValueError, InvalidRequestError) as exc:
-        raise actions.ActionError(f"bad request, nothing done: {exc}") from None
-    return params.with_request(request.model_dump(mode="json", by_alias=True, exclude_none=True))
+    return read_request(item).model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _action_name(event: ops.ActionEvent) -> str:
@@ -149,10 +143,6 @@ class VmHostCharm(ops.CharmBase):
     def _scope(self) -> keys.Scope:
         """This vm-host application and model: what every VM it composes is owned by."""
         return keys.Scope(self.app.name, self.model.uuid)
-
-    def _departing(self) -> bool:
-        """Whether this unit is leaving (remove-unit), as recorded on the host."""
-        return self.unit.name in journal.read(self._scope, self._layout.journal_dir).departing
 
     def _image_settings(self, config: CharmConfig) -> imagecache.Settings:
         """The image-* options, with this host's image pool and fetch state."""
@@ -246,9 +236,9 @@ class VmHostCharm(ops.CharmBase):
 
     def _on_vms_broken(self, event: ops.RelationBrokenEvent) -> None:
         """A relation seen broken by a unit that stays: its VMs may be released."""
-        if not self._departing():
-            app = event.relation.app.name if event.relation.app is not None else ""
-            journal.record_broken(self._scope, event.relation.id, app, self._layout.journal_dir)
+        app = event.relation.app.name if event.relation.app is not None else ""
+        where, unit = self._layout.journal_dir, self.unit.name
+        journal.record_broken(self._scope, event.relation.id, app, where, unit=unit)
         self._reconcile(event)
 
     def _requests(self, config: CharmConfig) -> list[serve.RelationRequest]:
@@ -275,12 +265,8 @@ class VmHostCharm(ops.CharmBase):
     ) -> fleet.Decision | None:
         """Compose what related apps request here, delete what they withdrew, answer all.
 
-        A unit that is leaving (remove-unit) does none of it: its relation-broken hooks are
-        the unit going, not the relations, so it composes, deletes and releases nothing.
+        None when this unit is leaving: it does none of it (hook.relation_round).
         """
-        if self._departing():
-            logger.info("this unit is leaving: relation VMs are left as they are")
-            return None
         batches = self.vms.requests
         served = hook.relation_round(
             config,
@@ -298,6 +284,8 @@ class VmHostCharm(ops.CharmBase):
             image_settings=self._image_settings(config),
             reassign=reassign,
         )
+        if served is None:
+            return None
         decision = served.decision
         peer = self.model.get_relation("hosts")
         if peer is not None:
@@ -396,6 +384,7 @@ class VmHostCharm(ops.CharmBase):
             scope=self._scope,
             log=event.log,
             image_settings=self._image_settings(config),
+            read_request=wire_request,
             peer_pool_use=lambda: fleet.peer_pool_use(p.reports) if (p := self._peers()) else None,
         )
 
@@ -413,8 +402,6 @@ class VmHostCharm(ops.CharmBase):
 
         def act() -> actions.Results:
             params = None if model is None else self._params(event, model)
-            if isinstance(params, ComposeParams):
-                params = library_request(params)
             return run(self._context(event, *self._action_inputs()), params)
 
         self._finish(event, act)
@@ -423,14 +410,10 @@ class VmHostCharm(ops.CharmBase):
         """Place anew a request whose VM went with a unit that left (leader only)."""
 
         def act() -> actions.Results:
-            params = self._params(event, ReassignParams)
-            if not self.unit.is_leader():
-                raise actions.ActionError(
-                    "run reassign-vm on the vm-host leader unit (juju run vm-host/leader ...)"
-                )
+            params, peers = self._params(event, ReassignParams), self._peers()
+            assignment = peers.assignment if peers else None
+            key = actions.left_request(assignment, params, leader=self.unit.is_leader())
             inputs = self._action_inputs()
-            peers = self._peers()
-            key = actions.left_request(peers.assignment if peers else None, params)
             return actions.reassigned(key, self._reconcile_vms(*inputs, reassign=frozenset({key})))
 
         self._finish(event, act)

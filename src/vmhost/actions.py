@@ -111,6 +111,9 @@ class Context:
     """Progress for the operator (the action log)."""
     image_settings: imagecache.Settings
     """The image-* options, with this host's image pool and fetch state (its HostLayout)."""
+    read_request: Callable[[Mapping[str, object]], Mapping[str, object]]
+    """A VM request read as the vm_host library reads relation requests, in wire form
+    (ValueError naming the field when it is refused): compose-vm's grammar and limits."""
     peer_pool_use: Callable[[], Mapping[str, pools.Use] | None] = lambda: None
     """The other units' reported use per resource pool (fleet.peer_pool_use); None without
     a peer relation."""
@@ -134,6 +137,7 @@ def compose_vm(ctx: Context, params: ComposeParams) -> Results:
     """Compose one VM (or, with dry-run, only place it); an image not cached is fetched."""
     config = ctx.config
     try:
+        params = params.read_by(ctx.read_request)
         spec = constraints.build_spec(
             name=params.name,
             cores=params.cores,
@@ -154,7 +158,7 @@ def compose_vm(ctx: Context, params: ComposeParams) -> Results:
             default_image=config.default_image,
         )
         spec = dataclasses.replace(spec, pool=config.pool_config.pool_for(spec.pool))
-    except InvalidRequestError as exc:
+    except (ValueError, InvalidRequestError) as exc:
         raise ActionError(f"bad request, nothing done: {exc}") from exc
     recovered = [] if params.dry_run else _recover(ctx)
 
@@ -313,8 +317,17 @@ def power(ctx: Context, params: PowerParams, verb: Literal["start", "stop", "res
     return {"name": vm.name, "state": now.state.value}
 
 
-def left_request(assignment_text: str | None, params: ReassignParams) -> keys.RequestKey:
-    """The one request of reassign-vm's app and id whose VM went with a unit that left."""
+def left_request(
+    assignment_text: str | None, params: ReassignParams, *, leader: bool
+) -> keys.RequestKey:
+    """The one request of reassign-vm's app and id whose VM went with a unit that left.
+
+    Only the leader assigns requests to units, so only the leader reassigns one.
+    """
+    if not leader:
+        raise ActionError(
+            "run reassign-vm on the vm-host leader unit (juju run vm-host/leader ...)"
+        )
     current, _ = fleet.assignment_from_json(assignment_text)
     matches = sorted(
         k

@@ -387,8 +387,18 @@ class ComposeParams(pydantic.BaseModel):
         }
         return {k: v for k, v in wire.items() if v is not None and v != ""}
 
-    def with_request(self, request: Mapping[str, object]) -> ComposeParams:
-        """These parameters with the library's reading of as_request (its wire form)."""
+    def read_by(
+        self, read_request: Callable[[Mapping[str, object]], Mapping[str, object]]
+    ) -> ComposeParams:
+        """These parameters as `read_request` (the vm_host library's reading) reads as_request.
+
+        The fields whose form the reading changes take its wire form: what the workload gets.
+
+        Raises:
+            ValueError: the reading refused them, naming the field.
+            InvalidRequestError: pinned-cores is neither a count nor a CPU list.
+        """
+        request = read_request(self.as_request())
         return self.model_copy(
             update={key.replace("-", "_"): request.get(key) for key in _READ_BY_LIBRARY}
         )

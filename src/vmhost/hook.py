@@ -252,8 +252,12 @@ def relation_round(
     manager_address: str | None,
     image_settings: imagecache.Settings,
     reassign: frozenset[keys.RequestKey] = frozenset(),
-) -> Served:
+) -> Served | None:
     """Which requests this unit hosts (`fleet.lead`), then compose, delete, release, answer.
+
+    A unit that is leaving (remove-unit, in `seen.departing`) does none of it and returns
+    None: its relation-broken hooks are the unit going, not the relations, so it composes,
+    deletes and releases nothing.
 
     Args:
         config: the charm's options (policy, networks, release policy, backend).
@@ -271,6 +275,9 @@ def relation_round(
         image_settings: the image-* options with this host's locations.
         reassign: requests the operator asked to place anew (reassign-vm, leader).
     """
+    if unit in seen.departing:
+        logger.info("this unit is leaving: relation VMs are left as they are")
+        return None
     decision = fleet.lead(
         unit,
         leader=leader,

@@ -43,3 +43,12 @@ def test_entries_are_bounded(tmp_path: Path, monkeypatch):
     for i in range(5):
         journal.record_broken(SCOPE, i, "pg", tmp_path)
     assert [i for i, _ in journal.read(SCOPE, tmp_path).broken] == [2, 3, 4]
+
+
+def test_a_leaving_unit_records_no_relation_broken(tmp_path: Path):
+    journal.record_departing(SCOPE, "vm-host/1", tmp_path)
+    journal.record_broken(SCOPE, 7, "pg", tmp_path, unit="vm-host/1")
+    assert journal.read(SCOPE, tmp_path).broken == ()
+    # A unit that stays records it.
+    journal.record_broken(SCOPE, 7, "pg", tmp_path, unit="vm-host/0")
+    assert journal.read(SCOPE, tmp_path).broken == ((7, "pg"),)

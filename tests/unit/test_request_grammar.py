@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import charm
 from charms.vm_host.v0 import vm_host as lib
-from vmhost import constraints
-from vmhost.actions import ActionError
+from vmhost import constraints, pools
 from vmhost.config import ComposeParams
 from vmhost.model import VmSpec
 from vmhost.relation.serve import build_request
@@ -48,6 +49,31 @@ def test_the_library_and_the_workload_share_one_set_of_limits():
     assert lib.MAX_INTERFACES == constraints.MAX_INTERFACES
     assert lib.MAX_TAGS == constraints.MAX_TAGS
     assert lib._MAX_DISK_GB == constraints.MAX_DISK_GB  # pyright: ignore[reportPrivateUsage]
+
+
+def _bare(pattern: str) -> str:
+    """A pattern without its anchors and without grouping-only '?:' (both match the same)."""
+    return pattern.removeprefix("^").removesuffix("$").replace("(?:", "(")
+
+
+@pytest.mark.parametrize(
+    ("library", "workload"),
+    [
+        ("_LABEL_RE", constraints.LABEL_PATTERN),
+        ("_SPACE_RE", constraints.SPACE_PATTERN),
+        ("_DEVICE_RE", constraints.HOST_DEVICE_PATTERN),
+        ("_POOL_RE", constraints.NAME_PATTERN),
+        ("_NAME_RE", constraints.TAG_PATTERN),
+        ("_ID_RE", constraints.REQUEST_ID_PATTERN),
+        ("_RESOURCE_POOL_RE", pools.POOL_NAME),
+    ],
+)
+def test_the_library_and_the_workload_share_one_set_of_name_rules(
+    library: str, workload: re.Pattern[str]
+):
+    rule = getattr(lib, library)
+    rule = rule.pattern if isinstance(rule, re.Pattern) else rule
+    assert _bare(rule) == _bare(workload.pattern)
 
 
 def near(low: int, high: int) -> st.SearchStrategy[int]:
@@ -155,12 +181,12 @@ def test_a_maas_string_means_the_same_from_compose_vm_and_from_a_relation(
     # compose-vm: the charm reads the strings with the library's grammar, then the workload.
     params = ComposeParams(name="vm", memory=1024, storage=storage, interfaces=interfaces)
     try:
-        handed = charm.library_request(params)
+        handed = params.read_by(charm.wire_request)
         by_action: tuple[Any, Any] | str = (
             constraints.parse_storage(handed.storage),
             constraints.parse_interfaces(handed.interfaces),
         )
-    except (ActionError, constraints.InvalidRequestError) as exc:
+    except (ValueError, constraints.InvalidRequestError) as exc:
         by_action = str(exc)
     # A relation request with the same strings: the library's model, then the workload.
     wire = {"id": "r", "memory": 1024, "storage": storage, "interfaces": interfaces}
@@ -215,7 +241,7 @@ def test_compose_vm_and_a_relation_request_build_the_same_spec(
         interfaces=interfaces,
     )
     try:
-        read = charm.library_request(params)
+        read = params.read_by(charm.wire_request)
         by_action: VmSpec | None = constraints.build_spec(
             name="vm",
             cores=read.cores,
@@ -225,7 +251,7 @@ def test_compose_vm_and_a_relation_request_build_the_same_spec(
             interfaces=read.interfaces,
             tags=read.tags,
         )
-    except (ActionError, constraints.InvalidRequestError):
+    except (ValueError, constraints.InvalidRequestError):
         by_action = None
     # A relation request: the requester's forms (a CPU list, a list of tags).
     wire = {"id": "r", "memory": 1024, "cores": cores, "pinned-cores": pinned, "tags": tags}

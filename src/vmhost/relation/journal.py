@@ -99,11 +99,20 @@ def _write(scope: Scope, journal: Journal, directory: Path | None) -> None:
 
 
 def record_broken(
-    scope: Scope, relation_id: int, app: str, directory: Path | None = None
+    scope: Scope,
+    relation_id: int,
+    app: str,
+    directory: Path | None = None,
+    *,
+    unit: str | None = None,
 ) -> Journal:
-    """Record that this unit saw the relation (with `app`) broken: its VMs may be released."""
+    """Record that this unit saw the relation (with `app`) broken: its VMs may be released.
+
+    Nothing is recorded when `unit` (the unit that saw it) is leaving: its relation-broken
+    hooks are the unit going, not the relation.
+    """
     journal = read(scope, directory)
-    if (relation_id, app) in journal.broken:
+    if (relation_id, app) in journal.broken or unit in journal.departing:
         return journal
     broken = (*journal.broken, (relation_id, app))[-MAX_ENTRIES:]
     updated = journal.model_copy(update={"broken": broken})
