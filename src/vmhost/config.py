@@ -415,7 +415,7 @@ def _as_list(value: str | list[str] | None) -> list[str] | None:
 class ListVmsParams(pydantic.BaseModel):
     """Parameters of list-vms: filters, each optional."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     owner: str | None = None
     tag: str | None = None
@@ -426,7 +426,7 @@ class ListVmsParams(pydantic.BaseModel):
 class ReassignParams(pydantic.BaseModel):
     """Parameters of reassign-vm (actions.yaml)."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     app: str
     id: str
@@ -444,7 +444,7 @@ class NameParams(pydantic.BaseModel):
 class ConsoleLogParams(pydantic.BaseModel):
     """Parameters of console-log."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     name: str
     lines: int = pydantic.Field(100, ge=1, le=100_000)
@@ -453,7 +453,7 @@ class ConsoleLogParams(pydantic.BaseModel):
 class PowerParams(pydantic.BaseModel):
     """Parameters of start-vm."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     name: str
     owner: str | None = None
@@ -502,6 +502,6 @@ class TrustParams(pydantic.BaseModel):
 class SyncImagesParams(pydantic.BaseModel):
     """Parameters of sync-images."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     names: str = ""

@@ -37,7 +37,7 @@ DASHBOARDS_DIR = SRC_DIR / "grafana_dashboards"
 class Topology(pydantic.BaseModel):
     """The Juju topology of the publishing unit."""
 
-    model_config = pydantic.ConfigDict(frozen=True)
+    model_config = pydantic.ConfigDict(frozen=True, defer_build=True)
 
     model: str
     model_uuid: str
@@ -63,7 +63,7 @@ class Topology(pydantic.BaseModel):
 class CosAgentData(pydantic.BaseModel):
     """The object published under `config`; field names are the interface's."""
 
-    model_config = pydantic.ConfigDict(extra="ignore")
+    model_config = pydantic.ConfigDict(extra="ignore", defer_build=True)
 
     metrics_alert_rules: dict[str, Any]
     log_alert_rules: dict[str, Any]

@@ -82,7 +82,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 class ExporterSettings(pydantic.BaseModel):
     """What the exporter needs from the charm config; the charm writes it as JSON."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="ignore")
+    model_config = pydantic.ConfigDict(frozen=True, extra="ignore", defer_build=True)
 
     backend: Literal["libvirt", "lxd"] = "libvirt"
     libvirt_uri: str = "qemu:///system"

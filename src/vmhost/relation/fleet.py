@@ -131,7 +131,7 @@ _Placement = Annotated[
 
 
 class _PeerData(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
     version: Literal["0"] = WIRE_VERSION
 

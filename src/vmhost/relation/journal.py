@@ -42,7 +42,7 @@ _MAX_BYTES = 1 << 20
 class Journal(pydantic.BaseModel):
     """The file's content."""
 
-    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
     version: StrictInt = 1
     broken: tuple[tuple[StrictInt, StrictStr], ...] = ()
