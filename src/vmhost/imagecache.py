@@ -14,7 +14,6 @@ from a small state file (`fetch_state`), so a relation request is answered pendi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -292,12 +291,12 @@ def _alive(pid: int) -> bool:
 
 
 def worker_command(settings: Settings, name: str, *, refresh: bool = False) -> list[str]:
-    """The command that fetches one image into the cache (this module's `fetch`)."""
+    """The command that fetches one image into the cache (vmhost.backends.fetch, its parser)."""
     source = settings.source
     return [
         sys.executable,
         "-m",
-        "vmhost.imagecache",
+        "vmhost.backends.fetch",
         "fetch",
         name,
         "--source",
@@ -603,40 +602,3 @@ def keep_fresh(backend: Backend, settings: Settings, names: Sequence[str]) -> No
             continue
         if how:
             logger.info("images: refreshing %s (%s)", name, how)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m vmhost.imagecache fetch NAME ...`: the background fetch of one image."""
-    parser = argparse.ArgumentParser(prog="vmhost.imagecache")
-    sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch")
-    fetch.add_argument("name")
-    fetch.add_argument("--source", default=images.DEFAULT_SOURCE)
-    fetch.add_argument("--keyring", default=images.DEFAULT_KEYRING)
-    fetch.add_argument("--unsigned", action="store_true")
-    fetch.add_argument("--arch", default="x86_64")
-    fetch.add_argument("--local-dir", default=images.DEFAULT_LOCAL_DIR)
-    fetch.add_argument("--state-dir", default=STATE_DIR)
-    fetch.add_argument("--refresh", action="store_true")
-    fetch.add_argument("--pool", default=images.IMAGE_POOL)
-    fetch.add_argument("--pool-path", default=images.IMAGE_POOL_PATH)
-    args = parser.parse_args(argv)
-    settings = Settings(
-        source=Source(args.source, args.keyring, args.unsigned),
-        arch=args.arch,
-        local_dir=args.local_dir,
-        state_dir=args.state_dir,
-        pool=args.pool,
-        pool_path=args.pool_path,
-    )
-    from vmhost.backends.libvirt import LibvirtBackend
-
-    with LibvirtBackend(
-        image_pool=settings.pool,
-        image_pool_path=settings.pool_path,
-    ) as backend:
-        return run_fetch(backend, settings, args.name, refresh=args.refresh)
-
-
-if __name__ == "__main__":  # pragma: nocover
-    sys.exit(main())

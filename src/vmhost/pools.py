@@ -68,7 +68,9 @@ _Count = Annotated[StrictInt, pydantic.Field(ge=0, le=MAX_QUOTA)]
 class Quota(pydantic.BaseModel):
     """One pool's quotas (config resource-pools); a quota left out is unlimited."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
+    model_config = pydantic.ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, defer_build=True
+    )
 
     vcpus: _Count | None = None
     """vCPUs of the pool's VMs, pinned or shared."""
@@ -198,7 +200,9 @@ def use_to_dict(use: Use) -> dict[str, Any]:
 
 
 class _UseData(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore", frozen=True, populate_by_name=True, defer_build=True)
+    model_config = pydantic.ConfigDict(
+        extra="ignore", frozen=True, populate_by_name=True, defer_build=True
+    )
 
     vcpus: _Count = 0
     pinned_cpus: _Count = pydantic.Field(0, alias="pinned-cpus")

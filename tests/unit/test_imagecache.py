@@ -261,3 +261,22 @@ def test_a_missing_or_undeclared_local_image_is_refused(store: FakeImageStore, t
     with pytest.raises(InvalidRequestError, match="not a regular file"):
         imagecache.ensure(store, "local:dir", settings)
     assert store.calls == []
+
+
+@pytest.mark.parametrize(("unsigned", "refresh"), [(False, False), (True, True)])
+def test_the_worker_reads_back_the_command_the_cache_writes(
+    tmp_path: Path, unsigned: bool, refresh: bool
+) -> None:
+    from vmhost.backends import fetch
+
+    settings = imagecache.Settings(
+        source=Source("http://mirror.test/streams/", str(tmp_path / "keyring.gpg"), unsigned),
+        arch="aarch64",
+        local_dir=str(tmp_path / "local"),
+        state_dir=str(tmp_path / "state"),
+        pool="images-test",
+        pool_path=str(tmp_path / "pool"),
+    )
+    command = imagecache.worker_command(settings, "ubuntu@24.04", refresh=refresh)
+    assert command[1:3] == ["-m", "vmhost.backends.fetch"]
+    assert fetch.parse(command[3:]) == (settings, "ubuntu@24.04", refresh)
